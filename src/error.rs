@@ -1,0 +1,67 @@
+//! Typed errors of the lock core.
+//!
+//! Owns: the public [`Error`] enum. Every failure a caller can meet, including
+//! bad input (a corrupt table file, an oversized ID), is one of these; the
+//! library never panics on input.
+
+use std::time::Duration;
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The deadline of a `*_timeout` call passed before the lock was granted.
+    #[error("timed out waiting for the lock")]
+    Timeout,
+    /// The ID is empty or longer than [`crate::MAX_ID_LEN`] bytes.
+    #[error("invalid lock ID: {reason}")]
+    InvalidId {
+        /// Why the ID was refused.
+        reason: &'static str,
+    },
+    /// Both candidate buckets of the ID are full of held locks, even after
+    /// the holds of dead processes were released.
+    #[error("lock table full (capacity {capacity} slots)")]
+    TableFull {
+        /// Slots in the table.
+        capacity: usize,
+    },
+    /// Every process record is taken by a live process.
+    #[error("too many processes attached (max {max_processes})")]
+    TooManyProcesses {
+        /// Records in the table.
+        max_processes: usize,
+    },
+    /// This process already holds the maximum number of read locks on one ID
+    /// (a bound that keeps counters from overflowing).
+    #[error("read-hold limit reached: this process holds {limit} reads of this ID")]
+    HoldLimit {
+        /// The bound.
+        limit: u32,
+    },
+    /// The file is a table of another format, version, layout or geometry.
+    #[error("incompatible lock table: {reason}")]
+    Incompatible {
+        /// What differs.
+        reason: String,
+    },
+    /// The file is damaged: truncated, torn, or not what its header says.
+    #[error("corrupt lock table: {0}")]
+    Corrupt(String),
+    /// The options are out of range.
+    #[error("invalid table options: {0}")]
+    InvalidOptions(String),
+    /// The handle was inherited across `fork()`; a child must open the table
+    /// itself (it is another process and needs its own record).
+    #[error("this table handle was inherited across fork(); open the table again in the child")]
+    ForkedChild,
+    /// A waiter gave up on a wait shorter than the poll interval.
+    #[error("wait of {0:?} is not representable")]
+    BadDuration(Duration),
+    /// An operating-system call failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}

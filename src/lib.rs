@@ -1,0 +1,52 @@
+//! # locktable
+//!
+//! Per-ID reader / upgradable / writer locks shared by the threads **and
+//! processes** of one host, kept in a memory-mapped table file, with waiting
+//! on shared futexes and automatic release of the holds of dead processes.
+//! A web-session layer ([`session`]) builds on it.
+//!
+//! ```
+//! use locktable::{LockTable, TableOptions};
+//! let table = LockTable::anonymous(&TableOptions::default()).unwrap();
+//! let up = table.upgradable_read(b"cart:42").unwrap();
+//! let reader = table.read(b"cart:42").unwrap();   // readers still welcome
+//! drop(reader);
+//! let w = up.upgrade();                           // now exclusive
+//! let r = w.downgrade();                          // and back, atomically
+//! # drop(r);
+//! ```
+//!
+//! See `DESIGN.md` for the file format, the lock word, the memory orderings
+//! and the recovery protocol.
+
+#![warn(missing_docs)]
+
+mod error;
+mod index;
+mod layout;
+mod lockword;
+mod recovery;
+mod region;
+mod sync;
+
+#[cfg(not(locktable_loom))]
+mod guard;
+#[cfg(not(locktable_loom))]
+mod registry;
+#[cfg(not(locktable_loom))]
+mod stats;
+#[cfg(not(locktable_loom))]
+mod table;
+
+pub use error::{Error, Result};
+#[cfg(not(locktable_loom))]
+pub use guard::{ReadGuard, UpgradableReadGuard, WriteGuard};
+pub use layout::Geometry;
+pub use recovery::SweepReport;
+#[cfg(not(locktable_loom))]
+pub use stats::{HoldMode, Holder, ProcessInfo, TableStats, Waiter};
+#[cfg(not(locktable_loom))]
+pub use table::{
+    LockTable, TableOptions, DEFAULT_CAPACITY, DEFAULT_MAX_PROCESSES, DEFAULT_POLL_INTERVAL,
+    MAX_ID_LEN,
+};

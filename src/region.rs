@@ -1,0 +1,199 @@
+//! Regions: where the table's atomics live.
+//!
+//! Owns: turning offsets of the [`crate::layout`] into references to atomics.
+//! [`MappedRegion`] does it over a shared file mapping; [`HeapRegion`] over
+//! a heap buffer of facade atomics (loom atomics under the model checker,
+//! whose atomics cannot live in mapped bytes). The index, lock-word and
+//! recovery code is written against [`Region`] only.
+//!
+//! May not touch: the meaning of any word.
+
+use crate::layout::Geometry;
+use crate::lockword::SlotRef;
+use crate::sync::{AtomicU32, AtomicU64};
+
+/// A process record's atomics.
+#[derive(Clone, Copy)]
+pub(crate) struct RecordRef<'a> {
+    pub(crate) state: &'a AtomicU64,
+    pub(crate) pid: &'a AtomicU32,
+    pub(crate) attached_ms: &'a AtomicU64,
+}
+
+/// The shared memory of one table, as atomics.
+pub(crate) trait Region: Send + Sync {
+    fn geometry(&self) -> Geometry;
+    fn slot(&self, index: usize) -> SlotRef<'_>;
+    /// The 128-bit tag of the ID a slot serves (valid while ACTIVE).
+    fn slot_tag(&self, index: usize) -> [&AtomicU64; 2];
+    fn bucket_lock(&self, bucket: usize) -> &AtomicU64;
+    fn record(&self, index: usize) -> RecordRef<'_>;
+}
+
+#[cfg(not(locktable_loom))]
+pub(crate) use mapped::MappedRegion;
+
+#[cfg(not(locktable_loom))]
+mod mapped {
+    use super::*;
+    use crate::layout::{
+        RECORD_ATTACHED_MS, RECORD_PID, RECORD_SIZE, RECORD_STATE, SLOT_LANES, SLOT_SEQ,
+        SLOT_STATE, SLOT_TAG0, SLOT_TAG1,
+    };
+    use memmap2::MmapRaw;
+
+    /// A `MAP_SHARED` mapping of a whole, validated table file.
+    pub(crate) struct MappedRegion {
+        map: MmapRaw,
+        geometry: Geometry,
+    }
+
+    impl MappedRegion {
+        /// `map` must span `geometry.file_size()` bytes; checked here.
+        pub(crate) fn new(map: MmapRaw, geometry: Geometry) -> Option<Self> {
+            if (map.len() as u64) < geometry.file_size() || map.as_ptr() as usize % 4096 != 0 {
+                return None;
+            }
+            Some(MappedRegion { map, geometry })
+        }
+
+        pub(crate) fn init_state(&self) -> &AtomicU32 {
+            self.u32_at(crate::layout::INIT_STATE_OFFSET)
+        }
+
+        fn u64_at(&self, offset: u64) -> &AtomicU64 {
+            debug_assert!(offset % 8 == 0 && offset + 8 <= self.map.len() as u64);
+            // SAFETY: every caller passes an offset computed from the
+            // validated geometry, inside the mapping (file_size() bytes,
+            // checked in `new`) and 8-aligned (the mapping is page aligned
+            // and all layout offsets are multiples of 8). AtomicU64 has the
+            // size and alignment of u64. The bytes are only ever accessed
+            // atomically by every process, so no data race exists, and the
+            // mapping outlives the returned reference (it borrows self).
+            unsafe { &*(self.map.as_ptr().add(offset as usize) as *const AtomicU64) }
+        }
+
+        fn u32_at(&self, offset: u64) -> &AtomicU32 {
+            debug_assert!(offset % 4 == 0 && offset + 4 <= self.map.len() as u64);
+            // SAFETY: as in `u64_at`, with 4-byte alignment and size.
+            unsafe { &*(self.map.as_ptr().add(offset as usize) as *const AtomicU32) }
+        }
+
+        fn slot_base(&self, index: usize) -> u64 {
+            assert!(index < self.geometry.capacity as usize);
+            self.geometry.slots_offset() + self.geometry.slot_size() * index as u64
+        }
+    }
+
+    impl Region for MappedRegion {
+        fn geometry(&self) -> Geometry {
+            self.geometry
+        }
+
+        fn slot(&self, index: usize) -> SlotRef<'_> {
+            let base = self.slot_base(index);
+            let lanes_ptr = self.u32_at(base + SLOT_LANES) as *const AtomicU32;
+            // SAFETY: the lanes of a slot are `max_processes` consecutive
+            // 4-byte words starting at base + SLOT_LANES, all inside the slot
+            // (slot_size() reserves them, rounded up to a cache line) and so
+            // inside the mapping; 4-aligned; accessed only atomically.
+            let lanes = unsafe {
+                std::slice::from_raw_parts(lanes_ptr, self.geometry.max_processes as usize)
+            };
+            SlotRef {
+                state: self.u64_at(base + SLOT_STATE),
+                seq: self.u32_at(base + SLOT_SEQ),
+                lanes,
+            }
+        }
+
+        fn slot_tag(&self, index: usize) -> [&AtomicU64; 2] {
+            let base = self.slot_base(index);
+            [self.u64_at(base + SLOT_TAG0), self.u64_at(base + SLOT_TAG1)]
+        }
+
+        fn bucket_lock(&self, bucket: usize) -> &AtomicU64 {
+            assert!(bucket < self.geometry.buckets() as usize);
+            self.u64_at(
+                self.geometry.buckets_offset() + crate::layout::BUCKET_HEADER_SIZE * bucket as u64,
+            )
+        }
+
+        fn record(&self, index: usize) -> RecordRef<'_> {
+            assert!(index < self.geometry.max_processes as usize);
+            let base = self.geometry.registry_offset() + RECORD_SIZE * index as u64;
+            RecordRef {
+                state: self.u64_at(base + RECORD_STATE),
+                pid: self.u32_at(base + RECORD_PID),
+                attached_ms: self.u64_at(base + RECORD_ATTACHED_MS),
+            }
+        }
+    }
+}
+
+/// A table in a heap buffer of facade atomics: the model checker's region.
+#[cfg(any(test, locktable_loom))]
+pub struct HeapRegion {
+    geometry: Geometry,
+    states: Vec<AtomicU64>,
+    seqs: Vec<AtomicU32>,
+    tags: Vec<AtomicU64>,
+    lanes: Vec<AtomicU32>,
+    bucket_locks: Vec<AtomicU64>,
+    records: Vec<(AtomicU64, AtomicU32, AtomicU64)>,
+}
+
+#[cfg(any(test, locktable_loom))]
+impl HeapRegion {
+    /// A zeroed region (all slots FREE, all records free).
+    pub fn new(capacity: u32, max_processes: u32) -> HeapRegion {
+        let geometry = Geometry {
+            capacity,
+            max_processes,
+        };
+        let n = capacity as usize;
+        let p = max_processes as usize;
+        HeapRegion {
+            geometry,
+            states: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            seqs: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            tags: (0..2 * n).map(|_| AtomicU64::new(0)).collect(),
+            lanes: (0..n * p).map(|_| AtomicU32::new(0)).collect(),
+            bucket_locks: (0..geometry.buckets() as usize)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            records: (0..p)
+                .map(|_| (AtomicU64::new(0), AtomicU32::new(0), AtomicU64::new(0)))
+                .collect(),
+        }
+    }
+}
+
+#[cfg(any(test, locktable_loom))]
+impl Region for HeapRegion {
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+    fn slot(&self, index: usize) -> SlotRef<'_> {
+        let p = self.geometry.max_processes as usize;
+        SlotRef {
+            state: &self.states[index],
+            seq: &self.seqs[index],
+            lanes: &self.lanes[index * p..(index + 1) * p],
+        }
+    }
+    fn slot_tag(&self, index: usize) -> [&AtomicU64; 2] {
+        [&self.tags[2 * index], &self.tags[2 * index + 1]]
+    }
+    fn bucket_lock(&self, bucket: usize) -> &AtomicU64 {
+        &self.bucket_locks[bucket]
+    }
+    fn record(&self, index: usize) -> RecordRef<'_> {
+        let r = &self.records[index];
+        RecordRef {
+            state: &r.0,
+            pid: &r.1,
+            attached_ms: &r.2,
+        }
+    }
+}

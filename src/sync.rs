@@ -1,0 +1,219 @@
+//! The `sync` facade: atomics, futex wait/wake and the clock that the lock
+//! algorithm uses.
+//!
+//! Owns: the switch between the real primitives (std atomics living in the
+//! shared mapping, `futex(2)` without `FUTEX_PRIVATE_FLAG`, `Instant`) and the
+//! loom model (loom atomics in a heap region, a futex shim built on a loom
+//! mutex and condvar, a logical per-thread clock), selected by the crate-own
+//! cfg `locktable_loom`. The same algorithm code in [`crate::lockword`] and
+//! [`crate::recovery`] compiles against either.
+//!
+//! May not touch: the table layout or any policy; it only provides
+//! primitives.
+
+#[cfg(not(locktable_loom))]
+pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+#[cfg(locktable_loom)]
+pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use std::time::Duration;
+
+/// Outcome of a futex wait. Callers never trust it: every wait loop re-checks
+/// its condition, so spurious wakeups and lost races are harmless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WaitOutcome {
+    /// Woken, interrupted, or the word had already changed.
+    Woken,
+    /// The timeout passed.
+    TimedOut,
+}
+
+/// Makes the store-then-load (Dekker) pattern explicit for the model checker.
+///
+/// Every Dekker pair in the algorithm is written with `SeqCst` read-modify-
+/// writes followed by `SeqCst` loads. In the C++20/Rust memory model all
+/// `SeqCst` operations are in one total order consistent with program order,
+/// so the store-buffering outcome (both sides miss the other's store) is
+/// forbidden without any fence, and on x86-64 the locked RMW already is a
+/// full barrier. loom, however, models `SeqCst` accesses as acquire/release
+/// only, so under loom this inserts the `fence(SeqCst)` that makes loom see
+/// the same guarantee. It is a no-op in real builds.
+#[inline(always)]
+pub(crate) fn dekker_fence() {
+    #[cfg(locktable_loom)]
+    loom::sync::atomic::fence(Ordering::SeqCst);
+}
+
+/// Hint inside a bounded spin loop (loom: yield so the model explores others).
+#[inline(always)]
+pub(crate) fn spin_hint() {
+    #[cfg(not(locktable_loom))]
+    std::hint::spin_loop();
+    #[cfg(locktable_loom)]
+    loom::thread::yield_now();
+}
+
+// ---------------------------------------------------------------------------
+// Clock
+// ---------------------------------------------------------------------------
+
+/// A point in time. Real builds: `Instant`. loom: a logical per-thread clock
+/// that advances only when a timed wait "sleeps", so timeouts are explored
+/// deterministically.
+#[cfg(not(locktable_loom))]
+pub(crate) type Instant = std::time::Instant;
+
+#[cfg(not(locktable_loom))]
+#[inline]
+pub(crate) fn now() -> Instant {
+    std::time::Instant::now()
+}
+
+#[cfg(locktable_loom)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Instant(u64);
+
+#[cfg(locktable_loom)]
+impl Instant {
+    pub(crate) fn checked_add(self, d: Duration) -> Option<Instant> {
+        Some(Instant(self.0.saturating_add(d.as_nanos() as u64)))
+    }
+    pub(crate) fn saturating_duration_since(self, earlier: Instant) -> Duration {
+        Duration::from_nanos(self.0.saturating_sub(earlier.0))
+    }
+}
+
+#[cfg(locktable_loom)]
+std::thread_local! {
+    static LOGICAL_NOW: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+#[cfg(locktable_loom)]
+pub(crate) fn now() -> Instant {
+    Instant(LOGICAL_NOW.with(|c| c.get()))
+}
+
+#[cfg(locktable_loom)]
+fn advance_clock(d: Duration) {
+    LOGICAL_NOW.with(|c| c.set(c.get().saturating_add(d.as_nanos() as u64)));
+}
+
+/// Resets the calling thread's logical clock (loom models start each thread at 0).
+#[cfg(locktable_loom)]
+pub fn reset_logical_clock() {
+    LOGICAL_NOW.with(|c| c.set(0));
+}
+
+// ---------------------------------------------------------------------------
+// Futex
+// ---------------------------------------------------------------------------
+
+/// Sleeps while `*word == expected`, at most `timeout` (forever if `None`).
+///
+/// Real builds: `FUTEX_WAIT` without `FUTEX_PRIVATE_FLAG`, because the word
+/// lives in a `MAP_SHARED` mapping and the waker may be another process; the
+/// kernel keys shared futexes by (inode, offset), so every process's mapping
+/// of the table file reaches the same wait queue.
+#[cfg(not(locktable_loom))]
+pub(crate) fn futex_wait(
+    word: &AtomicU32,
+    expected: u32,
+    timeout: Option<Duration>,
+) -> WaitOutcome {
+    let ts = timeout.map(|d| libc::timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    });
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a valid, aligned 32-bit atomic for the duration of the
+    // call (the caller's borrow keeps the mapping alive); FUTEX_WAIT only reads
+    // it. `ts_ptr` is null or points at a live timespec on this stack frame.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            ts_ptr,
+            std::ptr::null::<u32>(),
+            0u32,
+        )
+    };
+    if rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ETIMEDOUT) {
+        WaitOutcome::TimedOut
+    } else {
+        // 0 (woken), EAGAIN (value changed), EINTR (signal): re-check.
+        WaitOutcome::Woken
+    }
+}
+
+/// Wakes every waiter sleeping on `word` (in any process).
+#[cfg(not(locktable_loom))]
+pub(crate) fn futex_wake_all(word: &AtomicU32) {
+    // SAFETY: `word` is a valid aligned 32-bit word; FUTEX_WAKE does not
+    // access memory beyond using the address as a key.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
+
+#[cfg(locktable_loom)]
+mod futex_shim {
+    use loom::sync::{Condvar, Mutex};
+
+    pub(super) struct Shim {
+        pub(super) lock: Mutex<()>,
+        pub(super) cv: Condvar,
+    }
+
+    loom::lazy_static! {
+        pub(super) static ref SHIM: Shim = Shim { lock: Mutex::new(()), cv: Condvar::new() };
+    }
+}
+
+/// loom futex: the value check and the sleep happen under one loom mutex, and
+/// a wake takes the same mutex, which is exactly the atomicity `FUTEX_WAIT`
+/// gives. A timed wait never blocks: it advances the thread's logical clock
+/// by the timeout and reports `TimedOut`, so loom explores the timeout path.
+#[cfg(locktable_loom)]
+pub(crate) fn futex_wait(
+    word: &AtomicU32,
+    expected: u32,
+    timeout: Option<Duration>,
+) -> WaitOutcome {
+    let shim = &*futex_shim::SHIM;
+    let guard = shim.lock.lock().unwrap();
+    if word.load(Ordering::SeqCst) != expected {
+        return WaitOutcome::Woken;
+    }
+    match timeout {
+        None => {
+            drop(shim.cv.wait(guard).unwrap());
+            WaitOutcome::Woken
+        }
+        Some(d) => {
+            drop(guard);
+            advance_clock(d);
+            loom::thread::yield_now();
+            WaitOutcome::TimedOut
+        }
+    }
+}
+
+#[cfg(locktable_loom)]
+pub(crate) fn futex_wake_all(_word: &AtomicU32) {
+    let shim = &*futex_shim::SHIM;
+    let _g = shim.lock.lock().unwrap();
+    shim.cv.notify_all();
+}

@@ -1,0 +1,576 @@
+//! `LockTable`: opening, creating and attaching to a table, and the public
+//! acquisition API.
+//!
+//! Owns: the table file and its mapping, this handle's process record, the
+//! options, and the glue between ID lookup ([`crate::index`]), lock modes
+//! ([`crate::lockword`]) and recovery ([`crate::registry`]).
+//!
+//! May not touch: lock-word bits directly (it calls `SlotRef` methods).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64 as StdAtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use memmap2::MmapOptions;
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::guard::{ReadGuard, UpgradableReadGuard, WriteGuard};
+use crate::index::{self, Tag};
+use crate::layout::{
+    Geometry, Header, HEADER_SIZE, INIT_LOCK_BYTE, INIT_READY, INIT_STATE_OFFSET, MAGIC,
+};
+use crate::lockword::{self, Fail, Granted, Host, SlotRef, Wait};
+use crate::recovery::SweepReport;
+use crate::region::{MappedRegion, Region};
+use crate::registry;
+use crate::stats::{self, TableStats};
+use crate::sync::Ordering;
+
+/// Longest accepted ID, in bytes.
+pub const MAX_ID_LEN: usize = 256;
+
+/// Default number of slots.
+pub const DEFAULT_CAPACITY: u32 = 4096;
+/// Default number of processes that may attach at once.
+pub const DEFAULT_MAX_PROCESSES: u32 = 64;
+/// Default liveness poll interval of waiters.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How to create or attach to a table.
+///
+/// Geometry left unset means "whatever the existing file has, or the default
+/// when creating". Geometry set explicitly must match an existing file.
+#[derive(Debug, Clone)]
+pub struct TableOptions {
+    capacity: Option<u32>,
+    max_processes: Option<u32>,
+    mode: u32,
+    poll_interval: Duration,
+}
+
+impl Default for TableOptions {
+    fn default() -> Self {
+        TableOptions {
+            capacity: None,
+            max_processes: None,
+            mode: 0o600,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+        }
+    }
+}
+
+impl TableOptions {
+    /// Default options.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Number of slots: the most IDs held or waited on at once (a multiple
+    /// of 8, at least 16). Default 4096.
+    pub fn capacity(mut self, slots: u32) -> Self {
+        self.capacity = Some(slots);
+        self
+    }
+    /// Number of processes (handles) attached at once. Default 64, max 1024.
+    /// Each slot carries one 4-byte lane per process.
+    pub fn max_processes(mut self, n: u32) -> Self {
+        self.max_processes = Some(n);
+        self
+    }
+    /// Permission bits of a newly created table file (before umask).
+    /// Default `0o600`.
+    pub fn mode(mut self, mode: u32) -> Self {
+        self.mode = mode;
+        self
+    }
+    /// How long a waiter waits before checking that the holders it waits
+    /// for are alive. Default 20 ms; at least 1 ms.
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.poll_interval = d.max(Duration::from_millis(1));
+        self
+    }
+
+    fn geometry_for_create(&self) -> Result<Geometry> {
+        let g = Geometry {
+            capacity: self.capacity.unwrap_or(DEFAULT_CAPACITY),
+            max_processes: self.max_processes.unwrap_or(DEFAULT_MAX_PROCESSES),
+        };
+        g.validate()?;
+        Ok(g)
+    }
+
+    fn check_geometry(&self, g: Geometry) -> Result<()> {
+        let mismatch = |what: &str, want: u32, have: u32| Error::Incompatible {
+            reason: format!("table has {what} {have}, options ask for {want}"),
+        };
+        if let Some(c) = self.capacity.filter(|&c| c != g.capacity) {
+            return Err(mismatch("capacity", c, g.capacity));
+        }
+        if let Some(p) = self.max_processes.filter(|&p| p != g.max_processes) {
+            return Err(mismatch("max_processes", p, g.max_processes));
+        }
+        Ok(())
+    }
+}
+
+/// Incremented in every child after `fork()`; a handle remembers the value
+/// it was attached under and refuses to act in a child.
+static FORK_EPOCH: StdAtomicU64 = StdAtomicU64::new(0);
+
+extern "C" fn on_fork_child() {
+    FORK_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn register_fork_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: registers a handler that only performs an atomic add,
+        // which is async-signal-safe as required in a forked child.
+        unsafe {
+            libc::pthread_atfork(None, None, Some(on_fork_child));
+        }
+    });
+}
+
+pub(crate) struct Inner {
+    pub(crate) region: MappedRegion,
+    file: File,
+    pub(crate) me: u32,
+    hash_key: [u64; 2],
+    poll_interval: Duration,
+    /// Serialises lease probing within this handle (OFD locks are per open
+    /// file description, so two threads would both win the same lease).
+    reap_lock: Mutex<()>,
+    fork_epoch: u64,
+    path: Option<PathBuf>,
+}
+
+impl Inner {
+    #[inline]
+    pub(crate) fn forked(&self) -> bool {
+        FORK_EPOCH.load(std::sync::atomic::Ordering::Relaxed) != self.fork_epoch
+    }
+
+    #[inline]
+    pub(crate) fn slot(&self, index: u32) -> SlotRef<'_> {
+        self.region.slot(index as usize)
+    }
+
+    pub(crate) fn reap(&self, index: u32) -> io::Result<Option<SweepReport>> {
+        let _g = self.reap_lock.lock();
+        registry::reap(&self.region, &self.file, index, self.me)
+    }
+
+    pub(crate) fn lease_held_by_other(&self, index: u32) -> bool {
+        index == self.me || registry::lease_held_by_other(&self.file, index).unwrap_or(true)
+    }
+}
+
+impl Host for Inner {
+    fn poll_interval(&self) -> Option<Duration> {
+        Some(self.poll_interval)
+    }
+    fn me(&self) -> u32 {
+        self.me
+    }
+    fn recover_process(&self, p: u32) -> bool {
+        matches!(self.reap(p), Ok(Some(_)))
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if !self.forked() {
+            registry::detach(&self.region, &self.file, self.me);
+        }
+    }
+}
+
+/// A table of per-ID reader/writer locks shared by threads and processes.
+///
+/// Cloning is cheap and shares one attachment (one process record).
+/// Opening the same file again, even in the same process, makes another
+/// attachment that behaves exactly like another process.
+///
+/// ```
+/// use locktable::{LockTable, TableOptions};
+/// let dir = tempfile::tempdir().unwrap();
+/// let table = LockTable::open(dir.path().join("locks"), &TableOptions::default()).unwrap();
+/// {
+///     let r1 = table.read("session-1").unwrap();
+///     let r2 = table.read("session-1").unwrap(); // readers share
+///     assert!(table.try_write("session-1").unwrap().is_none());
+/// }
+/// let w = table.write("session-1").unwrap();
+/// assert!(!w.previous_owner_died());
+/// ```
+#[derive(Clone)]
+pub struct LockTable {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for LockTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockTable")
+            .field("path", &self.inner.path)
+            .field("process_index", &self.inner.me)
+            .field("geometry", &self.inner.region.geometry())
+            .finish()
+    }
+}
+
+fn classify_open_error(e: io::Error, path: &Path) -> Error {
+    match e.raw_os_error() {
+        Some(libc::ELOOP) => Error::Incompatible {
+            reason: format!(
+                "{} is a symbolic link (refused: O_NOFOLLOW)",
+                path.display()
+            ),
+        },
+        Some(libc::EISDIR) => Error::Incompatible {
+            reason: format!("{} is a directory", path.display()),
+        },
+        _ => Error::Io(e),
+    }
+}
+
+fn random_key() -> Result<[u64; 2]> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|e| Error::Io(io::Error::other(e.to_string())))?;
+    let mut k0 = [0u8; 8];
+    let mut k1 = [0u8; 8];
+    k0.copy_from_slice(&b[..8]);
+    k1.copy_from_slice(&b[8..]);
+    Ok([u64::from_ne_bytes(k0), u64::from_ne_bytes(k1)])
+}
+
+/// Holds the init lock (an OFD lock on a byte far past EOF) while a table
+/// is created, validated and attached; released on drop.
+struct InitLock<'f>(&'f File);
+
+impl<'f> InitLock<'f> {
+    fn take(file: &'f File) -> Result<Self> {
+        registry::ofd_lock(file, INIT_LOCK_BYTE, libc::F_WRLCK, true)?;
+        Ok(InitLock(file))
+    }
+}
+
+impl Drop for InitLock<'_> {
+    fn drop(&mut self) {
+        let _ = registry::ofd_lock(self.0, INIT_LOCK_BYTE, libc::F_UNLCK, false);
+    }
+}
+
+/// True if the file looks like a creation of ours that died before READY:
+/// what is there is a prefix of our magic (or nothing), and READY is unset.
+fn is_abandoned_creation(file: &File, len: u64) -> io::Result<bool> {
+    let mut head = [0u8; 8];
+    let n = file.read_at(&mut head, 0)?;
+    if !MAGIC.starts_with(&head[..n.min(8)]) {
+        return Ok(false);
+    }
+    if len < INIT_STATE_OFFSET + 4 {
+        return Ok(true);
+    }
+    let mut st = [0u8; 4];
+    file.read_exact_at(&mut st, INIT_STATE_OFFSET)?;
+    Ok(u32::from_ne_bytes(st) != INIT_READY)
+}
+
+fn create_in(file: &File, opts: &TableOptions) -> Result<Header> {
+    let header = Header {
+        geometry: opts.geometry_for_create()?,
+        hash_key: random_key()?,
+        created_ms: registry::now_ms(),
+    };
+    file.set_len(0)?;
+    // The header goes in before the file grows, READY goes in last: a
+    // creator killed at any point leaves either a prefix of our magic or a
+    // full header without READY, both of which the next open recreates.
+    file.write_all_at(&header.encode(), 0)?;
+    file.set_len(header.geometry.file_size())?;
+    file.write_all_at(&INIT_READY.to_ne_bytes(), INIT_STATE_OFFSET)?;
+    Ok(header)
+}
+
+fn read_header(file: &File, len: u64) -> Result<Header> {
+    let mut buf = vec![0u8; HEADER_SIZE.min(len) as usize];
+    file.read_exact_at(&mut buf, 0)?;
+    Header::decode(&buf, len)
+}
+
+/// A blocking acquisition never reports "busy"; should it ever, the caller
+/// gets a timeout rather than a panic.
+fn granted<G>(g: Option<G>) -> Result<G> {
+    g.ok_or(Error::Timeout)
+}
+
+impl LockTable {
+    /// Creates the table file at `path`, or attaches to the existing one.
+    ///
+    /// Several processes opening the same new path at once end up on one
+    /// table: creation happens under an OFD lock on the file. The path is
+    /// opened with `O_NOFOLLOW` (a symlink planted in a shared directory is
+    /// refused) and a new file gets mode `0o600` unless the options say
+    /// otherwise. Anything that is not a valid table of this format gives a
+    /// typed error, and the file is validated with `pread` before it is
+    /// mapped.
+    pub fn open(path: impl AsRef<Path>, opts: &TableOptions) -> Result<LockTable> {
+        let path = path.as_ref();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(opts.mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| classify_open_error(e, path))?;
+        Self::attach_file(file, opts, Some(path.to_path_buf()))
+    }
+
+    /// A table in private memory (a `memfd`), for the threads of one process.
+    pub fn anonymous(opts: &TableOptions) -> Result<LockTable> {
+        // SAFETY: the name is a valid NUL-terminated string; memfd_create
+        // returns a new descriptor that we take ownership of below.
+        let fd = unsafe { libc::memfd_create(c"locktable".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::Io(io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Self::attach_file(file, opts, None)
+    }
+
+    fn attach_file(file: File, opts: &TableOptions, path: Option<PathBuf>) -> Result<LockTable> {
+        register_fork_handler();
+        let meta = file.metadata()?;
+        let ft = meta.file_type();
+        if !ft.is_file() {
+            let what = if ft.is_dir() {
+                "a directory"
+            } else if ft.is_fifo() || ft.is_socket() || ft.is_char_device() || ft.is_block_device()
+            {
+                "a device, fifo or socket"
+            } else {
+                "not a regular file"
+            };
+            return Err(Error::Incompatible {
+                reason: format!("table path is {what}"),
+            });
+        }
+        let init = InitLock::take(&file)?;
+        let len = file.metadata()?.len();
+        let header = if len == 0 || is_abandoned_creation(&file, len)? {
+            create_in(&file, opts)?
+        } else {
+            read_header(&file, len)?
+        };
+        opts.check_geometry(header.geometry)?;
+        let map = MmapOptions::new()
+            .len(header.geometry.file_size() as usize)
+            .map_raw(&file)?;
+        let region = MappedRegion::new(map, header.geometry)
+            .ok_or_else(|| Error::Corrupt("mapping shorter than the table".into()))?;
+        if region.init_state().load(Ordering::Acquire) != INIT_READY {
+            return Err(Error::Corrupt(
+                "table initialisation never completed".into(),
+            ));
+        }
+        let me = registry::attach(&region, &file)?;
+        let me = match me {
+            Some(i) => i,
+            None => {
+                return Err(Error::TooManyProcesses {
+                    max_processes: header.geometry.max_processes as usize,
+                })
+            }
+        };
+        drop(init);
+        let table = LockTable {
+            inner: Arc::new(Inner {
+                region,
+                file,
+                me,
+                hash_key: header.hash_key,
+                poll_interval: opts.poll_interval,
+                reap_lock: Mutex::new(()),
+                fork_epoch: FORK_EPOCH.load(std::sync::atomic::Ordering::Relaxed),
+                path,
+            }),
+        };
+        // Recovery also runs on attach: free the records of dead processes.
+        table.reap()?;
+        Ok(table)
+    }
+
+    /// The geometry of this table.
+    pub fn geometry(&self) -> Geometry {
+        self.inner.region.geometry()
+    }
+
+    /// This handle's process index (its record and lane in every slot).
+    pub fn process_index(&self) -> u32 {
+        self.inner.me
+    }
+
+    /// Releases the holds of every dead process. Returns, per reclaimed
+    /// record, its index, its last PID (display only) and what was released.
+    pub fn reap(&self) -> Result<Vec<(u32, u32, SweepReport)>> {
+        self.check_fork()?;
+        let mut out = Vec::new();
+        for i in 0..self.geometry().max_processes {
+            let rec = self.inner.region.record(i as usize);
+            if i == self.inner.me || rec.state.load(Ordering::Acquire) == registry::RECORD_FREE {
+                continue;
+            }
+            let pid = rec.pid.load(Ordering::Relaxed);
+            if let Some(r) = self.inner.reap(i)? {
+                out.push((i, pid, r));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A snapshot of the table: slots, processes, holders and waiters.
+    pub fn stats(&self) -> Result<TableStats> {
+        self.check_fork()?;
+        Ok(stats::collect(&self.inner))
+    }
+
+    #[inline]
+    fn check_fork(&self) -> Result<()> {
+        if self.inner.forked() {
+            Err(Error::ForkedChild)
+        } else {
+            Ok(())
+        }
+    }
+
+    #[inline]
+    fn tag(&self, id: &[u8]) -> Result<Tag> {
+        if id.is_empty() {
+            return Err(Error::InvalidId { reason: "empty" });
+        }
+        if id.len() > MAX_ID_LEN {
+            return Err(Error::InvalidId {
+                reason: "longer than MAX_ID_LEN (256) bytes",
+            });
+        }
+        Ok(index::tag_of(self.inner.hash_key, id))
+    }
+
+    /// Looks up (or assigns) the slot of `id` and runs `op` on it until it
+    /// does not report a stale slot.
+    fn acquire(
+        &self,
+        id: &[u8],
+        op: impl Fn(SlotRef<'_>, u32) -> std::result::Result<Granted, Fail>,
+    ) -> Result<Option<(u32, Granted)>> {
+        self.check_fork()?;
+        let tag = self.tag(id)?;
+        let inner = &*self.inner;
+        let mut reaped = false;
+        loop {
+            let Some((slot, g)) = index::find_or_insert(&inner.region, tag, inner.me, inner) else {
+                if !reaped {
+                    reaped = true;
+                    self.reap()?;
+                    continue;
+                }
+                return Err(Error::TableFull {
+                    capacity: self.geometry().capacity as usize,
+                });
+            };
+            match op(inner.slot(slot as u32), g) {
+                Ok(granted) => return Ok(Some((slot as u32, granted))),
+                Err(Fail::Stale) => continue,
+                Err(Fail::Busy) => return Ok(None),
+                Err(Fail::Timeout) => return Err(Error::Timeout),
+                Err(Fail::HoldLimit) => {
+                    return Err(Error::HoldLimit {
+                        limit: lockword::MAX_READS_PER_PROCESS,
+                    })
+                }
+            }
+        }
+    }
+
+    fn deadline(timeout: Duration) -> Wait {
+        Some(crate::sync::now().checked_add(timeout))
+    }
+
+    fn read_with(&self, id: &[u8], wait: Wait) -> Result<Option<ReadGuard>> {
+        let inner = &*self.inner;
+        Ok(self
+            .acquire(id, |s, g| s.read(inner.me, g, wait, inner))?
+            .map(|(slot, gr)| ReadGuard::new(self.inner.clone(), slot, gr.owner_died)))
+    }
+
+    fn upgradable_with(&self, id: &[u8], wait: Wait) -> Result<Option<UpgradableReadGuard>> {
+        let inner = &*self.inner;
+        Ok(self
+            .acquire(id, |s, g| s.upgradable(inner.me, g, wait, inner))?
+            .map(|(slot, gr)| UpgradableReadGuard::new(self.inner.clone(), slot, gr.owner_died)))
+    }
+
+    fn write_with(&self, id: &[u8], wait: Wait) -> Result<Option<WriteGuard>> {
+        let inner = &*self.inner;
+        Ok(self
+            .acquire(id, |s, g| s.write(inner.me, g, wait, inner))?
+            .map(|(slot, gr)| WriteGuard::new(self.inner.clone(), slot, gr.owner_died)))
+    }
+
+    /// Blocks until `id` is held for reading (shared with other readers and
+    /// with one upgradable holder).
+    pub fn read(&self, id: impl AsRef<[u8]>) -> Result<ReadGuard> {
+        self.read_with(id.as_ref(), Some(None)).and_then(granted)
+    }
+    /// Takes a read hold if that needs no waiting; `Ok(None)` when busy.
+    pub fn try_read(&self, id: impl AsRef<[u8]>) -> Result<Option<ReadGuard>> {
+        self.read_with(id.as_ref(), None)
+    }
+    /// Like [`read`](Self::read), but gives up with [`Error::Timeout`].
+    pub fn read_timeout(&self, id: impl AsRef<[u8]>, timeout: Duration) -> Result<ReadGuard> {
+        self.read_with(id.as_ref(), Self::deadline(timeout))
+            .and_then(granted)
+    }
+
+    /// Blocks until `id` is held upgradable: shared with readers, exclusive
+    /// against writers and other upgradable holders.
+    pub fn upgradable_read(&self, id: impl AsRef<[u8]>) -> Result<UpgradableReadGuard> {
+        self.upgradable_with(id.as_ref(), Some(None))
+            .and_then(granted)
+    }
+    /// Non-blocking [`upgradable_read`](Self::upgradable_read).
+    pub fn try_upgradable_read(&self, id: impl AsRef<[u8]>) -> Result<Option<UpgradableReadGuard>> {
+        self.upgradable_with(id.as_ref(), None)
+    }
+    /// [`upgradable_read`](Self::upgradable_read) with a deadline.
+    pub fn upgradable_read_timeout(
+        &self,
+        id: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<UpgradableReadGuard> {
+        self.upgradable_with(id.as_ref(), Self::deadline(timeout))
+            .and_then(granted)
+    }
+
+    /// Blocks until `id` is held exclusively.
+    pub fn write(&self, id: impl AsRef<[u8]>) -> Result<WriteGuard> {
+        self.write_with(id.as_ref(), Some(None)).and_then(granted)
+    }
+    /// Non-blocking [`write`](Self::write).
+    pub fn try_write(&self, id: impl AsRef<[u8]>) -> Result<Option<WriteGuard>> {
+        self.write_with(id.as_ref(), None)
+    }
+    /// [`write`](Self::write) with a deadline.
+    pub fn write_timeout(&self, id: impl AsRef<[u8]>, timeout: Duration) -> Result<WriteGuard> {
+        self.write_with(id.as_ref(), Self::deadline(timeout))
+            .and_then(granted)
+    }
+}
