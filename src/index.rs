@@ -156,6 +156,11 @@ const STALE_BITS: u64 = lockword::PARKED
     | lockword::WRITER_MASK
     | lockword::UPGRADER_MASK;
 
+#[cfg(not(locktable_loom))]
+const BUCKET_SPINS: u32 = 100;
+#[cfg(locktable_loom)]
+const BUCKET_SPINS: u32 = 0;
+
 /// Takes a bucket lock. Holds are a few dozen instructions long, so this
 /// spins, then yields; a holder that stays longer than a poll interval is
 /// checked for liveness (a dead holder is swept, which releases the lock).
@@ -174,7 +179,7 @@ fn lock_bucket<R: Region + ?Sized>(region: &R, bucket: usize, me: u32, host: &dy
             return;
         }
         spins += 1;
-        if spins < 100 {
+        if spins < BUCKET_SPINS {
             sync::spin_hint();
             continue;
         }

@@ -20,6 +20,8 @@
 //! and the recovery protocol.
 
 #![warn(missing_docs)]
+// Under the model checker only the protocol modules are exercised.
+#![cfg_attr(locktable_loom, allow(dead_code, unused_imports))]
 
 mod error;
 mod index;
@@ -28,6 +30,9 @@ mod lockword;
 mod recovery;
 mod region;
 mod sync;
+
+#[cfg(locktable_loom)]
+pub mod model;
 
 #[cfg(not(locktable_loom))]
 mod guard;

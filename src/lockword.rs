@@ -171,7 +171,12 @@ pub(crate) struct Granted {
 /// `Some(Some(t))` = until `t`.
 pub(crate) type Wait = Option<Option<sync::Instant>>;
 
+/// Spin rounds before parking (each round spins up to 64 hints). Under loom
+/// spinning only multiplies interleavings, so the model parks at once.
+#[cfg(not(locktable_loom))]
 const SPIN_LIMIT: u32 = 64;
+#[cfg(locktable_loom)]
+const SPIN_LIMIT: u32 = 0;
 
 impl<'a> SlotRef<'a> {
     /// Every process index that holds, claims or waits on this slot.
@@ -393,7 +398,7 @@ impl<'a> SlotRef<'a> {
     /// Claims the WRITER field (pending) if no writer or upgrader holds it.
     /// With `announce`, a writer blocked only by an upgrader sets
     /// WRITER_WAITING so no new upgrader overtakes it.
-    fn try_claim_writer(&self, me: u32, g: u32, announce: bool) -> Result<(), Fail> {
+    pub(crate) fn try_claim_writer(&self, me: u32, g: u32, announce: bool) -> Result<(), Fail> {
         let mut s = self.state.load(Ordering::Acquire);
         loop {
             if !is_active(s, g) {
@@ -498,18 +503,7 @@ impl<'a> SlotRef<'a> {
     /// hold UPGRADER, so this never waits for anything but readers and
     /// cannot deadlock. On failure the upgradable hold is restored.
     pub(crate) fn upgrade(&self, me: u32, wait: Wait, host: &dyn Host) -> Result<Granted, Fail> {
-        let mut s = self.state.load(Ordering::Acquire);
-        loop {
-            debug_assert_eq!(upgrader(s), me + 1);
-            let new = (s & !(UPGRADER_MASK | WRITER_WAITING)) | writer_field(me);
-            match self
-                .state
-                .compare_exchange_weak(s, new, Ordering::SeqCst, Ordering::Acquire)
-            {
-                Ok(_) => break,
-                Err(v) => s = v,
-            }
-        }
+        self.begin_upgrade(me);
         let result = match wait {
             None => self.drain_readers(None),
             Some(deadline) => {
@@ -521,6 +515,22 @@ impl<'a> SlotRef<'a> {
             self.revert_upgrade(me);
         }
         result
+    }
+
+    /// First step of an upgrade: UPGRADER -> pending WRITER in one CAS.
+    pub(crate) fn begin_upgrade(&self, me: u32) {
+        let mut s = self.state.load(Ordering::Acquire);
+        loop {
+            debug_assert_eq!(upgrader(s), me + 1);
+            let new = (s & !(UPGRADER_MASK | WRITER_WAITING)) | writer_field(me);
+            match self
+                .state
+                .compare_exchange_weak(s, new, Ordering::SeqCst, Ordering::Acquire)
+            {
+                Ok(_) => return,
+                Err(v) => s = v,
+            }
+        }
     }
 
     fn revert_upgrade(&self, me: u32) {
