@@ -64,4 +64,39 @@ pub enum Error {
     /// An operating-system call failed.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+
+    // ---- session layer ----
+    /// Another request committed a change to `key` after this request loaded the session; nothing
+    /// was written.
+    #[error("conflict: key {key:?} was changed by another request since this session was loaded")]
+    Conflict {
+        /// The first conflicting key.
+        key: String,
+    },
+    /// A session ID is malformed (wrong length or characters).
+    #[error("malformed session id")]
+    InvalidSessionId,
+    /// The session no longer exists (expired, deleted, invalidated or moved by `cycle_id`).
+    #[error("the session no longer exists")]
+    SessionGone,
+    /// A stored session record failed validation (checksum, header, format).
+    #[error("corrupt session record: {0}")]
+    SessionCorrupt(String),
+    /// A session record would exceed the configured maximum size.
+    #[error("session record too large: {size} bytes, limit {limit}")]
+    TooLarge {
+        /// Encoded size in bytes.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// A value could not be serialized or deserialized.
+    #[error("serialization error: {0}")]
+    Serialize(#[from] serde_json::Error),
+    /// The session was already committed, invalidated or is otherwise finished.
+    #[error("the session was already committed or invalidated")]
+    SessionFinished,
+    /// The OS random source failed.
+    #[error("OS random source failed: {0}")]
+    Random(String),
 }

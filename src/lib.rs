@@ -39,6 +39,8 @@ mod guard;
 #[cfg(not(locktable_loom))]
 mod registry;
 #[cfg(not(locktable_loom))]
+pub mod session;
+#[cfg(not(locktable_loom))]
 mod stats;
 #[cfg(not(locktable_loom))]
 mod table;

@@ -240,7 +240,7 @@ fn classify_open_error(e: io::Error, path: &Path) -> Error {
 
 fn random_key() -> Result<[u64; 2]> {
     let mut b = [0u8; 16];
-    getrandom::fill(&mut b).map_err(|e| Error::Io(io::Error::other(e.to_string())))?;
+    getrandom::fill(&mut b).map_err(|e| Error::Random(e.to_string()))?;
     let mut k0 = [0u8; 8];
     let mut k1 = [0u8; 8];
     k0.copy_from_slice(&b[..8]);
