@@ -1,0 +1,404 @@
+//! End-to-end tests of the `locktable` binary: `stat`, `lock`, `reap`, exit
+//! statuses, and one-line errors on bad table files.
+#![cfg(not(locktable_loom))]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use locktable::{LockTable, TableOptions};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_locktable"))
+}
+
+fn locktable(args: &[&str]) -> Output {
+    bin().args(args).output().expect("run locktable")
+}
+
+fn small() -> TableOptions {
+    TableOptions::default().capacity(64).max_processes(8)
+}
+
+/// A fresh small table file in a temporary directory.
+fn fresh_table() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("table");
+    drop(LockTable::open(&path, &small()).unwrap());
+    (dir, path)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Non-zero status and exactly one line `locktable: ...` on stderr.
+fn assert_one_line_error(o: &Output, what: &str) -> String {
+    let err = stderr(o);
+    assert!(!o.status.success(), "{what}: succeeded; stderr {err:?}");
+    assert_eq!(err.lines().count(), 1, "{what}: stderr {err:?}");
+    assert!(err.starts_with("locktable: "), "{what}: stderr {err:?}");
+    assert!(!err.contains("panicked"), "{what}: stderr {err:?}");
+    assert!(!err.contains("RUST_BACKTRACE"), "{what}: stderr {err:?}");
+    err
+}
+
+fn stat_json(path: &Path) -> serde_json::Value {
+    let o = locktable(&["stat", "--json", s(path)]);
+    assert!(o.status.success(), "stat --json: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout).expect("stat --json is JSON")
+}
+
+fn holders(v: &serde_json::Value) -> &Vec<serde_json::Value> {
+    v["holders"].as_array().expect("holders array")
+}
+
+/// Polls `stat --json` until `pred` holds (or panics after 10 s).
+fn wait_for_stat(path: &Path, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = stat_json(path);
+        if pred(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "condition never met: {v}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn stat_on_a_fresh_table() {
+    let (_dir, path) = fresh_table();
+    let o = locktable(&["stat", s(&path)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.stderr.is_empty());
+    let out = stdout(&o);
+    assert!(
+        out.contains("capacity     64 slots: 0 assigned, 0 in use"),
+        "{out}"
+    );
+    assert!(out.contains("holders      0"), "{out}");
+    assert!(out.contains("waiters      0"), "{out}");
+    assert!(out.contains("dead holders 0"), "{out}");
+    assert!(out.contains("(this command)"), "{out}");
+}
+
+#[test]
+fn stat_json_parses_and_shows_a_holder() {
+    let (_dir, path) = fresh_table();
+    let v = stat_json(&path);
+    assert_eq!(v["capacity"], 64);
+    assert_eq!(v["max_processes"], 8);
+    assert!(holders(&v).is_empty());
+    assert_eq!(
+        v["processes"].as_array().unwrap().len(),
+        1,
+        "only stat itself"
+    );
+
+    let t = LockTable::open(&path, &small()).unwrap();
+    let g = t.write("sess").unwrap();
+    let v = stat_json(&path);
+    let h = holders(&v);
+    assert_eq!(h.len(), 1, "{v}");
+    assert_eq!(h[0]["mode"], "write");
+    assert_eq!(h[0]["pid"], std::process::id());
+    assert_eq!(h[0]["alive"], true);
+    assert_eq!(v["slots_in_use"], 1);
+    let human = stdout(&locktable(&["stat", s(&path)]));
+    assert!(human.contains("mode write"), "{human}");
+    drop(g);
+}
+
+#[test]
+fn lock_passes_the_exit_status_through() {
+    let (dir, path) = fresh_table();
+    let code = |cmd: &[&str]| {
+        let mut args = vec!["lock", s(&path), "id", "--"];
+        args.extend_from_slice(cmd);
+        locktable(&args)
+    };
+    assert_eq!(code(&["true"]).status.code(), Some(0));
+    assert_eq!(code(&["sh", "-c", "exit 7"]).status.code(), Some(7));
+    // Killed by SIGTERM: 128 + 15.
+    assert_eq!(
+        code(&["sh", "-c", "kill -TERM $$"]).status.code(),
+        Some(143)
+    );
+    let o = code(&["/nonexistent/command"]);
+    assert_eq!(o.status.code(), Some(127));
+    assert!(assert_one_line_error(&o, "not found").contains("command not found"));
+    let plain = dir.path().join("not-executable");
+    fs::write(&plain, "#!/bin/sh\n").unwrap();
+    fs::set_permissions(&plain, fs::Permissions::from_mode(0o644)).unwrap();
+    let o = code(&[s(&plain)]);
+    assert_eq!(o.status.code(), Some(126));
+    assert_one_line_error(&o, "not executable");
+    // Arguments that look like options belong to the command.
+    let o = code(&["sh", "-c", "echo \"$@\"", "sh", "--read", "-x"]);
+    assert_eq!(stdout(&o), "--read -x\n");
+    // Nothing is left held.
+    assert!(holders(&stat_json(&path)).is_empty());
+}
+
+#[test]
+fn lock_holds_the_lock_in_each_mode_while_the_command_runs() {
+    let (_dir, path) = fresh_table();
+    let exe = env!("CARGO_BIN_EXE_locktable");
+    for mode in ["read", "upgradable", "write"] {
+        let flag = format!("--{mode}");
+        let o = locktable(&[
+            "lock",
+            s(&path),
+            "sess",
+            &flag,
+            "--",
+            exe,
+            "stat",
+            "--json",
+            s(&path),
+        ]);
+        assert!(o.status.success(), "{mode}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let h = holders(&v);
+        assert_eq!(h.len(), 1, "{mode}: {v}");
+        assert_eq!(h[0]["mode"], mode);
+        assert_eq!(h[0]["alive"], true);
+    }
+    // Default mode is write.
+    let o = locktable(&[
+        "lock",
+        s(&path),
+        "sess",
+        "--",
+        exe,
+        "stat",
+        "--json",
+        s(&path),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(holders(&v)[0]["mode"], "write");
+}
+
+#[test]
+fn lock_times_out_with_status_75_without_running_the_command() {
+    let (dir, path) = fresh_table();
+    let t = LockTable::open(&path, &small()).unwrap();
+    let g = t.write("busy").unwrap();
+    let marker = dir.path().join("ran");
+    for mode in ["--read", "--upgradable", "--write"] {
+        let start = Instant::now();
+        let o = locktable(&[
+            "lock",
+            s(&path),
+            "busy",
+            mode,
+            "--timeout",
+            "200ms",
+            "--",
+            "touch",
+            s(&marker),
+        ]);
+        let took = start.elapsed();
+        assert_eq!(o.status.code(), Some(75), "{mode}: {}", stderr(&o));
+        assert!(assert_one_line_error(&o, mode).contains("timed out"));
+        assert!(took >= Duration::from_millis(200), "{mode}: {took:?}");
+        assert!(took < Duration::from_secs(3), "{mode}: {took:?}");
+        assert!(!marker.exists(), "{mode}: the command ran");
+    }
+    // Another ID is free.
+    let o = locktable(&["lock", s(&path), "other", "--timeout", "1s", "--", "true"]);
+    assert_eq!(o.status.code(), Some(0));
+    drop(g);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let (_dir, path) = fresh_table();
+    for args in [
+        vec!["lock", s(&path), "id"],
+        vec!["lock", s(&path), "id", "--timeout", "5x", "--", "true"],
+        vec!["lock", s(&path), "id", "--timeout", "-1s", "--", "true"],
+        vec!["lock", s(&path), "id", "--read", "--write", "--", "true"],
+        vec!["stat"],
+        vec!["frobnicate"],
+    ] {
+        let o = locktable(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("panicked"));
+    }
+    let o = locktable(&["lock", s(&path), "", "--", "true"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(assert_one_line_error(&o, "empty id").contains("invalid lock ID"));
+}
+
+#[test]
+fn bad_table_files_give_one_line_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let empty = d.join("empty");
+    fs::write(&empty, b"").unwrap();
+    let random = d.join("random");
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let bytes: Vec<u8> = (0..20_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8 | 0x80 // never a prefix of the magic
+        })
+        .collect();
+    fs::write(&random, bytes).unwrap();
+    let truncated = d.join("truncated");
+    drop(LockTable::open(&truncated, &small()).unwrap());
+    let len = fs::metadata(&truncated).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&truncated)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let version = d.join("version");
+    drop(LockTable::open(&version, &small()).unwrap());
+    let mut b = fs::read(&version).unwrap();
+    b[8..12].copy_from_slice(&99u32.to_ne_bytes());
+    fs::write(&version, b).unwrap();
+    let checksum = d.join("checksum");
+    drop(LockTable::open(&checksum, &small()).unwrap());
+    let mut b = fs::read(&checksum).unwrap();
+    b[40] ^= 0x40; // capacity, without fixing the checksum
+    fs::write(&checksum, b).unwrap();
+    let directory = d.join("directory");
+    fs::create_dir(&directory).unwrap();
+    let good = d.join("good");
+    drop(LockTable::open(&good, &small()).unwrap());
+    let symlink = d.join("symlink");
+    std::os::unix::fs::symlink(&good, &symlink).unwrap();
+    let missing = d.join("missing");
+
+    let cases: [(&Path, &str); 8] = [
+        (&empty, "empty"),
+        (&random, "incompatible"),
+        (&truncated, "corrupt"),
+        (&version, "incompatible"),
+        (&checksum, "corrupt"),
+        (&directory, "directory"),
+        (&symlink, "symbolic link"),
+        (&missing, "no such"),
+    ];
+    for (path, expect) in cases {
+        for cmd in ["stat", "reap"] {
+            let o = locktable(&[cmd, s(path)]);
+            let err = assert_one_line_error(&o, &format!("{cmd} {path:?}"));
+            assert!(err.contains(expect), "{cmd} {path:?}: {err:?}");
+            assert!(o.stdout.is_empty());
+        }
+        // `lock` creates missing or empty table files; every other bad file
+        // is refused before the command runs.
+        if path == empty || path == missing {
+            continue;
+        }
+        let o = locktable(&["lock", s(path), "id", "--", "echo", "ran"]);
+        let err = assert_one_line_error(&o, &format!("lock {path:?}"));
+        assert!(err.contains(expect), "lock {path:?}: {err:?}");
+        assert!(o.stdout.is_empty(), "lock {path:?}: the command ran");
+    }
+    // None of them was changed into a table.
+    assert_eq!(fs::metadata(&empty).unwrap().len(), 0);
+    assert!(!missing.exists());
+    assert!(fs::symlink_metadata(&symlink).unwrap().is_symlink());
+}
+
+/// Starts `locktable lock TABLE ID --write -- COMMAND...` in its own process
+/// group and waits until it holds the lock.
+fn spawn_holder(path: &Path, id: &str, cmd: &[&str]) -> Child {
+    let mut c = bin();
+    c.args(["lock", s(path), id, "--write", "--"])
+        .args(cmd)
+        .stdin(Stdio::null())
+        .process_group(0);
+    let child = c.spawn().unwrap();
+    let pid = child.id();
+    wait_for_stat(path, |v| {
+        holders(v)
+            .iter()
+            .any(|h| h["pid"] == pid && h["mode"] == "write")
+    });
+    child
+}
+
+#[test]
+fn two_shells_one_times_out_then_succeeds() {
+    let (_dir, path) = fresh_table();
+    let started = Instant::now();
+    let mut first = spawn_holder(&path, "shared-id", &["sleep", "1"]);
+    let t = Instant::now();
+    let o = locktable(&[
+        "lock",
+        s(&path),
+        "shared-id",
+        "--timeout",
+        "200ms",
+        "--",
+        "true",
+    ]);
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // The second shell waits for the first to finish, then runs.
+    let o = locktable(&[
+        "lock",
+        s(&path),
+        "shared-id",
+        "--timeout",
+        "20s",
+        "--",
+        "sh",
+        "-c",
+        "exit 3",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(first.wait().unwrap().success());
+    assert!(holders(&stat_json(&path)).is_empty());
+}
+
+#[test]
+fn reap_on_a_clean_table_reports_nothing() {
+    let (_dir, path) = fresh_table();
+    let o = locktable(&["reap", s(&path)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "reaped 0 dead process record(s)\n");
+}
+
+/// LIBRARY BUG (reported, not fixed here): `LockTable::open` reaps every
+/// dead process on attach and throws the report away, so `locktable stat`
+/// can never show dead holders waiting to be reaped and `locktable reap`
+/// never has anything left to report (issue 3 items 4 and 8).
+#[test]
+#[ignore = "library: open() reaps on attach and discards the report"]
+fn stat_shows_and_reap_reports_a_dead_holder() {
+    let (_dir, path) = fresh_table();
+    let mut holder = spawn_holder(&path, "id", &["sleep", "100"]);
+    let pgid = holder.id() as i32;
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let v = stat_json(&path);
+    let dead = holders(&v).iter().filter(|h| h["alive"] == false).count();
+    let o = locktable(&["reap", s(&path)]);
+    // SAFETY: kills the process group of our own child (the orphaned sleep).
+    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    assert_eq!(dead, 1, "stat shows the dead holder: {v}");
+    assert!(stdout(&o).contains("released 1 slot(s)"), "{}", stdout(&o));
+}
