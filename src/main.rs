@@ -228,7 +228,10 @@ mod cli {
             }
             Ok(_) => {}
         }
-        open(path)
+        // Inspect before repairing: stat shows dead holders, reap reports
+        // what it releases.
+        let opts = TableOptions::default().reap_on_attach(false);
+        LockTable::open(path, &opts).map_err(|e| Failure::table(path, e))
     }
 
     // ---------------------------------------------------------------

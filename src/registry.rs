@@ -89,23 +89,32 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Attaches the calling handle: takes the first record whose lease is free,
-/// sweeping it first if its previous owner died attached. `None`: every
+/// Attaches the calling handle. Prefers a FREE record; only when none is
+/// left does it take over the record of a process that died attached
+/// (sweeping it first), so dead holders stay visible to inspection until a
+/// waiter, `reap`, or a shortage of records reclaims them. `None`: every
 /// record is held by a live process.
 pub(crate) fn attach(region: &MappedRegion, file: &File) -> io::Result<Option<u32>> {
-    for i in 0..region.geometry().max_processes {
-        if !ofd_lock(file, lease_byte(i), libc::F_WRLCK, false)? {
-            continue;
+    for only_free in [true, false] {
+        for i in 0..region.geometry().max_processes {
+            let rec = region.record(i as usize);
+            let free = rec.state.load(Ordering::Acquire) == RECORD_FREE;
+            if only_free && !free {
+                continue;
+            }
+            if !ofd_lock(file, lease_byte(i), libc::F_WRLCK, false)? {
+                continue;
+            }
+            // Re-read under the lease: only the lease holder changes it now.
+            if rec.state.load(Ordering::Acquire) != RECORD_FREE {
+                recovery::sweep_process(region, i);
+            }
+            rec.pid.store(std::process::id(), Ordering::Relaxed);
+            rec.attached_ms.store(now_ms(), Ordering::Relaxed);
+            // Release: a reader of the record that sees LIVE sees its pid.
+            rec.state.store(RECORD_LIVE, Ordering::Release);
+            return Ok(Some(i));
         }
-        let rec = region.record(i as usize);
-        if rec.state.load(Ordering::Acquire) != RECORD_FREE {
-            recovery::sweep_process(region, i);
-        }
-        rec.pid.store(std::process::id(), Ordering::Relaxed);
-        rec.attached_ms.store(now_ms(), Ordering::Relaxed);
-        // Release: a reader of the record that sees LIVE sees its pid.
-        rec.state.store(RECORD_LIVE, Ordering::Release);
-        return Ok(Some(i));
     }
     Ok(None)
 }

@@ -51,6 +51,7 @@ pub struct TableOptions {
     max_processes: Option<u32>,
     mode: u32,
     poll_interval: Duration,
+    reap_on_attach: bool,
 }
 
 impl Default for TableOptions {
@@ -60,6 +61,7 @@ impl Default for TableOptions {
             max_processes: None,
             mode: 0o600,
             poll_interval: DEFAULT_POLL_INTERVAL,
+            reap_on_attach: true,
         }
     }
 }
@@ -91,6 +93,15 @@ impl TableOptions {
     /// for are alive. Default 20 ms; at least 1 ms.
     pub fn poll_interval(mut self, d: Duration) -> Self {
         self.poll_interval = d.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Whether attaching releases the holds of dead processes at once
+    /// (default true). Inspection tools turn it off so that they can show
+    /// dead holders (`locktable stat`) or report what they release
+    /// (`locktable reap`).
+    pub fn reap_on_attach(mut self, yes: bool) -> Self {
+        self.reap_on_attach = yes;
         self
     }
 
@@ -404,7 +415,9 @@ impl LockTable {
             }),
         };
         // Recovery also runs on attach: free the records of dead processes.
-        table.reap()?;
+        if opts.reap_on_attach {
+            table.reap()?;
+        }
         Ok(table)
     }
 

@@ -382,12 +382,9 @@ fn reap_on_a_clean_table_reports_nothing() {
     assert_eq!(stdout(&o), "reaped 0 dead process record(s)\n");
 }
 
-/// LIBRARY BUG (reported, not fixed here): `LockTable::open` reaps every
-/// dead process on attach and throws the report away, so `locktable stat`
-/// can never show dead holders waiting to be reaped and `locktable reap`
-/// never has anything left to report (issue 3 items 4 and 8).
+/// `stat` and `reap` attach without reaping, so a killed holder shows up as
+/// a dead holder and `reap` reports releasing it (issue 3 item 4).
 #[test]
-#[ignore = "library: open() reaps on attach and discards the report"]
 fn stat_shows_and_reap_reports_a_dead_holder() {
     let (_dir, path) = fresh_table();
     let mut holder = spawn_holder(&path, "id", &["sleep", "100"]);
