@@ -169,7 +169,10 @@ impl ReferenceStateMachine for LockModel {
     }
 }
 
+/// A held guard. Read guards are only held and dropped (their field is
+/// the hold itself).
 enum Guard {
+    #[allow(dead_code)]
     Read(ReadGuard),
     Upgradable(UpgradableReadGuard),
     Write(WriteGuard),

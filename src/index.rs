@@ -188,6 +188,12 @@ fn lock_bucket<R: Region + ?Sized>(region: &R, bucket: usize, me: u32, host: &dy
         #[cfg(locktable_loom)]
         loom::thread::yield_now();
         if cur != 0 {
+            // Owner index (cur - 1) past the registry:
+            if cur > region.geometry().max_processes as u64 {
+                // No process can have this index: a corrupt word. Repair.
+                repair_buckets_locked_by(region, cur);
+                continue;
+            }
             if let Some(poll) = host.poll_interval() {
                 let now = sync::now();
                 let start = *since.get_or_insert(now);
@@ -208,10 +214,16 @@ fn unlock_bucket<R: Region + ?Sized>(region: &R, bucket: usize) {
 /// left RETIRING goes FREE (a retirement either finished or had not
 /// published anything yet; readers of the old ID re-check the generation).
 pub(crate) fn repair_buckets_of<R: Region + ?Sized>(region: &R, dead: u32) -> usize {
+    repair_buckets_locked_by(region, dead as u64 + 1)
+}
+
+/// Repairs every bucket whose lock word equals `owner_word` (a dead
+/// process's index + 1, or a value no process can have).
+fn repair_buckets_locked_by<R: Region + ?Sized>(region: &R, owner_word: u64) -> usize {
     let mut repaired = 0;
     for b in 0..region.geometry().buckets() as usize {
         let word = region.bucket_lock(b);
-        if word.load(Ordering::Acquire) != dead as u64 + 1 {
+        if word.load(Ordering::Acquire) != owner_word {
             continue;
         }
         for i in bucket_slots(b) {
@@ -222,7 +234,7 @@ pub(crate) fn repair_buckets_of<R: Region + ?Sized>(region: &R, dead: u32) -> us
             }
         }
         if word
-            .compare_exchange(dead as u64 + 1, 0, Ordering::Release, Ordering::Relaxed)
+            .compare_exchange(owner_word, 0, Ordering::Release, Ordering::Relaxed)
             .is_ok()
         {
             repaired += 1;

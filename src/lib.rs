@@ -57,3 +57,8 @@ pub use table::{
     LockTable, TableOptions, DEFAULT_CAPACITY, DEFAULT_MAX_PROCESSES, DEFAULT_POLL_INTERVAL,
     MAX_ID_LEN,
 };
+
+/// The README's examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

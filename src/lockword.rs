@@ -608,7 +608,12 @@ impl<'a> SlotRef<'a> {
     /// its index is not reused before the sweep ends (the lease does).
     /// Returns true if anything was released.
     pub(crate) fn recover_process(&self, dead: u32) -> bool {
-        let lane_had = self.lane(dead).swap(0, Ordering::SeqCst);
+        // An index past the lanes can only come from a corrupt word: there
+        // is no lane to clear, but the fields naming it are cleared below.
+        let lane_had = self
+            .lanes
+            .get(dead as usize)
+            .map_or(0, |l| l.swap(0, Ordering::SeqCst));
         let mut changed = lane_readers(lane_had) != 0;
         let mut s = self.state.load(Ordering::Acquire);
         loop {

@@ -56,6 +56,7 @@ mod cli {
     use std::time::Duration;
 
     use clap::{Args, Parser, Subcommand};
+    use locktable::session::demo;
     use locktable::{Error, LockTable, TableOptions, TableStats};
 
     /// Exit status of a general error.
@@ -99,6 +100,30 @@ mod cli {
             /// The table file.
             table: PathBuf,
         },
+        /// Run the session workload (browser pages of one writing and several
+        /// reading requests on shared sessions) in worker processes and
+        /// print throughput, latency, writes, touches and lost updates.
+        Demo(DemoArgs),
+    }
+
+    #[derive(Args)]
+    struct DemoArgs {
+        /// Also run today's way (flock per session file, every access
+        /// rewriting the load-time snapshot, as Beaker does) side by side.
+        #[arg(long)]
+        compare: bool,
+        /// Seconds each system runs.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        /// Worker processes (browser pages in flight).
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        /// Reading requests per page, concurrent with its writing request.
+        #[arg(long, default_value_t = 4)]
+        readers: usize,
+        /// Run workers as threads of this process instead of processes.
+        #[arg(long)]
+        threads: bool,
     }
 
     #[derive(Args)]
@@ -159,6 +184,18 @@ mod cli {
 
     pub(crate) fn main() {
         install_panic_hook();
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        if args.first().map(String::as_str) == Some(demo::WORKER_SUBCOMMAND) {
+            // A demo worker process, started by `locktable demo`.
+            let code = match demo::demo_worker_main(&args[1..]) {
+                Ok(()) => 0,
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "locktable: demo worker: {e}");
+                    EXIT_ERROR
+                }
+            };
+            std::process::exit(code);
+        }
         let cli = match Cli::try_parse() {
             Ok(cli) => cli,
             Err(e) => e.exit(),
@@ -197,7 +234,41 @@ mod cli {
             Cmd::Stat { table, json } => stat(&table, json).map(|()| 0),
             Cmd::Lock(args) => lock(&args),
             Cmd::Reap { table } => reap(&table).map(|()| 0),
+            Cmd::Demo(args) => run_demo(&args).map(|()| 0),
         }
+    }
+
+    fn run_demo(args: &DemoArgs) -> CliResult<()> {
+        if !(args.secs.is_finite() && args.secs > 0.0 && args.secs <= 3600.0) {
+            return Err(Failure::new(EXIT_USAGE, "--secs must be in (0, 3600]"));
+        }
+        if args.workers == 0 || args.workers > 256 || args.readers > 64 {
+            return Err(Failure::new(
+                EXIT_USAGE,
+                "--workers must be in 1..=256 and --readers in 0..=64",
+            ));
+        }
+        let fail = |e: &dyn std::fmt::Display| Failure::new(EXIT_ERROR, format!("demo: {e}"));
+        let mode = if args.threads {
+            demo::WorkerMode::Threads
+        } else {
+            demo::WorkerMode::Processes {
+                exe: std::env::current_exe().map_err(|e| fail(&e))?,
+                args_prefix: vec![demo::WORKER_SUBCOMMAND.to_owned()],
+            }
+        };
+        let cfg = demo::DemoConfig {
+            workers: args.workers,
+            readers_per_page: args.readers,
+            duration: Duration::from_secs_f64(args.secs),
+            compare: args.compare,
+            progress: true,
+            mode,
+            ..demo::DemoConfig::default()
+        };
+        let report = demo::run_demo(&cfg).map_err(|e| fail(&e))?;
+        println!("{report}");
+        Ok(())
     }
 
     // ---------------------------------------------------------------

@@ -36,3 +36,68 @@ pub(crate) fn sweep_process<R: Region + ?Sized>(region: &R, dead: u32) -> SweepR
     report.buckets_repaired = index::repair_buckets_of(region, dead);
     report
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lockword::{self, Fail, Host, SlotRef};
+    use crate::region::HeapRegion;
+    use crate::sync::Ordering;
+    use std::time::Duration;
+
+    struct NoHost;
+    impl Host for NoHost {
+        fn poll_interval(&self) -> Option<Duration> {
+            None
+        }
+        fn me(&self) -> u32 {
+            0
+        }
+        fn recover_process(&self, _: u32) -> bool {
+            false
+        }
+    }
+
+    fn active(region: &HeapRegion, i: usize) -> (SlotRef<'_>, u32) {
+        let slot = region.slot(i);
+        slot.state.store(
+            lockword::with_gen(0, 1) | lockword::PHASE_ACTIVE,
+            Ordering::Relaxed,
+        );
+        (slot, 1)
+    }
+
+    #[test]
+    fn a_sweep_releases_exactly_the_dead_processes_holds() {
+        let region = HeapRegion::new(16, 3);
+        let (a, g) = active(&region, 0);
+        let (b, gb) = active(&region, 1);
+        // Process 1 reads slot 0 twice and writes slot 1; process 2 reads slot 0.
+        a.read(1, g, None, &NoHost).unwrap();
+        a.read(1, g, None, &NoHost).unwrap();
+        a.read(2, g, None, &NoHost).unwrap();
+        b.write(1, gb, None, &NoHost).unwrap();
+        let r = sweep_process(&region, 1);
+        assert_eq!(r.slots_released, 2);
+        // Process 2's read survives, so a writer is still excluded from slot 0.
+        assert_eq!(a.write(0, g, None, &NoHost), Err(Fail::Busy));
+        // Slot 1 is free again and reports the dead writer once.
+        let got = b.write(0, gb, None, &NoHost).unwrap();
+        assert!(got.owner_died);
+        b.release_write();
+        assert!(!b.write(0, gb, None, &NoHost).unwrap().owner_died);
+        // A second sweep finds nothing: idempotent.
+        assert_eq!(sweep_process(&region, 1), SweepReport::default());
+    }
+
+    #[test]
+    fn a_sweep_of_an_index_past_the_lanes_clears_the_fields_naming_it() {
+        let region = HeapRegion::new(16, 2);
+        let (a, g) = active(&region, 0);
+        // A corrupt word naming process 40 as the writer.
+        a.state.fetch_or(41 << 8, Ordering::Relaxed);
+        assert_eq!(a.read(0, g, None, &NoHost), Err(Fail::Busy));
+        sweep_process(&region, 40);
+        assert!(a.read(0, g, None, &NoHost).is_ok());
+    }
+}

@@ -131,29 +131,37 @@ pub(crate) fn detach(region: &MappedRegion, file: &File, me: u32) {
 }
 
 /// If the owner of record `index` is dead, sweeps its holds and frees the
-/// record. `Ok(None)`: alive (or nothing to do). The caller serialises calls
+/// record. `Ok(None)`: alive, or nothing held. The caller serialises calls
 /// within its process (OFD locks are per open file description, so two
 /// threads of one handle would both "get" the same lease).
+///
+/// An index beyond the registry can only come from a corrupt word; nobody
+/// can own it, so its sweep needs no lease.
 pub(crate) fn reap(
     region: &MappedRegion,
     file: &File,
     index: u32,
     me: u32,
 ) -> io::Result<Option<SweepReport>> {
-    if index == me || index >= region.geometry().max_processes {
+    if index == me {
         return Ok(None);
+    }
+    if index >= region.geometry().max_processes {
+        let r = recovery::sweep_process(region, index);
+        return Ok((r != SweepReport::default()).then_some(r));
     }
     if !ofd_lock(file, lease_byte(index), libc::F_WRLCK, false)? {
         return Ok(None);
     }
+    // We hold the lease: nobody owns this index. A LIVE record is a dead
+    // owner's; a FREE record holds nothing in a sound table, but a corrupt
+    // word may still name it, and a sweep under the lease is always safe.
     let rec = region.record(index as usize);
-    // A FREE record holds nothing: holds are taken only after LIVE is
-    // published, and a record goes FREE only after its sweep.
-    let report = (rec.state.load(Ordering::Acquire) != RECORD_FREE).then(|| {
-        let r = recovery::sweep_process(region, index);
+    let was_live = rec.state.load(Ordering::Acquire) != RECORD_FREE;
+    let r = recovery::sweep_process(region, index);
+    if was_live {
         rec.state.store(RECORD_FREE, Ordering::Release);
-        r
-    });
+    }
     ofd_lock(file, lease_byte(index), libc::F_UNLCK, false)?;
-    Ok(report)
+    Ok((was_live || r != SweepReport::default()).then_some(r))
 }
