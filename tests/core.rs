@@ -242,3 +242,18 @@ fn many_distinct_ids_over_time_reuse_slots() {
     drop(held);
     assert!(t.write("after").is_ok());
 }
+
+#[test]
+fn handles_and_guards_are_thread_safe_types() {
+    fn send_sync<T: Send + Sync + Clone + 'static>() {}
+    fn send<T: Send + 'static>() {}
+    send_sync::<LockTable>();
+    send::<locktable::ReadGuard>();
+    send::<locktable::UpgradableReadGuard>();
+    send::<locktable::WriteGuard>();
+    // And a guard really can move to another thread and be released there.
+    let t = table();
+    let w = t.write("x").unwrap();
+    thread::spawn(move || drop(w)).join().unwrap();
+    assert!(t.try_write("x").unwrap().is_some());
+}
