@@ -37,10 +37,18 @@ pub(crate) fn tag_of(key: [u64; 2], id: &[u8]) -> Tag {
     Tag(v.h1, v.h2)
 }
 
+/// Maps a uniformly random 64-bit value onto `0..n` with a multiply and a
+/// shift instead of a division (Lemire's "fastrange").
+#[inline]
+fn reduce(x: u64, n: usize) -> usize {
+    ((x as u128 * n as u128) >> 64) as usize
+}
+
 /// The two candidate buckets of a tag (distinct when there are two or more).
+#[inline]
 pub(crate) fn buckets_of(tag: Tag, buckets: usize) -> (usize, usize) {
-    let b1 = (tag.0 % buckets as u64) as usize;
-    let mut b2 = (tag.1 % buckets as u64) as usize;
+    let b1 = reduce(tag.0, buckets);
+    let mut b2 = reduce(tag.1, buckets);
     if b2 == b1 {
         b2 = (b1 + 1) % buckets;
     }
@@ -251,7 +259,8 @@ mod tests {
     fn candidate_buckets_are_distinct_and_in_range() {
         for n in [2usize, 3, 8, 512] {
             for t in 0..1000u64 {
-                let (a, b) = buckets_of(Tag(t.wrapping_mul(0x9E37_79B9), t), n);
+                let x = t.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let (a, b) = buckets_of(Tag(x, x.rotate_left(17)), n);
                 assert!(a < n && b < n && a != b);
             }
         }

@@ -37,6 +37,8 @@ pub mod model;
 #[cfg(not(locktable_loom))]
 mod guard;
 #[cfg(not(locktable_loom))]
+mod lookup_cache;
+#[cfg(not(locktable_loom))]
 mod registry;
 #[cfg(not(locktable_loom))]
 pub mod session;

@@ -25,6 +25,7 @@ use crate::layout::{
     Geometry, Header, HEADER_SIZE, INIT_LOCK_BYTE, INIT_READY, INIT_STATE_OFFSET, MAGIC,
 };
 use crate::lockword::{self, Fail, Granted, Host, SlotRef, Wait};
+use crate::lookup_cache;
 use crate::recovery::SweepReport;
 use crate::region::{MappedRegion, Region};
 use crate::registry;
@@ -158,6 +159,8 @@ pub(crate) struct Inner {
     reap_lock: Mutex<()>,
     fork_epoch: u64,
     path: Option<PathBuf>,
+    /// Identity of this attachment in the per-thread lookup cache.
+    uid: u64,
 }
 
 impl Inner {
@@ -412,6 +415,7 @@ impl LockTable {
                 reap_lock: Mutex::new(()),
                 fork_epoch: FORK_EPOCH.load(std::sync::atomic::Ordering::Relaxed),
                 path,
+                uid: lookup_cache::new_table_uid(),
             }),
         };
         // Recovery also runs on attach: free the records of dead processes.
@@ -478,15 +482,23 @@ impl LockTable {
     }
 
     /// Looks up (or assigns) the slot of `id` and runs `op` on it until it
-    /// does not report a stale slot.
+    /// does not report a stale slot. The per-thread lookup cache is tried
+    /// first; `op` re-checks the generation, so a stale hint only costs a
+    /// retry through the full lookup.
     fn acquire(
         &self,
         id: &[u8],
         op: impl Fn(SlotRef<'_>, u32) -> std::result::Result<Granted, Fail>,
     ) -> Result<Option<(u32, Granted)>> {
         self.check_fork()?;
-        let tag = self.tag(id)?;
         let inner = &*self.inner;
+        if let Some((slot, g)) = lookup_cache::get(inner.uid, id) {
+            match op(inner.slot(slot), g) {
+                Err(Fail::Stale) => lookup_cache::evict(inner.uid, id),
+                other => return Self::outcome(slot, other),
+            }
+        }
+        let tag = self.tag(id)?;
         let mut reaped = false;
         loop {
             let Some((slot, g)) = index::find_or_insert(&inner.region, tag, inner.me, inner) else {
@@ -499,17 +511,26 @@ impl LockTable {
                     capacity: self.geometry().capacity as usize,
                 });
             };
-            match op(inner.slot(slot as u32), g) {
-                Ok(granted) => return Ok(Some((slot as u32, granted))),
+            let slot = slot as u32;
+            match op(inner.slot(slot), g) {
                 Err(Fail::Stale) => continue,
-                Err(Fail::Busy) => return Ok(None),
-                Err(Fail::Timeout) => return Err(Error::Timeout),
-                Err(Fail::HoldLimit) => {
-                    return Err(Error::HoldLimit {
-                        limit: lockword::MAX_READS_PER_PROCESS,
-                    })
+                other => {
+                    lookup_cache::put(inner.uid, id, slot, g);
+                    return Self::outcome(slot, other);
                 }
             }
+        }
+    }
+
+    fn outcome(slot: u32, r: std::result::Result<Granted, Fail>) -> Result<Option<(u32, Granted)>> {
+        match r {
+            Ok(granted) => Ok(Some((slot, granted))),
+            Err(Fail::Busy) => Ok(None),
+            Err(Fail::Timeout) => Err(Error::Timeout),
+            Err(Fail::HoldLimit) => Err(Error::HoldLimit {
+                limit: lockword::MAX_READS_PER_PROCESS,
+            }),
+            Err(Fail::Stale) => unreachable!("stale slots are retried by the caller"),
         }
     }
 

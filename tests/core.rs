@@ -257,3 +257,29 @@ fn handles_and_guards_are_thread_safe_types() {
     thread::spawn(move || drop(w)).join().unwrap();
     assert!(t.try_write("x").unwrap().is_some());
 }
+
+#[test]
+fn a_cached_lookup_survives_its_slot_being_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t");
+    let opts = TableOptions::default().capacity(16);
+    let t = LockTable::open(&path, &opts).unwrap();
+    let other = LockTable::open(&path, &opts).unwrap();
+    drop(t.write("a").unwrap()); // now in this thread's lookup cache
+    for i in 0..200 {
+        // Each new ID needs a slot; idle ones (a's included) are reused.
+        drop(t.write(format!("id{i}")).unwrap());
+    }
+    let g = t.write("a").unwrap();
+    // Another attachment (no cache) must find the very same lock ...
+    assert!(other.try_read("a").unwrap().is_none());
+    // ... and no other ID may share it.
+    for i in 0..200 {
+        assert!(
+            other.try_write(format!("id{i}")).unwrap().is_some(),
+            "id{i}"
+        );
+    }
+    drop(g);
+    assert!(other.try_write("a").unwrap().is_some());
+}

@@ -1,0 +1,123 @@
+//! A per-thread cache of recent ID -> slot lookups.
+//!
+//! Owns: nothing shared. It remembers, per thread, where the last IDs it
+//! locked live (slot index and generation), so that locking the same ID
+//! again skips the keyed 128-bit hash and the bucket scan, as PostgreSQL's
+//! backend-local lock table skips its shared hash table.
+//!
+//! May not touch: the table. A hit is only a hint: the acquisition checks
+//! the slot's generation after announcing itself, exactly as for a lookup
+//! in the table, and a slot that was reused meanwhile reports "stale", which
+//! evicts the entry and falls back to the full lookup. So a wrong or stale
+//! entry can cost a retry, never a wrong lock.
+//!
+//! The cache is direct-mapped and indexed by a cheap unkeyed hash of the ID:
+//! it lives in one thread's memory, so an attacker who makes IDs collide in
+//! it only causes misses (the full, keyed lookup), never shared contention.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const ENTRIES: usize = 64;
+/// IDs longer than this are not cached (they take the full lookup).
+pub(crate) const MAX_CACHED_ID: usize = 48;
+
+#[derive(Clone, Copy)]
+struct Entry {
+    table: u64,
+    len: u8,
+    id: [u8; MAX_CACHED_ID],
+    slot: u32,
+    gen: u32,
+}
+
+const EMPTY: Entry = Entry {
+    table: 0,
+    len: 0,
+    id: [0; MAX_CACHED_ID],
+    slot: 0,
+    gen: 0,
+};
+
+thread_local! {
+    static CACHE: RefCell<[Entry; ENTRIES]> = const { RefCell::new([EMPTY; ENTRIES]) };
+}
+
+/// A process-unique, never reused, non-zero identity for each attachment.
+pub(crate) fn new_table_uid() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+#[inline]
+fn index_of(table: u64, id: &[u8]) -> usize {
+    // FNV-1a style mixing: cheap, and good enough to spread recent IDs.
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ table;
+    for &b in id {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h ^ (h >> 29)) as usize % ENTRIES
+}
+
+/// The cached (slot, generation) of `id` in table `table`, if any.
+#[inline]
+pub(crate) fn get(table: u64, id: &[u8]) -> Option<(u32, u32)> {
+    if id.len() > MAX_CACHED_ID {
+        return None;
+    }
+    let i = index_of(table, id);
+    CACHE.with(|c| {
+        let c = c.borrow();
+        let e = &c[i];
+        (e.table == table && e.len as usize == id.len() && &e.id[..id.len()] == id)
+            .then_some((e.slot, e.gen))
+    })
+}
+
+/// Remembers where `id` lives.
+#[inline]
+pub(crate) fn put(table: u64, id: &[u8], slot: u32, gen: u32) {
+    if id.len() > MAX_CACHED_ID {
+        return;
+    }
+    let i = index_of(table, id);
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        let e = &mut c[i];
+        e.table = table;
+        e.len = id.len() as u8;
+        e.id[..id.len()].copy_from_slice(id);
+        e.slot = slot;
+        e.gen = gen;
+    });
+}
+
+/// Forgets `id` (its slot turned out to be stale).
+#[inline]
+pub(crate) fn evict(table: u64, id: &[u8]) {
+    if id.len() > MAX_CACHED_ID {
+        return;
+    }
+    let i = index_of(table, id);
+    CACHE.with(|c| c.borrow_mut()[i].table = 0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hits_only_for_the_same_table_and_id() {
+        let (a, b) = (new_table_uid(), new_table_uid());
+        put(a, b"session-1", 7, 3);
+        assert_eq!(get(a, b"session-1"), Some((7, 3)));
+        assert_eq!(get(b, b"session-1"), None);
+        assert_eq!(get(a, b"session-2"), None);
+        assert_eq!(get(a, b"session-"), None);
+        evict(a, b"session-1");
+        assert_eq!(get(a, b"session-1"), None);
+        let long = [1u8; MAX_CACHED_ID + 1];
+        put(a, &long, 1, 1);
+        assert_eq!(get(a, &long), None);
+    }
+}
