@@ -1,1 +1,732 @@
-fn main() {}
+//! Lock benchmarks: this crate against the anchors, all in one criterion run.
+//!
+//! Mechanisms (each one's `NAME` is its criterion function name):
+//! - `locktable`: a file-backed [`LockTable`] in a tempdir; every operation
+//!   goes by ID (keyed hash, slot lookup, lock word, guard drop).
+//! - `parking_lot`, `std`: in-process `RwLock<()>`, pre-indexed (no ID lookup).
+//! - `pthread_pshared`: a `pthread_rwlock_t` with `PTHREAD_PROCESS_SHARED`
+//!   living in a `MAP_SHARED` file mapping, pre-indexed (no ID lookup).
+//! - `flock_fd`: `flock(LOCK_SH|LOCK_EX)` + `flock(LOCK_UN)` on a descriptor
+//!   opened once per ID and per worker.
+//! - `open_flock_close`: `open` + `flock` + `flock(LOCK_UN)` + `close` per
+//!   operation (the Beaker / Apache::Session way).
+//!
+//! Scenarios (criterion groups):
+//! - `uncontended_read`, `uncontended_write`: one thread, acquire + release,
+//!   always the same ID.
+//! - `uncontended_read_256ids`: one thread reading 256 IDs in turn, so
+//!   per-thread caches of recent lookups miss (this crate pays the keyed
+//!   hash and the slot lookup on every operation).
+//! - `same_id_2threads`: two threads reading one ID; `iter_custom`, threads
+//!   released together by a `Barrier`, reported as ns per operation per thread.
+//! - `distinct_ids/<mech>/<n>`: n threads, each on its own ID, ns per
+//!   operation per thread (flat = perfect scaling). Thread counts come from
+//!   `LOCKTABLE_BENCH_THREADS` (default `1,2`).
+//! - `same_id_2procs`: the parent reads one ID while a child process (this
+//!   binary re-executed, which opens the table / mapping / file itself) reads
+//!   the same ID in a loop; the parent's time per operation is reported.
+//!
+//! Run part of it with a criterion filter (a regex over `group/function`):
+//! `cargo bench --bench lock -- uncontended_read` or `-- 'locktable|pthread'`.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::hint::black_box;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion};
+use crossbeam_utils::CachePadded;
+use locktable::{LockTable, TableOptions};
+use memmap2::{MmapOptions, MmapRaw};
+
+/// Set in the environment of a re-executed child: the spec of what it reads.
+const CHILD_ENV: &str = "LOCKTABLE_BENCH_CHILD";
+/// Thread counts for `distinct_ids`, comma separated.
+const THREADS_ENV: &str = "LOCKTABLE_BENCH_THREADS";
+/// Diagnostic: when set to 1, every `locktable` worker opens its own handle
+/// (its own attachment) instead of cloning the shared one.
+const OWN_HANDLE_ENV: &str = "LOCKTABLE_BENCH_OWN_HANDLE";
+
+/// IDs used by the benchmarks: session-cookie-like, 24 bytes each (the
+/// shape of base64 over 18 random bytes). ID 0 is the "hot" ID shared by the
+/// same-ID scenarios; ID i (i >= 1) belongs to worker i of `distinct_ids`.
+fn session_id(i: usize) -> String {
+    // Deterministic but irregular: a multiplicative hash spread over the
+    // base64 alphabet, so IDs do not share long prefixes.
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut s = String::with_capacity(24);
+    for _ in 0..24 {
+        x ^= x >> 29;
+        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        s.push(ALPHABET[(x >> 58) as usize] as char);
+    }
+    s
+}
+
+/// How many IDs `uncontended_read_256ids` cycles through.
+const MANY_IDS: usize = 256;
+
+/// The first ID of `uncontended_read_256ids` (after the hot ID and one per
+/// thread).
+fn many_ids_base(threads: &[usize]) -> usize {
+    threads.iter().copied().max().unwrap_or(1) + 1
+}
+
+/// The most IDs any scenario uses.
+fn id_count(threads: &[usize]) -> usize {
+    many_ids_base(threads) + MANY_IDS
+}
+
+/// One thread's (or process's) handle on the lock for one ID.
+trait Worker: Send {
+    /// Acquire for reading and release.
+    fn read_cycle(&mut self);
+    /// Acquire for writing and release.
+    fn write_cycle(&mut self);
+}
+
+/// A lock mechanism under test, with one lock per benchmark ID.
+trait Mechanism: Sync {
+    type W: Worker;
+    /// The worker of ID number `id`, for one thread.
+    fn worker(&self, id: usize) -> Self::W;
+    /// Arguments for a child process reading ID 0 (`None`: in-process only).
+    fn child_spec(&self) -> Option<String>;
+}
+
+/// Workers for `MANY_IDS` IDs, used in turn.
+struct Cycle<W> {
+    workers: Vec<W>,
+    next: usize,
+}
+
+impl<W: Worker> Cycle<W> {
+    fn new<M: Mechanism<W = W>>(mech: &M, first_id: usize) -> Self {
+        Cycle {
+            workers: (first_id..first_id + MANY_IDS)
+                .map(|i| mech.worker(i))
+                .collect(),
+            next: 0,
+        }
+    }
+    #[inline]
+    fn read_cycle(&mut self) {
+        self.workers[self.next].read_cycle();
+        self.next = (self.next + 1) % MANY_IDS;
+    }
+}
+
+// ---------------------------------------------------------------- locktable
+
+struct TableMech {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    table: LockTable,
+    ids: Vec<String>,
+    own_handles: bool,
+}
+
+impl TableMech {
+    fn new(ids: usize) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("locks");
+        let table = LockTable::open(&path, &TableOptions::default()).expect("open table");
+        TableMech {
+            _dir: dir,
+            path,
+            table,
+            ids: (0..ids).map(session_id).collect(),
+            own_handles: std::env::var(OWN_HANDLE_ENV).is_ok_and(|v| v == "1"),
+        }
+    }
+}
+
+struct TableWorker {
+    table: LockTable,
+    id: Vec<u8>,
+}
+
+impl Worker for TableWorker {
+    #[inline]
+    fn read_cycle(&mut self) {
+        let g = self.table.read(black_box(&self.id[..])).expect("read");
+        drop(black_box(g));
+    }
+    #[inline]
+    fn write_cycle(&mut self) {
+        let g = self.table.write(black_box(&self.id[..])).expect("write");
+        drop(black_box(g));
+    }
+}
+
+impl Mechanism for TableMech {
+    type W = TableWorker;
+    fn worker(&self, id: usize) -> TableWorker {
+        let table = if self.own_handles {
+            LockTable::open(&self.path, &TableOptions::default()).expect("open table")
+        } else {
+            self.table.clone()
+        };
+        TableWorker {
+            table,
+            id: self.ids[id].clone().into_bytes(),
+        }
+    }
+    fn child_spec(&self) -> Option<String> {
+        Some(format!(
+            "locktable\n{}\n{}",
+            self.path.display(),
+            self.ids[0]
+        ))
+    }
+}
+
+// ------------------------------------------------- in-process RwLocks
+
+/// In-process locks, one per ID, leaked so workers hold plain `&'static`
+/// references: the lock is "pre-indexed", with no bounds check or `Arc`.
+fn leak_locks<T: Default>(ids: usize) -> &'static [CachePadded<T>] {
+    Box::leak((0..ids).map(|_| CachePadded::new(T::default())).collect())
+}
+
+struct ParkingLotMech(&'static [CachePadded<parking_lot::RwLock<()>>]);
+struct ParkingLotWorker(&'static parking_lot::RwLock<()>);
+
+impl Worker for ParkingLotWorker {
+    #[inline]
+    fn read_cycle(&mut self) {
+        drop(black_box(black_box(self.0).read()));
+    }
+    #[inline]
+    fn write_cycle(&mut self) {
+        drop(black_box(black_box(self.0).write()));
+    }
+}
+
+impl Mechanism for ParkingLotMech {
+    type W = ParkingLotWorker;
+    fn worker(&self, id: usize) -> ParkingLotWorker {
+        ParkingLotWorker(&self.0[id])
+    }
+    fn child_spec(&self) -> Option<String> {
+        None
+    }
+}
+
+struct StdMech(&'static [CachePadded<std::sync::RwLock<()>>]);
+struct StdWorker(&'static std::sync::RwLock<()>);
+
+impl Worker for StdWorker {
+    #[inline]
+    fn read_cycle(&mut self) {
+        drop(black_box(black_box(self.0).read().expect("poisoned")));
+    }
+    #[inline]
+    fn write_cycle(&mut self) {
+        drop(black_box(black_box(self.0).write().expect("poisoned")));
+    }
+}
+
+impl Mechanism for StdMech {
+    type W = StdWorker;
+    fn worker(&self, id: usize) -> StdWorker {
+        StdWorker(&self.0[id])
+    }
+    fn child_spec(&self) -> Option<String> {
+        None
+    }
+}
+
+// ------------------------------------- pthread process-shared rwlock
+
+/// Distance between two rwlocks in the mapping: two cache lines, so that
+/// neighbouring IDs never share a line (nor an adjacent-line prefetch pair).
+const PTHREAD_STRIDE: usize = 128;
+
+/// A file-backed `MAP_SHARED` mapping holding one process-shared rwlock per
+/// ID, `PTHREAD_STRIDE` bytes apart.
+struct PthreadMech {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    map: Arc<MmapRaw>,
+    count: usize,
+}
+
+fn map_shared(path: &Path, len: usize) -> MmapRaw {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open mapping file");
+    MmapOptions::new()
+        .len(len)
+        .map_raw(&file)
+        .expect("map shared")
+}
+
+impl PthreadMech {
+    fn new(count: usize) -> Self {
+        const _: () = assert!(std::mem::size_of::<libc::pthread_rwlock_t>() <= PTHREAD_STRIDE);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("rwlocks");
+        let len = count * PTHREAD_STRIDE;
+        File::create(&path)
+            .and_then(|f| f.set_len(len as u64))
+            .expect("create mapping file");
+        let map = map_shared(&path, len);
+        let mut attr = std::mem::MaybeUninit::<libc::pthread_rwlockattr_t>::uninit();
+        // SAFETY: `attr` is writable storage for one attribute object;
+        // pthread_rwlockattr_init initialises it before anything reads it,
+        // and we check its result before using the object. The rwlocks are
+        // initialised at offsets i * PTHREAD_STRIDE (i < count), which lie
+        // inside the `count * PTHREAD_STRIDE`-byte mapping, are 128-byte
+        // aligned within a page-aligned mapping (more than the type's
+        // alignment), and are not in use by anyone yet (the file is new and
+        // no child has been started). The mapping outlives every pointer
+        // into it: workers hold an `Arc` of it.
+        unsafe {
+            let a = attr.as_mut_ptr();
+            assert_eq!(libc::pthread_rwlockattr_init(a), 0);
+            assert_eq!(
+                libc::pthread_rwlockattr_setpshared(a, libc::PTHREAD_PROCESS_SHARED),
+                0
+            );
+            for i in 0..count {
+                let lock = map.as_mut_ptr().add(i * PTHREAD_STRIDE) as *mut libc::pthread_rwlock_t;
+                assert_eq!(libc::pthread_rwlock_init(lock, a), 0);
+            }
+            libc::pthread_rwlockattr_destroy(a);
+        }
+        PthreadMech {
+            _dir: dir,
+            path,
+            map: Arc::new(map),
+            count,
+        }
+    }
+}
+
+struct PthreadWorker {
+    /// Keeps the mapping alive for as long as `lock` is used.
+    _map: Arc<MmapRaw>,
+    lock: *mut libc::pthread_rwlock_t,
+}
+
+// SAFETY: the pointer targets a process-shared rwlock inside a mapping that
+// the worker keeps alive through its `Arc`; pthread rwlocks are designed to
+// be locked and unlocked from any thread (a worker releases on the thread
+// that acquired, within one call), so moving the worker to another thread
+// is sound.
+unsafe impl Send for PthreadWorker {}
+
+impl Worker for PthreadWorker {
+    #[inline]
+    fn read_cycle(&mut self) {
+        // SAFETY: `lock` points to an initialised process-shared rwlock in a
+        // live mapping (see `PthreadWorker`); we release the hold we just
+        // took, on the same thread, and never hold it across calls.
+        unsafe {
+            let rc = libc::pthread_rwlock_rdlock(black_box(self.lock));
+            debug_assert_eq!(rc, 0);
+            libc::pthread_rwlock_unlock(self.lock);
+        }
+    }
+    #[inline]
+    fn write_cycle(&mut self) {
+        // SAFETY: as in `read_cycle`, with an exclusive hold.
+        unsafe {
+            let rc = libc::pthread_rwlock_wrlock(black_box(self.lock));
+            debug_assert_eq!(rc, 0);
+            libc::pthread_rwlock_unlock(self.lock);
+        }
+    }
+}
+
+impl Mechanism for PthreadMech {
+    type W = PthreadWorker;
+    fn worker(&self, id: usize) -> PthreadWorker {
+        assert!(id < self.count);
+        // `add` stays inside the mapping: id < count, and the mapping is
+        // count * PTHREAD_STRIDE bytes (no dereference happens here).
+        let lock = self.map.as_mut_ptr().wrapping_add(id * PTHREAD_STRIDE);
+        PthreadWorker {
+            _map: self.map.clone(),
+            lock: lock as *mut libc::pthread_rwlock_t,
+        }
+    }
+    fn child_spec(&self) -> Option<String> {
+        Some(format!(
+            "pthread\n{}\n{}",
+            self.path.display(),
+            self.count * PTHREAD_STRIDE
+        ))
+    }
+}
+
+impl Drop for PthreadMech {
+    fn drop(&mut self) {
+        // Every worker and child is gone once the mechanism is dropped (the
+        // scenarios join their threads and wait for their children), so the
+        // locks are unheld. The `Arc` count tells us nobody kept one.
+        if Arc::strong_count(&self.map) == 1 {
+            for i in 0..self.count {
+                // SAFETY: the lock at this offset was initialised in `new`,
+                // nothing holds or uses it any more (no other `Arc` of the
+                // mapping exists and all child processes have exited), and it
+                // is destroyed exactly once.
+                unsafe {
+                    libc::pthread_rwlock_destroy(self.map.as_mut_ptr().add(i * PTHREAD_STRIDE)
+                        as *mut libc::pthread_rwlock_t);
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------- flock
+
+/// One lock file per ID in a tempdir.
+struct LockFiles {
+    _dir: tempfile::TempDir,
+    paths: Vec<PathBuf>,
+}
+
+impl LockFiles {
+    fn new(ids: usize) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths: Vec<PathBuf> = (0..ids)
+            .map(|i| dir.path().join(format!("{}.lock", session_id(i))))
+            .collect();
+        for p in &paths {
+            File::create(p).expect("create lock file");
+        }
+        LockFiles { _dir: dir, paths }
+    }
+}
+
+fn flock(fd: i32, op: i32) {
+    // SAFETY: flock only reads its integer arguments; an invalid descriptor
+    // would give EBADF (checked below), never undefined behaviour.
+    let rc = unsafe { libc::flock(fd, op) };
+    if rc != 0 {
+        panic!("flock: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// `flock` on a descriptor this worker opened once (its own open file
+/// description, as another process would have).
+struct FlockFdMech(LockFiles);
+struct FlockFdWorker(File);
+
+impl Worker for FlockFdWorker {
+    #[inline]
+    fn read_cycle(&mut self) {
+        let fd = self.0.as_raw_fd();
+        flock(fd, libc::LOCK_SH);
+        flock(fd, libc::LOCK_UN);
+    }
+    #[inline]
+    fn write_cycle(&mut self) {
+        let fd = self.0.as_raw_fd();
+        flock(fd, libc::LOCK_EX);
+        flock(fd, libc::LOCK_UN);
+    }
+}
+
+fn open_lock_file(path: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open lock file")
+}
+
+impl Mechanism for FlockFdMech {
+    type W = FlockFdWorker;
+    fn worker(&self, id: usize) -> FlockFdWorker {
+        FlockFdWorker(open_lock_file(&self.0.paths[id]))
+    }
+    fn child_spec(&self) -> Option<String> {
+        Some(format!("flock_fd\n{}", self.0.paths[0].display()))
+    }
+}
+
+/// `open` + `flock` + unlock + `close` per operation.
+struct OpenFlockMech(LockFiles);
+struct OpenFlockWorker(CString);
+
+impl OpenFlockWorker {
+    fn new(path: &Path) -> Self {
+        OpenFlockWorker(CString::new(path.as_os_str().as_bytes()).expect("NUL in path"))
+    }
+    #[inline]
+    fn cycle(&mut self, op: i32) {
+        // SAFETY: `self.0` is a valid NUL-terminated path that outlives the
+        // call; open returns a new descriptor (checked) that only this
+        // function uses and closes exactly once.
+        unsafe {
+            let fd = libc::open(
+                self.0.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC,
+                0o600 as libc::c_uint,
+            );
+            if fd < 0 {
+                panic!("open: {}", std::io::Error::last_os_error());
+            }
+            flock(fd, op);
+            flock(fd, libc::LOCK_UN);
+            libc::close(fd);
+        }
+    }
+}
+
+impl Worker for OpenFlockWorker {
+    #[inline]
+    fn read_cycle(&mut self) {
+        self.cycle(libc::LOCK_SH);
+    }
+    #[inline]
+    fn write_cycle(&mut self) {
+        self.cycle(libc::LOCK_EX);
+    }
+}
+
+impl Mechanism for OpenFlockMech {
+    type W = OpenFlockWorker;
+    fn worker(&self, id: usize) -> OpenFlockWorker {
+        OpenFlockWorker::new(&self.0.paths[id])
+    }
+    fn child_spec(&self) -> Option<String> {
+        Some(format!("open_flock_close\n{}", self.0.paths[0].display()))
+    }
+}
+
+// ------------------------------------------------------------ scenarios
+
+/// `threads` threads, worker `i` built by `make(i)`, each doing `iters`
+/// read cycles once all are ready; returns the wall time from the first
+/// start to the last finish, so criterion reports ns per op per thread.
+fn run_threads<M: Mechanism>(
+    mech: &M,
+    threads: usize,
+    iters: u64,
+    id_of: impl Fn(usize) -> usize + Sync,
+) -> Duration {
+    let barrier = Barrier::new(threads);
+    let spans: Vec<(Instant, Instant)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let mut w = mech.worker(id_of(t));
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        w.read_cycle();
+                    }
+                    (start, Instant::now())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench thread"))
+            .collect()
+    });
+    let first = spans.iter().map(|s| s.0).min().expect("threads");
+    let last = spans.iter().map(|s| s.1).max().expect("threads");
+    last - first
+}
+
+/// A re-executed copy of this binary reading ID 0 of a mechanism in a loop
+/// until its stdin closes.
+struct ChildReader {
+    child: Child,
+}
+
+impl ChildReader {
+    fn start(spec: &str) -> Self {
+        let exe = std::env::current_exe().expect("current_exe");
+        let mut child = Command::new(exe)
+            .env(CHILD_ENV, spec)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn child reader");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("child stdout"))
+            .read_line(&mut line)
+            .expect("child ready line");
+        assert_eq!(line.trim(), "ready", "child reader did not start");
+        ChildReader { child }
+    }
+
+    fn stop(mut self) {
+        drop(self.child.stdin.take());
+        let mut out = String::new();
+        if let Some(mut o) = self.child.stdout.take() {
+            let _ = o.read_to_string(&mut out);
+        }
+        let status = self.child.wait().expect("wait child");
+        assert!(status.success(), "child reader failed: {status}");
+        eprintln!("  (child reader did {} read cycles)", out.trim());
+    }
+}
+
+/// The child side: attach to the mechanism named in `spec` on our own
+/// (own table handle, own mapping, own descriptor), say "ready", read ID 0
+/// until stdin reaches EOF, then print the number of cycles done.
+fn child_main(spec: &str) {
+    let mut parts = spec.split('\n');
+    let kind = parts.next().unwrap_or_default();
+    let path = PathBuf::from(parts.next().expect("child spec: path"));
+    let arg = parts.next().unwrap_or_default().to_owned();
+    let mut worker: Box<dyn Worker> = match kind {
+        "locktable" => Box::new(TableWorker {
+            table: LockTable::open(&path, &TableOptions::default()).expect("child open table"),
+            id: arg.into_bytes(),
+        }),
+        "pthread" => {
+            let len: usize = arg.parse().expect("child spec: length");
+            let map = Arc::new(map_shared(&path, len));
+            let lock = map.as_mut_ptr() as *mut libc::pthread_rwlock_t;
+            Box::new(PthreadWorker { _map: map, lock })
+        }
+        "flock_fd" => Box::new(FlockFdWorker(open_lock_file(&path))),
+        "open_flock_close" => Box::new(OpenFlockWorker::new(&path)),
+        other => panic!("unknown child kind {other:?}"),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    // Warm the path once before announcing readiness.
+    worker.read_cycle();
+    let mut out = std::io::stdout();
+    writeln!(out, "ready")
+        .and_then(|_| out.flush())
+        .expect("ready");
+    let mut cycles: u64 = 1;
+    while !stop.load(Ordering::Relaxed) {
+        for _ in 0..64 {
+            worker.read_cycle();
+        }
+        cycles += 64;
+    }
+    drop(worker);
+    writeln!(out, "{cycles}")
+        .and_then(|_| out.flush())
+        .expect("count");
+}
+
+fn bench_mechanism<M: Mechanism>(c: &mut Criterion, name: &str, mech: &M, threads: &[usize]) {
+    {
+        let mut w = mech.worker(0);
+        c.benchmark_group("uncontended_read")
+            .bench_function(name, |b| b.iter(|| w.read_cycle()));
+    }
+    c.benchmark_group("uncontended_read_256ids")
+        .bench_function(name, |b| {
+            let mut w = Cycle::new(mech, many_ids_base(threads));
+            b.iter(|| w.read_cycle())
+        });
+    {
+        let mut w = mech.worker(0);
+        c.benchmark_group("uncontended_write")
+            .bench_function(name, |b| b.iter(|| w.write_cycle()));
+    }
+    c.benchmark_group("same_id_2threads")
+        .bench_function(name, |b| {
+            b.iter_custom(|iters| run_threads(mech, 2, iters, |_| 0))
+        });
+    {
+        let mut g = c.benchmark_group("distinct_ids");
+        for &n in threads {
+            g.bench_with_input(BenchmarkId::new(name, n), &n, |b, &n| {
+                b.iter_custom(|iters| run_threads(mech, n, iters, |t| t + 1))
+            });
+        }
+    }
+    if let Some(spec) = mech.child_spec() {
+        let mut g = c.benchmark_group("same_id_2procs");
+        // Only start a child when the filter selects this benchmark.
+        let mut w = mech.worker(0);
+        let mut child = None;
+        g.bench_function(name, |b| {
+            if child.is_none() {
+                child = Some(ChildReader::start(&spec));
+            }
+            b.iter(|| w.read_cycle())
+        });
+        g.finish();
+        if let Some(ch) = child {
+            ch.stop();
+        }
+    }
+}
+
+fn thread_counts() -> Vec<usize> {
+    let spec = std::env::var(THREADS_ENV).unwrap_or_else(|_| "1,2".to_owned());
+    let v: Vec<usize> = spec
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{THREADS_ENV}: bad count {s:?}"))
+        })
+        .filter(|&n| n > 0)
+        .collect();
+    assert!(!v.is_empty(), "{THREADS_ENV} lists no thread count");
+    v
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var(CHILD_ENV) {
+        child_main(&spec);
+        return;
+    }
+    let threads = thread_counts();
+    let ids = id_count(&threads);
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_millis(1500))
+        .sample_size(20)
+        .configure_from_args();
+
+    bench_mechanism(&mut c, "locktable", &TableMech::new(ids), &threads);
+    bench_mechanism(
+        &mut c,
+        "parking_lot",
+        &ParkingLotMech(leak_locks(ids)),
+        &threads,
+    );
+    bench_mechanism(&mut c, "std", &StdMech(leak_locks(ids)), &threads);
+    bench_mechanism(&mut c, "pthread_pshared", &PthreadMech::new(ids), &threads);
+    bench_mechanism(
+        &mut c,
+        "flock_fd",
+        &FlockFdMech(LockFiles::new(ids)),
+        &threads,
+    );
+    bench_mechanism(
+        &mut c,
+        "open_flock_close",
+        &OpenFlockMech(LockFiles::new(ids)),
+        &threads,
+    );
+
+    c.final_summary();
+}
