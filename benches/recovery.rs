@@ -22,8 +22,8 @@ fn child(spec: &str) {
     let (mode, path) = spec.split_once(':').expect("mode:path");
     let t = LockTable::open(path, &TableOptions::default()).expect("child open");
     let _held: Box<dyn std::any::Any> = match mode {
-        "write" => Box::new(t.write("victim").expect("child write")),
-        _ => Box::new(t.read("victim").expect("child read")),
+        "write" => Box::new(t.write("victim").expect("child write").into_owned()),
+        _ => Box::new(t.read("victim").expect("child read").into_owned()),
     };
     println!("ready");
     loop {

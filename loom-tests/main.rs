@@ -18,6 +18,7 @@ use loom::cell::UnsafeCell;
 use loom::thread;
 
 const SLOT: usize = 0;
+const SLOTS: u32 = 1;
 
 struct Shared {
     model: Model,
@@ -26,7 +27,9 @@ struct Shared {
 
 fn shared(processes: u32, poll: Option<Duration>) -> (Arc<Shared>, u32) {
     let s = Arc::new(Shared {
-        model: Model::new(16, processes, poll),
+        // One slot: the lock-word and recovery models need no index, and a
+        // sweep visits every slot of the region.
+        model: Model::new(SLOTS, processes, poll),
         data: UnsafeCell::new(0),
     });
     let g = s.model.activate(SLOT);
@@ -86,6 +89,31 @@ fn two_readers_and_a_writer() {
         for r in readers {
             assert!(r.join().unwrap() <= 1);
         }
+        assert!(s.model.is_idle(SLOT));
+    });
+}
+
+#[test]
+fn a_process_attaching_during_a_write_is_seen_by_the_drain_check() {
+    model(|| {
+        let (s, g) = shared(3, None);
+        // Only process 0 has attached so far: writers scan lane 0 only.
+        s.model.set_lanes_in_use(1);
+        let late = {
+            let s = s.clone();
+            thread::spawn(move || {
+                // Process 2 attaches (raising the mark), then reads.
+                s.model.attach(2);
+                s.model.read(2, SLOT, g, ModelWait::Forever).unwrap();
+                let v = s.read_data();
+                s.model.release_read(2, SLOT);
+                v
+            })
+        };
+        s.model.write(0, SLOT, g, ModelWait::Forever).unwrap();
+        s.bump_data();
+        s.model.release_write(SLOT);
+        assert!(late.join().unwrap() <= 1);
         assert!(s.model.is_idle(SLOT));
     });
 }

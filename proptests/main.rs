@@ -173,9 +173,9 @@ impl ReferenceStateMachine for LockModel {
 /// the hold itself).
 enum Guard {
     #[allow(dead_code)]
-    Read(ReadGuard),
-    Upgradable(UpgradableReadGuard),
-    Write(WriteGuard),
+    Read(ReadGuard<'static>),
+    Upgradable(UpgradableReadGuard<'static>),
+    Write(WriteGuard<'static>),
 }
 
 struct Sut {
@@ -288,18 +288,20 @@ impl StateMachineTest for LockTest {
     }
 }
 
+/// The SUT keeps guards beside the handles, so they are owned guards.
 fn acquire(t: &LockTable, name: &str, mode: Mode, wait: Wait) -> Option<Guard> {
+    let read = |g: ReadGuard<'_>| Guard::Read(g.into_owned());
+    let upgradable = |g: UpgradableReadGuard<'_>| Guard::Upgradable(g.into_owned());
+    let write = |g: WriteGuard<'_>| Guard::Write(g.into_owned());
     match (mode, wait) {
-        (Mode::Read, Wait::Try) => t.try_read(name).unwrap().map(Guard::Read),
-        (Mode::Read, Wait::Timeout) => timed(t.read_timeout(name, SHORT)).map(Guard::Read),
-        (Mode::Upgradable, Wait::Try) => {
-            t.try_upgradable_read(name).unwrap().map(Guard::Upgradable)
-        }
+        (Mode::Read, Wait::Try) => t.try_read(name).unwrap().map(read),
+        (Mode::Read, Wait::Timeout) => timed(t.read_timeout(name, SHORT)).map(read),
+        (Mode::Upgradable, Wait::Try) => t.try_upgradable_read(name).unwrap().map(upgradable),
         (Mode::Upgradable, Wait::Timeout) => {
-            timed(t.upgradable_read_timeout(name, SHORT)).map(Guard::Upgradable)
+            timed(t.upgradable_read_timeout(name, SHORT)).map(upgradable)
         }
-        (Mode::Write, Wait::Try) => t.try_write(name).unwrap().map(Guard::Write),
-        (Mode::Write, Wait::Timeout) => timed(t.write_timeout(name, SHORT)).map(Guard::Write),
+        (Mode::Write, Wait::Try) => t.try_write(name).unwrap().map(write),
+        (Mode::Write, Wait::Timeout) => timed(t.write_timeout(name, SHORT)).map(write),
     }
 }
 

@@ -1,42 +1,72 @@
 //! RAII guards: a hold that is released when the guard is dropped.
 //!
 //! Owns: the conversion between hold modes (upgrade, downgrade) as seen by
-//! the user. Guards own a reference to their table (no lifetime), so they
-//! are `Send + 'static` and can be held across `.await`.
+//! the user. A guard borrows its table (`ReadGuard<'a>`), which costs
+//! nothing on the acquire path; [`into_owned`](ReadGuard::into_owned) turns
+//! it into a `'static` guard that owns a reference-counted handle, for holds
+//! stored in structs or spawned tasks. Guards are `Send` either way, so an
+//! async handler can hold one across `.await`.
 //!
 //! May not touch: lock-word bits (it calls `SlotRef` methods).
 
 use std::mem::ManuallyDrop;
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::lockword::Granted;
 use crate::table::Inner;
 
+/// How a guard reaches its table: borrowed (the fast default: no shared
+/// reference count is touched per lock) or owned.
+pub(crate) enum TableRef<'a> {
+    Borrowed(&'a Arc<Inner>),
+    Owned(Arc<Inner>),
+}
+
+impl Deref for TableRef<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        match self {
+            TableRef::Borrowed(a) => a,
+            TableRef::Owned(a) => a,
+        }
+    }
+}
+
+impl TableRef<'_> {
+    fn into_owned(self) -> TableRef<'static> {
+        match self {
+            TableRef::Borrowed(a) => TableRef::Owned(Arc::clone(a)),
+            TableRef::Owned(a) => TableRef::Owned(a),
+        }
+    }
+}
+
 /// The part every guard has: the table and the slot.
-struct Hold {
-    inner: Arc<Inner>,
+struct Hold<'a> {
+    table: TableRef<'a>,
     slot: u32,
     owner_died: bool,
 }
 
-impl Hold {
+impl Hold<'_> {
     fn me(&self) -> u32 {
-        self.inner.me
+        self.table.me
     }
     /// False in a forked child: the hold belongs to the parent's record.
     fn ours(&self) -> bool {
-        !self.inner.forked()
+        !self.table.forked()
     }
 }
 
 macro_rules! guard_common {
     ($name:ident) => {
-        impl $name {
-            pub(crate) fn new(inner: Arc<Inner>, slot: u32, owner_died: bool) -> Self {
+        impl<'a> $name<'a> {
+            pub(crate) fn new(table: TableRef<'a>, slot: u32, owner_died: bool) -> Self {
                 $name {
                     hold: ManuallyDrop::new(Hold {
-                        inner,
+                        table,
                         slot,
                         owner_died,
                     }),
@@ -50,9 +80,16 @@ macro_rules! guard_common {
                 self.hold.owner_died
             }
 
+            /// The same hold as a `'static` guard that owns a handle to the
+            /// table (one reference-count increment), e.g. to keep it in a
+            /// struct or move it into a spawned task.
+            pub fn into_owned(self) -> $name<'static> {
+                let hold = self.into_hold();
+                $name::new(hold.table.into_owned(), hold.slot, hold.owner_died)
+            }
+
             /// Takes the hold out without running `Drop` (for mode changes).
-            #[allow(dead_code)] // ReadGuard has no mode change
-            fn into_hold(self) -> Hold {
+            fn into_hold(self) -> Hold<'a> {
                 let mut this = ManuallyDrop::new(self);
                 // SAFETY: `this` is never used or dropped again (it is in a
                 // ManuallyDrop that goes out of scope), so the `Hold` is
@@ -61,7 +98,7 @@ macro_rules! guard_common {
             }
         }
 
-        impl std::fmt::Debug for $name {
+        impl std::fmt::Debug for $name<'_> {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.debug_struct(stringify!($name))
                     .field("slot", &self.hold.slot)
@@ -74,33 +111,33 @@ macro_rules! guard_common {
 
 /// A shared (read) hold on one ID.
 #[must_use = "the lock is released when the guard is dropped"]
-pub struct ReadGuard {
-    hold: ManuallyDrop<Hold>,
+pub struct ReadGuard<'a> {
+    hold: ManuallyDrop<Hold<'a>>,
 }
 
 /// An upgradable hold: shared with readers, exclusive against writers and
 /// other upgradable holders; can become a write hold without letting any
 /// other writer in first.
 #[must_use = "the lock is released when the guard is dropped"]
-pub struct UpgradableReadGuard {
-    hold: ManuallyDrop<Hold>,
+pub struct UpgradableReadGuard<'a> {
+    hold: ManuallyDrop<Hold<'a>>,
 }
 
 /// An exclusive hold on one ID.
 #[must_use = "the lock is released when the guard is dropped"]
-pub struct WriteGuard {
-    hold: ManuallyDrop<Hold>,
+pub struct WriteGuard<'a> {
+    hold: ManuallyDrop<Hold<'a>>,
 }
 
 guard_common!(ReadGuard);
 guard_common!(UpgradableReadGuard);
 guard_common!(WriteGuard);
 
-impl Drop for ReadGuard {
+impl Drop for ReadGuard<'_> {
     fn drop(&mut self) {
         if self.hold.ours() {
             self.hold
-                .inner
+                .table
                 .slot(self.hold.slot)
                 .release_read(self.hold.me());
         }
@@ -109,39 +146,41 @@ impl Drop for ReadGuard {
     }
 }
 
-impl Drop for UpgradableReadGuard {
+impl Drop for UpgradableReadGuard<'_> {
     fn drop(&mut self) {
         if self.hold.ours() {
-            self.hold.inner.slot(self.hold.slot).release_upgradable();
+            self.hold.table.slot(self.hold.slot).release_upgradable();
         }
         // SAFETY: dropped exactly once, here; `self.hold` is not used after.
         unsafe { ManuallyDrop::drop(&mut self.hold) }
     }
 }
 
-impl Drop for WriteGuard {
+impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
         if self.hold.ours() {
-            self.hold.inner.slot(self.hold.slot).release_write();
+            self.hold.table.slot(self.hold.slot).release_write();
         }
         // SAFETY: dropped exactly once, here; `self.hold` is not used after.
         unsafe { ManuallyDrop::drop(&mut self.hold) }
     }
 }
 
-impl UpgradableReadGuard {
-    fn upgrade_with(self, wait: crate::lockword::Wait) -> Result<WriteGuard, Self> {
+impl<'a> UpgradableReadGuard<'a> {
+    fn upgrade_with(self, wait: crate::lockword::Wait) -> Result<WriteGuard<'a>, Self> {
         let hold = self.into_hold();
-        let inner = hold.inner.clone();
-        let r: Result<Granted, _> = inner.slot(hold.slot).upgrade(hold.me(), wait, &*inner);
+        let r: Result<Granted, _> =
+            hold.table
+                .slot(hold.slot)
+                .upgrade(hold.me(), wait, &*hold.table);
         match r {
             Ok(g) => Ok(WriteGuard::new(
-                hold.inner,
+                hold.table,
                 hold.slot,
                 hold.owner_died || g.owner_died,
             )),
             Err(_) => Err(UpgradableReadGuard::new(
-                hold.inner,
+                hold.table,
                 hold.slot,
                 hold.owner_died,
             )),
@@ -151,7 +190,7 @@ impl UpgradableReadGuard {
     /// Waits for the readers to leave, then holds the ID exclusively. Cannot
     /// deadlock: there is at most one upgradable holder per ID, and readers
     /// arriving after the upgrade began wait for it.
-    pub fn upgrade(self) -> WriteGuard {
+    pub fn upgrade(self) -> WriteGuard<'a> {
         let mut g = self;
         loop {
             match g.upgrade_with(Some(None)) {
@@ -162,42 +201,42 @@ impl UpgradableReadGuard {
     }
 
     /// Upgrades only if no reader holds the ID; gives the guard back if one does.
-    pub fn try_upgrade(self) -> Result<WriteGuard, Self> {
+    pub fn try_upgrade(self) -> Result<WriteGuard<'a>, Self> {
         self.upgrade_with(None)
     }
 
     /// Upgrades, or gives the guard back when `timeout` passes.
-    pub fn upgrade_timeout(self, timeout: Duration) -> Result<WriteGuard, Self> {
+    pub fn upgrade_timeout(self, timeout: Duration) -> Result<WriteGuard<'a>, Self> {
         let deadline = crate::sync::now().checked_add(timeout);
         self.upgrade_with(Some(deadline))
     }
 
     /// Becomes a plain read hold; writers may then proceed once readers leave.
-    pub fn downgrade(self) -> ReadGuard {
+    pub fn downgrade(self) -> ReadGuard<'a> {
         let hold = self.into_hold();
-        hold.inner
+        hold.table
             .slot(hold.slot)
             .downgrade_upgradable_to_read(hold.me());
-        ReadGuard::new(hold.inner, hold.slot, hold.owner_died)
+        ReadGuard::new(hold.table, hold.slot, hold.owner_died)
     }
 }
 
-impl WriteGuard {
+impl<'a> WriteGuard<'a> {
     /// Becomes a read hold without letting any writer in between.
-    pub fn downgrade(self) -> ReadGuard {
+    pub fn downgrade(self) -> ReadGuard<'a> {
         let hold = self.into_hold();
-        hold.inner
+        hold.table
             .slot(hold.slot)
             .downgrade_write_to_read(hold.me());
-        ReadGuard::new(hold.inner, hold.slot, false)
+        ReadGuard::new(hold.table, hold.slot, false)
     }
 
     /// Becomes an upgradable hold without letting any writer in between.
-    pub fn downgrade_to_upgradable(self) -> UpgradableReadGuard {
+    pub fn downgrade_to_upgradable(self) -> UpgradableReadGuard<'a> {
         let hold = self.into_hold();
-        hold.inner
+        hold.table
             .slot(hold.slot)
             .downgrade_write_to_upgradable(hold.me());
-        UpgradableReadGuard::new(hold.inner, hold.slot, false)
+        UpgradableReadGuard::new(hold.table, hold.slot, false)
     }
 }

@@ -29,6 +29,8 @@
 //! 104   usize width, u64 align   u32, u32
 //! 112   checksum                 u64 FNV-1a of bytes 0..112
 //! 128   init state               u32 atomic, own cache line: READY when done
+//! 192   lanes in use             u32 atomic, own cache line: highest attached
+//!                                process index + 1 ever (drain checks stop there)
 //! 4096                           registry: max_processes records x 64 bytes
 //!                                buckets: capacity/8 headers x 64 bytes
 //!                                slots: capacity x slot size
@@ -46,6 +48,8 @@ pub(crate) const BUCKET_HEADER_SIZE: u64 = 64;
 pub(crate) const BUCKET_SLOTS: u32 = 8;
 pub(crate) const CHECKSUM_OFFSET: usize = 112;
 pub(crate) const INIT_STATE_OFFSET: u64 = 128;
+/// Lanes-in-use high-water mark (u32 atomic, own cache line).
+pub(crate) const LANES_IN_USE_OFFSET: u64 = 192;
 /// Value of the init-state word once the creator has finished.
 pub(crate) const INIT_READY: u32 = 0x5245_4459; // "READY"
 

@@ -34,16 +34,17 @@
 //! # Lanes (`u32` per attached-process index)
 //!
 //! ```text
-//!  31            16 15             0
-//! +----------------+----------------+
-//! |    WAITERS     |     READERS    |
-//! +----------------+----------------+
+//!  31          17 16               0
+//! +--------------+------------------+
+//! |   WAITERS    |      READERS     |
+//! +--------------+------------------+
 //! ```
 //! Lane `p` is written only by threads of process `p` (and by recovery once
 //! `p` is dead). READERS is the number of read holds process `p` has on this
 //! slot: the hold record *is* the lock state, so after a death at any
-//! instruction the lane says exactly what the dead process held. WAITERS is
-//! informational (stats) and saturates.
+//! instruction the lane says exactly what the dead process held. Holds are
+//! bounded at `MAX_READS_PER_PROCESS` (0xFFFF) by a CAS, so READERS never
+//! carries into WAITERS. WAITERS is informational (stats) and saturates.
 
 use std::time::Duration;
 
@@ -66,9 +67,10 @@ pub(crate) const GEN_MASK: u64 = 0xFF_FFFF << GEN_SHIFT;
 
 /// Largest number of read holds one process may have on one ID.
 pub const MAX_READS_PER_PROCESS: u32 = 0xFFFF;
-const LANE_READERS: u32 = 0xFFFF;
-const LANE_WAITER_ONE: u32 = 1 << 16;
-const LANE_WAITERS_MAX: u32 = 0xFFFF;
+const LANE_READERS: u32 = 0x1_FFFF;
+const LANE_WAITER_SHIFT: u32 = 17;
+const LANE_WAITER_ONE: u32 = 1 << LANE_WAITER_SHIFT;
+const LANE_WAITERS_MAX: u32 = 0x7FFF;
 
 #[inline]
 pub(crate) fn phase(s: u64) -> u64 {
@@ -108,7 +110,7 @@ pub(crate) fn lane_readers(l: u32) -> u32 {
 }
 #[inline]
 pub(crate) fn lane_waiters(l: u32) -> u32 {
-    l >> 16
+    l >> LANE_WAITER_SHIFT
 }
 #[inline]
 fn is_active(s: u64, g: u32) -> bool {
@@ -122,6 +124,9 @@ pub(crate) struct SlotRef<'a> {
     /// Futex word: bumped by every wake so a sleeper never misses one.
     pub(crate) seq: &'a AtomicU32,
     pub(crate) lanes: &'a [AtomicU32],
+    /// Table-wide high-water mark of attached process indices (+1): lanes
+    /// at or past it have never been used, so drain checks stop there.
+    pub(crate) lanes_in_use: &'a AtomicU32,
 }
 
 /// What the waiting code needs from its environment.
@@ -199,15 +204,28 @@ impl<'a> SlotRef<'a> {
         &self.lanes[me as usize]
     }
 
+    /// The lanes any process may have written: those below the table's
+    /// high-water mark. A process raises the mark (SeqCst) when it attaches,
+    /// before it can announce anything in its lane, so a checker that loads
+    /// the mark after its own SeqCst claim sees every lane whose
+    /// announcement precedes the claim (the rest see the claim and back off).
+    fn used_lanes(&self) -> &'a [AtomicU32] {
+        let n = self.lanes_in_use.load(Ordering::SeqCst) as usize;
+        &self.lanes[..n.min(self.lanes.len())]
+    }
+
     /// True when no process has a read hold on this slot.
     fn readers_drained(&self) -> bool {
-        self.lanes
+        self.used_lanes()
             .iter()
             .all(|l| lane_readers(l.load(Ordering::SeqCst)) == 0)
     }
 
-    /// Announces one more read hold of `me` (bounded, never carries into
-    /// the WAITERS half). SeqCst: first half of the reader's Dekker pair.
+    /// Announces one more read hold of `me`, bounded (a CAS, so the count
+    /// never passes the bound even transiently). SeqCst: first half of the
+    /// reader's Dekker pair. (A `fetch_add` undone at the bound is as
+    /// correct and a nanosecond cheaper, but it multiplied the loom
+    /// recovery models' state space by 15.)
     fn lane_add_reader(&self, me: u32) -> bool {
         let lane = self.lane(me);
         let mut cur = lane.load(Ordering::Relaxed);
@@ -315,16 +333,17 @@ impl<'a> SlotRef<'a> {
         wait: Wait,
         host: &dyn Host,
     ) -> Result<Granted, Fail> {
-        let Some(deadline) = wait else {
-            return self.try_read_once(me, g);
+        let first = self.try_read_once(me, g);
+        let (Some(deadline), Err(Fail::Busy)) = (wait, first) else {
+            return first;
         };
         let mut waiting = Waiting::new(self, me, deadline, host);
         loop {
+            waiting.wait_until(|s| !is_active(s, g) || writer(s) == 0, || false)?;
             match self.try_read_once(me, g) {
                 Err(Fail::Busy) => {}
                 other => return other,
             }
-            waiting.wait_until(|s| !is_active(s, g) || writer(s) == 0, || false)?;
         }
     }
 
@@ -668,7 +687,11 @@ impl<'a> SlotRef<'a> {
             return false;
         }
         sync::dekker_fence();
-        if self.lanes.iter().all(|l| l.load(Ordering::SeqCst) == 0) {
+        if self
+            .used_lanes()
+            .iter()
+            .all(|l| l.load(Ordering::SeqCst) == 0)
+        {
             self.state
                 .store((retiring & !PHASE_MASK) | PHASE_FREE, Ordering::Release);
             true

@@ -49,14 +49,33 @@ pub(crate) fn new_table_uid() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// The first and the last 8 bytes of `id` (overlapping or zero-padded
+/// for short IDs), read without a call into libc.
+#[inline]
+fn ends(id: &[u8]) -> (u64, u64) {
+    if id.len() >= 8 {
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 8];
+        a.copy_from_slice(&id[..8]);
+        b.copy_from_slice(&id[id.len() - 8..]);
+        (u64::from_le_bytes(a), u64::from_le_bytes(b))
+    } else {
+        let w = id
+            .iter()
+            .enumerate()
+            .fold(0u64, |w, (i, &b)| w | (b as u64) << (8 * i));
+        (w, w)
+    }
+}
+
+/// Cheap O(1) index: mixes the length, the first and the last 8 bytes.
+/// Session-style IDs differ in both; a collision only costs a miss.
 #[inline]
 fn index_of(table: u64, id: &[u8]) -> usize {
-    // FNV-1a style mixing: cheap, and good enough to spread recent IDs.
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ table;
-    for &b in id {
-        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (h ^ (h >> 29)) as usize % ENTRIES
+    let (first, last) = ends(id);
+    let h = (first ^ table.rotate_left(32) ^ (id.len() as u64)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ last.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    ((h ^ (h >> 32)) as usize) % ENTRIES
 }
 
 /// The cached (slot, generation) of `id` in table `table`, if any.
@@ -114,6 +133,14 @@ mod tests {
         assert_eq!(get(b, b"session-1"), None);
         assert_eq!(get(a, b"session-2"), None);
         assert_eq!(get(a, b"session-"), None);
+        assert_eq!(get(a, b"session-1x"), None);
+        assert_eq!(get(a, b"sessiOn-1"), None);
+        let long_id = b"0123456789abcdef0123456789abcdef0123456789abcdef";
+        put(a, long_id, 9, 9);
+        assert_eq!(get(a, long_id), Some((9, 9)));
+        let mut other = *long_id;
+        other[20] = b'X';
+        assert_eq!(get(a, &other), None);
         evict(a, b"session-1");
         assert_eq!(get(a, b"session-1"), None);
         let long = [1u8; MAX_CACHED_ID + 1];

@@ -447,18 +447,18 @@ mod cli {
 
     /// A hold of any mode, released on drop.
     #[allow(dead_code)] // held only for its Drop
-    enum Held {
-        Read(locktable::ReadGuard),
-        Upgradable(locktable::UpgradableReadGuard),
-        Write(locktable::WriteGuard),
+    enum Held<'a> {
+        Read(locktable::ReadGuard<'a>),
+        Upgradable(locktable::UpgradableReadGuard<'a>),
+        Write(locktable::WriteGuard<'a>),
     }
 
-    fn acquire(
-        table: &LockTable,
+    fn acquire<'a>(
+        table: &'a LockTable,
         id: &[u8],
         mode: Mode,
         timeout: Option<Duration>,
-    ) -> locktable::Result<Held> {
+    ) -> locktable::Result<Held<'a>> {
         Ok(match (mode, timeout) {
             (Mode::Read, None) => Held::Read(table.read(id)?),
             (Mode::Read, Some(d)) => Held::Read(table.read_timeout(id, d)?),

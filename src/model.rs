@@ -91,7 +91,8 @@ fn wait_of(w: ModelWait) -> lockword::Wait {
 }
 
 impl Model {
-    /// A model with `slots` slots (multiple of 8, at least 16) and
+    /// A model with `slots` slots (index models: a multiple of 8, at least
+    /// 16; lock-word and recovery models may use a single slot) and
     /// `processes` process indices. `poll`: the liveness poll interval of
     /// waiters (`None`: waiters never poll, so a lost wakeup is a deadlock
     /// that loom reports).
@@ -109,6 +110,19 @@ impl Model {
 
     fn slot(&self, i: usize) -> SlotRef<'_> {
         self.region.slot(i)
+    }
+
+    /// Lowers the lanes-in-use mark to `n` (processes `>= n` not attached).
+    pub fn set_lanes_in_use(&self, n: u32) {
+        self.region.set_lanes_in_use(n);
+    }
+
+    /// Attaches process `p`: raises the lanes-in-use mark as the registry
+    /// does, before the process takes any hold.
+    pub fn attach(&self, p: u32) {
+        self.region
+            .lanes_in_use()
+            .fetch_max(p + 1, Ordering::SeqCst);
     }
 
     /// Marks process `p` dead (call from its thread when it "dies").

@@ -28,6 +28,8 @@ pub(crate) trait Region: Send + Sync {
     fn slot_tag(&self, index: usize) -> [&AtomicU64; 2];
     fn bucket_lock(&self, bucket: usize) -> &AtomicU64;
     fn record(&self, index: usize) -> RecordRef<'_>;
+    /// High-water mark of attached process indices + 1 (see `SlotRef`).
+    fn lanes_in_use(&self) -> &AtomicU32;
 }
 
 #[cfg(not(locktable_loom))]
@@ -46,6 +48,12 @@ mod mapped {
     pub(crate) struct MappedRegion {
         map: MmapRaw,
         geometry: Geometry,
+        /// Precomputed from the geometry: the acquire and release paths
+        /// compute a slot's address on every call.
+        slots_offset: usize,
+        slot_size: usize,
+        capacity: usize,
+        lanes: usize,
     }
 
     impl MappedRegion {
@@ -54,13 +62,21 @@ mod mapped {
             if (map.len() as u64) < geometry.file_size() || map.as_ptr() as usize % 4096 != 0 {
                 return None;
             }
-            Some(MappedRegion { map, geometry })
+            Some(MappedRegion {
+                map,
+                geometry,
+                slots_offset: geometry.slots_offset() as usize,
+                slot_size: geometry.slot_size() as usize,
+                capacity: geometry.capacity as usize,
+                lanes: geometry.max_processes as usize,
+            })
         }
 
         pub(crate) fn init_state(&self) -> &AtomicU32 {
             self.u32_at(crate::layout::INIT_STATE_OFFSET)
         }
 
+        #[inline]
         fn u64_at(&self, offset: u64) -> &AtomicU64 {
             debug_assert!(offset % 8 == 0 && offset + 8 <= self.map.len() as u64);
             // SAFETY: every caller passes an offset computed from the
@@ -73,15 +89,17 @@ mod mapped {
             unsafe { &*(self.map.as_ptr().add(offset as usize) as *const AtomicU64) }
         }
 
+        #[inline]
         fn u32_at(&self, offset: u64) -> &AtomicU32 {
             debug_assert!(offset % 4 == 0 && offset + 4 <= self.map.len() as u64);
             // SAFETY: as in `u64_at`, with 4-byte alignment and size.
             unsafe { &*(self.map.as_ptr().add(offset as usize) as *const AtomicU32) }
         }
 
+        #[inline]
         fn slot_base(&self, index: usize) -> u64 {
-            assert!(index < self.geometry.capacity as usize);
-            self.geometry.slots_offset() + self.geometry.slot_size() * index as u64
+            assert!(index < self.capacity);
+            (self.slots_offset + self.slot_size * index) as u64
         }
     }
 
@@ -90,6 +108,7 @@ mod mapped {
             self.geometry
         }
 
+        #[inline]
         fn slot(&self, index: usize) -> SlotRef<'_> {
             let base = self.slot_base(index);
             let lanes_ptr = self.u32_at(base + SLOT_LANES) as *const AtomicU32;
@@ -97,13 +116,12 @@ mod mapped {
             // 4-byte words starting at base + SLOT_LANES, all inside the slot
             // (slot_size() reserves them, rounded up to a cache line) and so
             // inside the mapping; 4-aligned; accessed only atomically.
-            let lanes = unsafe {
-                std::slice::from_raw_parts(lanes_ptr, self.geometry.max_processes as usize)
-            };
+            let lanes = unsafe { std::slice::from_raw_parts(lanes_ptr, self.lanes) };
             SlotRef {
                 state: self.u64_at(base + SLOT_STATE),
                 seq: self.u32_at(base + SLOT_SEQ),
                 lanes,
+                lanes_in_use: self.lanes_in_use(),
             }
         }
 
@@ -117,6 +135,11 @@ mod mapped {
             self.u64_at(
                 self.geometry.buckets_offset() + crate::layout::BUCKET_HEADER_SIZE * bucket as u64,
             )
+        }
+
+        #[inline]
+        fn lanes_in_use(&self) -> &AtomicU32 {
+            self.u32_at(crate::layout::LANES_IN_USE_OFFSET)
         }
 
         fn record(&self, index: usize) -> RecordRef<'_> {
@@ -141,11 +164,14 @@ pub struct HeapRegion {
     lanes: Vec<AtomicU32>,
     bucket_locks: Vec<AtomicU64>,
     records: Vec<(AtomicU64, AtomicU32, AtomicU64)>,
+    lanes_in_use: AtomicU32,
 }
 
 #[cfg(any(test, locktable_loom))]
 impl HeapRegion {
-    /// A zeroed region (all slots FREE, all records free).
+    /// A zeroed region (all slots FREE, all records free), with every lane
+    /// counted as in use (a model may lower the mark with
+    /// [`HeapRegion::set_lanes_in_use`]).
     pub fn new(capacity: u32, max_processes: u32) -> HeapRegion {
         let geometry = Geometry {
             capacity,
@@ -165,7 +191,16 @@ impl HeapRegion {
             records: (0..p)
                 .map(|_| (AtomicU64::new(0), AtomicU32::new(0), AtomicU64::new(0)))
                 .collect(),
+            lanes_in_use: AtomicU32::new(max_processes),
         }
+    }
+}
+
+#[cfg(locktable_loom)]
+impl HeapRegion {
+    /// Sets the lanes-in-use mark (as if only processes below it attached).
+    pub fn set_lanes_in_use(&self, n: u32) {
+        self.lanes_in_use.store(n, crate::sync::Ordering::SeqCst);
     }
 }
 
@@ -180,7 +215,11 @@ impl Region for HeapRegion {
             state: &self.states[index],
             seq: &self.seqs[index],
             lanes: &self.lanes[index * p..(index + 1) * p],
+            lanes_in_use: &self.lanes_in_use,
         }
+    }
+    fn lanes_in_use(&self) -> &AtomicU32 {
+        &self.lanes_in_use
     }
     fn slot_tag(&self, index: usize) -> [&AtomicU64; 2] {
         [&self.tags[2 * index], &self.tags[2 * index + 1]]

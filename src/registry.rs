@@ -109,6 +109,9 @@ pub(crate) fn attach(region: &MappedRegion, file: &File) -> io::Result<Option<u3
             if rec.state.load(Ordering::Acquire) != RECORD_FREE {
                 recovery::sweep_process(region, i);
             }
+            // Before any hold can be announced in lane i: writers' drain
+            // checks scan lanes below this mark (see SlotRef::used_lanes).
+            region.lanes_in_use().fetch_max(i + 1, Ordering::SeqCst);
             rec.pid.store(std::process::id(), Ordering::Relaxed);
             rec.attached_ms.store(now_ms(), Ordering::Relaxed);
             // Release: a reader of the record that sees LIVE sees its pid.

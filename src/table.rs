@@ -19,7 +19,7 @@ use memmap2::MmapOptions;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::guard::{ReadGuard, UpgradableReadGuard, WriteGuard};
+use crate::guard::{ReadGuard, TableRef, UpgradableReadGuard, WriteGuard};
 use crate::index::{self, Tag};
 use crate::layout::{
     Geometry, Header, HEADER_SIZE, INIT_LOCK_BYTE, INIT_READY, INIT_STATE_OFFSET, MAGIC,
@@ -538,50 +538,57 @@ impl LockTable {
         Some(crate::sync::now().checked_add(timeout))
     }
 
-    fn read_with(&self, id: &[u8], wait: Wait) -> Result<Option<ReadGuard>> {
+    fn read_with(&self, id: &[u8], wait: Wait) -> Result<Option<ReadGuard<'_>>> {
         let inner = &*self.inner;
         Ok(self
             .acquire(id, |s, g| s.read(inner.me, g, wait, inner))?
-            .map(|(slot, gr)| ReadGuard::new(self.inner.clone(), slot, gr.owner_died)))
+            .map(|(slot, gr)| ReadGuard::new(TableRef::Borrowed(&self.inner), slot, gr.owner_died)))
     }
 
-    fn upgradable_with(&self, id: &[u8], wait: Wait) -> Result<Option<UpgradableReadGuard>> {
+    fn upgradable_with(&self, id: &[u8], wait: Wait) -> Result<Option<UpgradableReadGuard<'_>>> {
         let inner = &*self.inner;
         Ok(self
             .acquire(id, |s, g| s.upgradable(inner.me, g, wait, inner))?
-            .map(|(slot, gr)| UpgradableReadGuard::new(self.inner.clone(), slot, gr.owner_died)))
+            .map(|(slot, gr)| {
+                UpgradableReadGuard::new(TableRef::Borrowed(&self.inner), slot, gr.owner_died)
+            }))
     }
 
-    fn write_with(&self, id: &[u8], wait: Wait) -> Result<Option<WriteGuard>> {
+    fn write_with(&self, id: &[u8], wait: Wait) -> Result<Option<WriteGuard<'_>>> {
         let inner = &*self.inner;
         Ok(self
             .acquire(id, |s, g| s.write(inner.me, g, wait, inner))?
-            .map(|(slot, gr)| WriteGuard::new(self.inner.clone(), slot, gr.owner_died)))
+            .map(|(slot, gr)| {
+                WriteGuard::new(TableRef::Borrowed(&self.inner), slot, gr.owner_died)
+            }))
     }
 
     /// Blocks until `id` is held for reading (shared with other readers and
     /// with one upgradable holder).
-    pub fn read(&self, id: impl AsRef<[u8]>) -> Result<ReadGuard> {
+    pub fn read(&self, id: impl AsRef<[u8]>) -> Result<ReadGuard<'_>> {
         self.read_with(id.as_ref(), Some(None)).and_then(granted)
     }
     /// Takes a read hold if that needs no waiting; `Ok(None)` when busy.
-    pub fn try_read(&self, id: impl AsRef<[u8]>) -> Result<Option<ReadGuard>> {
+    pub fn try_read(&self, id: impl AsRef<[u8]>) -> Result<Option<ReadGuard<'_>>> {
         self.read_with(id.as_ref(), None)
     }
     /// Like [`read`](Self::read), but gives up with [`Error::Timeout`].
-    pub fn read_timeout(&self, id: impl AsRef<[u8]>, timeout: Duration) -> Result<ReadGuard> {
+    pub fn read_timeout(&self, id: impl AsRef<[u8]>, timeout: Duration) -> Result<ReadGuard<'_>> {
         self.read_with(id.as_ref(), Self::deadline(timeout))
             .and_then(granted)
     }
 
     /// Blocks until `id` is held upgradable: shared with readers, exclusive
     /// against writers and other upgradable holders.
-    pub fn upgradable_read(&self, id: impl AsRef<[u8]>) -> Result<UpgradableReadGuard> {
+    pub fn upgradable_read(&self, id: impl AsRef<[u8]>) -> Result<UpgradableReadGuard<'_>> {
         self.upgradable_with(id.as_ref(), Some(None))
             .and_then(granted)
     }
     /// Non-blocking [`upgradable_read`](Self::upgradable_read).
-    pub fn try_upgradable_read(&self, id: impl AsRef<[u8]>) -> Result<Option<UpgradableReadGuard>> {
+    pub fn try_upgradable_read(
+        &self,
+        id: impl AsRef<[u8]>,
+    ) -> Result<Option<UpgradableReadGuard<'_>>> {
         self.upgradable_with(id.as_ref(), None)
     }
     /// [`upgradable_read`](Self::upgradable_read) with a deadline.
@@ -589,21 +596,21 @@ impl LockTable {
         &self,
         id: impl AsRef<[u8]>,
         timeout: Duration,
-    ) -> Result<UpgradableReadGuard> {
+    ) -> Result<UpgradableReadGuard<'_>> {
         self.upgradable_with(id.as_ref(), Self::deadline(timeout))
             .and_then(granted)
     }
 
     /// Blocks until `id` is held exclusively.
-    pub fn write(&self, id: impl AsRef<[u8]>) -> Result<WriteGuard> {
+    pub fn write(&self, id: impl AsRef<[u8]>) -> Result<WriteGuard<'_>> {
         self.write_with(id.as_ref(), Some(None)).and_then(granted)
     }
     /// Non-blocking [`write`](Self::write).
-    pub fn try_write(&self, id: impl AsRef<[u8]>) -> Result<Option<WriteGuard>> {
+    pub fn try_write(&self, id: impl AsRef<[u8]>) -> Result<Option<WriteGuard<'_>>> {
         self.write_with(id.as_ref(), None)
     }
     /// [`write`](Self::write) with a deadline.
-    pub fn write_timeout(&self, id: impl AsRef<[u8]>, timeout: Duration) -> Result<WriteGuard> {
+    pub fn write_timeout(&self, id: impl AsRef<[u8]>, timeout: Duration) -> Result<WriteGuard<'_>> {
         self.write_with(id.as_ref(), Self::deadline(timeout))
             .and_then(granted)
     }

@@ -248,12 +248,16 @@ fn handles_and_guards_are_thread_safe_types() {
     fn send_sync<T: Send + Sync + Clone + 'static>() {}
     fn send<T: Send + 'static>() {}
     send_sync::<LockTable>();
-    send::<locktable::ReadGuard>();
-    send::<locktable::UpgradableReadGuard>();
-    send::<locktable::WriteGuard>();
-    // And a guard really can move to another thread and be released there.
+    send::<locktable::ReadGuard<'static>>();
+    send::<locktable::UpgradableReadGuard<'static>>();
+    send::<locktable::WriteGuard<'static>>();
+    // A borrowed guard moves to a scoped thread; an owned one anywhere.
     let t = table();
     let w = t.write("x").unwrap();
+    thread::scope(|s| {
+        s.spawn(move || drop(w));
+    });
+    let w = t.write("x").unwrap().into_owned();
     thread::spawn(move || drop(w)).join().unwrap();
     assert!(t.try_write("x").unwrap().is_some());
 }

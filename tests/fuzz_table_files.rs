@@ -27,7 +27,8 @@ fn valid_table_bytes(dir: &Path) -> Vec<u8> {
     let u = t.upgradable_read("b").unwrap();
     let w = t.write("c").unwrap();
     let bytes = std::fs::read(&path).unwrap();
-    drop((r, u, w, t));
+    drop((r, u, w));
+    drop(t);
     bytes
 }
 

@@ -144,10 +144,10 @@ fn child() {
 fn child_hold(dir: &Path, mode: &str) {
     let t = open(dir);
     let guard: Box<dyn std::any::Any> = match mode {
-        "read" => Box::new(t.read(VICTIM).unwrap()),
-        "upgradable" => Box::new(t.upgradable_read(VICTIM).unwrap()),
-        "upgraded" => Box::new(t.upgradable_read(VICTIM).unwrap().upgrade()),
-        "write" => Box::new(t.write(VICTIM).unwrap()),
+        "read" => Box::new(t.read(VICTIM).unwrap().into_owned()),
+        "upgradable" => Box::new(t.upgradable_read(VICTIM).unwrap().into_owned()),
+        "upgraded" => Box::new(t.upgradable_read(VICTIM).unwrap().upgrade().into_owned()),
+        "write" => Box::new(t.write(VICTIM).unwrap().into_owned()),
         other => panic!("unknown mode {other}"),
     };
     signal(dir, "holding");
@@ -229,7 +229,7 @@ fn kill_holder_and_acquire(mode: &str, want: HoldMode) -> (Duration, bool) {
     let waiter = {
         let t = t.clone();
         thread::spawn(move || {
-            let g = t.write_timeout(VICTIM, BOUND);
+            let g = t.write_timeout(VICTIM, BOUND).map(|g| g.into_owned());
             (Instant::now(), g)
         })
     };

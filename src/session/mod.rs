@@ -349,7 +349,8 @@ impl SessionManager {
             return Ok(None);
         };
         let inner = &self.inner;
-        let guard = inner.table.upgradable_read(lock_key(&id))?;
+        // Kept in the session until commit: an owned guard.
+        let guard = inner.table.upgradable_read(lock_key(&id))?.into_owned();
         let now = inner.cfg.clock.now();
         let died = guard.previous_owner_died();
         let loaded = inner.read_validated(&id, died);
@@ -530,7 +531,7 @@ pub struct Session {
     accessed: Timestamp,
     data: BTreeMap<String, Value>,
     delta: BTreeMap<String, Option<Value>>,
-    exclusive: Option<UpgradableReadGuard>,
+    exclusive: Option<UpgradableReadGuard<'static>>,
     finished: bool,
 }
 
@@ -540,7 +541,7 @@ impl Session {
         id: SessionId,
         loaded: Loaded,
         now: Timestamp,
-        exclusive: Option<UpgradableReadGuard>,
+        exclusive: Option<UpgradableReadGuard<'static>>,
     ) -> Session {
         Session {
             mgr,
@@ -632,15 +633,15 @@ impl Session {
     }
 
     /// Takes the write lock: upgrades the exclusive hold or takes a fresh one.
-    fn write_lock(&mut self) -> Result<crate::WriteGuard> {
+    fn write_lock(&mut self) -> Result<crate::WriteGuard<'static>> {
         match self.exclusive.take() {
             Some(u) => Ok(u.upgrade()),
-            None => self.mgr.table.write(lock_key(&self.id)),
+            None => Ok(self.mgr.table.write(lock_key(&self.id))?.into_owned()),
         }
     }
 
     /// Re-reads the latest record under a write lock; `SessionGone` if absent or expired.
-    fn latest(&self, w: &crate::WriteGuard) -> Result<Loaded> {
+    fn latest(&self, w: &crate::WriteGuard<'_>) -> Result<Loaded> {
         let died = w.previous_owner_died();
         let r = self.mgr.read_validated(&self.id, died);
         let latest = match r {
@@ -776,7 +777,12 @@ impl Session {
         for _ in 0..4 {
             let new_id = SessionId::generate()?;
             let new_guard = if was_exclusive {
-                Some(self.mgr.table.upgradable_read(lock_key(&new_id))?)
+                Some(
+                    self.mgr
+                        .table
+                        .upgradable_read(lock_key(&new_id))?
+                        .into_owned(),
+                )
             } else {
                 None
             };
