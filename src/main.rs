@@ -124,6 +124,10 @@ mod cli {
         /// Run workers as threads of this process instead of processes.
         #[arg(long)]
         threads: bool,
+        /// Make locktable's saves durable (fsync the file and directory);
+        /// the baseline never fsyncs, as Beaker does not.
+        #[arg(long)]
+        fsync: bool,
     }
 
     #[derive(Args)]
@@ -262,6 +266,7 @@ mod cli {
             readers_per_page: args.readers,
             duration: Duration::from_secs_f64(args.secs),
             compare: args.compare,
+            fsync: args.fsync,
             progress: true,
             mode,
             ..demo::DemoConfig::default()

@@ -39,6 +39,16 @@ fn file() -> Fixture<FileStore> {
     }
 }
 
+/// The file store with durability off (atomic renames, no fsync).
+fn file_no_fsync() -> Fixture<FileStore> {
+    let f = file();
+    Fixture {
+        store: f.store.with_fsync(false),
+        table: f.table,
+        _keep: f._keep,
+    }
+}
+
 fn rec(version: u64, created: Timestamp, la: Timestamp, note: &str) -> StoredSession {
     let mut body = record::RecordBody::default();
     body.data.insert("note".into(), note.into());
@@ -324,6 +334,7 @@ macro_rules! conformance {
 // One line per backend.
 conformance!(memory_store, memory);
 conformance!(file_store, file);
+conformance!(file_store_without_fsync, file_no_fsync);
 
 // ---- FileStore specifics ----
 

@@ -101,6 +101,9 @@ pub struct DemoConfig {
     pub progress: bool,
     /// Processes or threads.
     pub mode: WorkerMode,
+    /// Durable (fsynced) saves for locktable. Default `false`: the baseline
+    /// does not fsync either (Beaker does not), so both sides do the same I/O.
+    pub fsync: bool,
     /// Working directory (default: a fresh directory under the system temp dir, removed after).
     pub dir: Option<PathBuf>,
 }
@@ -116,6 +119,7 @@ impl Default for DemoConfig {
             compare: false,
             progress: false,
             mode: WorkerMode::Threads,
+            fsync: false,
             dir: None,
         }
     }
@@ -279,6 +283,7 @@ struct WorkerResult {
 #[derive(Debug, Clone)]
 struct WorkerArgs {
     system: System,
+    fsync: bool,
     dir: PathBuf,
     index: usize,
     duration: Duration,
@@ -291,6 +296,7 @@ impl WorkerArgs {
     fn to_args(&self) -> Vec<String> {
         vec![
             self.system.name().to_owned(),
+            u8::from(self.fsync).to_string(),
             self.dir.display().to_string(),
             self.index.to_string(),
             self.duration.as_millis().to_string(),
@@ -303,15 +309,20 @@ impl WorkerArgs {
         let bad = || {
             Error::Io(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                "usage: <system> <dir> <index> <duration_ms> <work_us> <readers> <ids,...>",
+                "usage: <system> <fsync 0|1> <dir> <index> <duration_ms> <work_us> <readers> <ids,...>",
             ))
         };
-        let [system, dir, index, duration, work, readers, ids] = args else {
+        let [system, fsync, dir, index, duration, work, readers, ids] = args else {
             return Err(bad());
         };
         let num = |s: &String| s.parse::<u64>().map_err(|_| bad());
         Ok(WorkerArgs {
             system: System::parse(system).ok_or_else(bad)?,
+            fsync: match fsync.as_str() {
+                "0" => false,
+                "1" => true,
+                _ => return Err(bad()),
+            },
             dir: PathBuf::from(dir),
             index: num(index)? as usize,
             duration: Duration::from_millis(num(duration)?),
@@ -390,6 +401,14 @@ fn now_ms() -> u64 {
     Timestamp::from_system_time(SystemTime::now()).0
 }
 
+/// The session configuration of the demo's locktable side.
+fn demo_session_config(fsync: bool) -> SessionConfig {
+    SessionConfig {
+        fsync,
+        ..SessionConfig::default()
+    }
+}
+
 // ---------- the worker ----------
 
 struct Shared {
@@ -406,7 +425,7 @@ fn run_worker(
     let mgr = match (a.system, mgr) {
         (System::LockTable, Some(m)) => Some(m),
         (System::LockTable, None) => {
-            own_mgr = SessionManager::open(&a.dir)?;
+            own_mgr = SessionManager::new_embedded(&a.dir, demo_session_config(a.fsync))?;
             Some(&own_mgr)
         }
         (System::FlockRewrite, _) => None,
@@ -603,12 +622,17 @@ pub fn run_demo(cfg: &DemoConfig) -> Result<DemoReport> {
     };
     Ok(DemoReport {
         summary: format!(
-            "{} worker {mode} x (1 writing + {} reading requests per page), {} sessions, {:.1} s per system, {} µs work per request",
+            "{} worker {mode} x (1 writing + {} reading requests per page), {} sessions, {:.1} s per system, {} µs work per request\nlocktable saves: atomic rename{}",
             cfg.workers,
             cfg.readers_per_page,
             cfg.sessions,
             cfg.duration.as_secs_f64(),
-            cfg.work.as_micros()
+            cfg.work.as_micros(),
+            if cfg.fsync {
+                " + fsync of file and directory (durable; the baseline does not fsync)"
+            } else {
+                ", no fsync (like the baseline; --fsync for durable saves)"
+            }
         ),
         runs,
     })
@@ -618,7 +642,10 @@ fn run_system(cfg: &DemoConfig, system: System, dir: &Path) -> Result<SystemRepo
     fs::create_dir_all(dir)?;
     let sessions = cfg.sessions.max(1);
     let mgr = match system {
-        System::LockTable => Some(SessionManager::new_embedded(dir, SessionConfig::default())?),
+        System::LockTable => Some(SessionManager::new_embedded(
+            dir,
+            demo_session_config(cfg.fsync),
+        )?),
         System::FlockRewrite => None,
     };
     let mut ids = Vec::new();
@@ -643,6 +670,7 @@ fn run_system(cfg: &DemoConfig, system: System, dir: &Path) -> Result<SystemRepo
     let args: Vec<WorkerArgs> = (0..cfg.workers.max(1))
         .map(|index| WorkerArgs {
             system,
+            fsync: cfg.fsync,
             dir: dir.to_path_buf(),
             index,
             duration: cfg.duration,
@@ -813,6 +841,7 @@ mod tests {
     fn worker_args_roundtrip_and_reject_garbage() {
         let a = WorkerArgs {
             system: System::FlockRewrite,
+            fsync: true,
             dir: "/tmp/x".into(),
             index: 3,
             duration: Duration::from_millis(1500),

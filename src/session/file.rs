@@ -44,6 +44,8 @@ pub struct FileStore {
     temp_grace: Duration,
     /// Where the next expiry scan starts (index into the sorted shard list).
     scan_cursor: Mutex<usize>,
+    /// fsync temp files and directories (see [`FileStore::with_fsync`]).
+    fsync: bool,
 }
 
 fn store_lock_key(id: &SessionId) -> String {
@@ -53,6 +55,16 @@ fn store_lock_key(id: &SessionId) -> String {
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+impl FileStore {
+    /// `fsync` the directory when durability is on.
+    fn sync_dir(&self, dir: &Path) -> Result<()> {
+        if self.fsync {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    }
 }
 
 fn mtime(md: &fs::Metadata) -> Timestamp {
@@ -80,6 +92,7 @@ impl FileStore {
             max_file_size: 16 << 20,
             temp_grace: Duration::from_secs(600),
             scan_cursor: Mutex::new(0),
+            fsync: true,
         })
     }
 
@@ -87,6 +100,16 @@ impl FileStore {
     /// Default 16 MiB.
     pub fn with_max_file_size(mut self, bytes: u64) -> Self {
         self.max_file_size = bytes;
+        self
+    }
+
+    /// Whether saves and deletes are durable (default `true`): the temporary
+    /// file is fsynced before the rename and the directory after it. With
+    /// `false`, a save is still atomic (write, rename: no process crash can
+    /// leave a torn record), but a power loss may lose the latest saves, as
+    /// with Beaker's or PHP's file sessions.
+    pub fn with_fsync(mut self, yes: bool) -> Self {
+        self.fsync = yes;
         self
     }
 
@@ -155,7 +178,9 @@ impl FileStore {
             .write(true)
             .create_new(true)
             .open(&path)?;
-        let r = f.write_all(bytes).and_then(|()| f.sync_all());
+        let r = f
+            .write_all(bytes)
+            .and_then(|()| if self.fsync { f.sync_all() } else { Ok(()) });
         if let Err(e) = r {
             let _ = fs::remove_file(&path);
             return Err(e.into());
@@ -204,7 +229,7 @@ impl Store for FileStore {
             Err(e) => return Err(e.into()),
         };
         if created_dir {
-            sync_dir(&self.root)?;
+            self.sync_dir(&self.root)?;
         }
         let path = self.path_of(id);
         // The slow part (write + fsync) happens before taking the store lock.
@@ -227,7 +252,7 @@ impl Store for FileStore {
         })();
         match outcome {
             Ok(true) => {
-                sync_dir(&dir)?;
+                self.sync_dir(&dir)?;
                 Ok(true)
             }
             other => {
@@ -276,7 +301,7 @@ impl Store for FileStore {
         let _lock = self.table.write(store_lock_key(id))?;
         match fs::remove_file(self.path_of(id)) {
             Ok(()) => {
-                sync_dir(&self.shard(id))?;
+                self.sync_dir(&self.shard(id))?;
                 Ok(true)
             }
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),

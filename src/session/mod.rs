@@ -107,6 +107,9 @@ pub struct SessionConfig {
     pub on_corrupt: CorruptPolicy,
     /// Time source. Default [`SystemClock`].
     pub clock: Arc<dyn Clock>,
+    /// Durable saves in the embedded [`FileStore`] of [`SessionManager::open`] /
+    /// [`SessionManager::new_embedded`] (see [`FileStore::with_fsync`]). Default `true`.
+    pub fsync: bool,
 }
 
 impl Default for SessionConfig {
@@ -121,6 +124,7 @@ impl Default for SessionConfig {
             max_tombstones: 256,
             on_corrupt: CorruptPolicy::Invalidate,
             clock: Arc::new(SystemClock),
+            fsync: true,
         }
     }
 }
@@ -235,7 +239,7 @@ impl SessionManager {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir)?;
         let table = LockTable::open(dir.join("locks.table"), &TableOptions::default())?;
-        let store = FileStore::open(dir.join("sessions"), table.clone())?;
+        let store = FileStore::open(dir.join("sessions"), table.clone())?.with_fsync(cfg.fsync);
         Ok(SessionManager::new(table, store, cfg))
     }
 
