@@ -287,3 +287,24 @@ fn a_cached_lookup_survives_its_slot_being_reused() {
     drop(g);
     assert!(other.try_write("a").unwrap().is_some());
 }
+
+#[test]
+fn too_many_processes_is_a_typed_error_and_a_slot_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t");
+    let opts = TableOptions::default().max_processes(2);
+    let a = LockTable::open(&path, &opts).unwrap();
+    let b = LockTable::open(&path, &opts).unwrap();
+    let e = LockTable::open(&path, &opts).unwrap_err();
+    assert!(
+        matches!(e, Error::TooManyProcesses { max_processes: 2 }),
+        "{e}"
+    );
+    let _held = a.write("x").unwrap();
+    drop(b);
+    let c = LockTable::open(&path, &opts).unwrap();
+    assert!(
+        c.try_read("x").unwrap().is_none(),
+        "a's hold survived b's detach"
+    );
+}
