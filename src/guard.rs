@@ -91,9 +91,10 @@ macro_rules! guard_common {
             /// Takes the hold out without running `Drop` (for mode changes).
             fn into_hold(self) -> Hold<'a> {
                 let mut this = ManuallyDrop::new(self);
-                // SAFETY: `this` is never used or dropped again (it is in a
+                // `this` is never used or dropped again (it is in a
                 // ManuallyDrop that goes out of scope), so the `Hold` is
                 // moved out exactly once.
+                // SAFETY: sound for the reasons just given.
                 unsafe { ManuallyDrop::take(&mut this.hold) }
             }
         }

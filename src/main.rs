@@ -519,8 +519,9 @@ mod cli {
 
     fn ignore_interrupts() {
         for sig in [libc::SIGINT, libc::SIGQUIT] {
-            // SAFETY: setting a signal's disposition to SIG_IGN installs no
+            // Setting a signal's disposition to SIG_IGN installs no
             // handler code; it is always sound.
+            // SAFETY: sound for the reasons just given.
             unsafe {
                 libc::signal(sig, libc::SIG_IGN);
             }

@@ -79,13 +79,14 @@ mod mapped {
         #[inline]
         fn u64_at(&self, offset: u64) -> &AtomicU64 {
             debug_assert!(offset % 8 == 0 && offset + 8 <= self.map.len() as u64);
-            // SAFETY: every caller passes an offset computed from the
+            // Every caller passes an offset computed from the
             // validated geometry, inside the mapping (file_size() bytes,
             // checked in `new`) and 8-aligned (the mapping is page aligned
             // and all layout offsets are multiples of 8). AtomicU64 has the
             // size and alignment of u64. The bytes are only ever accessed
             // atomically by every process, so no data race exists, and the
             // mapping outlives the returned reference (it borrows self).
+            // SAFETY: sound for the reasons just given.
             unsafe { &*(self.map.as_ptr().add(offset as usize) as *const AtomicU64) }
         }
 
@@ -112,10 +113,11 @@ mod mapped {
         fn slot(&self, index: usize) -> SlotRef<'_> {
             let base = self.slot_base(index);
             let lanes_ptr = self.u32_at(base + SLOT_LANES) as *const AtomicU32;
-            // SAFETY: the lanes of a slot are `max_processes` consecutive
+            // The lanes of a slot are `max_processes` consecutive
             // 4-byte words starting at base + SLOT_LANES, all inside the slot
             // (slot_size() reserves them, rounded up to a cache line) and so
             // inside the mapping; 4-aligned; accessed only atomically.
+            // SAFETY: sound for the reasons just given.
             let lanes = unsafe { std::slice::from_raw_parts(lanes_ptr, self.lanes) };
             SlotRef {
                 state: self.u64_at(base + SLOT_STATE),

@@ -42,8 +42,9 @@ pub(crate) fn ofd_lock(file: &File, byte: i64, kind: libc::c_int, wait: bool) ->
         libc::F_OFD_SETLK
     };
     loop {
-        // SAFETY: `fl` is a valid flock for the duration of the call and the
+        // `fl` is a valid flock for the duration of the call and the
         // descriptor is owned by `file`, which is borrowed for the call.
+        // SAFETY: sound for the reasons just given.
         let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl as *mut libc::flock) };
         if rc == 0 {
             return Ok(true);

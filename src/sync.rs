@@ -128,9 +128,10 @@ pub(crate) fn futex_wait(
     let ts_ptr = ts
         .as_ref()
         .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: `word` is a valid, aligned 32-bit atomic for the duration of the
+    // `word` is a valid, aligned 32-bit atomic for the duration of the
     // call (the caller's borrow keeps the mapping alive); FUTEX_WAIT only reads
     // it. `ts_ptr` is null or points at a live timespec on this stack frame.
+    // SAFETY: sound for the reasons just given.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_futex,
@@ -153,8 +154,9 @@ pub(crate) fn futex_wait(
 /// Wakes every waiter sleeping on `word` (in any process).
 #[cfg(not(locktable_loom))]
 pub(crate) fn futex_wake_all(word: &AtomicU32) {
-    // SAFETY: `word` is a valid aligned 32-bit word; FUTEX_WAKE does not
+    // `word` is a valid aligned 32-bit word; FUTEX_WAKE does not
     // access memory beyond using the address as a key.
+    // SAFETY: sound for the reasons just given.
     unsafe {
         libc::syscall(
             libc::SYS_futex,

@@ -140,8 +140,9 @@ extern "C" fn on_fork_child() {
 fn register_fork_handler() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        // SAFETY: registers a handler that only performs an atomic add,
+        // Registers a handler that only performs an atomic add,
         // which is async-signal-safe as required in a forked child.
+        // SAFETY: sound for the reasons just given.
         unsafe {
             libc::pthread_atfork(None, None, Some(on_fork_child));
         }
@@ -349,8 +350,9 @@ impl LockTable {
 
     /// A table in private memory (a `memfd`), for the threads of one process.
     pub fn anonymous(opts: &TableOptions) -> Result<LockTable> {
-        // SAFETY: the name is a valid NUL-terminated string; memfd_create
+        // The name is a valid NUL-terminated string; memfd_create
         // returns a new descriptor that we take ownership of below.
+        // SAFETY: sound for the reasons just given.
         let fd = unsafe { libc::memfd_create(c"locktable".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
             return Err(Error::Io(io::Error::last_os_error()));
