@@ -472,3 +472,38 @@ fn retirement_races_a_reader_safely() {
         }
     });
 }
+
+#[test]
+fn a_retirer_killed_mid_retirement_is_repaired_without_freeing_a_held_slot() {
+    model(|| {
+        let s = Arc::new(Shared {
+            model: Model::new(16, 2, None),
+            data: UnsafeCell::new(0),
+        });
+        let (slot, g) = s.model.find_or_insert((1, 2), 0).unwrap();
+        let reader = {
+            let s = s.clone();
+            thread::spawn(move || match s.model.read(1, slot, g, ModelWait::Try) {
+                Ok(_) => {
+                    let _ = s.read_data();
+                    true
+                }
+                Err(ModelFail::Stale) => false,
+                Err(e) => panic!("unexpected {e:?}"),
+            })
+        };
+        // The retirer takes the first step and dies; recovery repairs.
+        s.model.begin_retire_only(slot, g);
+        s.model.repair_retirement(slot);
+        let holding = reader.join().unwrap();
+        // The slot still serves its ID with the same generation, and a
+        // reader that got in still holds it.
+        assert!(s.model.is_active(slot, g));
+        assert_eq!(s.model.find((1, 2)), Some((slot, g)));
+        if holding {
+            assert!(!s.model.is_idle(slot));
+            s.model.release_read(1, slot);
+        }
+        assert!(s.model.is_idle(slot));
+    });
+}

@@ -7,6 +7,10 @@
 //! stored in structs or spawned tasks. Guards are `Send` either way, so an
 //! async handler can hold one across `.await`.
 //!
+//! In a process forked from the one that took the hold, a guard is inert:
+//! dropping or converting it changes nothing, because the hold belongs to
+//! the parent.
+//!
 //! May not touch: lock-word bits (it calls `SlotRef` methods).
 
 use std::mem::ManuallyDrop;
@@ -170,10 +174,14 @@ impl Drop for WriteGuard<'_> {
 impl<'a> UpgradableReadGuard<'a> {
     fn upgrade_with(self, wait: crate::lockword::Wait) -> Result<WriteGuard<'a>, Self> {
         let hold = self.into_hold();
-        let r: Result<Granted, _> =
+        let r: Result<Granted, _> = if hold.ours() {
             hold.table
                 .slot(hold.slot)
-                .upgrade(hold.me(), wait, &*hold.table);
+                .upgrade(hold.me(), wait, &*hold.table)
+        } else {
+            // A forked child: the hold is the parent's; change nothing.
+            Ok(Granted { owner_died: false })
+        };
         match r {
             Ok(g) => Ok(WriteGuard::new(
                 hold.table,
@@ -215,9 +223,11 @@ impl<'a> UpgradableReadGuard<'a> {
     /// Becomes a plain read hold; writers may then proceed once readers leave.
     pub fn downgrade(self) -> ReadGuard<'a> {
         let hold = self.into_hold();
-        hold.table
-            .slot(hold.slot)
-            .downgrade_upgradable_to_read(hold.me());
+        if hold.ours() {
+            hold.table
+                .slot(hold.slot)
+                .downgrade_upgradable_to_read(hold.me());
+        }
         ReadGuard::new(hold.table, hold.slot, hold.owner_died)
     }
 }
@@ -226,18 +236,22 @@ impl<'a> WriteGuard<'a> {
     /// Becomes a read hold without letting any writer in between.
     pub fn downgrade(self) -> ReadGuard<'a> {
         let hold = self.into_hold();
-        hold.table
-            .slot(hold.slot)
-            .downgrade_write_to_read(hold.me());
+        if hold.ours() {
+            hold.table
+                .slot(hold.slot)
+                .downgrade_write_to_read(hold.me());
+        }
         ReadGuard::new(hold.table, hold.slot, false)
     }
 
     /// Becomes an upgradable hold without letting any writer in between.
     pub fn downgrade_to_upgradable(self) -> UpgradableReadGuard<'a> {
         let hold = self.into_hold();
-        hold.table
-            .slot(hold.slot)
-            .downgrade_write_to_upgradable(hold.me());
+        if hold.ours() {
+            hold.table
+                .slot(hold.slot)
+                .downgrade_write_to_upgradable(hold.me());
+        }
         UpgradableReadGuard::new(hold.table, hold.slot, false)
     }
 }

@@ -219,8 +219,10 @@ fn unlock_bucket<R: Region + ?Sized>(region: &R, bucket: usize) {
 }
 
 /// Repairs the buckets whose lock the dead process `dead` held: a slot it
-/// left RETIRING goes FREE (a retirement either finished or had not
-/// published anything yet; readers of the old ID re-check the generation).
+/// left RETIRING goes back to ACTIVE with the same generation. The dead
+/// retirer may not have scanned the lanes yet, so a reader may still hold
+/// the slot; giving it back to its ID is right either way (an idle slot is
+/// simply retired again later).
 pub(crate) fn repair_buckets_of<R: Region + ?Sized>(region: &R, dead: u32) -> usize {
     repair_buckets_locked_by(region, dead as u64 + 1)
 }
@@ -235,10 +237,9 @@ fn repair_buckets_locked_by<R: Region + ?Sized>(region: &R, owner_word: u64) -> 
             continue;
         }
         for i in bucket_slots(b) {
-            let st = region.slot(i).state;
-            let s = st.load(Ordering::Acquire);
-            if lockword::phase(s) == lockword::PHASE_RETIRING {
-                st.store(s & !lockword::PHASE_MASK, Ordering::Release);
+            let slot = region.slot(i);
+            if lockword::phase(slot.state.load(Ordering::Acquire)) == lockword::PHASE_RETIRING {
+                slot.abandon_retirement();
             }
         }
         if word

@@ -35,6 +35,8 @@ mod sync;
 pub mod model;
 
 #[cfg(not(locktable_loom))]
+mod fork;
+#[cfg(not(locktable_loom))]
 mod guard;
 #[cfg(not(locktable_loom))]
 mod lookup_cache;

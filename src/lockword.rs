@@ -669,21 +669,23 @@ impl<'a> SlotRef<'a> {
 
     /// Tries to retire an idle ACTIVE slot of generation `g` so it can serve
     /// another ID. Only the holder of the slot's bucket lock calls this.
-    /// Idle: no writer, upgrader, sleeper, unreported owner death, and every
-    /// lane zero. ACTIVE -> RETIRING is the writer side of a Dekker pair with
-    /// `try_read_once` (lane add, then state load).
+    /// Idle: no writer, upgrader, waiting writer or unreported owner death,
+    /// and every lane zero (no read hold, no registered waiter). ACTIVE ->
+    /// RETIRING is the writer side of a Dekker pair with `try_read_once`
+    /// (lane add, then state load).
+    ///
+    /// PARKED does not block retirement: a waiter that is still waiting is
+    /// registered in its lane, so PARKED alone is a stray mark (a waiter that
+    /// saw the slot change and left, or one that died). Leaving it would pin
+    /// the slot forever. Anyone who might sleep on the slot is woken when it
+    /// goes FREE and finds it stale.
     pub(crate) fn try_retire(&self, g: u32) -> bool {
         let s = self.state.load(Ordering::Acquire);
-        let busy = WRITER_MASK | UPGRADER_MASK | PARKED | WRITER_WAITING | OWNER_DIED;
+        let busy = WRITER_MASK | UPGRADER_MASK | WRITER_WAITING | OWNER_DIED;
         if !is_active(s, g) || s & busy != 0 {
             return false;
         }
-        let retiring = (s & !PHASE_MASK) | PHASE_RETIRING;
-        if self
-            .state
-            .compare_exchange(s, retiring, Ordering::SeqCst, Ordering::Relaxed)
-            .is_err()
-        {
+        if !self.begin_retire(s) {
             return false;
         }
         sync::dekker_fence();
@@ -692,30 +694,48 @@ impl<'a> SlotRef<'a> {
             .iter()
             .all(|l| l.load(Ordering::SeqCst) == 0)
         {
-            self.state
-                .store((retiring & !PHASE_MASK) | PHASE_FREE, Ordering::Release);
+            self.set_phase_and_wake(PHASE_FREE);
             true
         } else {
-            // Someone announced a read: give the slot back. PARKED may have
-            // been set meanwhile by a reader that saw RETIRING; wake it.
-            let mut cur = self.state.load(Ordering::Acquire);
-            loop {
-                let back = (cur & !(PHASE_MASK | PARKED)) | PHASE_ACTIVE;
-                match self.state.compare_exchange_weak(
-                    cur,
-                    back,
-                    Ordering::SeqCst,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => break,
-                    Err(v) => cur = v,
-                }
-            }
-            if cur & PARKED != 0 {
-                self.seq.fetch_add(1, Ordering::SeqCst);
-                sync::futex_wake_all(self.seq);
-            }
+            self.abandon_retirement();
             false
+        }
+    }
+
+    /// First step of a retirement: ACTIVE -> RETIRING (SeqCst), from the
+    /// state `s` the caller found idle.
+    pub(crate) fn begin_retire(&self, s: u64) -> bool {
+        let retiring = (s & !PHASE_MASK) | PHASE_RETIRING;
+        self.state
+            .compare_exchange(s, retiring, Ordering::SeqCst, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// RETIRING -> ACTIVE with the same generation: the slot keeps serving
+    /// its ID. Used when a retirement finds a reader, and by the repair of
+    /// a retirer that died (which cannot know whether its lane scan would
+    /// have found one).
+    pub(crate) fn abandon_retirement(&self) {
+        self.set_phase_and_wake(PHASE_ACTIVE);
+    }
+
+    /// Sets the phase (keeping GEN), clears PARKED and wakes sleepers if
+    /// it was set: they re-check and find the slot active or stale.
+    fn set_phase_and_wake(&self, phase: u64) {
+        let mut cur = self.state.load(Ordering::Acquire);
+        loop {
+            let next = (cur & !(PHASE_MASK | PARKED)) | phase;
+            match self
+                .state
+                .compare_exchange_weak(cur, next, Ordering::SeqCst, Ordering::Acquire)
+            {
+                Ok(_) => break,
+                Err(v) => cur = v,
+            }
+        }
+        if cur & PARKED != 0 {
+            self.seq.fetch_add(1, Ordering::SeqCst);
+            sync::futex_wake_all(self.seq);
         }
     }
 }

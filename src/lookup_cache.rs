@@ -29,6 +29,7 @@ struct Entry {
     id: [u8; MAX_CACHED_ID],
     slot: u32,
     gen: u32,
+    tag: [u64; 2],
 }
 
 const EMPTY: Entry = Entry {
@@ -37,7 +38,18 @@ const EMPTY: Entry = Entry {
     id: [0; MAX_CACHED_ID],
     slot: 0,
     gen: 0,
+    tag: [0; 2],
 };
+
+/// Where an ID was found: its slot, the slot's generation then, and the
+/// ID's tag (checked against the slot's tag on a hit, so that a generation
+/// that wrapped around cannot make a stale hint look valid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Hint {
+    pub(crate) slot: u32,
+    pub(crate) gen: u32,
+    pub(crate) tag: [u64; 2],
+}
 
 thread_local! {
     static CACHE: RefCell<[Entry; ENTRIES]> = const { RefCell::new([EMPTY; ENTRIES]) };
@@ -78,9 +90,9 @@ fn index_of(table: u64, id: &[u8]) -> usize {
     ((h ^ (h >> 32)) as usize) % ENTRIES
 }
 
-/// The cached (slot, generation) of `id` in table `table`, if any.
+/// The cached hint for `id` in table `table`, if any.
 #[inline]
-pub(crate) fn get(table: u64, id: &[u8]) -> Option<(u32, u32)> {
+pub(crate) fn get(table: u64, id: &[u8]) -> Option<Hint> {
     if id.len() > MAX_CACHED_ID {
         return None;
     }
@@ -88,14 +100,19 @@ pub(crate) fn get(table: u64, id: &[u8]) -> Option<(u32, u32)> {
     CACHE.with(|c| {
         let c = c.borrow();
         let e = &c[i];
-        (e.table == table && e.len as usize == id.len() && &e.id[..id.len()] == id)
-            .then_some((e.slot, e.gen))
+        (e.table == table && e.len as usize == id.len() && &e.id[..id.len()] == id).then_some(
+            Hint {
+                slot: e.slot,
+                gen: e.gen,
+                tag: e.tag,
+            },
+        )
     })
 }
 
 /// Remembers where `id` lives.
 #[inline]
-pub(crate) fn put(table: u64, id: &[u8], slot: u32, gen: u32) {
+pub(crate) fn put(table: u64, id: &[u8], hint: Hint) {
     if id.len() > MAX_CACHED_ID {
         return;
     }
@@ -106,8 +123,9 @@ pub(crate) fn put(table: u64, id: &[u8], slot: u32, gen: u32) {
         e.table = table;
         e.len = id.len() as u8;
         e.id[..id.len()].copy_from_slice(id);
-        e.slot = slot;
-        e.gen = gen;
+        e.slot = hint.slot;
+        e.gen = hint.gen;
+        e.tag = hint.tag;
     });
 }
 
@@ -128,23 +146,28 @@ mod tests {
     #[test]
     fn hits_only_for_the_same_table_and_id() {
         let (a, b) = (new_table_uid(), new_table_uid());
-        put(a, b"session-1", 7, 3);
-        assert_eq!(get(a, b"session-1"), Some((7, 3)));
+        let h = |slot, gen| Hint {
+            slot,
+            gen,
+            tag: [slot as u64, gen as u64],
+        };
+        put(a, b"session-1", h(7, 3));
+        assert_eq!(get(a, b"session-1"), Some(h(7, 3)));
         assert_eq!(get(b, b"session-1"), None);
         assert_eq!(get(a, b"session-2"), None);
         assert_eq!(get(a, b"session-"), None);
         assert_eq!(get(a, b"session-1x"), None);
         assert_eq!(get(a, b"sessiOn-1"), None);
         let long_id = b"0123456789abcdef0123456789abcdef0123456789abcdef";
-        put(a, long_id, 9, 9);
-        assert_eq!(get(a, long_id), Some((9, 9)));
+        put(a, long_id, h(9, 9));
+        assert_eq!(get(a, long_id), Some(h(9, 9)));
         let mut other = *long_id;
         other[20] = b'X';
         assert_eq!(get(a, &other), None);
         evict(a, b"session-1");
         assert_eq!(get(a, b"session-1"), None);
         let long = [1u8; MAX_CACHED_ID + 1];
-        put(a, &long, 1, 1);
+        put(a, &long, h(1, 1));
         assert_eq!(get(a, &long), None);
     }
 }

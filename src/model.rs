@@ -230,6 +230,29 @@ impl Model {
         self.slot(i).try_retire(g)
     }
 
+    /// The first step of a retirement alone (a retirer killed after it).
+    pub fn begin_retire_only(&self, i: usize, g: u32) -> bool {
+        let slot = self.slot(i);
+        let s = slot.state.load(Ordering::Acquire);
+        lockword::gen(s) == g
+            && lockword::phase(s) == lockword::PHASE_ACTIVE
+            && slot.begin_retire(s)
+    }
+
+    /// What recovery does for a dead retirer's bucket: give the slot back.
+    pub fn repair_retirement(&self, i: usize) {
+        let slot = self.slot(i);
+        if lockword::phase(slot.state.load(Ordering::Acquire)) == lockword::PHASE_RETIRING {
+            slot.abandon_retirement();
+        }
+    }
+
+    /// True when slot `i` is ACTIVE with generation `g`.
+    pub fn is_active(&self, i: usize, g: u32) -> bool {
+        let s = self.slot(i).state.load(Ordering::SeqCst);
+        lockword::phase(s) == lockword::PHASE_ACTIVE && lockword::gen(s) == g
+    }
+
     /// True when slot `i` has no holder, claim, or read announcement left.
     pub fn is_idle(&self, i: usize) -> bool {
         let s = self.slot(i);

@@ -45,8 +45,15 @@ mod mapped {
     use memmap2::MmapRaw;
 
     /// A `MAP_SHARED` mapping of a whole, validated table file.
+    ///
+    /// The mapping is not inherited by forked children (`MADV_DONTFORK`): a
+    /// child's copy would hold a reference to the open file description and
+    /// so keep the parent's liveness lease (an OFD lock) alive after the
+    /// parent died. In a child the region is therefore never touched, and
+    /// its drop does not unmap (the address range is not ours there).
     pub(crate) struct MappedRegion {
-        map: MmapRaw,
+        map: std::mem::ManuallyDrop<MmapRaw>,
+        fork_epoch: u64,
         geometry: Geometry,
         /// Precomputed from the geometry: the acquire and release paths
         /// compute a slot's address on every call.
@@ -62,8 +69,16 @@ mod mapped {
             if (map.len() as u64) < geometry.file_size() || map.as_ptr() as usize % 4096 != 0 {
                 return None;
             }
+            // Not inherited across fork (see the type's docs). Best effort:
+            // a kernel without it only loses the fork protection.
+            // SAFETY: the range is exactly our own live mapping; the advice
+            // changes only what a future fork() copies.
+            unsafe {
+                libc::madvise(map.as_mut_ptr().cast(), map.len(), libc::MADV_DONTFORK);
+            }
             Some(MappedRegion {
-                map,
+                map: std::mem::ManuallyDrop::new(map),
+                fork_epoch: crate::fork::epoch(),
                 geometry,
                 slots_offset: geometry.slots_offset() as usize,
                 slot_size: geometry.slot_size() as usize,
@@ -101,6 +116,17 @@ mod mapped {
         fn slot_base(&self, index: usize) -> u64 {
             assert!(index < self.capacity);
             (self.slots_offset + self.slot_size * index) as u64
+        }
+    }
+
+    impl Drop for MappedRegion {
+        fn drop(&mut self) {
+            if crate::fork::epoch() == self.fork_epoch {
+                // SAFETY: dropped exactly once, here; not used after.
+                unsafe { std::mem::ManuallyDrop::drop(&mut self.map) }
+            }
+            // In a forked child the mapping was never inherited
+            // (MADV_DONTFORK): unmapping that range could hit another mapping.
         }
     }
 

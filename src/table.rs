@@ -11,7 +11,6 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64 as StdAtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use memmap2::MmapOptions;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
+use crate::fork::{self, ForkSafeFile};
 use crate::guard::{ReadGuard, TableRef, UpgradableReadGuard, WriteGuard};
 use crate::index::{self, Tag};
 use crate::layout::{
@@ -129,29 +129,9 @@ impl TableOptions {
     }
 }
 
-/// Incremented in every child after `fork()`; a handle remembers the value
-/// it was attached under and refuses to act in a child.
-static FORK_EPOCH: StdAtomicU64 = StdAtomicU64::new(0);
-
-extern "C" fn on_fork_child() {
-    FORK_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-}
-
-fn register_fork_handler() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // Registers a handler that only performs an atomic add,
-        // which is async-signal-safe as required in a forked child.
-        // SAFETY: sound for the reasons just given.
-        unsafe {
-            libc::pthread_atfork(None, None, Some(on_fork_child));
-        }
-    });
-}
-
 pub(crate) struct Inner {
     pub(crate) region: MappedRegion,
-    file: File,
+    file: ForkSafeFile,
     pub(crate) me: u32,
     hash_key: [u64; 2],
     poll_interval: Duration,
@@ -167,7 +147,7 @@ pub(crate) struct Inner {
 impl Inner {
     #[inline]
     pub(crate) fn forked(&self) -> bool {
-        FORK_EPOCH.load(std::sync::atomic::Ordering::Relaxed) != self.fork_epoch
+        fork::epoch() != self.fork_epoch
     }
 
     #[inline]
@@ -308,8 +288,23 @@ fn create_in(file: &File, opts: &TableOptions) -> Result<Header> {
     // full header without READY, both of which the next open recreates.
     file.write_all_at(&header.encode(), 0)?;
     file.set_len(header.geometry.file_size())?;
+    allocate(file, header.geometry.file_size())?;
     file.write_all_at(&INIT_READY.to_ne_bytes(), INIT_STATE_OFFSET)?;
     Ok(header)
+}
+
+/// Reserves the file's blocks now, so that a full disk is an error at
+/// creation rather than a SIGBUS at the first touch of a sparse page of the
+/// mapping. A file system without the call (EOPNOTSUPP) keeps the sparse
+/// file, as before.
+fn allocate(file: &File, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain system call on a descriptor borrowed for its duration.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+    match rc {
+        0 | libc::EOPNOTSUPP | libc::EINVAL => Ok(()),
+        e => Err(Error::Io(io::Error::from_raw_os_error(e))),
+    }
 }
 
 fn read_header(file: &File, len: u64) -> Result<Header> {
@@ -363,7 +358,9 @@ impl LockTable {
     }
 
     fn attach_file(file: File, opts: &TableOptions, path: Option<PathBuf>) -> Result<LockTable> {
-        register_fork_handler();
+        // Registered for closing in forked children before any lock is
+        // taken on it (see `fork`).
+        let file = ForkSafeFile::new(file);
         let meta = file.metadata()?;
         let ft = meta.file_type();
         if !ft.is_file() {
@@ -389,7 +386,7 @@ impl LockTable {
         opts.check_geometry(header.geometry)?;
         let map = MmapOptions::new()
             .len(header.geometry.file_size() as usize)
-            .map_raw(&file)?;
+            .map_raw(&*file)?;
         let region = MappedRegion::new(map, header.geometry)
             .ok_or_else(|| Error::Corrupt("mapping shorter than the table".into()))?;
         if region.init_state().load(Ordering::Acquire) != INIT_READY {
@@ -407,6 +404,7 @@ impl LockTable {
             }
         };
         drop(init);
+        let fork_epoch = file.epoch();
         let table = LockTable {
             inner: Arc::new(Inner {
                 region,
@@ -415,7 +413,7 @@ impl LockTable {
                 hash_key: header.hash_key,
                 poll_interval: opts.poll_interval,
                 reap_lock: Mutex::new(()),
-                fork_epoch: FORK_EPOCH.load(std::sync::atomic::Ordering::Relaxed),
+                fork_epoch,
                 path,
                 uid: lookup_cache::new_table_uid(),
             }),
@@ -494,10 +492,15 @@ impl LockTable {
     ) -> Result<Option<(u32, Granted)>> {
         self.check_fork()?;
         let inner = &*self.inner;
-        if let Some((slot, g)) = lookup_cache::get(inner.uid, id) {
-            match op(inner.slot(slot), g) {
-                Err(Fail::Stale) => lookup_cache::evict(inner.uid, id),
-                other => return Self::outcome(slot, other),
+        if let Some(hint) = lookup_cache::get(inner.uid, id) {
+            // The generation check inside `op` detects reuse; the tag check
+            // also covers a generation that wrapped around (2^24 reuses).
+            let [t0, t1] = inner.region.slot_tag(hint.slot as usize);
+            let same_id = t0.load(Ordering::Acquire) == hint.tag[0]
+                && t1.load(Ordering::Acquire) == hint.tag[1];
+            match same_id.then(|| op(inner.slot(hint.slot), hint.gen)) {
+                Some(Err(Fail::Stale)) | None => lookup_cache::evict(inner.uid, id),
+                Some(other) => return Self::outcome(hint.slot, other),
             }
         }
         let tag = self.tag(id)?;
@@ -517,7 +520,12 @@ impl LockTable {
             match op(inner.slot(slot), g) {
                 Err(Fail::Stale) => continue,
                 other => {
-                    lookup_cache::put(inner.uid, id, slot, g);
+                    let hint = lookup_cache::Hint {
+                        slot,
+                        gen: g,
+                        tag: [tag.0, tag.1],
+                    };
+                    lookup_cache::put(inner.uid, id, hint);
                     return Self::outcome(slot, other);
                 }
             }

@@ -46,6 +46,8 @@ pub struct FileStore {
     scan_cursor: Mutex<usize>,
     /// fsync temp files and directories (see [`FileStore::with_fsync`]).
     fsync: bool,
+    /// Shard directories whose entry in the root this store has fsynced.
+    synced_shards: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 fn store_lock_key(id: &SessionId) -> String {
@@ -93,6 +95,7 @@ impl FileStore {
             temp_grace: Duration::from_secs(600),
             scan_cursor: Mutex::new(0),
             fsync: true,
+            synced_shards: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -211,7 +214,8 @@ impl Store for FileStore {
             });
         }
         let mut bytes = Vec::with_capacity(md.len() as usize);
-        f.take(self.max_file_size + 1).read_to_end(&mut bytes)?;
+        f.take(self.max_file_size.saturating_add(1))
+            .read_to_end(&mut bytes)?;
         let header = record::peek_header(&bytes)?;
         Ok(Some(StoredSession {
             version: header.version,
@@ -223,13 +227,18 @@ impl Store for FileStore {
 
     fn save(&self, id: &SessionId, expected: Option<u64>, new: &StoredSession) -> Result<bool> {
         let dir = self.shard(id);
-        let created_dir = match fs::create_dir(&dir) {
-            Ok(()) => true,
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => false,
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e.into()),
-        };
-        if created_dir {
-            self.sync_dir(&self.root)?;
+        }
+        // The shard's entry in the root must be durable before a record in
+        // it is reported saved, whoever created the shard (its creator may
+        // have crashed before its own fsync): fsync the root once per shard
+        // per store.
+        if self.fsync && !self.synced_shards.lock().contains(&dir) {
+            sync_dir(&self.root)?;
+            self.synced_shards.lock().insert(dir.clone());
         }
         let path = self.path_of(id);
         // The slow part (write + fsync) happens before taking the store lock.

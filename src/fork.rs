@@ -1,0 +1,118 @@
+//! What a child process inherits across `fork()`, and how it is disowned.
+//!
+//! Owns: the process-global fork epoch and the registry of table file
+//! descriptors that a forked child must close.
+//!
+//! Why: a table's liveness lease is an OFD lock, which the kernel drops when
+//! the *last* descriptor of the open file description closes. A child made
+//! by `fork()` (without exec) holds a copy of that descriptor, so while any
+//! such child lives, a dead parent would still look alive and its holds
+//! would never be recovered (pre-forking servers do exactly this). The
+//! `pthread_atfork` child handler therefore closes every registered table
+//! descriptor in the child, and bumps the epoch so that the child's copies
+//! of handles and guards refuse to act (the holds are the parent's).
+//!
+//! May not touch: tables; it only sees descriptor numbers.
+
+use std::fs::File;
+use std::mem::ManuallyDrop;
+use std::ops::Deref;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+
+/// Incremented in every child after `fork()`.
+static EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// Table descriptors to close in a child. A lock-free array: the child
+/// handler runs where only async-signal-safe operations are allowed.
+const MAX_REGISTERED: usize = 1024;
+static FDS: [AtomicI32; MAX_REGISTERED] = [const { AtomicI32::new(-1) }; MAX_REGISTERED];
+
+extern "C" fn on_fork_child() {
+    EPOCH.fetch_add(1, Ordering::Relaxed);
+    for slot in &FDS {
+        let fd = slot.load(Ordering::Relaxed);
+        if fd >= 0 {
+            // Closing a descriptor is async-signal-safe; the parent's copy
+            // and its OFD locks are unaffected.
+            // SAFETY: `close` on a descriptor number that this process
+            // inherited from its parent; nothing in the child uses it again
+            // (ForkSafeFile::drop skips it once the epoch changed).
+            unsafe {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
+fn install_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The handler only does atomic loads and adds and `close`, all
+        // async-signal-safe as a child handler requires.
+        // SAFETY: sound for the reasons just given.
+        unsafe {
+            libc::pthread_atfork(None, None, Some(on_fork_child));
+        }
+    });
+}
+
+/// The current fork epoch of this process.
+#[inline]
+pub(crate) fn epoch() -> u64 {
+    EPOCH.load(Ordering::Relaxed)
+}
+
+/// A table file whose descriptor a forked child closes at once.
+pub(crate) struct ForkSafeFile {
+    file: ManuallyDrop<File>,
+    slot: Option<usize>,
+    epoch: u64,
+}
+
+impl ForkSafeFile {
+    /// Registers `file`. With more than 1024 tables open at once the
+    /// descriptor is not registered (a child then keeps it, as before).
+    pub(crate) fn new(file: File) -> ForkSafeFile {
+        install_handler();
+        let fd = file.as_raw_fd();
+        let slot = FDS.iter().position(|s| {
+            s.compare_exchange(-1, fd, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        });
+        ForkSafeFile {
+            file: ManuallyDrop::new(file),
+            slot,
+            epoch: epoch(),
+        }
+    }
+
+    /// The fork epoch this file was opened under.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+}
+
+impl Deref for ForkSafeFile {
+    type Target = File;
+    fn deref(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Drop for ForkSafeFile {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            if epoch() != self.epoch {
+                // A child: the fork handler closed this descriptor already,
+                // and the number may name another file now. Do not close.
+                return;
+            }
+            // Unregister before closing, so that a fork in between cannot
+            // make a child close a reused number.
+            FDS[i].store(-1, Ordering::Release);
+        }
+        // SAFETY: dropped exactly once, here; the file is not used after.
+        unsafe { ManuallyDrop::drop(&mut self.file) }
+    }
+}
