@@ -174,9 +174,15 @@ impl Store for CountingStore {
         }
         Ok(ok)
     }
-    fn touch(&self, id: &SessionId, at: Timestamp, coalesce: Duration) -> locktable::Result<Touch> {
+    fn touch(
+        &self,
+        id: &SessionId,
+        at: Timestamp,
+        coalesce: Duration,
+        idle_before: Timestamp,
+    ) -> locktable::Result<Touch> {
         self.counts.touch_calls.fetch_add(1, Ordering::Relaxed);
-        let t = self.inner.touch(id, at, coalesce)?;
+        let t = self.inner.touch(id, at, coalesce, idle_before)?;
         if t == Touch::Written {
             self.counts.touches_written.fetch_add(1, Ordering::Relaxed);
         }

@@ -75,7 +75,9 @@ pub fn load_absent<S: Store>(f: Fixture<S>) {
     assert!(f.store.last_accessed(&id()).unwrap().is_none());
     assert!(!f.store.delete(&id()).unwrap());
     assert_eq!(
-        f.store.touch(&id(), T0, Duration::ZERO).unwrap(),
+        f.store
+            .touch(&id(), T0, Duration::ZERO, Timestamp(0))
+            .unwrap(),
         Touch::Missing
     );
 }
@@ -122,15 +124,42 @@ pub fn touch_is_monotonic_coalesced_and_leaves_data<S: Store>(f: Fixture<S>) {
     let before = s.load(&i).unwrap().unwrap().bytes;
     let t = |secs| T0.saturating_add(Duration::from_secs(secs));
     let c = Duration::from_secs(10);
-    assert_eq!(s.touch(&i, t(5), c).unwrap(), Touch::Skipped);
-    assert_eq!(s.touch(&i, t(20), c).unwrap(), Touch::Written);
+    assert_eq!(s.touch(&i, t(5), c, Timestamp(0)).unwrap(), Touch::Skipped);
+    assert_eq!(s.touch(&i, t(20), c, Timestamp(0)).unwrap(), Touch::Written);
     assert_eq!(s.last_accessed(&i).unwrap(), Some(t(20)));
-    assert_eq!(s.touch(&i, t(3), Duration::ZERO).unwrap(), Touch::Skipped);
+    assert_eq!(
+        s.touch(&i, t(3), Duration::ZERO, Timestamp(0)).unwrap(),
+        Touch::Skipped
+    );
     assert_eq!(s.last_accessed(&i).unwrap(), Some(t(20)));
-    assert_eq!(s.touch(&i, t(21), Duration::ZERO).unwrap(), Touch::Written);
+    assert_eq!(
+        s.touch(&i, t(21), Duration::ZERO, Timestamp(0)).unwrap(),
+        Touch::Written
+    );
     let after = s.load(&i).unwrap().unwrap();
     assert_eq!(after.bytes, before);
     assert_eq!((after.version, after.last_accessed), (1, t(21)));
+}
+
+/// A touch never revives a session whose stored access time is already
+/// past the idle cut-off: it writes nothing and says so.
+pub fn touch_does_not_revive_an_idle_expired_session<S: Store>(f: Fixture<S>) {
+    let s = &f.store;
+    let i = id();
+    let t = |secs| T0.saturating_add(Duration::from_secs(secs));
+    assert!(s.save(&i, None, &rec(1, t(0), t(10), "a")).unwrap());
+    let idle_before = t(50);
+    assert_eq!(
+        s.touch(&i, t(100), Duration::ZERO, idle_before).unwrap(),
+        Touch::Expired
+    );
+    assert_eq!(s.last_accessed(&i).unwrap(), Some(t(10)));
+    // Not yet expired: written.
+    assert_eq!(
+        s.touch(&i, t(100), Duration::ZERO, t(5)).unwrap(),
+        Touch::Written
+    );
+    assert_eq!(s.last_accessed(&i).unwrap(), Some(t(100)));
 }
 
 pub fn delete_removes_everything<S: Store>(f: Fixture<S>) {
@@ -207,7 +236,7 @@ pub fn concurrent_touches_keep_the_maximum<S: Store>(f: Fixture<S>) {
             sc.spawn(move || {
                 for k in 0..100u64 {
                     let at = T0.saturating_add(Duration::from_millis(1 + (k * 7 + t * 13) % 400));
-                    s.touch(i, at, Duration::ZERO).unwrap();
+                    s.touch(i, at, Duration::ZERO, Timestamp(0)).unwrap();
                 }
             });
         }
@@ -298,6 +327,10 @@ macro_rules! conformance {
             #[test]
             fn save_keeps_the_newer_access_time() {
                 super::save_keeps_the_newer_access_time($factory());
+            }
+            #[test]
+            fn touch_does_not_revive_an_idle_expired_session() {
+                super::touch_does_not_revive_an_idle_expired_session($factory());
             }
             #[test]
             fn touch_is_monotonic_coalesced_and_leaves_data() {

@@ -271,13 +271,20 @@ impl Store for FileStore {
         }
     }
 
-    fn touch(&self, id: &SessionId, at: Timestamp, coalesce: Duration) -> Result<Touch> {
+    fn touch(
+        &self,
+        id: &SessionId,
+        at: Timestamp,
+        coalesce: Duration,
+        idle_before: Timestamp,
+    ) -> Result<Touch> {
         let path = self.path_of(id);
         let check = |path: &Path| -> Result<Option<Touch>> {
             match fs::metadata(path) {
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(Some(Touch::Missing)),
                 Err(e) => Err(e.into()),
                 Ok(md) if mtime(&md) >= at.saturating_sub(coalesce) => Ok(Some(Touch::Skipped)),
+                Ok(md) if mtime(&md) < idle_before => Ok(Some(Touch::Expired)),
                 Ok(_) => Ok(None),
             }
         };

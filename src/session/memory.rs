@@ -52,11 +52,18 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
-    fn touch(&self, id: &SessionId, at: Timestamp, coalesce: Duration) -> Result<Touch> {
+    fn touch(
+        &self,
+        id: &SessionId,
+        at: Timestamp,
+        coalesce: Duration,
+        idle_before: Timestamp,
+    ) -> Result<Touch> {
         let mut map = self.map.lock();
         Ok(match map.get_mut(id) {
             None => Touch::Missing,
             Some(s) if s.last_accessed >= at.saturating_sub(coalesce) => Touch::Skipped,
+            Some(s) if s.last_accessed < idle_before => Touch::Expired,
             Some(s) => {
                 s.last_accessed = at;
                 Touch::Written

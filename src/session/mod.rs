@@ -755,10 +755,16 @@ impl Session {
                 _ => return Ok(()),
             }
         }
-        match self.mgr.store.touch(&self.id, self.accessed, interval)? {
+        // The store re-checks idle expiry atomically with the write, so a
+        // session that expired since the check above is not revived.
+        match self
+            .mgr
+            .store
+            .touch(&self.id, self.accessed, interval, cutoffs.idle_before)?
+        {
             Touch::Written => bump(&c.touches_written),
             Touch::Skipped => bump(&c.touches_skipped),
-            Touch::Missing => {}
+            Touch::Missing | Touch::Expired => {}
         }
         Ok(())
     }

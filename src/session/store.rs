@@ -155,6 +155,9 @@ pub enum Touch {
     Skipped,
     /// No such session.
     Missing,
+    /// The stored last-accessed time was already older than the idle
+    /// cut-off: the session is expired and a touch must not revive it.
+    Expired,
 }
 
 /// Expiry cut-offs for [`Store::list_expired`].
@@ -181,7 +184,9 @@ impl Cutoffs {
 ///   (`None`: the session must not exist), and stores `last_accessed` as the maximum of the stored
 ///   and the given one. It returns `Ok(false)`, writing nothing, when the comparison fails.
 /// - `touch` never moves the last-accessed time backwards, never changes the record, and skips
-///   the write when the stored time is already `>= at - coalesce`.
+///   the write when the stored time is already `>= at - coalesce`. It writes nothing and returns
+///   [`Touch::Expired`] when the stored time is older than `idle_before`, checked atomically
+///   with the write, so that no touch revives a session another request already saw expired.
 /// - `delete` removes record and access time; `list_expired` returns at most `limit` IDs whose
 ///   sessions are expired under `cutoffs` (it may include unreadable entries, which the manager
 ///   validates and removes).
@@ -193,7 +198,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Compare-and-swap save; see the trait docs.
     fn save(&self, id: &SessionId, expected: Option<u64>, new: &StoredSession) -> Result<bool>;
     /// Records an access without rewriting the data; see the trait docs.
-    fn touch(&self, id: &SessionId, at: Timestamp, coalesce: Duration) -> Result<Touch>;
+    fn touch(
+        &self,
+        id: &SessionId,
+        at: Timestamp,
+        coalesce: Duration,
+        idle_before: Timestamp,
+    ) -> Result<Touch>;
     /// The stored last-accessed time, cheaply (no record read).
     fn last_accessed(&self, id: &SessionId) -> Result<Option<Timestamp>>;
     /// Deletes a session; `Ok(true)` if it existed.
