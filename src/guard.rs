@@ -55,10 +55,12 @@ struct Hold<'a> {
 }
 
 impl Hold<'_> {
+    #[inline]
     fn me(&self) -> u32 {
         self.table.me
     }
     /// False in a forked child: the hold belongs to the parent's record.
+    #[inline]
     fn ours(&self) -> bool {
         !self.table.forked()
     }
@@ -67,6 +69,7 @@ impl Hold<'_> {
 macro_rules! guard_common {
     ($name:ident) => {
         impl<'a> $name<'a> {
+            #[inline]
             pub(crate) fn new(table: TableRef<'a>, slot: u32, owner_died: bool) -> Self {
                 $name {
                     hold: ManuallyDrop::new(Hold {
@@ -139,6 +142,7 @@ guard_common!(UpgradableReadGuard);
 guard_common!(WriteGuard);
 
 impl Drop for ReadGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         if self.hold.ours() {
             self.hold
@@ -152,6 +156,7 @@ impl Drop for ReadGuard<'_> {
 }
 
 impl Drop for UpgradableReadGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         if self.hold.ours() {
             self.hold.table.slot(self.hold.slot).release_upgradable();
@@ -162,6 +167,7 @@ impl Drop for UpgradableReadGuard<'_> {
 }
 
 impl Drop for WriteGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         if self.hold.ours() {
             self.hold.table.slot(self.hold.slot).release_write();

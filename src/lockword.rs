@@ -200,6 +200,7 @@ impl<'a> SlotRef<'a> {
         v
     }
 
+    #[inline]
     fn lane(&self, me: u32) -> &'a AtomicU32 {
         &self.lanes[me as usize]
     }
@@ -209,12 +210,14 @@ impl<'a> SlotRef<'a> {
     /// before it can announce anything in its lane, so a checker that loads
     /// the mark after its own SeqCst claim sees every lane whose
     /// announcement precedes the claim (the rest see the claim and back off).
+    #[inline]
     fn used_lanes(&self) -> &'a [AtomicU32] {
         let n = self.lanes_in_use.load(Ordering::SeqCst) as usize;
         &self.lanes[..n.min(self.lanes.len())]
     }
 
     /// True when no process has a read hold on this slot.
+    #[inline]
     fn readers_drained(&self) -> bool {
         self.used_lanes()
             .iter()
@@ -226,6 +229,7 @@ impl<'a> SlotRef<'a> {
     /// reader's Dekker pair. (A `fetch_add` undone at the bound is as
     /// correct and a nanosecond cheaper, but it multiplied the loom
     /// recovery models' state space by 15.)
+    #[inline]
     fn lane_add_reader(&self, me: u32) -> bool {
         let lane = self.lane(me);
         let mut cur = lane.load(Ordering::Relaxed);
@@ -243,6 +247,7 @@ impl<'a> SlotRef<'a> {
     /// Drops one read hold of `me`, then wakes sleepers if any are marked.
     /// SeqCst sub then SeqCst load: the releaser's half of the Dekker pair
     /// with a sleeper's "set PARKED, re-check lanes".
+    #[inline]
     fn lane_remove_reader(&self, me: u32) {
         self.lane(me).fetch_sub(1, Ordering::SeqCst);
         sync::dekker_fence();
@@ -284,6 +289,7 @@ impl<'a> SlotRef<'a> {
     }
 
     /// Clears `bits` from the state word and wakes sleepers if PARKED was set.
+    #[inline]
     fn clear_and_wake(&self, bits: u64) -> u64 {
         let old = self.state.fetch_and(!(bits | PARKED), Ordering::SeqCst);
         if old & PARKED != 0 {
@@ -298,6 +304,7 @@ impl<'a> SlotRef<'a> {
     // -----------------------------------------------------------------
 
     /// One attempt to take a read hold.
+    #[inline]
     pub(crate) fn try_read_once(&self, me: u32, g: u32) -> Result<Granted, Fail> {
         let s = self.state.load(Ordering::Acquire);
         if !is_active(s, g) {
@@ -326,6 +333,7 @@ impl<'a> SlotRef<'a> {
         })
     }
 
+    #[inline]
     pub(crate) fn read(
         &self,
         me: u32,
@@ -347,6 +355,7 @@ impl<'a> SlotRef<'a> {
         }
     }
 
+    #[inline]
     pub(crate) fn release_read(&self, me: u32) {
         self.lane_remove_reader(me);
     }
@@ -355,6 +364,7 @@ impl<'a> SlotRef<'a> {
     // Upgradable
     // -----------------------------------------------------------------
 
+    #[inline]
     fn try_upgradable_once(&self, me: u32, g: u32) -> Result<Granted, Fail> {
         let mut s = self.state.load(Ordering::Acquire);
         loop {
@@ -380,6 +390,7 @@ impl<'a> SlotRef<'a> {
         }
     }
 
+    #[inline]
     pub(crate) fn upgradable(
         &self,
         me: u32,
@@ -406,6 +417,7 @@ impl<'a> SlotRef<'a> {
         }
     }
 
+    #[inline]
     pub(crate) fn release_upgradable(&self) {
         self.clear_and_wake(UPGRADER_MASK | WRITER_WAITING);
     }
@@ -417,6 +429,7 @@ impl<'a> SlotRef<'a> {
     /// Claims the WRITER field (pending) if no writer or upgrader holds it.
     /// With `announce`, a writer blocked only by an upgrader sets
     /// WRITER_WAITING so no new upgrader overtakes it.
+    #[inline]
     pub(crate) fn try_claim_writer(&self, me: u32, g: u32, announce: bool) -> Result<(), Fail> {
         let mut s = self.state.load(Ordering::Acquire);
         loop {
@@ -443,6 +456,7 @@ impl<'a> SlotRef<'a> {
 
     /// With the WRITER field ours, waits for every reader lane to drain,
     /// then sets WRITE_LOCKED and consumes OWNER_DIED.
+    #[inline]
     fn drain_readers(&self, waiting: Option<&mut Waiting<'_, 'a>>) -> Result<Granted, Fail> {
         sync::dekker_fence();
         if !self.readers_drained() {
@@ -471,6 +485,7 @@ impl<'a> SlotRef<'a> {
         Ok(Granted { owner_died: died })
     }
 
+    #[inline]
     pub(crate) fn write(
         &self,
         me: u32,
@@ -505,10 +520,12 @@ impl<'a> SlotRef<'a> {
 
     /// Gives up a pending WRITER claim (try failed or timed out): readers
     /// that backed off because of it may be asleep.
+    #[inline]
     fn abandon_writer(&self) {
         self.clear_and_wake(WRITER_MASK | WRITE_LOCKED);
     }
 
+    #[inline]
     pub(crate) fn release_write(&self) {
         self.clear_and_wake(WRITER_MASK | WRITE_LOCKED);
     }

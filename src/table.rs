@@ -485,6 +485,7 @@ impl LockTable {
     /// does not report a stale slot. The per-thread lookup cache is tried
     /// first; `op` re-checks the generation, so a stale hint only costs a
     /// retry through the full lookup.
+    #[inline]
     fn acquire(
         &self,
         id: &[u8],
@@ -532,6 +533,7 @@ impl LockTable {
         }
     }
 
+    #[inline]
     fn outcome(slot: u32, r: std::result::Result<Granted, Fail>) -> Result<Option<(u32, Granted)>> {
         match r {
             Ok(granted) => Ok(Some((slot, granted))),
@@ -544,10 +546,12 @@ impl LockTable {
         }
     }
 
+    #[inline]
     fn deadline(timeout: Duration) -> Wait {
         Some(crate::sync::now().checked_add(timeout))
     }
 
+    #[inline]
     fn read_with(&self, id: &[u8], wait: Wait) -> Result<Option<ReadGuard<'_>>> {
         let inner = &*self.inner;
         Ok(self
@@ -555,6 +559,7 @@ impl LockTable {
             .map(|(slot, gr)| ReadGuard::new(TableRef::Borrowed(&self.inner), slot, gr.owner_died)))
     }
 
+    #[inline]
     fn upgradable_with(&self, id: &[u8], wait: Wait) -> Result<Option<UpgradableReadGuard<'_>>> {
         let inner = &*self.inner;
         Ok(self
@@ -564,6 +569,7 @@ impl LockTable {
             }))
     }
 
+    #[inline]
     fn write_with(&self, id: &[u8], wait: Wait) -> Result<Option<WriteGuard<'_>>> {
         let inner = &*self.inner;
         Ok(self
@@ -575,14 +581,17 @@ impl LockTable {
 
     /// Blocks until `id` is held for reading (shared with other readers and
     /// with one upgradable holder).
+    #[inline]
     pub fn read(&self, id: impl AsRef<[u8]>) -> Result<ReadGuard<'_>> {
         self.read_with(id.as_ref(), Some(None)).and_then(granted)
     }
     /// Takes a read hold if that needs no waiting; `Ok(None)` when busy.
+    #[inline]
     pub fn try_read(&self, id: impl AsRef<[u8]>) -> Result<Option<ReadGuard<'_>>> {
         self.read_with(id.as_ref(), None)
     }
     /// Like [`read`](Self::read), but gives up with [`Error::Timeout`].
+    #[inline]
     pub fn read_timeout(&self, id: impl AsRef<[u8]>, timeout: Duration) -> Result<ReadGuard<'_>> {
         self.read_with(id.as_ref(), Self::deadline(timeout))
             .and_then(granted)
@@ -590,11 +599,13 @@ impl LockTable {
 
     /// Blocks until `id` is held upgradable: shared with readers, exclusive
     /// against writers and other upgradable holders.
+    #[inline]
     pub fn upgradable_read(&self, id: impl AsRef<[u8]>) -> Result<UpgradableReadGuard<'_>> {
         self.upgradable_with(id.as_ref(), Some(None))
             .and_then(granted)
     }
     /// Non-blocking [`upgradable_read`](Self::upgradable_read).
+    #[inline]
     pub fn try_upgradable_read(
         &self,
         id: impl AsRef<[u8]>,
@@ -602,6 +613,7 @@ impl LockTable {
         self.upgradable_with(id.as_ref(), None)
     }
     /// [`upgradable_read`](Self::upgradable_read) with a deadline.
+    #[inline]
     pub fn upgradable_read_timeout(
         &self,
         id: impl AsRef<[u8]>,
@@ -612,14 +624,17 @@ impl LockTable {
     }
 
     /// Blocks until `id` is held exclusively.
+    #[inline]
     pub fn write(&self, id: impl AsRef<[u8]>) -> Result<WriteGuard<'_>> {
         self.write_with(id.as_ref(), Some(None)).and_then(granted)
     }
     /// Non-blocking [`write`](Self::write).
+    #[inline]
     pub fn try_write(&self, id: impl AsRef<[u8]>) -> Result<Option<WriteGuard<'_>>> {
         self.write_with(id.as_ref(), None)
     }
     /// [`write`](Self::write) with a deadline.
+    #[inline]
     pub fn write_timeout(&self, id: impl AsRef<[u8]>, timeout: Duration) -> Result<WriteGuard<'_>> {
         self.write_with(id.as_ref(), Self::deadline(timeout))
             .and_then(granted)
