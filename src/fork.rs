@@ -11,6 +11,9 @@
 //! `pthread_atfork` child handler therefore closes every registered table
 //! descriptor in the child, and bumps the epoch so that the child's copies
 //! of handles and guards refuse to act (the holds are the parent's).
+//! Attaching opens the descriptor and maps the file inside an
+//! [`AttachWindow`], which a fork (its prepare handler) waits for, so no
+//! child is made between "opened" and "registered, mapping not inherited".
 //!
 //! May not touch: tables; it only sees descriptor numbers.
 
@@ -18,7 +21,7 @@ use std::fs::File;
 use std::mem::ManuallyDrop;
 use std::ops::Deref;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 /// Incremented in every child after `fork()`.
 static EPOCH: AtomicU64 = AtomicU64::new(0);
@@ -28,10 +31,31 @@ static EPOCH: AtomicU64 = AtomicU64::new(0);
 const MAX_REGISTERED: usize = 1024;
 static FDS: [AtomicI32; MAX_REGISTERED] = [const { AtomicI32::new(-1) }; MAX_REGISTERED];
 
+/// Attachments between "descriptor opened" and "descriptor registered and
+/// mapping marked MADV_DONTFORK": a fork in that window would let the child
+/// keep the open file description. The prepare handler waits for it to
+/// drain; `FORKING` holds new attachments back meanwhile.
+static ATTACHING: AtomicU32 = AtomicU32::new(0);
+static FORKING: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_fork_prepare() {
+    FORKING.store(true, Ordering::SeqCst);
+    while ATTACHING.load(Ordering::SeqCst) != 0 {
+        std::thread::yield_now();
+    }
+}
+
+extern "C" fn on_fork_parent() {
+    FORKING.store(false, Ordering::SeqCst);
+}
+
 extern "C" fn on_fork_child() {
+    FORKING.store(false, Ordering::SeqCst);
     EPOCH.fetch_add(1, Ordering::Relaxed);
     for slot in &FDS {
-        let fd = slot.load(Ordering::Relaxed);
+        // Clear the slot too: the number may be reused in this child for an
+        // unrelated file, which a grandchild must not close.
+        let fd = slot.swap(-1, Ordering::Relaxed);
         if fd >= 0 {
             // Closing a descriptor is async-signal-safe; the parent's copy
             // and its OFD locks are unaffected.
@@ -45,16 +69,62 @@ extern "C" fn on_fork_child() {
     }
 }
 
-fn install_handler() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // The handler only does atomic loads and adds and `close`, all
-        // async-signal-safe as a child handler requires.
+/// Installs the fork handlers once. A plain atomic rather than `Once`: a
+/// fork while another thread is inside `Once::call_once` would leave the
+/// child's `Once` running forever.
+fn install_handlers() {
+    static STATE: AtomicU8 = AtomicU8::new(0);
+    if STATE.load(Ordering::Acquire) == 2 {
+        return;
+    }
+    if STATE
+        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+    {
+        // The child handler only does atomic operations and `close`, all
+        // async-signal-safe as a child handler requires; the prepare
+        // handler runs in the parent before the fork, where waiting is fine.
         // SAFETY: sound for the reasons just given.
         unsafe {
-            libc::pthread_atfork(None, None, Some(on_fork_child));
+            libc::pthread_atfork(
+                Some(on_fork_prepare),
+                Some(on_fork_parent),
+                Some(on_fork_child),
+            );
         }
-    });
+        STATE.store(2, Ordering::Release);
+    } else {
+        while STATE.load(Ordering::Acquire) != 2 {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Held from before a table descriptor is opened until it is registered
+/// and its mapping is marked `MADV_DONTFORK`: no fork happens meanwhile.
+pub(crate) struct AttachWindow(());
+
+impl AttachWindow {
+    pub(crate) fn enter() -> AttachWindow {
+        install_handlers();
+        loop {
+            while FORKING.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+            ATTACHING.fetch_add(1, Ordering::SeqCst);
+            // Dekker pair with the prepare handler (flag, then count).
+            if !FORKING.load(Ordering::SeqCst) {
+                return AttachWindow(());
+            }
+            ATTACHING.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for AttachWindow {
+    fn drop(&mut self) {
+        ATTACHING.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The current fork epoch of this process.
@@ -74,7 +144,7 @@ impl ForkSafeFile {
     /// Registers `file`. With more than 1024 tables open at once the
     /// descriptor is not registered (a child then keeps it, as before).
     pub(crate) fn new(file: File) -> ForkSafeFile {
-        install_handler();
+        install_handlers();
         let fd = file.as_raw_fd();
         let slot = FDS.iter().position(|s| {
             s.compare_exchange(-1, fd, Ordering::AcqRel, Ordering::Relaxed)

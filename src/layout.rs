@@ -10,7 +10,7 @@
 //! ```text
 //! offset 0                      header (4096 bytes, one page)
 //!   0   magic "LOCKTBL\0"        8 bytes
-//!   8   format version           u32
+//!   8   format version (2)       u32
 //!  12   endianness marker        u32 0x01020304 as written by the creator
 //!  16   header size              u32
 //!  20   cache line               u32 (every region entry is padded to it)
@@ -39,7 +39,8 @@
 use crate::error::{Error, Result};
 
 pub(crate) const MAGIC: [u8; 8] = *b"LOCKTBL\0";
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// 2: adds the lanes-in-use mark at offset 192, which drain checks rely on.
+pub(crate) const FORMAT_VERSION: u32 = 2;
 pub(crate) const ENDIAN_MARKER: u32 = 0x0102_0304;
 pub(crate) const HEADER_SIZE: u64 = 4096;
 pub(crate) const CACHE_LINE: u64 = 64;

@@ -299,11 +299,14 @@ fn create_in(file: &File, opts: &TableOptions) -> Result<Header> {
 /// file, as before.
 fn allocate(file: &File, len: u64) -> Result<()> {
     use std::os::fd::AsRawFd;
-    // SAFETY: a plain system call on a descriptor borrowed for its duration.
-    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
-    match rc {
-        0 | libc::EOPNOTSUPP | libc::EINVAL => Ok(()),
-        e => Err(Error::Io(io::Error::from_raw_os_error(e))),
+    loop {
+        // SAFETY: a plain system call on a descriptor borrowed for its duration.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+        match rc {
+            0 | libc::EOPNOTSUPP | libc::EINVAL => return Ok(()),
+            libc::EINTR => continue,
+            e => return Err(Error::Io(io::Error::from_raw_os_error(e))),
+        }
     }
 }
 
@@ -331,6 +334,9 @@ impl LockTable {
     /// mapped.
     pub fn open(path: impl AsRef<Path>, opts: &TableOptions) -> Result<LockTable> {
         let path = path.as_ref();
+        // No fork from here until the descriptor is registered and the
+        // mapping is not inheritable (see `fork`).
+        let _window = fork::AttachWindow::enter();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -345,6 +351,7 @@ impl LockTable {
 
     /// A table in private memory (a `memfd`), for the threads of one process.
     pub fn anonymous(opts: &TableOptions) -> Result<LockTable> {
+        let _window = fork::AttachWindow::enter();
         // The name is a valid NUL-terminated string; memfd_create
         // returns a new descriptor that we take ownership of below.
         // SAFETY: sound for the reasons just given.
