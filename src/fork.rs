@@ -23,11 +23,19 @@ use std::ops::Deref;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
-/// Incremented in every child after `fork()`.
+/// Incremented in every child after `fork()`. Relaxed everywhere: the child
+/// handler runs while the child has one thread, before any code of the child
+/// reads it, so program order alone makes the new value visible; in the
+/// parent it never changes.
 static EPOCH: AtomicU64 = AtomicU64::new(0);
 
 /// Table descriptors to close in a child. A lock-free array: the child
 /// handler runs where only async-signal-safe operations are allowed.
+/// Orderings: registration and release are AcqRel/Release for other
+/// registering threads; the child handler's Relaxed loads read the snapshot
+/// that fork() copied, and no registration can be in flight at the fork,
+/// because registrations happen inside an attach window and the prepare
+/// handler waits (SeqCst) until no window is open.
 const MAX_REGISTERED: usize = 1024;
 static FDS: [AtomicI32; MAX_REGISTERED] = [const { AtomicI32::new(-1) }; MAX_REGISTERED];
 
