@@ -67,9 +67,10 @@ extern "C" fn on_fork_child() {
         if fd >= 0 {
             // Closing a descriptor is async-signal-safe; the parent's copy
             // and its OFD locks are unaffected.
-            // SAFETY: `close` on a descriptor number that this process
-            // inherited from its parent; nothing in the child uses it again
+            // `close` on a descriptor number that this process inherited from
+            // its parent; nothing in the child uses it again
             // (ForkSafeFile::drop skips it once the epoch changed).
+            // SAFETY: sound for the reasons just given.
             unsafe {
                 libc::close(fd);
             }

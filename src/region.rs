@@ -71,8 +71,9 @@ mod mapped {
             }
             // Not inherited across fork (see the type's docs). Best effort:
             // a kernel without it only loses the fork protection.
-            // SAFETY: the range is exactly our own live mapping; the advice
-            // changes only what a future fork() copies.
+            // The range is exactly our own live mapping; the advice changes
+            // only what a future fork() copies.
+            // SAFETY: sound for the reasons just given.
             unsafe {
                 libc::madvise(map.as_mut_ptr().cast(), map.len(), libc::MADV_DONTFORK);
             }
