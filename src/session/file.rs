@@ -18,7 +18,7 @@ use crate::{Error, LockTable, Result};
 use parking_lot::Mutex;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -87,7 +87,12 @@ impl FileStore {
     /// locks; processes sharing `root` must share the table.
     pub fn open(root: impl AsRef<Path>, table: LockTable) -> Result<FileStore> {
         let root = root.as_ref().to_path_buf();
-        fs::create_dir_all(&root)?;
+        // Session IDs are bearer secrets and file names: the store is private
+        // to its owner (directories 0700, files 0600), like the lock table.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)?;
         Ok(FileStore {
             root,
             table,
@@ -178,6 +183,7 @@ impl FileStore {
         );
         let path = dir.join(name);
         let mut f = OpenOptions::new()
+            .mode(0o600)
             .write(true)
             .create_new(true)
             .open(&path)?;
@@ -227,7 +233,7 @@ impl Store for FileStore {
 
     fn save(&self, id: &SessionId, expected: Option<u64>, new: &StoredSession) -> Result<bool> {
         let dir = self.shard(id);
-        match fs::create_dir(&dir) {
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e.into()),

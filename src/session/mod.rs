@@ -393,17 +393,21 @@ impl SessionManager {
         mut f: impl FnMut(&mut Session) -> Result<R>,
     ) -> Result<Option<R>> {
         let retries = self.inner.cfg.transact_retries;
+        // `f` may move the session to a new ID (`cycle_id`, at login): a
+        // retry must load the session where it now lives.
+        let mut id = id.to_owned();
         for attempt in 0..=retries {
             let exclusive = attempt == retries;
             let loaded = if exclusive {
-                self.load_exclusive(id)?
+                self.load_exclusive(&id)?
             } else {
-                self.load(id)?
+                self.load(&id)?
             };
             let Some(mut s) = loaded else {
                 return Ok(None);
             };
             let r = f(&mut s)?;
+            id = s.id().as_str().to_owned();
             match s.commit() {
                 Ok(()) => return Ok(Some(r)),
                 Err(Error::Conflict { .. }) if !exclusive => {
@@ -699,7 +703,12 @@ impl Session {
                 return Err(Error::Conflict { key: key.clone() });
             }
         }
-        let new_version = record.version + 1;
+        // A record at the top of the version range cannot be the work of
+        // this library (a version per commit): refuse it rather than wrap.
+        let new_version = record
+            .version
+            .checked_add(1)
+            .ok_or_else(|| Error::SessionCorrupt("record version at its maximum".into()))?;
         let first_key = self.delta.keys().next().cloned().unwrap_or_default();
         for (key, v) in std::mem::take(&mut self.delta) {
             match v {
