@@ -284,8 +284,34 @@ impl<'a> SlotRef<'a> {
     /// cannot sleep through it (FUTEX_WAIT compares the value atomically).
     pub(crate) fn wake_all(&self) {
         self.state.fetch_and(!PARKED, Ordering::SeqCst);
+        self.wake_sleepers();
+    }
+
+    /// Bumps `seq` and wakes every sleeper. Callers have already changed
+    /// the state and cleared PARKED (having seen it set).
+    fn wake_sleepers(&self) {
         self.seq.fetch_add(1, Ordering::SeqCst);
         sync::futex_wake_all(self.seq);
+    }
+
+    /// Applies `change` to the state word in a CAS loop, clearing PARKED in
+    /// the same step, and wakes sleepers if PARKED was set.
+    #[inline]
+    fn update_and_wake(&self, change: impl Fn(u64) -> u64) {
+        let mut cur = self.state.load(Ordering::Acquire);
+        loop {
+            let next = change(cur) & !PARKED;
+            match self
+                .state
+                .compare_exchange_weak(cur, next, Ordering::SeqCst, Ordering::Acquire)
+            {
+                Ok(_) => break,
+                Err(v) => cur = v,
+            }
+        }
+        if cur & PARKED != 0 {
+            self.wake_sleepers();
+        }
     }
 
     /// Clears `bits` from the state word and wakes sleepers if PARKED was set.
@@ -293,8 +319,7 @@ impl<'a> SlotRef<'a> {
     fn clear_and_wake(&self, bits: u64) -> u64 {
         let old = self.state.fetch_and(!(bits | PARKED), Ordering::SeqCst);
         if old & PARKED != 0 {
-            self.seq.fetch_add(1, Ordering::SeqCst);
-            sync::futex_wake_all(self.seq);
+            self.wake_sleepers();
         }
         old
     }
@@ -548,7 +573,7 @@ impl<'a> SlotRef<'a> {
             }
         };
         if result.is_err() {
-            self.revert_upgrade(me);
+            self.writer_to_upgrader(me);
         }
         result
     }
@@ -569,24 +594,10 @@ impl<'a> SlotRef<'a> {
         }
     }
 
-    fn revert_upgrade(&self, me: u32) {
-        let mut s = self.state.load(Ordering::Acquire);
-        loop {
-            let new = (s & !(WRITER_MASK | WRITE_LOCKED | PARKED)) | upgrader_field(me);
-            match self
-                .state
-                .compare_exchange_weak(s, new, Ordering::SeqCst, Ordering::Acquire)
-            {
-                Ok(old) => {
-                    if old & PARKED != 0 {
-                        self.seq.fetch_add(1, Ordering::SeqCst);
-                        sync::futex_wake_all(self.seq);
-                    }
-                    return;
-                }
-                Err(v) => s = v,
-            }
-        }
+    /// WRITER (pending or granted) -> UPGRADER in one CAS: the failed
+    /// upgrade's way back, and the write -> upgradable downgrade.
+    fn writer_to_upgrader(&self, me: u32) {
+        self.update_and_wake(|s| (s & !(WRITER_MASK | WRITE_LOCKED)) | upgrader_field(me));
     }
 
     /// Adds a read hold for `me` while we hold the slot exclusively enough
@@ -607,23 +618,7 @@ impl<'a> SlotRef<'a> {
 
     /// Write -> upgradable in one CAS.
     pub(crate) fn downgrade_write_to_upgradable(&self, me: u32) {
-        let mut s = self.state.load(Ordering::Acquire);
-        loop {
-            let new = (s & !(WRITER_MASK | WRITE_LOCKED | PARKED)) | upgrader_field(me);
-            match self
-                .state
-                .compare_exchange_weak(s, new, Ordering::SeqCst, Ordering::Acquire)
-            {
-                Ok(old) => {
-                    if old & PARKED != 0 {
-                        self.seq.fetch_add(1, Ordering::SeqCst);
-                        sync::futex_wake_all(self.seq);
-                    }
-                    return;
-                }
-                Err(v) => s = v,
-            }
-        }
+        self.writer_to_upgrader(me);
     }
 
     /// Upgradable -> read: announce the read, then give up UPGRADER.
@@ -739,21 +734,7 @@ impl<'a> SlotRef<'a> {
     /// Sets the phase (keeping GEN), clears PARKED and wakes sleepers if
     /// it was set: they re-check and find the slot active or stale.
     fn set_phase_and_wake(&self, phase: u64) {
-        let mut cur = self.state.load(Ordering::Acquire);
-        loop {
-            let next = (cur & !(PHASE_MASK | PARKED)) | phase;
-            match self
-                .state
-                .compare_exchange_weak(cur, next, Ordering::SeqCst, Ordering::Acquire)
-            {
-                Ok(_) => break,
-                Err(v) => cur = v,
-            }
-        }
-        if cur & PARKED != 0 {
-            self.seq.fetch_add(1, Ordering::SeqCst);
-            sync::futex_wake_all(self.seq);
-        }
+        self.update_and_wake(|s| (s & !PHASE_MASK) | phase);
     }
 }
 
