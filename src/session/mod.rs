@@ -42,19 +42,16 @@
 //! - **Read-only**: a request that changes nothing never writes data; it only records its access
 //!   time, coalesced (see [`SessionConfig::touch_interval`]).
 
-mod file;
 mod id;
-mod memory;
 pub mod record;
 mod store;
 
 pub mod demo;
 
-pub use file::FileStore;
 pub use id::{SessionId, ID_BYTES, ID_LEN};
-pub use memory::MemoryStore;
 pub use store::{
-    Capabilities, Clock, Cutoffs, ManualClock, Store, StoredSession, SystemClock, Timestamp, Touch,
+    Capabilities, Clock, Cutoffs, FileStore, ManualClock, MemoryStore, Store, StoredSession,
+    SystemClock, Timestamp, Touch,
 };
 
 use crate::{Error, LockTable, Result, TableOptions, UpgradableReadGuard};

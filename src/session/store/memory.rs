@@ -1,7 +1,7 @@
 //! [`MemoryStore`]: sessions in a process-local map (tests, single-process servers).
 
-use super::id::SessionId;
-use super::store::{Capabilities, Cutoffs, Store, StoredSession, Timestamp, Touch};
+use super::{Capabilities, Cutoffs, Store, StoredSession, Timestamp, Touch};
+use crate::session::id::SessionId;
 use crate::Result;
 use parking_lot::Mutex;
 use std::collections::HashMap;

@@ -11,9 +11,9 @@
 //! (ID `ls.f.<ID>`, separate from the session's data lock), which makes the compare-and-swap and
 //! the never-backwards rule of the access time hold across processes.
 
-use super::id::{SessionId, ID_LEN};
-use super::record;
-use super::store::{Capabilities, Cutoffs, Store, StoredSession, Timestamp, Touch};
+use super::{Capabilities, Cutoffs, Store, StoredSession, Timestamp, Touch};
+use crate::session::id::{SessionId, ID_LEN};
+use crate::session::record;
 use crate::{Error, LockTable, Result};
 use parking_lot::Mutex;
 use std::fs::{self, File, OpenOptions};

@@ -5,6 +5,12 @@
 //! (written only by [`Store::save`], a compare-and-swap on the version), and a last-accessed time
 //! kept apart from the record (written by [`Store::touch`] without rewriting the data).
 
+mod file;
+mod memory;
+
+pub use file::FileStore;
+pub use memory::MemoryStore;
+
 use super::id::SessionId;
 use crate::Result;
 use std::fmt;
