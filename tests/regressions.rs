@@ -345,7 +345,7 @@ fn a_dead_holders_lock_is_recovered_while_its_forked_child_lives() {
 // 5. FileStore::with_max_file_size(u64::MAX) overflows.
 // ---------------------------------------------------------------------
 
-/// Was a bug (panic, src/session/file.rs `load`: `self.max_file_size + 1`): the
+/// Was a bug (panic, src/session/store/file.rs `load`: `self.max_file_size + 1`): the
 /// natural "no limit" setting `with_max_file_size(u64::MAX)` makes every load
 /// panic with an arithmetic overflow in debug builds (and read 0 bytes, i.e.
 /// report every session as corrupt and, under the default policy, delete it,

@@ -80,7 +80,7 @@ fn transact_with_cycle_id_and_conflict_orphans_the_session() {
 // defaults (0755 dirs, 0644 files). Every session ID (a bearer secret) is a file name, so any
 // local user can list the shard directories and hijack every session, and read all session data.
 // The lock table next to it is created 0600 (`TableOptions` default mode), so this is
-// inconsistent too. src/session/file.rs `FileStore::open` (create_dir_all), `save`
+// inconsistent too. src/session/store/file.rs `FileStore::open` (create_dir_all), `save`
 // (fs::create_dir of the shard) and `write_temp` (OpenOptions without mode).
 // Fix (done): DirBuilder::mode(0o700) for root and shards, OpenOptionsExt::mode(0o600) for
 // temp files (configurable like TableOptions::mode).
