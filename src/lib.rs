@@ -49,6 +49,11 @@ mod stats;
 #[cfg(not(locktable_loom))]
 mod table;
 
+#[cfg(all(feature = "axum", not(locktable_loom)))]
+pub mod asynclock;
+#[cfg(all(feature = "axum", not(locktable_loom)))]
+pub mod web;
+
 pub use error::{Error, Result};
 #[cfg(not(locktable_loom))]
 pub use guard::{ReadGuard, UpgradableReadGuard, WriteGuard};

@@ -1,0 +1,609 @@
+//! One request's session: a lazy state machine shared by the extractors and the layer.
+//!
+//! Owns: when a session is looked up, loaded, created, committed, touched, cycled or
+//! invalidated during a request, and which thread does it. May not touch: lock-table internals
+//! and the manager's own logic; it calls the public [`SessionManager`] / [`Session`] API (and,
+//! to create a session with its first data in one write, the public record and store API).
+//!
+//! Rules that matter:
+//! - Nothing happens until a handler asks: a request that never reads or writes its session
+//!   verifies no cookie, takes no lock and does no store I/O.
+//! - Every call that may wait for a lock or touch the store runs on tokio's blocking pool. The
+//!   end of a read-only request runs inline only when the access-time write is known to be
+//!   coalesced away (no I/O at all).
+//! - A `Session` is never dropped on a runtime worker while it may still write an access
+//!   time: leftovers (a cancelled request) are finished on the blocking pool.
+
+use super::telemetry::{bump, ReaderToken};
+use super::{Shared, WebError};
+use crate::session::record::{self, Record, RecordBody};
+use crate::session::SessionManager;
+use crate::session::{Session, SessionId, StoredSession, Timestamp};
+use crate::Error;
+use http::HeaderValue;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::Instrument;
+
+/// Where a request's session stands.
+#[derive(Debug)]
+enum State {
+    /// Not looked at: the cookie is not even verified yet.
+    Pending,
+    /// The cookie named a live-looking ID and a `transact` already committed (and so recorded
+    /// the access); nothing is loaded.
+    Transacted(SessionId),
+    /// No session (no cookie, or one that failed verification or named no live session). The
+    /// draft becomes a new session at the end of the request if it holds anything.
+    Absent(BTreeMap<String, Value>),
+    /// Loaded for this request.
+    Loaded(Box<LoadedState>),
+    /// The handler invalidated the session; the cookie is cleared at the end.
+    Invalidated,
+    /// The request ended.
+    Finished,
+}
+
+#[derive(Debug)]
+struct LoadedState {
+    session: Session,
+    /// A moment not earlier than the manager's own load time: the end-of-request touch is
+    /// skipped (no I/O) when the stored access time is within the touch interval of this.
+    loaded_at: Timestamp,
+    /// `cycle_id` ran: the client needs the new ID.
+    reissue: bool,
+    _reader: Option<ReaderToken>,
+}
+
+/// The per-request handle, put into the request's extensions by the layer.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionHandle(Arc<RequestSession>);
+
+#[derive(Debug)]
+pub(crate) struct RequestSession {
+    shared: Arc<Shared>,
+    cookies: Vec<HeaderValue>,
+    state: tokio::sync::Mutex<State>,
+    /// Store updates (data writes and touches) this request caused.
+    writes: AtomicU64,
+}
+
+/// A read-modify-write view given to `transact` closures: the stored session, or the draft of a
+/// session that does not exist yet.
+pub struct SessionTxn<'a> {
+    inner: TxnInner<'a>,
+}
+
+enum TxnInner<'a> {
+    Stored(&'a mut Session),
+    Draft(&'a mut BTreeMap<String, Value>),
+}
+
+impl SessionTxn<'_> {
+    /// Reads a value; `Ok(None)` when absent.
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> crate::Result<Option<T>> {
+        match &self.inner {
+            TxnInner::Stored(s) => s.get(key),
+            TxnInner::Draft(d) => match d.get(key) {
+                None => Ok(None),
+                Some(v) => Ok(Some(T::deserialize(v)?)),
+            },
+        }
+    }
+
+    /// Sets a value.
+    pub fn insert<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> crate::Result<()> {
+        match &mut self.inner {
+            TxnInner::Stored(s) => s.insert(key, value),
+            TxnInner::Draft(d) => {
+                d.insert(key.to_owned(), serde_json::to_value(value)?);
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes a key; returns whether it was present.
+    pub fn remove(&mut self, key: &str) -> bool {
+        match &mut self.inner {
+            TxnInner::Stored(s) => s.remove(key),
+            TxnInner::Draft(d) => d.remove(key).is_some(),
+        }
+    }
+}
+
+impl SessionHandle {
+    pub(crate) fn new(shared: Arc<Shared>, cookies: Vec<HeaderValue>) -> SessionHandle {
+        SessionHandle(Arc::new(RequestSession {
+            shared,
+            cookies,
+            state: tokio::sync::Mutex::new(State::Pending),
+            writes: AtomicU64::new(0),
+        }))
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.0.shared
+    }
+
+    /// The ID the cookie names, if it verifies (CPU only). Counts a rejected cookie.
+    fn presented_id(&self) -> Option<SessionId> {
+        let sh = self.shared();
+        bump(&sh.stats.sessions_used);
+        if self.0.cookies.is_empty() {
+            return None;
+        }
+        let id = sh.cookies.session_id(&self.0.cookies);
+        if id.is_none() {
+            bump(&sh.stats.cookies_rejected);
+        }
+        id
+    }
+
+    /// Runs `f` on the blocking pool. With `deadline`, a wait longer than it becomes
+    /// [`Error::Timeout`]; the abandoned call finishes on its own and its result (a session and
+    /// the lock it may hold) is dropped there, releasing the lock.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        deadline: Option<Duration>,
+        f: impl FnOnce() -> crate::Result<T> + Send + 'static,
+    ) -> Result<T, WebError> {
+        let task = tokio::task::spawn_blocking(f);
+        let joined = match deadline {
+            None => task.await,
+            Some(d) => match tokio::time::timeout(d, task).await {
+                Ok(j) => j,
+                Err(_) => {
+                    bump(&self.shared().stats.timeouts);
+                    return Err(self.err(Error::Timeout));
+                }
+            },
+        };
+        match joined {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if matches!(e, Error::Timeout) {
+                    bump(&self.shared().stats.timeouts);
+                }
+                Err(self.err(e))
+            }
+            Err(join) => Err(self.err(Error::Io(std::io::Error::other(join.to_string())))),
+        }
+    }
+
+    fn err(&self, e: Error) -> WebError {
+        WebError::new(e, &self.shared().cfg)
+    }
+
+    /// Makes sure the session is resolved: loaded (optimistic, or exclusive when asked), or
+    /// known to be absent.
+    async fn resolve(&self, state: &mut State, exclusive: bool) -> Result<(), WebError> {
+        let id = match state {
+            State::Pending => self.presented_id(),
+            State::Transacted(id) => Some(id.clone()),
+            State::Loaded(l) if exclusive && !l.session.is_exclusive() => {
+                return Err(self.err(Error::Io(std::io::Error::other(
+                    "the session was already loaded optimistically in this request",
+                ))))
+            }
+            State::Finished => return Err(self.err(Error::SessionFinished)),
+            _ => return Ok(()),
+        };
+        let Some(id) = id else {
+            *state = State::Absent(BTreeMap::new());
+            return Ok(());
+        };
+        let sh = self.shared();
+        let mgr = sh.mgr.clone();
+        let tag = sh.hasher.tag(&id);
+        let span = tracing::debug_span!("session.load", sid = %tag, exclusive);
+        let clock = mgr.config().clock.clone();
+        let loaded = self
+            .blocking(Some(sh.cfg.lock_timeout), move || {
+                let _e = span.entered();
+                let s = if exclusive {
+                    mgr.load_exclusive(id.as_str())?
+                } else {
+                    mgr.load(id.as_str())?
+                };
+                Ok(s.map(|s| (s, clock.now())))
+            })
+            .await?;
+        match loaded {
+            Some((session, loaded_at)) => {
+                bump(&sh.stats.loads);
+                let reader = sh.readers.as_ref().map(|g| {
+                    g.enter(
+                        sh.hasher.hash(session.id()),
+                        &sh.stats.max_concurrent_readers,
+                    )
+                });
+                *state = State::Loaded(Box::new(LoadedState {
+                    session,
+                    loaded_at,
+                    reissue: false,
+                    _reader: reader,
+                }));
+            }
+            None => {
+                bump(&sh.stats.cookies_rejected);
+                *state = State::Absent(BTreeMap::new());
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn load_exclusive(&self) -> Result<(), WebError> {
+        let mut st = self.0.state.lock().await;
+        self.resolve(&mut st, true).await
+    }
+
+    pub(crate) async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, WebError> {
+        let mut st = self.0.state.lock().await;
+        self.resolve(&mut st, false).await?;
+        let r = match &*st {
+            State::Loaded(l) => l.session.get(key),
+            State::Absent(d) => match d.get(key) {
+                None => Ok(None),
+                Some(v) => T::deserialize(v).map(Some).map_err(Error::from),
+            },
+            _ => Err(Error::SessionFinished),
+        };
+        r.map_err(|e| self.err(e))
+    }
+
+    pub(crate) async fn keys(&self) -> Result<Vec<String>, WebError> {
+        let mut st = self.0.state.lock().await;
+        self.resolve(&mut st, false).await?;
+        match &*st {
+            State::Loaded(l) => Ok(l.session.keys().map(str::to_owned).collect()),
+            State::Absent(d) => Ok(d.keys().cloned().collect()),
+            _ => Err(self.err(Error::SessionFinished)),
+        }
+    }
+
+    pub(crate) async fn insert<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+    ) -> Result<(), WebError> {
+        let mut st = self.0.state.lock().await;
+        self.resolve(&mut st, false).await?;
+        let r = match &mut *st {
+            State::Loaded(l) => l.session.insert(key, value),
+            State::Absent(d) => serde_json::to_value(value)
+                .map(|v| {
+                    d.insert(key.to_owned(), v);
+                })
+                .map_err(Error::from),
+            _ => Err(Error::SessionFinished),
+        };
+        r.map_err(|e| self.err(e))
+    }
+
+    pub(crate) async fn remove(&self, key: &str) -> Result<bool, WebError> {
+        let mut st = self.0.state.lock().await;
+        self.resolve(&mut st, false).await?;
+        match &mut *st {
+            State::Loaded(l) => Ok(l.session.remove(key)),
+            State::Absent(d) => Ok(d.remove(key).is_some()),
+            _ => Err(self.err(Error::SessionFinished)),
+        }
+    }
+
+    pub(crate) async fn transact<R, F>(&self, mut f: F) -> Result<R, WebError>
+    where
+        F: FnMut(&mut SessionTxn<'_>) -> crate::Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let mut st = self.0.state.lock().await;
+        let id = match &mut *st {
+            State::Pending => self.presented_id(),
+            State::Transacted(id) => Some(id.clone()),
+            // An exclusive session cannot conflict: change it in place, committed at the end.
+            State::Loaded(l) if l.session.is_exclusive() => {
+                let mut txn = SessionTxn {
+                    inner: TxnInner::Stored(&mut l.session),
+                };
+                return f(&mut txn).map_err(|e| self.err(e));
+            }
+            State::Loaded(l) => Some(l.session.id().clone()),
+            State::Absent(d) => {
+                let mut txn = SessionTxn {
+                    inner: TxnInner::Draft(d),
+                };
+                return f(&mut txn).map_err(|e| self.err(e));
+            }
+            State::Invalidated | State::Finished => {
+                return Err(self.err(Error::SessionFinished));
+            }
+        };
+        if let Some(id) = id {
+            let sh = self.shared();
+            let mgr = sh.mgr.clone();
+            let span = tracing::debug_span!("session.transact", sid = %sh.hasher.tag(&id));
+            let attempts = Arc::new(AtomicU64::new(0));
+            let counted = Arc::clone(&attempts);
+            let id2 = id.clone();
+            // The transaction commits itself, so no layer deadline: a commit cut short here
+            // could still land after the client was told it failed.
+            let (result, f_back) = self
+                .blocking(None, move || {
+                    let _e = span.entered();
+                    let r = mgr.transact(id2.as_str(), |s| {
+                        counted.fetch_add(1, Ordering::Relaxed);
+                        f(&mut SessionTxn {
+                            inner: TxnInner::Stored(s),
+                        })
+                    });
+                    Ok((r, f))
+                })
+                .await?;
+            f = f_back;
+            let n = attempts.load(Ordering::Relaxed);
+            sh.stats
+                .transact_retries
+                .fetch_add(n.saturating_sub(1), Ordering::Relaxed);
+            match result {
+                Ok(Some(r)) => {
+                    if n > 0 {
+                        bump(&sh.stats.commits);
+                        self.0.writes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if matches!(*st, State::Pending) {
+                        *st = State::Transacted(id);
+                    }
+                    return Ok(r);
+                }
+                Ok(None) => {
+                    // The cookie named no live session: fall through to a new one.
+                    bump(&sh.stats.cookies_rejected);
+                }
+                Err(e) => {
+                    if matches!(e, Error::Conflict { .. }) {
+                        bump(&sh.stats.conflicts);
+                    }
+                    return Err(self.err(e));
+                }
+            }
+        }
+        let mut draft = match std::mem::replace(&mut *st, State::Absent(BTreeMap::new())) {
+            State::Absent(d) => d,
+            _ => BTreeMap::new(),
+        };
+        let r = f(&mut SessionTxn {
+            inner: TxnInner::Draft(&mut draft),
+        });
+        *st = State::Absent(draft);
+        r.map_err(|e| self.err(e))
+    }
+
+    pub(crate) async fn cycle_id(&self) -> Result<(), WebError> {
+        let mut st = self.0.state.lock().await;
+        self.resolve(&mut st, false).await?;
+        if !matches!(&*st, State::Loaded(_)) {
+            // A new session gets a fresh ID anyway; nothing else can be cycled.
+            return Ok(());
+        }
+        let State::Loaded(mut l) = std::mem::replace(&mut *st, State::Finished) else {
+            return Ok(());
+        };
+        let span =
+            tracing::debug_span!("session.cycle", sid = %self.shared().hasher.tag(l.session.id()));
+        let r = self
+            .blocking(None, move || {
+                let _e = span.entered();
+                let r = l.session.cycle_id();
+                Ok((l, r))
+            })
+            .await;
+        let (mut l, r) = r?;
+        if r.is_ok() {
+            l.reissue = true;
+            bump(&self.shared().stats.cycled);
+            self.0.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        *st = State::Loaded(l);
+        r.map_err(|e| self.err(e))
+    }
+
+    pub(crate) async fn invalidate(&self) -> Result<(), WebError> {
+        let mut st = self.0.state.lock().await;
+        let sh = self.shared();
+        let old = std::mem::replace(&mut *st, State::Invalidated);
+        let mgr = sh.mgr.clone();
+        let job: Option<Box<dyn FnOnce() -> crate::Result<()> + Send>> = match old {
+            State::Loaded(l) => Some(Box::new(move || l.session.invalidate())),
+            State::Transacted(id) => Some(Box::new(move || mgr.delete(id.as_str()).map(|_| ()))),
+            State::Pending => {
+                self.presented_id()
+                    .map(|id| -> Box<dyn FnOnce() -> crate::Result<()> + Send> {
+                        Box::new(move || mgr.delete(id.as_str()).map(|_| ()))
+                    })
+            }
+            State::Absent(_) | State::Invalidated => None,
+            State::Finished => {
+                *st = State::Finished;
+                return Err(self.err(Error::SessionFinished));
+            }
+        };
+        bump(&sh.stats.invalidated);
+        match job {
+            Some(job) => self.blocking(Some(sh.cfg.lock_timeout), job).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Ends the request: commits the changes as one delta, or creates the new session, or
+    /// records the access; sets or clears the cookie. Errors become the response.
+    pub(crate) async fn finish(
+        &self,
+        mut resp: http::Response<axum_core::body::Body>,
+    ) -> http::Response<axum_core::body::Body> {
+        let state = {
+            let mut st = self.0.state.lock().await;
+            std::mem::replace(&mut *st, State::Finished)
+        };
+        let outcome = match state {
+            State::Pending | State::Transacted(_) | State::Finished => Ok(None),
+            State::Absent(draft) if draft.is_empty() => Ok(None),
+            State::Absent(draft) => self.create(draft).await,
+            State::Loaded(l) => self.end_loaded(*l).await,
+            State::Invalidated => Ok(self.shared().cookies.clear()),
+        };
+        let sh = self.shared();
+        sh.stats
+            .max_writes_per_request
+            .fetch_max(self.0.writes.load(Ordering::Relaxed), Ordering::Relaxed);
+        match outcome {
+            Ok(Some(cookie)) => {
+                resp.headers_mut().append(http::header::SET_COOKIE, cookie);
+                resp
+            }
+            Ok(None) => resp,
+            Err(e) => axum_core::response::IntoResponse::into_response(e),
+        }
+    }
+
+    /// Stores a new session with the draft as its first data: one write.
+    async fn create(
+        &self,
+        draft: BTreeMap<String, Value>,
+    ) -> Result<Option<HeaderValue>, WebError> {
+        let sh = self.shared();
+        let mgr = sh.mgr.clone();
+        let span = tracing::debug_span!("session.create", keys = draft.len());
+        let (id, created) = self
+            .blocking(None, move || {
+                let _e = span.entered();
+                create_with(&mgr, draft)
+            })
+            .await?;
+        bump(&sh.stats.created);
+        self.0.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(sh.cookies.issue(&id, self.max_age(created)))
+    }
+
+    async fn end_loaded(&self, l: LoadedState) -> Result<Option<HeaderValue>, WebError> {
+        let sh = self.shared();
+        let cfg = sh.mgr.config();
+        let created = l.session.created();
+        let tag = sh.hasher.tag(l.session.id());
+        let id = l.session.id().clone();
+        let reissue = l.reissue;
+        if l.session.is_dirty() {
+            let span = tracing::debug_span!("session.commit", sid = %tag);
+            let session = l.session;
+            let r = self
+                .blocking(None, move || {
+                    let _e = span.entered();
+                    session.commit()
+                })
+                .await;
+            return match r {
+                Ok(()) => {
+                    bump(&sh.stats.commits);
+                    self.0.writes.fetch_add(1, Ordering::Relaxed);
+                    Ok(sh.cookies.issue(&id, self.max_age(created)))
+                }
+                Err(e) => {
+                    if e.is_conflict() {
+                        bump(&sh.stats.conflicts);
+                        tracing::debug!(sid = %tag, "end-of-request commit refused: {}", e);
+                    }
+                    Err(e)
+                }
+            };
+        }
+        let interval = cfg.effective_touch_interval();
+        let needs_touch = l.session.last_accessed() < l.loaded_at.saturating_sub(interval);
+        if !needs_touch {
+            // Provably no I/O: the manager skips the touch by the same comparison.
+            bump(&sh.stats.touches_skipped);
+            let _ = l.session.commit();
+            return Ok(reissue
+                .then(|| sh.cookies.issue(&id, self.max_age(created)))
+                .flatten());
+        }
+        let span = tracing::debug_span!("session.touch", sid = %tag);
+        let session = l.session;
+        let r = self
+            .blocking(None, move || session.commit())
+            .instrument(span)
+            .await;
+        bump(&sh.stats.touches);
+        self.0.writes.fetch_add(1, Ordering::Relaxed);
+        match r {
+            // The touch extends the session: refresh the cookie's lifetime with it.
+            Ok(()) => Ok(sh.cookies.issue(&id, self.max_age(created))),
+            // A failed access-time write does not fail a read-only request.
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// The cookie lifetime: until the session would expire if not used again.
+    fn max_age(&self, created: Timestamp) -> Duration {
+        let cfg = self.shared().mgr.config();
+        let now = cfg.clock.now();
+        let end_of_life = created.saturating_add(cfg.max_lifetime);
+        let left = Duration::from_millis(end_of_life.0.saturating_sub(now.0));
+        cfg.idle_timeout.min(left)
+    }
+}
+
+impl Drop for RequestSession {
+    fn drop(&mut self) {
+        // A cancelled request may leave a loaded session behind; dropping it records the access
+        // (store I/O) and releases an exclusive hold. Do that off the runtime's workers.
+        let st = std::mem::replace(self.state.get_mut(), State::Finished);
+        if let State::Loaded(l) = st {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn_blocking(move || drop(l));
+                }
+                Err(_) => drop(l),
+            }
+        }
+    }
+}
+
+/// Creates a session whose first record already holds `data`, in one store write (the
+/// manager's `create` writes an empty record, and the commit a second one). The record is
+/// exactly what `create` followed by a commit would leave, at version 1. No lock is needed: the
+/// ID is fresh and random, and `save` refuses an existing one.
+fn create_with(
+    mgr: &SessionManager,
+    data: BTreeMap<String, Value>,
+) -> crate::Result<(SessionId, Timestamp)> {
+    let cfg = mgr.config();
+    let now = cfg.clock.now();
+    let changed = data.keys().map(|k| (k.clone(), 1)).collect();
+    let record = Record {
+        version: 1,
+        created: now.0,
+        body: RecordBody {
+            data,
+            changed,
+            floor: 0,
+        },
+    };
+    let bytes = record::encode(&record, cfg.max_record_size)?;
+    let stored = StoredSession {
+        version: 1,
+        created: now,
+        last_accessed: now,
+        bytes,
+    };
+    // A collision of 192 random bits is not expected; retry a few times rather than loop.
+    for _ in 0..4 {
+        let id = SessionId::generate()?;
+        if mgr.store().save(&id, None, &stored)? {
+            return Ok((id, now));
+        }
+    }
+    Err(Error::Random("four generated session IDs collided".into()))
+}

@@ -1,0 +1,210 @@
+//! Web sessions for axum and tower (feature `axum`): a [`SessionLayer`], extractors, cookies.
+//!
+//! Owns: the HTTP side of sessions — the cookie, when a request's session is loaded and
+//! committed, how waits and conflicts become status codes, and the web counters. May not touch:
+//! the session layer's rules (it calls [`SessionManager`]) or the lock table's internals.
+//!
+//! ```
+//! use axum::{routing::post, Router};
+//! use locktable::session::SessionManager;
+//! use locktable::web::{CookieConfig, Key, LazySession, SessionLayer, WebError};
+//!
+//! async fn incr(s: LazySession) -> Result<String, WebError> {
+//!     let n = s.transact(|s| {
+//!         let n = s.get::<u64>("n")?.unwrap_or(0) + 1;
+//!         s.insert("n", &n)?;
+//!         Ok(n)
+//!     }).await?;
+//!     Ok(n.to_string())
+//! }
+//!
+//! # fn main() -> locktable::Result<()> {
+//! # let dir = tempfile::tempdir()?;
+//! let mgr = SessionManager::open(dir.path())?;
+//! let app: Router = Router::new()
+//!     .route("/incr", post(incr))
+//!     .layer(SessionLayer::new(mgr, CookieConfig::new(Key::generate())));
+//! # Ok(()) }
+//! ```
+//!
+//! # What a request costs
+//! - Nothing, if the handler never reads or writes its session: no cookie check, no lock, no
+//!   store I/O.
+//! - A read-only request: one load (read lock held only while the record is read), and at its
+//!   end at most one access-time write per touch interval for the whole session (coalesced).
+//! - A writing request: one load and one commit of its delta at the end (see
+//!   [`LazySession`]); a conflict with a concurrent request on the same key is answered with
+//!   [`WebConfig::conflict_status`] (409), never a silent overwrite. Use
+//!   [`LazySession::transact`] for read-modify-writes that retry instead.
+//! - A visitor without a session who writes nothing causes no store write at all; a new
+//!   session is stored, with its first data, in one write at the end of the request that wrote.
+//!
+//! # Waiting
+//! Loads, commits, touches and lock waits run on tokio's blocking pool, never on a runtime
+//! worker. A load that waits for a lock longer than [`WebConfig::lock_timeout`] is answered
+//! `503 Service Unavailable` with `Retry-After`. A request dropped while it waits (the client
+//! went away) never keeps a lock: the abandoned load is released as soon as it completes.
+//! Commits are not cut short by the layer (a commit abandoned by the layer could still land
+//! after the client was told it failed); they wait as long as the manager waits.
+//!
+//! # Observability
+//! `tracing` spans `session.load`, `session.commit`, `session.touch`, `session.transact`,
+//! `session.create`, `session.cycle` and `lock_wait` name the session by a keyed hash (`sid`),
+//! never by its ID. [`SessionLayer::stats`] gives the counters ([`WebStats`]).
+
+mod cookies;
+mod extract;
+mod handle;
+mod layer;
+mod telemetry;
+
+pub use cookie::{Key, SameSite};
+pub use cookies::{CookieConfig, Protection};
+pub use extract::{ExclusiveSession, LazySession, ReadOnlySession};
+pub use handle::SessionTxn;
+pub use layer::{SessionLayer, SessionService};
+pub use telemetry::WebStats;
+
+use crate::session::SessionManager;
+use crate::Error;
+use axum_core::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Settings of a [`SessionLayer`] beyond the cookie.
+#[derive(Debug, Clone)]
+pub struct WebConfig {
+    /// Longest wait for a session's lock when loading it; past it the request gets 503.
+    /// Default 5 s.
+    pub lock_timeout: Duration,
+    /// The `Retry-After` of a 503 (rounded up to whole seconds). Default 1 s.
+    pub retry_after: Duration,
+    /// Status of a request whose end-of-request commit conflicted with another request (or
+    /// whose session vanished meanwhile): nothing of it was written. Default 409 Conflict.
+    pub conflict_status: StatusCode,
+    /// Count how many requests of one session have it loaded at once
+    /// ([`WebStats::max_concurrent_readers`]); costs a short mutex per load. Default off.
+    pub track_readers: bool,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            lock_timeout: Duration::from_secs(5),
+            retry_after: Duration::from_secs(1),
+            conflict_status: StatusCode::CONFLICT,
+            track_readers: false,
+        }
+    }
+}
+
+/// Everything a layer's requests share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    mgr: SessionManager,
+    cookies: CookieConfig,
+    cfg: WebConfig,
+    stats: telemetry::Counters,
+    hasher: telemetry::SidHasher,
+    readers: Option<Arc<telemetry::ReaderGauge>>,
+}
+
+impl Shared {
+    fn new(mgr: SessionManager, cookies: CookieConfig, cfg: WebConfig) -> Shared {
+        Shared {
+            readers: cfg
+                .track_readers
+                .then(|| Arc::new(telemetry::ReaderGauge::default())),
+            mgr,
+            cookies,
+            cfg,
+            stats: telemetry::Counters::default(),
+            hasher: telemetry::SidHasher::new(),
+        }
+    }
+}
+
+/// A session error as an HTTP answer: 503 + `Retry-After` for a lock wait past the timeout,
+/// the conflict status (409) for a conflict or a vanished session, 500 for everything else
+/// (without details: they stay in the logs).
+#[derive(Debug)]
+pub struct WebError {
+    error: Error,
+    status: StatusCode,
+    retry_after: Option<u64>,
+}
+
+impl WebError {
+    fn new(error: Error, cfg: &WebConfig) -> WebError {
+        let (status, retry_after) = match &error {
+            Error::Timeout => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(cfg.retry_after.as_secs_f64().ceil().max(1.0) as u64),
+            ),
+            Error::Conflict { .. } | Error::SessionGone => (cfg.conflict_status, None),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, None),
+        };
+        WebError {
+            error,
+            status,
+            retry_after,
+        }
+    }
+
+    fn missing_layer() -> WebError {
+        WebError {
+            error: Error::Io(std::io::Error::other(
+                "no SessionLayer: add `.layer(SessionLayer::new(..))` to the router",
+            )),
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            retry_after: None,
+        }
+    }
+
+    /// The underlying error.
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+
+    /// The status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// True for a conflict or a session that vanished before the commit.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self.error, Error::Conflict { .. } | Error::SessionGone)
+    }
+}
+
+impl std::fmt::Display for WebError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.status, self.error)
+    }
+}
+
+impl std::error::Error for WebError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl IntoResponse for WebError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() && self.retry_after.is_none() {
+            tracing::error!(error = %self.error, "session error");
+        }
+        let body = match self.status {
+            StatusCode::SERVICE_UNAVAILABLE => "session busy, retry later\n",
+            s if s.is_server_error() => "session error\n",
+            _ => "conflict: the session changed meanwhile, nothing was saved\n",
+        };
+        let mut resp = (self.status, body).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
