@@ -1,1 +1,667 @@
+//! The web layer over real HTTP: axum servers on loopback, a hyper client, a real `FileStore`
+//! wrapped to count every store call.
 
+#[path = "web_support/http.rs"]
+mod http;
+
+use axum::extract::{Path, Query};
+use axum::routing::{get, post};
+use axum::Router;
+use http::{once, Resp};
+use hyper::{Method, StatusCode};
+use locktable::session::{
+    Capabilities, Cutoffs, FileStore, ManualClock, SessionConfig, SessionId, SessionManager, Store,
+    StoredSession, Timestamp, Touch,
+};
+use locktable::web::{
+    CookieConfig, ExclusiveSession, Key, LazySession, Protection, ReadOnlySession, SessionLayer,
+    WebConfig, WebError,
+};
+use locktable::{LockTable, TableOptions};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------- a store that counts its calls
+
+#[derive(Debug, Default)]
+struct Calls {
+    reads: AtomicU64,
+    writes: AtomicU64,
+}
+
+#[derive(Debug)]
+struct CountingStore {
+    inner: FileStore,
+    calls: Arc<Calls>,
+}
+
+impl Store for CountingStore {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn load(&self, id: &SessionId) -> locktable::Result<Option<StoredSession>> {
+        self.calls.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.load(id)
+    }
+    fn save(
+        &self,
+        id: &SessionId,
+        expected: Option<u64>,
+        new: &StoredSession,
+    ) -> locktable::Result<bool> {
+        self.calls.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.save(id, expected, new)
+    }
+    fn touch(
+        &self,
+        id: &SessionId,
+        at: Timestamp,
+        coalesce: Duration,
+        idle_before: Timestamp,
+    ) -> locktable::Result<Touch> {
+        self.calls.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.touch(id, at, coalesce, idle_before)
+    }
+    fn last_accessed(&self, id: &SessionId) -> locktable::Result<Option<Timestamp>> {
+        self.calls.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.last_accessed(id)
+    }
+    fn delete(&self, id: &SessionId) -> locktable::Result<bool> {
+        self.calls.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.delete(id)
+    }
+    fn list_expired(&self, cutoffs: Cutoffs, limit: usize) -> locktable::Result<Vec<SessionId>> {
+        self.calls.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.list_expired(cutoffs, limit)
+    }
+}
+
+// ---------------------------------------------------------------- the app under test
+
+async fn read(s: ReadOnlySession, Path(key): Path<String>) -> Result<String, WebError> {
+    Ok(s.get::<u64>(&key).await?.unwrap_or(0).to_string())
+}
+
+async fn incr(s: LazySession, Path(key): Path<String>) -> Result<String, WebError> {
+    let n = s
+        .transact(move |s| {
+            let n = s.get::<u64>(&key)?.unwrap_or(0) + 1;
+            s.insert(&key, &n)?;
+            Ok(n)
+        })
+        .await?;
+    Ok(n.to_string())
+}
+
+/// Optimistic read-then-write, with a pause in between to let another request interleave.
+async fn set(
+    s: LazySession,
+    Path((key, value)): Path<(String, u64)>,
+    Query(q): Query<HashMap<String, u64>>,
+) -> Result<String, WebError> {
+    let before = s.get::<u64>(&key).await?.unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(
+        q.get("pause_ms").copied().unwrap_or(0),
+    ))
+    .await;
+    s.insert(&key, &value).await?;
+    Ok(before.to_string())
+}
+
+/// Holds the session's upgradable lock for `ms`, then writes.
+async fn exclusive(s: ExclusiveSession, Path(ms): Path<u64>) -> Result<String, WebError> {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    let n = s.get::<u64>("x").await?.unwrap_or(0) + 1;
+    s.insert("x", &n).await?;
+    Ok(n.to_string())
+}
+
+async fn login(s: LazySession) -> Result<&'static str, WebError> {
+    s.cycle_id().await?;
+    Ok("ok")
+}
+
+async fn logout(s: LazySession) -> Result<&'static str, WebError> {
+    s.invalidate().await?;
+    Ok("bye")
+}
+
+async fn untouched(_s: LazySession) -> &'static str {
+    "hello"
+}
+
+fn app(layer: SessionLayer) -> Router {
+    Router::new()
+        .route("/get/{key}", get(read))
+        .route("/incr/{key}", post(incr))
+        .route("/set/{key}/{value}", post(set))
+        .route("/excl/{ms}", post(exclusive))
+        .route("/login", post(login))
+        .route("/logout", post(logout))
+        .route("/untouched", get(untouched))
+        .route("/plain", get(|| async { "plain" }))
+        .layer(layer)
+}
+
+struct Server {
+    addr: SocketAddr,
+    layer: SessionLayer,
+    calls: Arc<Calls>,
+    mgr: SessionManager,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Setup {
+    dir: PathBuf,
+    key: Key,
+    cookies: Option<CookieConfig>,
+    web: WebConfig,
+    session: SessionConfig,
+}
+
+impl Setup {
+    fn new(dir: &std::path::Path) -> Setup {
+        Setup {
+            dir: dir.to_path_buf(),
+            key: Key::generate(),
+            cookies: None,
+            web: WebConfig::default(),
+            session: SessionConfig {
+                fsync: false,
+                ..SessionConfig::default()
+            },
+        }
+    }
+
+    async fn start(&self) -> Server {
+        // Every server opens the directory itself: another attachment, as another process would.
+        let table =
+            LockTable::open(self.dir.join("locks.table"), &TableOptions::default()).unwrap();
+        let calls = Arc::new(Calls::default());
+        let store = CountingStore {
+            inner: FileStore::open(self.dir.join("sessions"), table.clone())
+                .unwrap()
+                .with_fsync(false),
+            calls: Arc::clone(&calls),
+        };
+        let mgr = SessionManager::new(table, store, self.session.clone());
+        let cookies = self
+            .cookies
+            .clone()
+            .unwrap_or_else(|| CookieConfig::new(self.key.clone()));
+        let layer = SessionLayer::with_config(mgr.clone(), cookies, self.web.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = app(layer.clone());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router).await.unwrap();
+        });
+        Server {
+            addr,
+            layer,
+            calls,
+            mgr,
+            task,
+        }
+    }
+}
+
+impl Server {
+    async fn get(&self, path: &str, cookie: Option<&str>) -> Resp {
+        once(self.addr, Method::GET, path, cookie).await.unwrap()
+    }
+    async fn post(&self, path: &str, cookie: Option<&str>) -> Resp {
+        once(self.addr, Method::POST, path, cookie).await.unwrap()
+    }
+    fn writes(&self) -> u64 {
+        self.calls.writes.load(Ordering::SeqCst)
+    }
+    fn store_calls(&self) -> u64 {
+        self.writes() + self.calls.reads.load(Ordering::SeqCst)
+    }
+    /// A new session holding `a = 1`; returns its cookie pair.
+    async fn new_session(&self) -> String {
+        let r = self.post("/incr/a", None).await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "1"));
+        r.cookie_pair().expect("a new session sets its cookie")
+    }
+}
+
+fn tamper(pair: &str) -> String {
+    let mut t = pair.to_string();
+    let last = t.pop().unwrap();
+    t.push(if last == 'A' { 'B' } else { 'A' });
+    t
+}
+
+// ---------------------------------------------------------------- laziness
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_never_touches_its_session_does_no_store_io_and_no_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Setup::new(dir.path()).start().await;
+    let cookie = srv.new_session().await;
+    let before = srv.store_calls();
+    let loads = srv.mgr.stats().loads;
+    for c in [None, Some(cookie.as_str()), Some(tamper(&cookie).as_str())] {
+        for path in ["/plain", "/untouched"] {
+            let r = srv.get(path, c).await;
+            assert_eq!(r.status, StatusCode::OK);
+            assert!(
+                r.set_cookie().is_none(),
+                "{path}: no cookie for an untouched session"
+            );
+        }
+    }
+    assert_eq!(srv.store_calls(), before, "no store call at all");
+    assert_eq!(
+        srv.mgr.stats().loads,
+        loads,
+        "no load, hence no lock operation"
+    );
+    let st = srv.layer.stats();
+    assert_eq!(st.requests, 7);
+    assert_eq!(
+        st.sessions_used, 1,
+        "only the creating request used its session"
+    );
+    assert_eq!(
+        st.cookies_rejected, 0,
+        "the tampered cookie was never even looked at"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_visitor_who_writes_nothing_causes_no_store_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Setup::new(dir.path()).start().await;
+    for _ in 0..5 {
+        let r = srv.get("/get/a", None).await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "0"));
+        assert!(r.set_cookie().is_none());
+    }
+    assert_eq!(srv.store_calls(), 0);
+    assert_eq!(srv.layer.stats().created, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_session_is_stored_in_one_write_with_a_secure_cookie() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Setup::new(dir.path()).start().await;
+    let r = srv.post("/incr/a", None).await;
+    assert_eq!(r.body, "1");
+    assert_eq!(srv.writes(), 1, "create and first data: one store write");
+    let set = r.set_cookie().unwrap();
+    for attr in [
+        "HttpOnly",
+        "Secure",
+        "SameSite=Lax",
+        "Path=/",
+        "Max-Age=1800",
+    ] {
+        assert!(set.contains(attr), "{attr} missing in {set}");
+    }
+    assert!(set.starts_with("lt_session="));
+    let pair = r.cookie_pair().unwrap();
+    // 44 characters of base64 HMAC-SHA256, then the 32-character ID.
+    assert_eq!(pair.len() - "lt_session=".len(), 44 + 32, "{pair}");
+    let r = srv.get("/get/a", Some(&pair)).await;
+    assert_eq!(r.body, "1");
+    let r = srv.post("/incr/a", Some(&pair)).await;
+    assert_eq!(r.body, "2");
+    assert_eq!(srv.get("/get/a", Some(&pair)).await.body, "2");
+    assert_eq!(srv.layer.stats().max_writes_per_request, 1);
+}
+
+// ---------------------------------------------------------------- hostile cookies
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_unknown_and_malformed_cookies_get_a_fresh_session_never_a_500() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new(dir.path());
+    let srv = setup.start().await;
+    let good = srv.new_session().await;
+    // An unknown but correctly signed ID: what a server with the key would issue.
+    let other_dir = tempfile::tempdir().unwrap();
+    let mut other = Setup::new(other_dir.path());
+    other.key = setup.key.clone();
+    let unknown = other.start().await.new_session().await;
+    let hostile = [
+        tamper(&good),
+        unknown,
+        "lt_session=".to_string(),
+        "lt_session=../../etc/passwd".to_string(),
+        "lt_session=%00%ff;;;==".to_string(),
+        format!("lt_session={}", "A".repeat(5000)),
+        // The bare ID without its MAC: never adopted.
+        format!("lt_session={}", &good["lt_session=".len()..][44..]),
+    ];
+    for c in &hostile {
+        let writes = srv.writes();
+        let r = srv.get("/get/a", Some(c)).await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "0"), "{c}");
+        assert_eq!(
+            srv.writes(),
+            writes,
+            "a reading visitor with a bad cookie writes nothing"
+        );
+        let r = srv.post("/incr/a", Some(c)).await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "1"), "{c}");
+        let fresh = r.cookie_pair().unwrap();
+        assert_ne!(&fresh, c);
+        assert_ne!(fresh, good);
+    }
+    // The good session is untouched by all that.
+    assert_eq!(srv.get("/get/a", Some(&good)).await.body, "1");
+    assert!(srv.layer.stats().cookies_rejected >= hostile.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_keys_verify_old_cookies_and_sign_with_the_new_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = Setup::new(dir.path());
+    let srv_old = old.start().await;
+    let cookie = srv_old.new_session().await;
+    let new_key = Key::generate();
+    let mut rotated = Setup::new(dir.path());
+    rotated.cookies = Some(CookieConfig::new(new_key.clone()).verify_with(old.key.clone()));
+    let srv_rot = rotated.start().await;
+    assert_eq!(srv_rot.get("/get/a", Some(&cookie)).await.body, "1");
+    // A write re-issues the cookie, now signed with the new key only.
+    let r = srv_rot.post("/incr/a", Some(&cookie)).await;
+    assert_eq!(r.body, "2");
+    let renewed = r.cookie_pair().unwrap();
+    let mut only_new = Setup::new(dir.path());
+    only_new.key = new_key;
+    let srv_new = only_new.start().await;
+    assert_eq!(srv_new.get("/get/a", Some(&renewed)).await.body, "2");
+    assert_eq!(
+        srv_new.get("/get/a", Some(&cookie)).await.body,
+        "0",
+        "old key retired"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_and_host_prefixed_cookies() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Setup::new(dir.path());
+    s.cookies = Some(
+        CookieConfig::new(s.key.clone())
+            .protection(Protection::Private)
+            .secure(false)
+            .host_prefix(true),
+    );
+    let srv = s.start().await;
+    let r = srv.post("/incr/a", None).await;
+    let set = r.set_cookie().unwrap();
+    assert!(set.starts_with("__Host-lt_session="), "{set}");
+    assert!(set.contains("Secure") && set.contains("Path=/") && !set.contains("Domain"));
+    let pair = r.cookie_pair().unwrap();
+    assert_eq!(srv.get("/get/a", Some(&pair)).await.body, "1");
+    // The same value under the unprefixed name is not ours.
+    let bare = pair.replacen("__Host-", "", 1);
+    assert_eq!(srv.get("/get/a", Some(&bare)).await.body, "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_session_is_a_fresh_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000_000_000)));
+    let mut s = Setup::new(dir.path());
+    s.session.clock = clock.clone();
+    s.session.idle_timeout = Duration::from_secs(60);
+    let srv = s.start().await;
+    let cookie = srv.new_session().await;
+    clock.advance(Duration::from_secs(30));
+    assert_eq!(srv.get("/get/a", Some(&cookie)).await.body, "1");
+    clock.advance(Duration::from_secs(61));
+    let writes = srv.writes();
+    let r = srv.get("/get/a", Some(&cookie)).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "0"));
+    assert_eq!(
+        srv.writes(),
+        writes,
+        "an expired session is not revived by a read"
+    );
+    let r = srv.post("/incr/a", Some(&cookie)).await;
+    assert_eq!(r.body, "1");
+    assert_ne!(r.cookie_pair().unwrap(), cookie);
+    // Max-Age follows the configured idle timeout.
+    assert!(r.set_cookie().unwrap().contains("Max-Age=60"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_touch_is_written_once_per_interval_and_refreshes_the_cookie() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000_000_000)));
+    let mut s = Setup::new(dir.path());
+    s.session.clock = clock.clone();
+    let srv = s.start().await;
+    let cookie = srv.new_session().await;
+    let writes = srv.writes();
+    for _ in 0..5 {
+        let r = srv.get("/get/a", Some(&cookie)).await;
+        assert!(r.set_cookie().is_none(), "coalesced: nothing to refresh");
+    }
+    assert_eq!(srv.writes(), writes, "within the interval: no touch");
+    clock.advance(Duration::from_secs(31));
+    let r = srv.get("/get/a", Some(&cookie)).await;
+    assert_eq!(srv.writes(), writes + 1, "one touch");
+    assert!(r.set_cookie().unwrap().contains("Max-Age=1800"));
+    srv.get("/get/a", Some(&cookie)).await;
+    assert_eq!(srv.writes(), writes + 1);
+    assert_eq!(srv.layer.stats().touches, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cycle_id_reissues_the_cookie_and_invalidate_clears_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Setup::new(dir.path()).start().await;
+    let cookie = srv.new_session().await;
+    let r = srv.post("/login", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let cycled = r.cookie_pair().unwrap();
+    assert_ne!(cycled, cookie);
+    assert_eq!(srv.get("/get/a", Some(&cycled)).await.body, "1");
+    assert_eq!(
+        srv.get("/get/a", Some(&cookie)).await.body,
+        "0",
+        "old ID is gone"
+    );
+    let r = srv.post("/logout", Some(&cycled)).await;
+    let set = r.set_cookie().unwrap();
+    assert!(set.contains("Max-Age=0"), "{set}");
+    assert_eq!(srv.get("/get/a", Some(&cycled)).await.body, "0");
+}
+
+// ---------------------------------------------------------------- conflicts and waits
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_of_request_conflict_is_409_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Setup::new(dir.path()).start().await;
+    let cookie = srv.new_session().await;
+    let (addr, c1) = (srv.addr, cookie.clone());
+    let slow = tokio::spawn(async move {
+        once(addr, Method::POST, "/set/k/1?pause_ms=400", Some(&c1))
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let fast = srv.post("/set/k/2", Some(&cookie)).await;
+    assert_eq!(fast.status, StatusCode::OK);
+    let slow = slow.await.unwrap();
+    assert_eq!(slow.status, StatusCode::CONFLICT, "{}", slow.body);
+    assert_eq!(
+        srv.get("/get/k", Some(&cookie)).await.body,
+        "2",
+        "no silent overwrite"
+    );
+    assert_eq!(srv.layer.stats().conflicts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conflict_status_is_configurable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Setup::new(dir.path());
+    s.web.conflict_status = StatusCode::PRECONDITION_FAILED;
+    let srv = s.start().await;
+    let cookie = srv.new_session().await;
+    let (addr, c1) = (srv.addr, cookie.clone());
+    let slow = tokio::spawn(async move {
+        once(addr, Method::POST, "/set/k/1?pause_ms=400", Some(&c1))
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    srv.post("/set/k/2", Some(&cookie)).await;
+    assert_eq!(slow.await.unwrap().status, StatusCode::PRECONDITION_FAILED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_wait_past_the_timeout_is_503_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Setup::new(dir.path());
+    s.web.lock_timeout = Duration::from_millis(200);
+    s.web.retry_after = Duration::from_secs(2);
+    let srv = s.start().await;
+    let cookie = srv.new_session().await;
+    let (addr, c1) = (srv.addr, cookie.clone());
+    let holder = tokio::spawn(async move {
+        once(addr, Method::POST, "/excl/1200", Some(&c1))
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let t = Instant::now();
+    let r = srv.post("/excl/0", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert_eq!(r.headers.get("retry-after").unwrap(), "2");
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        t.elapsed()
+    );
+    // Plain reads go on meanwhile.
+    assert_eq!(
+        srv.get("/get/a", Some(&cookie)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(holder.await.unwrap().body, "1");
+    assert!(srv.layer.stats().timeouts >= 1);
+}
+
+/// A request that waits for a lock and is then dropped (its client hung up) must never end up
+/// holding the lock: the next exclusive request gets it as soon as the first holder leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_dropped_while_waiting_never_keeps_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Setup::new(dir.path()).start().await;
+    let cookie = srv.new_session().await;
+    let (addr, c1) = (srv.addr, cookie.clone());
+    let holder = tokio::spawn(async move {
+        once(addr, Method::POST, "/excl/700", Some(&c1))
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Several waiters that give up (their connections close) while the holder holds.
+    for _ in 0..4 {
+        let quit = tokio::time::timeout(
+            Duration::from_millis(100),
+            once(srv.addr, Method::POST, "/excl/0", Some(&cookie)),
+        )
+        .await;
+        assert!(
+            quit.is_err(),
+            "the waiter cannot be served while the holder holds"
+        );
+    }
+    assert_eq!(holder.await.unwrap().body, "1");
+    let t = Instant::now();
+    let r = srv.post("/excl/0", Some(&cookie)).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (StatusCode::OK, "2"),
+        "abandoned waiters wrote nothing"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // Nobody holds anything once the requests are over.
+    let table = LockTable::open(dir.path().join("locks.table"), &TableOptions::default()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let holders = table.stats().unwrap().holders;
+        if holders.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left holding: {holders:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------- no lost updates
+
+/// Many concurrent increments of one session, of distinct keys and of one shared key, through
+/// two servers on one directory (two attachments, as two processes): every acknowledged
+/// increment is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_increments_of_one_session_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new(dir.path());
+    let a = setup.start().await;
+    let b = setup.start().await;
+    let cookie = a.new_session().await; // a = 1
+    let keys = ["k0", "k1", "k2", "k3", "shared"];
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let addr = if i % 2 == 0 { a.addr } else { b.addr };
+        let key = if i % 3 == 0 { "shared" } else { keys[i % 4] };
+        let c = cookie.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = once(addr, Method::POST, &format!("/incr/{key}"), Some(&c))
+                .await
+                .unwrap();
+            (key, r.status)
+        }));
+        if i % 10 == 0 {
+            let c = cookie.clone();
+            tasks.push(tokio::spawn(async move {
+                let r = once(addr, Method::GET, "/get/shared", Some(&c))
+                    .await
+                    .unwrap();
+                ("read", r.status)
+            }));
+        }
+    }
+    let mut acked: HashMap<&str, u64> = HashMap::new();
+    for t in tasks {
+        let (key, status) = t.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{key}");
+        if key != "read" {
+            *acked.entry(key).or_default() += 1;
+        }
+    }
+    for (key, n) in &acked {
+        let got: u64 = a
+            .get(&format!("/get/{key}"), Some(&cookie))
+            .await
+            .body
+            .parse()
+            .unwrap();
+        assert_eq!(got, *n, "key {key}: {n} acknowledged");
+    }
+    assert_eq!(a.get("/get/a", Some(&cookie)).await.body, "1");
+    let retries = a.layer.stats().transact_retries + b.layer.stats().transact_retries;
+    eprintln!("acked {acked:?}, transact retries {retries}");
+}

@@ -126,9 +126,10 @@ impl CookieConfig {
     }
 
     /// The session ID in the request's cookie, if one of ours is there and verifies with one of
-    /// the keys and parses as an ID. Anything else (absent, tampered, foreign key, malformed) is
-    /// `None`: the request then gets a fresh session.
-    pub(crate) fn session_id(&self, cookie_headers: &[HeaderValue]) -> Option<SessionId> {
+    /// the keys and parses as an ID, with `true` when only a verification (old) key accepted it.
+    /// Anything else (absent, tampered, foreign key, malformed) is `None`: the request then gets
+    /// a fresh session.
+    pub(crate) fn session_id(&self, cookie_headers: &[HeaderValue]) -> Option<(SessionId, bool)> {
         let name = self.cookie_name();
         for value in cookie_headers {
             let Ok(text) = value.to_str() else { continue };
@@ -145,16 +146,17 @@ impl CookieConfig {
     }
 
     /// Verifies (or decrypts) one cookie with the signing key, then each verification key.
-    fn open(&self, c: Cookie<'static>) -> Option<SessionId> {
+    fn open(&self, c: Cookie<'static>) -> Option<(SessionId, bool)> {
         std::iter::once(&self.key)
             .chain(&self.verify_keys)
-            .find_map(|key| {
+            .enumerate()
+            .find_map(|(i, key)| {
                 let jar = CookieJar::new();
                 let plain = match self.protection {
                     Protection::Signed => jar.signed(key).verify(c.clone()),
                     Protection::Private => jar.private(key).decrypt(c.clone()),
                 }?;
-                SessionId::parse(plain.value()).ok()
+                SessionId::parse(plain.value()).ok().map(|id| (id, i > 0))
             })
     }
 
@@ -208,7 +210,7 @@ mod tests {
         let s = v.to_str().unwrap();
         assert!(s.contains("HttpOnly") && s.contains("Secure") && s.contains("SameSite=Lax"));
         assert!(s.contains("Path=/") && s.contains("Max-Age=60"), "{s}");
-        assert_eq!(cfg.session_id(&header(&v)), Some(id.clone()));
+        assert_eq!(cfg.session_id(&header(&v)), Some((id.clone(), false)));
         // Flip one character of the value.
         let mut t = s.split(';').next().unwrap().to_string();
         let last = t.pop().unwrap();
@@ -219,7 +221,7 @@ mod tests {
         let other = CookieConfig::new(Key::generate());
         assert_eq!(other.session_id(&header(&v)), None);
         let rotated = CookieConfig::new(Key::generate()).verify_with(cfg.key.clone());
-        assert_eq!(rotated.session_id(&header(&v)), Some(id));
+        assert_eq!(rotated.session_id(&header(&v)), Some((id, true)));
     }
 
     #[test]
@@ -228,7 +230,7 @@ mod tests {
         let id = SessionId::generate().unwrap();
         let v = cfg.issue(&id, Duration::from_secs(60)).unwrap();
         assert!(!v.to_str().unwrap().contains(id.as_str()));
-        assert_eq!(cfg.session_id(&header(&v)), Some(id));
+        assert_eq!(cfg.session_id(&header(&v)), Some((id, false)));
     }
 
     #[test]

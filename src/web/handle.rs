@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
@@ -35,9 +35,9 @@ use tracing::Instrument;
 enum State {
     /// Not looked at: the cookie is not even verified yet.
     Pending,
-    /// The cookie named a live-looking ID and a `transact` already committed (and so recorded
-    /// the access); nothing is loaded.
-    Transacted(SessionId),
+    /// The cookie named a live session and a `transact` already committed (and so recorded
+    /// the access); nothing is loaded. With the session's creation time, for the cookie.
+    Transacted(SessionId, Timestamp),
     /// No session (no cookie, or one that failed verification or named no live session). The
     /// draft becomes a new session at the end of the request if it holds anything.
     Absent(BTreeMap<String, Value>),
@@ -71,6 +71,8 @@ pub(crate) struct RequestSession {
     state: tokio::sync::Mutex<State>,
     /// Store updates (data writes and touches) this request caused.
     writes: AtomicU64,
+    /// The cookie verified only with an old key: re-sign it with the current one at the end.
+    resign: AtomicBool,
 }
 
 /// A read-modify-write view given to `transact` closures: the stored session, or the draft of a
@@ -123,6 +125,7 @@ impl SessionHandle {
             cookies,
             state: tokio::sync::Mutex::new(State::Pending),
             writes: AtomicU64::new(0),
+            resign: AtomicBool::new(false),
         }))
     }
 
@@ -137,11 +140,16 @@ impl SessionHandle {
         if self.0.cookies.is_empty() {
             return None;
         }
-        let id = sh.cookies.session_id(&self.0.cookies);
-        if id.is_none() {
-            bump(&sh.stats.cookies_rejected);
+        match sh.cookies.session_id(&self.0.cookies) {
+            Some((id, old_key)) => {
+                self.0.resign.store(old_key, Ordering::Relaxed);
+                Some(id)
+            }
+            None => {
+                bump(&sh.stats.cookies_rejected);
+                None
+            }
         }
-        id
     }
 
     /// Runs `f` on the blocking pool. With `deadline`, a wait longer than it becomes
@@ -184,7 +192,7 @@ impl SessionHandle {
     async fn resolve(&self, state: &mut State, exclusive: bool) -> Result<(), WebError> {
         let id = match state {
             State::Pending => self.presented_id(),
-            State::Transacted(id) => Some(id.clone()),
+            State::Transacted(id, _) => Some(id.clone()),
             State::Loaded(l) if exclusive && !l.session.is_exclusive() => {
                 return Err(self.err(Error::Io(std::io::Error::other(
                     "the session was already loaded optimistically in this request",
@@ -303,7 +311,7 @@ impl SessionHandle {
         let mut st = self.0.state.lock().await;
         let id = match &mut *st {
             State::Pending => self.presented_id(),
-            State::Transacted(id) => Some(id.clone()),
+            State::Transacted(id, _) => Some(id.clone()),
             // An exclusive session cannot conflict: change it in place, committed at the end.
             State::Loaded(l) if l.session.is_exclusive() => {
                 let mut txn = SessionTxn {
@@ -328,6 +336,8 @@ impl SessionHandle {
             let span = tracing::debug_span!("session.transact", sid = %sh.hasher.tag(&id));
             let attempts = Arc::new(AtomicU64::new(0));
             let counted = Arc::clone(&attempts);
+            let created = Arc::new(AtomicU64::new(0));
+            let created_seen = Arc::clone(&created);
             let id2 = id.clone();
             // The transaction commits itself, so no layer deadline: a commit cut short here
             // could still land after the client was told it failed.
@@ -336,6 +346,7 @@ impl SessionHandle {
                     let _e = span.entered();
                     let r = mgr.transact(id2.as_str(), |s| {
                         counted.fetch_add(1, Ordering::Relaxed);
+                        created_seen.store(s.created().0, Ordering::Relaxed);
                         f(&mut SessionTxn {
                             inner: TxnInner::Stored(s),
                         })
@@ -354,8 +365,8 @@ impl SessionHandle {
                         bump(&sh.stats.commits);
                         self.0.writes.fetch_add(1, Ordering::Relaxed);
                     }
-                    if matches!(*st, State::Pending) {
-                        *st = State::Transacted(id);
+                    if matches!(*st, State::Pending | State::Transacted(..)) {
+                        *st = State::Transacted(id, Timestamp(created.load(Ordering::Relaxed)));
                     }
                     return Ok(r);
                 }
@@ -418,7 +429,7 @@ impl SessionHandle {
         let mgr = sh.mgr.clone();
         let job: Option<Box<dyn FnOnce() -> crate::Result<()> + Send>> = match old {
             State::Loaded(l) => Some(Box::new(move || l.session.invalidate())),
-            State::Transacted(id) => Some(Box::new(move || mgr.delete(id.as_str()).map(|_| ()))),
+            State::Transacted(id, _) => Some(Box::new(move || mgr.delete(id.as_str()).map(|_| ()))),
             State::Pending => {
                 self.presented_id()
                     .map(|id| -> Box<dyn FnOnce() -> crate::Result<()> + Send> {
@@ -449,7 +460,11 @@ impl SessionHandle {
             std::mem::replace(&mut *st, State::Finished)
         };
         let outcome = match state {
-            State::Pending | State::Transacted(_) | State::Finished => Ok(None),
+            State::Pending | State::Finished => Ok(None),
+            // The transaction's commit extended the session: refresh the cookie's lifetime.
+            State::Transacted(id, created) => {
+                Ok(self.shared().cookies.issue(&id, self.max_age(created)))
+            }
             State::Absent(draft) if draft.is_empty() => Ok(None),
             State::Absent(draft) => self.create(draft).await,
             State::Loaded(l) => self.end_loaded(*l).await,
