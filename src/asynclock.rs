@@ -205,7 +205,10 @@ mod tests {
         tokio::time::sleep(WAIT_SLICE * 3).await;
         let start = Instant::now();
         while !t.stats().unwrap().holders.is_empty() {
-            assert!(start.elapsed() < Duration::from_secs(2), "abandoned waiter kept the lock");
+            assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "abandoned waiter kept the lock"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(t.try_write("x").unwrap().is_some());
