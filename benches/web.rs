@@ -1,1 +1,270 @@
-fn main() {}
+//! `locktable::web` beside tower-sessions 0.15, over real HTTP on loopback.
+//!
+//! The same two axum handlers on each side (read a counter; increment a counter), a bounded
+//! load generator (keep-alive hyper connections, a fixed time per cell), and one hot session:
+//! - read-only requests at 1, 8 and 64 concurrent connections;
+//! - concurrent increments of distinct keys of the one session (each connection its own key),
+//!   then the lost updates: increments acknowledged minus increments stored.
+//!
+//! `cargo bench --features axum --bench web` prints a table (requests/s, p50/p99 latency, lost
+//! updates). `LOCKTABLE_WEB_BENCH_SECS` sets the seconds per cell (default 2).
+//! Server and load generator share the machine (separate tokio runtimes of 2 workers each).
+
+#[path = "../tests/web_support/http.rs"]
+mod http;
+
+use axum::extract::Path;
+use axum::routing::{get, post};
+use axum::Router;
+use http::Conn;
+use hyper::{Method, StatusCode};
+use locktable::session::{MemoryStore, SessionConfig, SessionManager};
+use locktable::web::{CookieConfig, Key, LazySession, ReadOnlySession, SessionLayer, WebError};
+use locktable::{LockTable, TableOptions};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------- locktable::web handlers
+
+async fn lt_read(s: ReadOnlySession, Path(k): Path<String>) -> Result<String, WebError> {
+    Ok(s.get::<u64>(&k).await?.unwrap_or(0).to_string())
+}
+
+async fn lt_incr(s: LazySession, Path(k): Path<String>) -> Result<String, WebError> {
+    let n = s
+        .transact(move |s| {
+            let n = s.get::<u64>(&k)?.unwrap_or(0) + 1;
+            s.insert(&k, &n)?;
+            Ok(n)
+        })
+        .await?;
+    Ok(n.to_string())
+}
+
+// ---------------------------------------------------------------- tower-sessions handlers
+
+async fn ts_read(s: tower_sessions::Session, Path(k): Path<String>) -> Result<String, StatusCode> {
+    let v = s
+        .get::<u64>(&k)
+        .await
+        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+    Ok(v.unwrap_or(0).to_string())
+}
+
+async fn ts_incr(s: tower_sessions::Session, Path(k): Path<String>) -> Result<String, StatusCode> {
+    let e = |_| StatusCode::INTERNAL_SERVER_ERROR;
+    let n = s.get::<u64>(&k).await.map_err(e)?.unwrap_or(0) + 1;
+    s.insert(&k, n).await.map_err(e)?;
+    Ok(n.to_string())
+}
+
+// ---------------------------------------------------------------- contenders
+
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    LocktableFile,
+    LocktableMemory,
+    TowerSessionsMemory,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::LocktableFile => "locktable::web, FileStore (embedded default, no fsync)",
+            Side::LocktableMemory => "locktable::web, MemoryStore",
+            Side::TowerSessionsMemory => "tower-sessions 0.15, MemoryStore",
+        }
+    }
+
+    fn router(self, dir: &std::path::Path) -> Router {
+        let routes = |r: Router| r;
+        match self {
+            Side::LocktableFile | Side::LocktableMemory => {
+                let cfg = SessionConfig {
+                    fsync: false,
+                    ..SessionConfig::default()
+                };
+                let mgr = match self {
+                    Side::LocktableFile => SessionManager::new_embedded(dir, cfg).unwrap(),
+                    _ => SessionManager::new(
+                        LockTable::anonymous(&TableOptions::default()).unwrap(),
+                        MemoryStore::new(),
+                        cfg,
+                    ),
+                };
+                let cookies = CookieConfig::new(Key::generate()).secure(false);
+                routes(
+                    Router::new()
+                        .route("/api/get/{k}", get(lt_read))
+                        .route("/api/incr/{k}", post(lt_incr)),
+                )
+                .layer(SessionLayer::new(mgr, cookies))
+            }
+            Side::TowerSessionsMemory => {
+                let layer = tower_sessions::SessionManagerLayer::new(
+                    tower_sessions::MemoryStore::default(),
+                )
+                .with_secure(false)
+                .with_signed(tower_sessions::cookie::Key::generate());
+                Router::new()
+                    .route("/api/get/{k}", get(ts_read))
+                    .route("/api/incr/{k}", post(ts_incr))
+                    .layer(layer)
+            }
+        }
+    }
+}
+
+struct Cell {
+    requests: u64,
+    errors: u64,
+    secs: f64,
+    lat_us: Vec<u32>,
+    lost: Option<u64>,
+}
+
+impl Cell {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.secs
+    }
+    fn pct(&mut self, p: f64) -> f64 {
+        if self.lat_us.is_empty() {
+            return 0.0;
+        }
+        self.lat_us.sort_unstable();
+        let i = ((self.lat_us.len() - 1) as f64 * p).round() as usize;
+        self.lat_us[i] as f64 / 1000.0
+    }
+}
+
+/// `conns` connections send `path` (or `/api/incr/k{i}` when `incr`) for `secs`.
+async fn load(addr: SocketAddr, cookie: String, conns: usize, secs: f64, incr: bool) -> Cell {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..conns {
+        let cookie = cookie.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Conn::open(addr).await.unwrap();
+            let (method, path) = if incr {
+                (Method::POST, format!("/api/incr/k{i}"))
+            } else {
+                (Method::GET, "/api/get/a".to_string())
+            };
+            let (mut lat, mut ok, mut err) = (Vec::with_capacity(1 << 14), 0u64, 0u64);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match c.req(method.clone(), &path, Some(&cookie)).await {
+                    Ok(r) if r.status == StatusCode::OK => ok += 1,
+                    Ok(_) => err += 1,
+                    Err(_) => {
+                        err += 1;
+                        c = Conn::open(addr).await.unwrap();
+                    }
+                }
+                lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            }
+            (lat, ok, err)
+        }));
+    }
+    let mut cell = Cell {
+        requests: 0,
+        errors: 0,
+        secs: 0.0,
+        lat_us: Vec::new(),
+        lost: None,
+    };
+    for t in tasks {
+        let (lat, ok, err) = t.await.unwrap();
+        cell.lat_us.extend(lat);
+        cell.requests += ok;
+        cell.errors += err;
+    }
+    cell.secs = start.elapsed().as_secs_f64();
+    if incr {
+        // Every 200 was one acknowledged increment of the connection's own key.
+        let mut c = Conn::open(addr).await.unwrap();
+        let mut stored = 0u64;
+        for i in 0..conns {
+            let r = c
+                .req(Method::GET, &format!("/api/get/k{i}"), Some(&cookie))
+                .await
+                .unwrap();
+            stored += r.body.parse::<u64>().unwrap_or(0);
+        }
+        cell.lost = Some(cell.requests.saturating_sub(stored));
+    }
+    cell
+}
+
+fn main() {
+    let secs: f64 = std::env::var("LOCKTABLE_WEB_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2.0);
+    // `cargo bench` passes `--bench`; a filter argument picks contenders by name.
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!("web benchmark: {secs} s per cell, loopback HTTP/1.1 keep-alive, one hot session");
+    println!(
+        "| server | workload | conns | requests/s | p50 ms | p99 ms | errors | lost updates |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    for side in [
+        Side::LocktableFile,
+        Side::LocktableMemory,
+        Side::TowerSessionsMemory,
+    ] {
+        if let Some(f) = &filter {
+            if !side.name().to_lowercase().contains(&f.to_lowercase()) {
+                continue;
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let router = side.router(dir.path());
+        let listener = server_rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = server_rt.spawn(async move {
+            axum::serve(listener, router).await.unwrap();
+        });
+        // The hot session: created by one increment, then read by everyone.
+        let cookie = client_rt.block_on(async {
+            let mut c = Conn::open(addr).await.unwrap();
+            let r = c.req(Method::POST, "/api/incr/a", None).await.unwrap();
+            r.cookie_pair().expect("session cookie")
+        });
+        let runs: [(&str, usize, bool); 4] = [
+            ("read-only", 1, false),
+            ("read-only", 8, false),
+            ("read-only", 64, false),
+            ("increments, distinct keys", 16, true),
+        ];
+        for (label, conns, incr) in runs {
+            let mut cell = client_rt.block_on(load(addr, cookie.clone(), conns, secs, incr));
+            println!(
+                "| {} | {} | {} | {:.0} | {:.3} | {:.3} | {} | {} |",
+                side.name(),
+                label,
+                conns,
+                cell.rps(),
+                cell.pct(0.50),
+                cell.pct(0.99),
+                cell.errors,
+                cell.lost
+                    .map_or("-".to_string(), |l| format!("{l} of {}", cell.requests)),
+            );
+        }
+        server.abort();
+    }
+}
