@@ -120,6 +120,22 @@ async fn exclusive(s: ExclusiveSession, Path(ms): Path<u64>) -> Result<String, W
     Ok(n.to_string())
 }
 
+/// Reads through the read-only view, pauses, then writes through the lazy handle.
+async fn read_then_write(
+    r: ReadOnlySession,
+    s: LazySession,
+    Path((key, value)): Path<(String, u64)>,
+    Query(q): Query<HashMap<String, u64>>,
+) -> Result<String, WebError> {
+    let before = r.get::<u64>(&key).await?.unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(
+        q.get("pause_ms").copied().unwrap_or(0),
+    ))
+    .await;
+    s.insert(&key, &value).await?;
+    Ok(before.to_string())
+}
+
 async fn login(s: LazySession) -> Result<&'static str, WebError> {
     s.cycle_id().await?;
     Ok("ok")
@@ -140,6 +156,7 @@ fn app(layer: SessionLayer) -> Router {
         .route("/incr/{key}", post(incr))
         .route("/set/{key}/{value}", post(set))
         .route("/excl/{ms}", post(exclusive))
+        .route("/read-then-write/{key}/{value}", post(read_then_write))
         .route("/login", post(login))
         .route("/logout", post(logout))
         .route("/untouched", get(untouched))
@@ -664,4 +681,80 @@ async fn concurrent_increments_of_one_session_lose_nothing() {
     assert_eq!(a.get("/get/a", Some(&cookie)).await.body, "1");
     let retries = a.layer.stats().transact_retries + b.layer.stats().transact_retries;
     eprintln!("acked {acked:?}, transact retries {retries}");
+}
+
+// ---------------------------------------------------------------- shared read-only loads
+
+/// Read-only loads of one session are shared between requests that arrive together, yet every
+/// read sees every commit that finished before the read was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_read_only_loads_still_read_every_finished_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Setup::new(dir.path()).start().await;
+    let cookie = srv.new_session().await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..16 {
+        let (addr, c, stop) = (srv.addr, cookie.clone(), Arc::clone(&stop));
+        readers.push(tokio::spawn(async move {
+            let mut conn = http::Conn::open(addr).await.unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let r = conn.req(Method::GET, "/get/a", Some(&c)).await.unwrap();
+                assert_eq!(r.status, StatusCode::OK);
+                n += 1;
+            }
+            n
+        }));
+    }
+    for expect in 2..=31u64 {
+        let r = srv.post("/incr/a", Some(&cookie)).await;
+        assert_eq!(r.body, expect.to_string());
+        let r = srv.get("/get/a", Some(&cookie)).await;
+        assert_eq!(
+            r.body,
+            expect.to_string(),
+            "a read after an acknowledged increment"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut reads = 30;
+    for r in readers {
+        reads += r.await.unwrap();
+    }
+    let st = srv.layer.stats();
+    eprintln!("{reads} read-only requests, {} loads", st.loads);
+    assert!(
+        st.loads < reads,
+        "concurrent readers shared loads ({} loads for {reads} reads)",
+        st.loads
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_a_read_only_snapshot_is_refused_if_the_session_changed_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Setup::new(dir.path()).start().await;
+    let cookie = srv.new_session().await;
+    // Nothing changed in between: the write goes through.
+    let r = srv.post("/read-then-write/k/7", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(srv.get("/get/k", Some(&cookie)).await.body, "7");
+    // Another request commits while this one works on its snapshot: refused, nothing written.
+    let (addr, c1) = (srv.addr, cookie.clone());
+    let slow = tokio::spawn(async move {
+        once(
+            addr,
+            Method::POST,
+            "/read-then-write/k/8?pause_ms=400",
+            Some(&c1),
+        )
+        .await
+        .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(srv.post("/incr/a", Some(&cookie)).await.body, "2");
+    let slow = slow.await.unwrap();
+    assert_eq!(slow.status, StatusCode::CONFLICT, "{}", slow.body);
+    assert_eq!(srv.get("/get/k", Some(&cookie)).await.body, "7");
 }

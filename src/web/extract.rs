@@ -33,12 +33,12 @@ pub struct LazySession(SessionHandle);
 impl LazySession {
     /// Reads a value (`None` when absent or when there is no session).
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, WebError> {
-        self.0.get(key).await
+        self.0.get(key, false).await
     }
 
     /// The keys present.
     pub async fn keys(&self) -> Result<Vec<String>, WebError> {
-        self.0.keys().await
+        self.0.keys(false).await
     }
 
     /// Sets a value, committed at the end of the request. A visitor without a session gets one,
@@ -114,18 +114,25 @@ impl<S: Send + Sync> FromRequestParts<S> for ExclusiveSession {
 
 /// A read-only view of the request's session: it has no method that writes, so a handler that
 /// takes it can never change session data. Its end only records the access (coalesced).
+///
+/// Its load is shared: requests of one session that arrive while a read-only load of it is
+/// still queued (not yet reading) get that load's snapshot instead of loading again, so a page
+/// whose many requests read one session at once costs a few loads. Each request still sees
+/// every commit that finished before it arrived. If the same request later writes through a
+/// [`LazySession`], it is refused with the conflict status when the session changed since
+/// its snapshot.
 #[derive(Debug, Clone)]
 pub struct ReadOnlySession(SessionHandle);
 
 impl ReadOnlySession {
     /// Reads a value (`None` when absent or when there is no session).
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, WebError> {
-        self.0.get(key).await
+        self.0.get(key, true).await
     }
 
     /// The keys present.
     pub async fn keys(&self) -> Result<Vec<String>, WebError> {
-        self.0.keys().await
+        self.0.keys(true).await
     }
 }
 

@@ -43,6 +43,12 @@ enum State {
     Absent(BTreeMap<String, Value>),
     /// Loaded for this request.
     Loaded(Box<LoadedState>),
+    /// A read-only snapshot, possibly shared with other requests of the session that arrived
+    /// while its load was still queued (see [`SessionHandle::snapshot`]).
+    Snapshot {
+        snap: Arc<Snapshot>,
+        _reader: Option<ReaderToken>,
+    },
     /// The handler invalidated the session; the cookie is cleared at the end.
     Invalidated,
     /// The request ended.
@@ -58,6 +64,48 @@ struct LoadedState {
     /// `cycle_id` ran: the client needs the new ID.
     reissue: bool,
     _reader: Option<ReaderToken>,
+}
+
+/// A session's data as one load saw it, shared by the requests of one flight.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    id: SessionId,
+    version: u64,
+    created: Timestamp,
+    data: BTreeMap<String, Value>,
+    /// The load's end wrote an access time: the cookie's lifetime is refreshed.
+    touched: bool,
+}
+
+/// What a flight delivers; errors as text, as every joined request gets a copy.
+pub(crate) type FlightResult = Result<Option<Arc<Snapshot>>, (bool, String)>;
+
+/// Read-only loads of one session that have not started reading the store yet, by ID: a
+/// request that arrives while one is queued joins it instead of loading again. The load removes
+/// its entry before it reads, so every request that joined arrived before the read began and
+/// sees every commit that finished before it arrived.
+pub(crate) type Flights = parking_lot::Mutex<
+    std::collections::HashMap<SessionId, tokio::sync::watch::Receiver<Option<FlightResult>>>,
+>;
+
+impl Mode {
+    fn reading(read_only: bool) -> Mode {
+        if read_only {
+            Mode::Snapshot
+        } else {
+            Mode::Optimistic
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    /// A read-only snapshot is enough.
+    Snapshot,
+    /// A session that can be written (optimistic).
+    Optimistic,
+    /// A session holding its upgradable lock.
+    Exclusive,
 }
 
 /// The per-request handle, put into the request's extensions by the layer.
@@ -187,13 +235,16 @@ impl SessionHandle {
         WebError::new(e, &self.shared().cfg)
     }
 
-    /// Makes sure the session is resolved: loaded (optimistic, or exclusive when asked), or
-    /// known to be absent.
-    async fn resolve(&self, state: &mut State, exclusive: bool) -> Result<(), WebError> {
-        let id = match state {
-            State::Pending => self.presented_id(),
-            State::Transacted(id, _) => Some(id.clone()),
-            State::Loaded(l) if exclusive && !l.session.is_exclusive() => {
+    /// Makes sure the session is resolved as `mode` needs: a snapshot, a loaded session
+    /// (optimistic or exclusive), or known to be absent.
+    async fn resolve(&self, state: &mut State, mode: Mode) -> Result<(), WebError> {
+        let (id, seen_version) = match state {
+            State::Pending => (self.presented_id(), None),
+            State::Transacted(id, _) => (Some(id.clone()), None),
+            State::Snapshot { snap, .. } if mode != Mode::Snapshot => {
+                (Some(snap.id.clone()), Some(snap.version))
+            }
+            State::Loaded(l) if mode == Mode::Exclusive && !l.session.is_exclusive() => {
                 return Err(self.err(Error::Io(std::io::Error::other(
                     "the session was already loaded optimistically in this request",
                 ))))
@@ -206,6 +257,25 @@ impl SessionHandle {
             return Ok(());
         };
         let sh = self.shared();
+        if mode == Mode::Snapshot {
+            *state = match self.snapshot(id).await? {
+                Some(snap) => {
+                    let reader = sh.readers.as_ref().map(|g| {
+                        g.enter(sh.hasher.hash(&snap.id), &sh.stats.max_concurrent_readers)
+                    });
+                    State::Snapshot {
+                        snap,
+                        _reader: reader,
+                    }
+                }
+                None => {
+                    bump(&sh.stats.cookies_rejected);
+                    State::Absent(BTreeMap::new())
+                }
+            };
+            return Ok(());
+        }
+        let exclusive = mode == Mode::Exclusive;
         let mgr = sh.mgr.clone();
         let tag = sh.hasher.tag(&id);
         let span = tracing::debug_span!("session.load", sid = %tag, exclusive);
@@ -224,6 +294,15 @@ impl SessionHandle {
         match loaded {
             Some((session, loaded_at)) => {
                 bump(&sh.stats.loads);
+                if seen_version.is_some_and(|v| v != session.version()) {
+                    // The handler read an older snapshot: what it writes may rest on stale
+                    // data. Refuse, as a commit conflict would (the session drops off-worker).
+                    leave_off_worker(session);
+                    *state = State::Finished;
+                    return Err(self.err(Error::Conflict {
+                        key: "(read before the last commit)".into(),
+                    }));
+                }
                 let reader = sh.readers.as_ref().map(|g| {
                     g.enter(
                         sh.hasher.hash(session.id()),
@@ -245,16 +324,70 @@ impl SessionHandle {
         Ok(())
     }
 
-    pub(crate) async fn load_exclusive(&self) -> Result<(), WebError> {
-        let mut st = self.0.state.lock().await;
-        self.resolve(&mut st, true).await
+    /// A read-only snapshot of session `id`: joins a load of it that is queued but has not
+    /// started reading, or starts one. The load also ends the access (coalesced touch) on the
+    /// blocking pool, so a read-only request holds no session at all.
+    async fn snapshot(&self, id: SessionId) -> Result<Option<Arc<Snapshot>>, WebError> {
+        let sh = Arc::clone(&self.0.shared);
+        let mut rx = {
+            let mut flights = sh.flights.lock();
+            match flights.get(&id) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    flights.insert(id.clone(), rx.clone());
+                    let sh2 = Arc::clone(&sh);
+                    let span = tracing::debug_span!("session.load", sid = %sh.hasher.tag(&id), shared = true);
+                    // Detached: every request of the flight waits on the channel with its own
+                    // deadline; a dropped request leaves the load to finish for the others.
+                    drop(tokio::task::spawn_blocking(move || {
+                        let _e = span.entered();
+                        sh2.flights.lock().remove(&id);
+                        let r = load_snapshot(&sh2, &id)
+                            .map_err(|e| (matches!(e, Error::Timeout), e.to_string()));
+                        tx.send_replace(Some(r));
+                    }));
+                    rx
+                }
+            }
+        };
+        let wait = tokio::time::timeout(sh.cfg.lock_timeout, rx.wait_for(Option::is_some)).await;
+        let result = match wait {
+            Err(_) => {
+                bump(&sh.stats.timeouts);
+                return Err(self.err(Error::Timeout));
+            }
+            Ok(Err(_)) => Err((false, "the session load was abandoned".to_string())),
+            Ok(Ok(v)) => v.clone().unwrap_or(Err((false, String::new()))),
+        };
+        result.map_err(|(timeout, msg)| {
+            if timeout {
+                bump(&sh.stats.timeouts);
+                self.err(Error::Timeout)
+            } else {
+                self.err(Error::Io(std::io::Error::other(msg)))
+            }
+        })
     }
 
-    pub(crate) async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, WebError> {
+    pub(crate) async fn load_exclusive(&self) -> Result<(), WebError> {
         let mut st = self.0.state.lock().await;
-        self.resolve(&mut st, false).await?;
+        self.resolve(&mut st, Mode::Exclusive).await
+    }
+
+    pub(crate) async fn get<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        read_only: bool,
+    ) -> Result<Option<T>, WebError> {
+        let mut st = self.0.state.lock().await;
+        self.resolve(&mut st, Mode::reading(read_only)).await?;
         let r = match &*st {
             State::Loaded(l) => l.session.get(key),
+            State::Snapshot { snap, .. } => match snap.data.get(key) {
+                None => Ok(None),
+                Some(v) => T::deserialize(v).map(Some).map_err(Error::from),
+            },
             State::Absent(d) => match d.get(key) {
                 None => Ok(None),
                 Some(v) => T::deserialize(v).map(Some).map_err(Error::from),
@@ -264,11 +397,12 @@ impl SessionHandle {
         r.map_err(|e| self.err(e))
     }
 
-    pub(crate) async fn keys(&self) -> Result<Vec<String>, WebError> {
+    pub(crate) async fn keys(&self, read_only: bool) -> Result<Vec<String>, WebError> {
         let mut st = self.0.state.lock().await;
-        self.resolve(&mut st, false).await?;
+        self.resolve(&mut st, Mode::reading(read_only)).await?;
         match &*st {
             State::Loaded(l) => Ok(l.session.keys().map(str::to_owned).collect()),
+            State::Snapshot { snap, .. } => Ok(snap.data.keys().cloned().collect()),
             State::Absent(d) => Ok(d.keys().cloned().collect()),
             _ => Err(self.err(Error::SessionFinished)),
         }
@@ -280,7 +414,7 @@ impl SessionHandle {
         value: &T,
     ) -> Result<(), WebError> {
         let mut st = self.0.state.lock().await;
-        self.resolve(&mut st, false).await?;
+        self.resolve(&mut st, Mode::Optimistic).await?;
         let r = match &mut *st {
             State::Loaded(l) => l.session.insert(key, value),
             State::Absent(d) => serde_json::to_value(value)
@@ -295,7 +429,7 @@ impl SessionHandle {
 
     pub(crate) async fn remove(&self, key: &str) -> Result<bool, WebError> {
         let mut st = self.0.state.lock().await;
-        self.resolve(&mut st, false).await?;
+        self.resolve(&mut st, Mode::Optimistic).await?;
         match &mut *st {
             State::Loaded(l) => Ok(l.session.remove(key)),
             State::Absent(d) => Ok(d.remove(key).is_some()),
@@ -320,6 +454,7 @@ impl SessionHandle {
                 return f(&mut txn).map_err(|e| self.err(e));
             }
             State::Loaded(l) => Some(l.session.id().clone()),
+            State::Snapshot { snap, .. } => Some(snap.id.clone()),
             State::Absent(d) => {
                 let mut txn = SessionTxn {
                     inner: TxnInner::Draft(d),
@@ -395,7 +530,7 @@ impl SessionHandle {
 
     pub(crate) async fn cycle_id(&self) -> Result<(), WebError> {
         let mut st = self.0.state.lock().await;
-        self.resolve(&mut st, false).await?;
+        self.resolve(&mut st, Mode::Optimistic).await?;
         if !matches!(&*st, State::Loaded(_)) {
             // A new session gets a fresh ID anyway; nothing else can be cycled.
             return Ok(());
@@ -430,6 +565,10 @@ impl SessionHandle {
         let job: Option<Box<dyn FnOnce() -> crate::Result<()> + Send>> = match old {
             State::Loaded(l) => Some(Box::new(move || l.session.invalidate())),
             State::Transacted(id, _) => Some(Box::new(move || mgr.delete(id.as_str()).map(|_| ()))),
+            State::Snapshot { snap, .. } => {
+                let id = snap.id.clone();
+                Some(Box::new(move || mgr.delete(id.as_str()).map(|_| ())))
+            }
             State::Pending => {
                 self.presented_id()
                     .map(|id| -> Box<dyn FnOnce() -> crate::Result<()> + Send> {
@@ -468,6 +607,16 @@ impl SessionHandle {
             State::Absent(draft) if draft.is_empty() => Ok(None),
             State::Absent(draft) => self.create(draft).await,
             State::Loaded(l) => self.end_loaded(*l).await,
+            State::Snapshot { snap, .. } => {
+                let renew = snap.touched || self.0.resign.load(Ordering::Relaxed);
+                Ok(renew
+                    .then(|| {
+                        self.shared()
+                            .cookies
+                            .issue(&snap.id, self.max_age(snap.created))
+                    })
+                    .flatten())
+            }
             State::Invalidated => Ok(self.shared().cookies.clear()),
         };
         let sh = self.shared();
@@ -621,4 +770,48 @@ fn create_with(
         }
     }
     Err(Error::Random("four generated session IDs collided".into()))
+}
+
+/// Ends a session on the blocking pool: dropping it may write an access time and release a lock.
+fn leave_off_worker(session: Session) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(move || drop(session))),
+        Err(_) => drop(session),
+    }
+}
+
+/// The body of a flight: loads, copies the data out, and ends the request's access right away
+/// (a read-only request's access time is its load time anyway).
+fn load_snapshot(sh: &Shared, id: &SessionId) -> crate::Result<Option<Arc<Snapshot>>> {
+    let Some(session) = sh.mgr.load(id.as_str())? else {
+        return Ok(None);
+    };
+    bump(&sh.stats.loads);
+    let cfg = sh.mgr.config();
+    let loaded_at = cfg.clock.now();
+    let mut data = BTreeMap::new();
+    for key in session.keys() {
+        if let Some(v) = session.get::<Value>(key)? {
+            data.insert(key.to_owned(), v);
+        }
+    }
+    let touched =
+        session.last_accessed() < loaded_at.saturating_sub(cfg.effective_touch_interval());
+    let snap = Snapshot {
+        id: id.clone(),
+        version: session.version(),
+        created: session.created(),
+        data,
+        touched,
+    };
+    if touched {
+        bump(&sh.stats.touches);
+        let _s = tracing::debug_span!("session.touch", sid = %sh.hasher.tag(id)).entered();
+        // A failed access-time write does not fail a read-only request.
+        let _ = session.commit();
+    } else {
+        bump(&sh.stats.touches_skipped);
+        let _ = session.commit();
+    }
+    Ok(Some(Arc::new(snap)))
 }

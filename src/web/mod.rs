@@ -108,6 +108,7 @@ pub(crate) struct Shared {
     stats: telemetry::Counters,
     hasher: telemetry::SidHasher,
     readers: Option<Arc<telemetry::ReaderGauge>>,
+    flights: handle::Flights,
 }
 
 impl Shared {
@@ -121,6 +122,7 @@ impl Shared {
             cfg,
             stats: telemetry::Counters::default(),
             hasher: telemetry::SidHasher::new(),
+            flights: Default::default(),
         }
     }
 }
