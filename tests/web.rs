@@ -136,6 +136,18 @@ async fn read_then_write(
     Ok(before.to_string())
 }
 
+/// A read-modify-write under the session's upgradable lock: cannot conflict.
+async fn exclusive_incr(s: ExclusiveSession, Path(key): Path<String>) -> Result<String, WebError> {
+    let n = s
+        .transact(move |s| {
+            let n = s.get::<u64>(&key)?.unwrap_or(0) + 1;
+            s.insert(&key, &n)?;
+            Ok(n)
+        })
+        .await?;
+    Ok(n.to_string())
+}
+
 async fn login(s: LazySession) -> Result<&'static str, WebError> {
     s.cycle_id().await?;
     Ok("ok")
@@ -156,6 +168,7 @@ fn app(layer: SessionLayer) -> Router {
         .route("/incr/{key}", post(incr))
         .route("/set/{key}/{value}", post(set))
         .route("/excl/{ms}", post(exclusive))
+        .route("/excl-incr/{key}", post(exclusive_incr))
         .route("/read-then-write/{key}/{value}", post(read_then_write))
         .route("/login", post(login))
         .route("/logout", post(logout))
@@ -644,9 +657,11 @@ async fn concurrent_increments_of_one_session_lose_nothing() {
     for i in 0..100 {
         let addr = if i % 2 == 0 { a.addr } else { b.addr };
         let key = if i % 3 == 0 { "shared" } else { keys[i % 4] };
+        // Some increments hold the session's upgradable lock instead of retrying.
+        let route = if i % 7 == 0 { "excl-incr" } else { "incr" };
         let c = cookie.clone();
         tasks.push(tokio::spawn(async move {
-            let r = once(addr, Method::POST, &format!("/incr/{key}"), Some(&c))
+            let r = once(addr, Method::POST, &format!("/{route}/{key}"), Some(&c))
                 .await
                 .unwrap();
             (key, r.status)
@@ -757,4 +772,34 @@ async fn a_write_after_a_read_only_snapshot_is_refused_if_the_session_changed_me
     let slow = slow.await.unwrap();
     assert_eq!(slow.status, StatusCode::CONFLICT, "{}", slow.body);
     assert_eq!(srv.get("/get/k", Some(&cookie)).await.body, "7");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gc_task_deletes_expired_sessions_and_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000_000_000)));
+    let mut s = Setup::new(dir.path());
+    s.session.clock = clock.clone();
+    s.session.idle_timeout = Duration::from_secs(60);
+    let srv = s.start().await;
+    let old = srv.new_session().await;
+    let _other = srv.new_session().await;
+    clock.advance(Duration::from_secs(61));
+    let live = srv.new_session().await;
+    let gc = srv.layer.spawn_gc(Duration::from_millis(20));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while srv.layer.stats().gc_deleted < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "gc did not run: {:?}",
+            srv.layer.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gc.abort();
+    let st = srv.layer.stats();
+    assert!(st.gc_runs >= 1);
+    assert_eq!(st.gc_deleted, 2, "exactly the two expired sessions");
+    assert_eq!(srv.get("/get/a", Some(&live)).await.body, "1");
+    assert_eq!(srv.get("/get/a", Some(&old)).await.body, "0");
 }
