@@ -148,6 +148,15 @@ async fn exclusive_incr(s: ExclusiveSession, Path(key): Path<String>) -> Result<
     Ok(n.to_string())
 }
 
+/// Writes, then fails.
+async fn write_then_fail(s: LazySession) -> Result<axum::response::Response, WebError> {
+    s.insert("k", &99u64).await?;
+    Ok(axum::response::IntoResponse::into_response((
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "boom",
+    )))
+}
+
 async fn login(s: LazySession) -> Result<&'static str, WebError> {
     s.cycle_id().await?;
     Ok("ok")
@@ -170,6 +179,7 @@ fn app(layer: SessionLayer) -> Router {
         .route("/excl/{ms}", post(exclusive))
         .route("/excl-incr/{key}", post(exclusive_incr))
         .route("/read-then-write/{key}/{value}", post(read_then_write))
+        .route("/write-then-fail", post(write_then_fail))
         .route("/login", post(login))
         .route("/logout", post(logout))
         .route("/untouched", get(untouched))
@@ -513,6 +523,28 @@ async fn cycle_id_reissues_the_cookie_and_invalidate_clears_it() {
     let set = r.set_cookie().unwrap();
     assert!(set.contains("Max-Age=0"), "{set}");
     assert_eq!(srv.get("/get/a", Some(&cycled)).await.body, "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_handler_stores_none_of_its_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Setup::new(dir.path()).start().await;
+    // No session yet: nothing is created.
+    let r = srv.post("/write-then-fail", None).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(r.set_cookie().is_none());
+    assert_eq!(srv.writes(), 0);
+    // An existing session: its change is dropped.
+    let cookie = srv.new_session().await;
+    let writes = srv.writes();
+    let r = srv.post("/write-then-fail", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(srv.get("/get/k", Some(&cookie)).await.body, "0");
+    assert_eq!(
+        srv.writes(),
+        writes,
+        "no data write (and no touch within the interval)"
+    );
 }
 
 // ---------------------------------------------------------------- conflicts and waits

@@ -598,8 +598,17 @@ impl SessionHandle {
             let mut st = self.0.state.lock().await;
             std::mem::replace(&mut *st, State::Finished)
         };
+        // A handler that failed (5xx) may have left half-made changes: store none of them.
+        // The access is still recorded, off the worker, as for any dropped session.
+        let failed = resp.status().is_server_error();
         let outcome = match state {
             State::Pending | State::Finished => Ok(None),
+            State::Absent(_) if failed => Ok(None),
+            State::Loaded(l) if failed && l.session.is_dirty() => {
+                tracing::debug!("handler failed: the request's session changes are dropped");
+                leave_off_worker(l.session);
+                Ok(None)
+            }
             // The transaction's commit extended the session: refresh the cookie's lifetime.
             State::Transacted(id, created) => {
                 Ok(self.shared().cookies.issue(&id, self.max_age(created)))

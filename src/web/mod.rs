@@ -36,6 +36,7 @@
 //!   [`LazySession`]); a conflict with a concurrent request on the same key is answered with
 //!   [`WebConfig::conflict_status`] (409), never a silent overwrite. Use
 //!   [`LazySession::transact`] for read-modify-writes that retry instead.
+//! - A handler that answers with a server error (5xx) stores none of its session changes.
 //! - A visitor without a session who writes nothing causes no store write at all; a new
 //!   session is stored, with its first data, in one write at the end of the request that wrote.
 //!
