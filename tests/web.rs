@@ -352,6 +352,8 @@ async fn a_new_session_is_stored_in_one_write_with_a_secure_cookie() {
         assert!(set.contains(attr), "{attr} missing in {set}");
     }
     assert!(set.starts_with("lt_session="));
+    assert_eq!(r.headers.get("cache-control").unwrap(), "no-store");
+    assert_eq!(r.headers.get("vary").unwrap(), "cookie");
     let pair = r.cookie_pair().unwrap();
     // 44 characters of base64 HMAC-SHA256, then the 32-character ID.
     assert_eq!(pair.len() - "lt_session=".len(), 44 + 32, "{pair}");

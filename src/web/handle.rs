@@ -601,6 +601,11 @@ impl SessionHandle {
         // A handler that failed (5xx) may have left half-made changes: store none of them.
         // The access is still recorded, off the worker, as for any dropped session.
         let failed = resp.status().is_server_error();
+        if !matches!(state, State::Pending) {
+            // The answer depended on the session: caches must key it by the cookie.
+            resp.headers_mut()
+                .append(http::header::VARY, HeaderValue::from_static("cookie"));
+        }
         let outcome = match state {
             State::Pending | State::Finished => Ok(None),
             State::Absent(_) if failed => Ok(None),
@@ -634,7 +639,11 @@ impl SessionHandle {
             .fetch_max(self.0.writes.load(Ordering::Relaxed), Ordering::Relaxed);
         match outcome {
             Ok(Some(cookie)) => {
-                resp.headers_mut().append(http::header::SET_COOKIE, cookie);
+                let h = resp.headers_mut();
+                h.append(http::header::SET_COOKIE, cookie);
+                // A cached Set-Cookie would hand this session to the cache's next client.
+                h.entry(http::header::CACHE_CONTROL)
+                    .or_insert(HeaderValue::from_static("no-store"));
                 resp
             }
             Ok(None) => resp,

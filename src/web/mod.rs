@@ -37,6 +37,8 @@
 //!   [`WebConfig::conflict_status`] (409), never a silent overwrite. Use
 //!   [`LazySession::transact`] for read-modify-writes that retry instead.
 //! - A handler that answers with a server error (5xx) stores none of its session changes.
+//! - A response that used the session gets `Vary: Cookie`; one that sets the cookie also gets
+//!   `Cache-Control: no-store` unless the handler set a `Cache-Control` itself.
 //! - A visitor without a session who writes nothing causes no store write at all; a new
 //!   session is stored, with its first data, in one write at the end of the request that wrote.
 //!
