@@ -13,6 +13,9 @@
 //!   coalesced away (no I/O at all).
 //! - A `Session` is never dropped on a runtime worker while it may still write an access
 //!   time: leftovers (a cancelled request) are finished on the blocking pool.
+//! - Read-only views load a snapshot that requests arriving together share (a "flight"); a
+//!   request joins only a flight that has not started reading, so it sees every commit that
+//!   finished before it arrived.
 
 use super::telemetry::{bump, ReaderToken};
 use super::{Shared, WebError};
@@ -88,16 +91,6 @@ pub(crate) type Flights = parking_lot::Mutex<
     std::collections::HashMap<SessionId, tokio::sync::watch::Receiver<Option<FlightResult>>>,
 >;
 
-impl Mode {
-    fn reading(read_only: bool) -> Mode {
-        if read_only {
-            Mode::Snapshot
-        } else {
-            Mode::Optimistic
-        }
-    }
-}
-
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
     /// A read-only snapshot is enough.
@@ -106,6 +99,16 @@ enum Mode {
     Optimistic,
     /// A session holding its upgradable lock.
     Exclusive,
+}
+
+impl Mode {
+    fn reading(read_only: bool) -> Mode {
+        if read_only {
+            Mode::Snapshot
+        } else {
+            Mode::Optimistic
+        }
+    }
 }
 
 /// The per-request handle, put into the request's extensions by the layer.
@@ -121,6 +124,9 @@ pub(crate) struct RequestSession {
     writes: AtomicU64,
     /// The cookie verified only with an old key: re-sign it with the current one at the end.
     resign: AtomicBool,
+    // Orderings: `writes` and `resign` are Relaxed. Both are written while the request holds
+    // `state`'s mutex (or after awaiting the blocking task that did the write) and read in
+    // `finish` after taking that mutex, which orders them.
 }
 
 /// A read-modify-write view given to `transact` closures: the stored session, or the draft of a
@@ -490,6 +496,7 @@ impl SessionHandle {
                 })
                 .await?;
             f = f_back;
+            // Relaxed: the blocking task that counted has been joined (awaited) above.
             let n = attempts.load(Ordering::Relaxed);
             sh.stats
                 .transact_retries
