@@ -30,8 +30,9 @@
 //! # What a request costs
 //! - Nothing, if the handler never reads or writes its session: no cookie check, no lock, no
 //!   store I/O.
-//! - A read-only request: one load (read lock held only while the record is read), and at its
-//!   end at most one access-time write per touch interval for the whole session (coalesced).
+//! - A read-only request: one load (read lock held only while the record is read), and at most
+//!   one access-time write per touch interval for the whole session (coalesced). Through a
+//!   [`ReadOnlySession`], requests of one session that arrive together share one load.
 //! - A writing request: one load and one commit of its delta at the end (see
 //!   [`LazySession`]); a conflict with a concurrent request on the same key is answered with
 //!   [`WebConfig::conflict_status`] (409), never a silent overwrite. Use
@@ -51,9 +52,11 @@
 //! after the client was told it failed); they wait as long as the manager waits.
 //!
 //! # Observability
-//! `tracing` spans `session.load`, `session.commit`, `session.touch`, `session.transact`,
-//! `session.create`, `session.cycle` and `lock_wait` name the session by a keyed hash (`sid`),
-//! never by its ID. [`SessionLayer::stats`] gives the counters ([`WebStats`]).
+//! `tracing` spans `session.load` (which includes the wait for the session's lock),
+//! `session.commit`, `session.touch`, `session.transact`, `session.create` and `session.cycle`
+//! name the session by a keyed hash (`sid`, random key per layer), never by its ID;
+//! [`crate::asynclock`] adds `lock_wait` spans. [`SessionLayer::stats`] gives the counters
+//! ([`WebStats`]): conflicts, transaction retries, timeouts, touches, gc runs and more.
 
 mod cookies;
 mod extract;
