@@ -11,6 +11,10 @@
 //! was dropped is released at once (the guard is dropped with the unreceived result). A dropped
 //! request never ends up holding a lock.
 //!
+//! The price of the slices: each one leaves the wait and joins it again, so a waiter that
+//! arrived later through the blocking API may be granted first. Use the blocking calls on your
+//! own threads where strict arrival order matters.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> locktable::Result<()> {
