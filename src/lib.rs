@@ -3,7 +3,8 @@
 //! Per-ID reader / upgradable / writer locks shared by the threads **and
 //! processes** of one host, kept in a memory-mapped table file, with waiting
 //! on shared futexes and automatic release of the holds of dead processes.
-//! A web-session layer ([`session`]) builds on it.
+//! A web-session layer ([`session`]) builds on it. With the `axum` feature, `locktable::web`
+//! puts sessions into axum / tower apps and `locktable::asynclock` offers async lock waits.
 //!
 //! ```
 //! use locktable::{LockTable, TableOptions};
