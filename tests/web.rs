@@ -549,6 +549,19 @@ async fn a_failed_handler_stores_none_of_its_changes() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusive_request_of_a_new_visitor_creates_the_session_in_one_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Setup::new(dir.path()).start().await;
+    let r = srv.post("/excl/0", None).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "1"));
+    assert_eq!(srv.writes(), 1);
+    let cookie = r.cookie_pair().unwrap();
+    let r = srv.post("/excl/0", Some(&cookie)).await;
+    assert_eq!(r.body, "2");
+    assert_eq!(srv.get("/get/x", Some(&cookie)).await.body, "2");
+}
+
 // ---------------------------------------------------------------- conflicts and waits
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
