@@ -343,6 +343,7 @@ impl SessionHandle {
                     let (tx, rx) = tokio::sync::watch::channel(None);
                     flights.insert(id.clone(), rx.clone());
                     let sh2 = Arc::clone(&sh);
+                    let id = id.clone();
                     let span = tracing::debug_span!("session.load", sid = %sh.hasher.tag(&id), shared = true);
                     // Detached: every request of the flight waits on the channel with its own
                     // deadline; a dropped request leaves the load to finish for the others.
@@ -357,14 +358,24 @@ impl SessionHandle {
                 }
             }
         };
-        let wait = tokio::time::timeout(sh.cfg.lock_timeout, rx.wait_for(Option::is_some)).await;
+        let wait = tokio::time::timeout(sh.cfg.lock_timeout, rx.wait_for(Option::is_some))
+            .await
+            .map(|r| r.map(|v| v.clone()));
         let result = match wait {
             Err(_) => {
                 bump(&sh.stats.timeouts);
                 return Err(self.err(Error::Timeout));
             }
-            Ok(Err(_)) => Err((false, "the session load was abandoned".to_string())),
-            Ok(Ok(v)) => v.clone().unwrap_or(Err((false, String::new()))),
+            Ok(Err(_)) => {
+                // The load was dropped unrun (runtime shutting down): forget its entry so that
+                // later requests start a load of their own.
+                let mut flights = sh.flights.lock();
+                if flights.get(&id).is_some_and(|r| r.same_channel(&rx)) {
+                    flights.remove(&id);
+                }
+                Err((false, "the session load was abandoned".to_string()))
+            }
+            Ok(Ok(v)) => v.unwrap_or(Err((false, String::new()))),
         };
         result.map_err(|(timeout, msg)| {
             if timeout {
