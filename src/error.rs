@@ -99,4 +99,24 @@ pub enum Error {
     /// The OS random source failed.
     #[error("OS random source failed: {0}")]
     Random(String),
+    /// A value nests deeper than the session layer stores and reads back
+    /// ([`crate::session::record::MAX_DEPTH`]); nothing was changed.
+    #[error("value nested {depth} levels deep; sessions store at most {limit}")]
+    TooDeep {
+        /// Nesting depth of the refused value.
+        depth: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A commit's write may or may not have been applied (for example the record was renamed into
+    /// place but the directory fsync failed). Do not replay it blindly: reload the session and
+    /// look.
+    #[error("commit outcome unknown (the change may have been applied): {0}")]
+    OutcomeUnknown(String),
+    /// This `SessionManager` (or a session of it) was inherited across `fork()`; open the
+    /// `SessionManager` again in the child.
+    #[error(
+        "this SessionManager was inherited across fork(); open the SessionManager again in the child"
+    )]
+    ForkedSessionManager,
 }

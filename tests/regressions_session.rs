@@ -89,11 +89,11 @@ fn file_store_session_files_are_private() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let mgr = SessionManager::open(dir.path()).unwrap();
-    let s = mgr.create().unwrap();
+    let mut s = mgr.create().unwrap();
+    s.persist();
     let id = s.id().clone();
     s.commit().unwrap();
-    let table = LockTable::anonymous(&TableOptions::default()).unwrap();
-    let store = FileStore::open(dir.path().join("sessions"), table).unwrap();
+    let store = FileStore::open(dir.path().join("sessions")).unwrap();
     let file = store.path_of(&id);
     let shard = file.parent().unwrap().to_path_buf();
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -128,21 +128,13 @@ fn max_version_record_does_not_panic_on_commit() {
     let rec = record::Record {
         version: u64::MAX,
         created: T0.0,
+        expiry: Default::default(),
         body: record::RecordBody::default(),
     };
     let bytes = record::encode(&rec, 1 << 20).unwrap();
     assert!(mgr
         .store()
-        .save(
-            &id,
-            None,
-            &StoredSession {
-                version: u64::MAX,
-                created: T0,
-                last_accessed: T0,
-                bytes,
-            },
-        )
+        .save(&id, None, &StoredSession::from_record(bytes, T0).unwrap())
         .unwrap());
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let Some(mut s) = mgr.load(id.as_str()).unwrap() else {

@@ -77,6 +77,12 @@ impl Reference {
     fn alive(&self, now: Timestamp) -> bool {
         !self.deleted && !self.expired(now)
     }
+    /// A request that finds the session expired deletes it on the spot.
+    fn delete_if_seen_expired(&mut self, now: Timestamp) {
+        if !self.deleted && self.expired(now) {
+            self.deleted = true;
+        }
+    }
     /// An access recorded at a request's end (touch interval 0).
     fn record_access(&mut self, gen: u64, accessed: Timestamp, now: Timestamp) {
         if gen == self.gen && self.alive(now) {
@@ -100,7 +106,7 @@ struct Harness {
     r: Reference,
     clients: Vec<Option<Request>>,
     /// Earlier sessions that expired and were replaced by `Create`, not yet collected.
-    zombies: usize,
+    zombies: Vec<String>,
 }
 
 impl Harness {
@@ -116,7 +122,8 @@ impl Harness {
         };
         let table = LockTable::anonymous(&TableOptions::default()).unwrap();
         let mgr = SessionManager::new(table, MemoryStore::new(), cfg);
-        let s = mgr.create().unwrap();
+        let mut s = mgr.create().unwrap();
+        s.persist();
         let r = Reference {
             id: s.id().to_string(),
             gen: 0,
@@ -133,7 +140,7 @@ impl Harness {
             clock,
             r,
             clients: (0..CLIENTS).map(|_| None).collect(),
-            zombies: 0,
+            zombies: Vec::new(),
         }
     }
 
@@ -151,6 +158,7 @@ impl Harness {
                 }
                 let got = self.mgr.load(&self.r.id).unwrap();
                 assert_eq!(got.is_some(), self.r.alive(now), "visibility at load");
+                self.r.delete_if_seen_expired(now);
                 if let Some(session) = got {
                     assert_eq!(session.version(), self.r.version);
                     assert_eq!(session.last_accessed(), self.r.la);
@@ -196,12 +204,20 @@ impl Harness {
                 let Some(q) = self.clients[c].take() else {
                     return;
                 };
+                let qid = q.session.id().to_string();
                 let got = q.session.commit();
+                if !q.delta.is_empty() {
+                    // A request of a replaced, expired session deletes it when it sees it.
+                    self.zombies.retain(|z| *z != qid);
+                }
                 if q.delta.is_empty() {
                     assert!(got.is_ok(), "read-only commit: {got:?}");
                     self.r.record_access(q.gen, q.accessed, now);
                 } else if q.gen != self.r.gen || !self.r.alive(now) {
                     assert!(matches!(got, Err(Error::SessionGone)), "{got:?}");
+                    if q.gen == self.r.gen {
+                        self.r.delete_if_seen_expired(now);
+                    }
                 } else if let Some(k) = q
                     .delta
                     .keys()
@@ -230,9 +246,14 @@ impl Harness {
                 let Some(q) = &mut self.clients[c] else {
                     return;
                 };
+                let qid = q.session.id().to_string();
+                self.zombies.retain(|z| *z != qid);
                 let got = q.session.cycle_id();
                 if q.gen != self.r.gen || !self.r.alive(now) {
                     assert!(matches!(got, Err(Error::SessionGone)), "{got:?}");
+                    if q.gen == self.r.gen {
+                        self.r.delete_if_seen_expired(now);
+                    }
                 } else {
                     got.unwrap();
                     assert!(
@@ -249,8 +270,8 @@ impl Harness {
             Op::Gc => {
                 let report = self.mgr.gc().unwrap();
                 let expected = !self.r.deleted && self.r.expired(now);
-                assert_eq!(report.deleted, usize::from(expected) + self.zombies);
-                self.zombies = 0;
+                assert_eq!(report.deleted, usize::from(expected) + self.zombies.len());
+                self.zombies.clear();
                 if expected {
                     self.r.deleted = true;
                 }
@@ -260,9 +281,10 @@ impl Harness {
                     return;
                 }
                 if !self.r.deleted {
-                    self.zombies += 1;
+                    self.zombies.push(self.r.id.clone());
                 }
-                let s = self.mgr.create().unwrap();
+                let mut s = self.mgr.create().unwrap();
+                s.persist();
                 self.r = Reference {
                     id: s.id().to_string(),
                     gen: self.r.gen + 1,
@@ -282,7 +304,7 @@ impl Harness {
     /// The stored record equals the reference (data, version, last-accessed).
     fn check_store(&self) {
         let id = SessionId::parse(&self.r.id).unwrap();
-        let stored = self.mgr.store().load(&id).unwrap();
+        let stored = self.mgr.store().load(&id, 1 << 20).unwrap();
         if self.r.deleted {
             assert!(stored.is_none());
             return;
@@ -298,7 +320,7 @@ impl Harness {
         assert_eq!(data, self.r.data, "no update lost, none resurrected");
         assert_eq!(rec.version, self.r.version);
         assert_eq!(
-            stored.last_accessed, self.r.la,
+            stored.meta.last_accessed, self.r.la,
             "last-accessed = max of accesses"
         );
     }
@@ -348,7 +370,8 @@ proptest! {
     ) {
         let table = LockTable::anonymous(&TableOptions::default()).unwrap();
         let mgr = SessionManager::new(table, MemoryStore::new(), SessionConfig::default());
-        let s = mgr.create().unwrap();
+        let mut s = mgr.create().unwrap();
+        s.persist();
         let id = s.id().to_string();
         s.commit().unwrap();
         let writes_before = mgr.stats().data_writes;
