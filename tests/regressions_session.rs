@@ -190,7 +190,10 @@ fn deep_json_is_refused_at_insert_never_destroyed_at_load() {
     assert!(!s.is_dirty(), "a refused insert changes nothing");
     s.insert("deep", &nested(record::MAX_DEPTH)).unwrap();
     s.commit().unwrap();
-    let s = mgr.load(&id).unwrap().expect("the session survives its own data");
+    let s = mgr
+        .load(&id)
+        .unwrap()
+        .expect("the session survives its own data");
     assert_eq!(
         s.get::<serde_json::Value>("deep").unwrap(),
         Some(nested(record::MAX_DEPTH))
@@ -215,12 +218,21 @@ fn one_size_limit_per_manager_reaches_the_store() {
     s.insert("blob", &"x".repeat(17 << 20)).unwrap();
     let id = s.id().to_string();
     s.commit().unwrap();
-    let s = mgr.load(&id).unwrap().expect("a committed record is readable");
-    assert_eq!(s.get::<String>("blob").unwrap().map(|b| b.len()), Some(17 << 20));
+    let s = mgr
+        .load(&id)
+        .unwrap()
+        .expect("a committed record is readable");
+    assert_eq!(
+        s.get::<String>("blob").unwrap().map(|b| b.len()),
+        Some(17 << 20)
+    );
     drop(s);
     let r = mgr.gc().unwrap();
     assert_eq!((r.deleted, r.corrupt), (0, 0));
-    assert!(mgr.load(&id).unwrap().is_some(), "gc left the live session alone");
+    assert!(
+        mgr.load(&id).unwrap().is_some(),
+        "gc left the live session alone"
+    );
 }
 
 /// Bytes this thread has read through system calls (`rchar` of /proc/thread-self/io).
@@ -333,7 +345,10 @@ fn a_session_seen_expired_stays_gone_after_a_clock_step_back() {
             "{store}: revived by a clock step back"
         );
         let sid = SessionId::parse(&id).unwrap();
-        assert!(mgr.store().meta(&sid).unwrap().is_none(), "{store}: deleted");
+        assert!(
+            mgr.store().meta(&sid).unwrap().is_none(),
+            "{store}: deleted"
+        );
     }
 }
 
@@ -700,7 +715,11 @@ fn file_stores_on_one_directory_with_different_tables_lose_no_update() {
         }
     });
     let s = mgrs[1].load(&id).unwrap().unwrap();
-    assert_eq!(s.get::<i64>("n").unwrap(), Some(ok.into_inner()), "lost updates");
+    assert_eq!(
+        s.get::<i64>("n").unwrap(),
+        Some(ok.into_inner()),
+        "lost updates"
+    );
 }
 
 // Lazy creation: every visitor without a session used to cost a store write (create() saved an
@@ -853,7 +872,10 @@ fn per_session_expiry_is_honoured_by_loads_touches_and_gc() {
     assert!(mgr.load(&short).unwrap().is_some());
     assert!(mgr.load(&fixed).unwrap().is_some());
     clock.advance(secs(101)); // 601 s: past the fixed time
-    assert!(mgr.load(&fixed).unwrap().is_none(), "fixed time, touches or not");
+    assert!(
+        mgr.load(&fixed).unwrap().is_none(),
+        "fixed time, touches or not"
+    );
     // 601 s without a touch: the short one lives (it was touched at 500 s); the default one
     // (30 min idle) lives; then 121 s more ends the short one only.
     clock.advance(secs(121));
@@ -891,7 +913,7 @@ fn get_for_update_closes_write_skew() {
     assert_eq!(plain(&mut r2), 100);
     r2.insert("withdrawn", &100).unwrap();
     r2.commit().unwrap(); // write skew, by design of the default mode
-    // With get_for_update the second one conflicts.
+                          // With get_for_update the second one conflicts.
     let mut r1 = mgr.load(&id).unwrap().unwrap();
     let mut r2 = mgr.load(&id).unwrap().unwrap();
     r1.insert("balance", &-100).unwrap();

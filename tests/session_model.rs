@@ -4,7 +4,8 @@
 //! remove, commit, end without commit, cycle, clock steps, gc, re-create) are interleaved in an
 //! order chosen by proptest and checked step by step against a sequential reference: reads see
 //! the load-time snapshot plus the request's own changes; a commit succeeds exactly when no other
-//! commit changed one of its keys since its load, and then applies only its delta; the stored
+//! commit changed one of its keys (written, or read with `get_for_update`) since its load, and
+//! then applies only its delta; the stored
 //! last-accessed time is the maximum of the recorded accesses; an expired session is never
 //! returned and never revived.
 //!
@@ -30,6 +31,8 @@ const KEYS: [&str; 3] = ["a", "b", "c"];
 enum Op {
     Load(usize),
     Get(usize, usize),
+    /// A read that takes part in the commit's conflict check (write-skew protection).
+    GetForUpdate(usize, usize),
     Insert(usize, usize, i64),
     Remove(usize, usize),
     Commit(usize),
@@ -46,6 +49,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => c.clone().prop_map(Op::Load),
         3 => (c.clone(), k.clone()).prop_map(|(c, k)| Op::Get(c, k)),
+        2 => (c.clone(), k.clone()).prop_map(|(c, k)| Op::GetForUpdate(c, k)),
         4 => (c.clone(), k.clone(), -5i64..5).prop_map(|(c, k, v)| Op::Insert(c, k, v)),
         2 => (c.clone(), k).prop_map(|(c, k)| Op::Remove(c, k)),
         4 => c.clone().prop_map(Op::Commit),
@@ -92,6 +96,8 @@ impl Reference {
 }
 
 struct Request {
+    /// Keys read with `get_for_update`.
+    reads: std::collections::BTreeSet<String>,
     session: Session,
     gen: u64,
     base: u64,
@@ -168,8 +174,16 @@ impl Harness {
                         base: self.r.version,
                         view: self.r.data.clone(),
                         delta: BTreeMap::new(),
+                        reads: Default::default(),
                         accessed: now.max(self.r.la),
                     });
+                }
+            }
+            Op::GetForUpdate(c, k) => {
+                if let Some(q) = &mut self.clients[c] {
+                    let got = q.session.get_for_update::<i64>(KEYS[k]).unwrap();
+                    assert_eq!(got, q.view.get(KEYS[k]).copied(), "snapshot read");
+                    q.reads.insert(KEYS[k].to_owned());
                 }
             }
             Op::Get(c, k) => {
@@ -221,10 +235,12 @@ impl Harness {
                 } else if let Some(k) = q
                     .delta
                     .keys()
+                    .chain(q.reads.iter())
                     .find(|k| self.r.changed.get(*k).is_some_and(|&v| v > q.base))
                 {
+                    // Written keys, then keys read for update: no write skew on either.
                     assert!(
-                        matches!(&got, Err(Error::Conflict { key }) if key <= k),
+                        matches!(&got, Err(Error::Conflict { key }) if key == k),
                         "expected conflict on {k}: {got:?}"
                     );
                     // The dropped session still records its access.

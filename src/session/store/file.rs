@@ -70,6 +70,9 @@ pub struct FileStore {
     fsync: bool,
     /// Shard directories whose entry in the root this store has fsynced.
     synced_shards: Mutex<std::collections::HashSet<PathBuf>>,
+    /// Test hook: the next directory fsync after a rename fails.
+    #[cfg(test)]
+    fail_dir_sync: std::sync::atomic::AtomicBool,
 }
 
 /// `<root>/.locks` and the local stripes in front of its OFD locks.
@@ -224,6 +227,8 @@ impl FileStore {
             scan_cursor: Mutex::new((0, None)),
             fsync: true,
             synced_shards: Mutex::new(std::collections::HashSet::new()),
+            #[cfg(test)]
+            fail_dir_sync: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -280,6 +285,13 @@ impl FileStore {
 
     /// `fsync` the directory when durability is on.
     fn sync_dir(&self, dir: &Path) -> Result<()> {
+        #[cfg(test)]
+        if self
+            .fail_dir_sync
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO).into());
+        }
         if self.fsync {
             sync_dir(dir)?;
         }
@@ -587,5 +599,51 @@ impl Store for FileStore {
             }
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(version: u64, note: &str) -> StoredSession {
+        let mut r = record::Record {
+            version,
+            created: 1,
+            expiry: Default::default(),
+            body: Default::default(),
+        };
+        r.body.data.insert("n".into(), note.into());
+        r.body.changed.insert("n".into(), version);
+        StoredSession::from_record(record::encode(&r, 1 << 20).unwrap(), Timestamp(1)).unwrap()
+    }
+
+    /// A save whose rename happened but whose directory fsync failed is not a plain I/O error
+    /// (which would invite a replay): it is `OutcomeUnknown`, and the record is in place.
+    #[test]
+    fn a_failed_directory_fsync_after_the_rename_is_an_unknown_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let id = SessionId::generate().unwrap();
+        assert!(store.save(&id, None, &stored(1, "a")).unwrap());
+        store
+            .fail_dir_sync
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let r = store.save(&id, Some(1), &stored(2, "b"));
+        assert!(matches!(r, Err(Error::OutcomeUnknown(_))), "{r:?}");
+        assert_eq!(store.meta(&id).unwrap().unwrap().version, 2);
+    }
+
+    /// The ID lock is bounded: a holder that never lets go makes others time out.
+    #[test]
+    fn the_id_lock_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = FileStore::open(dir.path()).unwrap();
+        let b = FileStore::open(dir.path())
+            .unwrap()
+            .with_lock_timeout(Duration::from_millis(30));
+        let id = SessionId::generate().unwrap();
+        let _held = a.lock(&id).unwrap();
+        assert!(matches!(b.delete(&id), Err(Error::Timeout)));
     }
 }
