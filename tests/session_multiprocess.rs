@@ -1,4 +1,4 @@
-//! Multi-process tests of the session layer (issue 4, item 10).
+//! Multi-process tests of the session layer.
 //!
 //! Real processes share one session directory (lock table + file store), so
 //! these check cross-process exclusion, wakeups and owner-death reporting.
@@ -7,14 +7,12 @@
 //! --nocapture`) with `LOCKTABLE_MP_ROLE` naming the child's role; a child test without that
 //! variable returns at once.
 
-use locktable::session::demo::{run_demo, DemoConfig, WorkerMode};
 use locktable::session::{
     session_lock_id, CorruptPolicy, SessionConfig, SessionId, SessionManager,
 };
 use locktable::{LockTable, TableOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::time::Duration;
 
 const ROLE: &str = "LOCKTABLE_MP_ROLE";
 const DIR: &str = "LOCKTABLE_MP_DIR";
@@ -100,33 +98,6 @@ fn writer_killed_holding_the_lock_makes_the_next_reader_validate() {
     assert_eq!(st.corrupt_invalidated, 1);
 }
 
-#[test]
-fn demo_in_worker_processes_loses_nothing() {
-    let cfg = DemoConfig {
-        workers: 3,
-        duration: Duration::from_millis(800),
-        compare: true,
-        mode: WorkerMode::Processes {
-            exe: std::env::current_exe().unwrap(),
-            args_prefix: [
-                "--exact",
-                "child_demo_worker",
-                "--ignored",
-                "--nocapture",
-                "--",
-            ]
-            .map(String::from)
-            .to_vec(),
-        },
-        ..DemoConfig::default()
-    };
-    // The worker child finds its arguments after "--" (libtest ignores them as extra filters).
-    let report = run_demo(&cfg).unwrap();
-    println!("{report}");
-    assert_eq!(report.runs[0].lost_updates, 0);
-    assert!(report.runs[0].requests > 0 && report.runs[1].requests > 0);
-}
-
 /// Child side of the tests above (does nothing unless started by a parent).
 #[test]
 #[ignore = "child process of the multi-process tests"]
@@ -170,15 +141,4 @@ fn child_role() {
     } else {
         panic!("unknown role {role}");
     }
-}
-
-/// Demo worker child: its arguments follow "--" on the command line.
-#[test]
-#[ignore = "child process of the multi-process tests"]
-fn child_demo_worker() {
-    let args: Vec<String> = std::env::args().collect();
-    let Some(pos) = args.iter().position(|a| a == "--") else {
-        return;
-    };
-    locktable::session::demo::demo_worker_main(&args[pos + 1..]).unwrap();
 }

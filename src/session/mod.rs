@@ -42,12 +42,12 @@
 //! - **Read-only**: a request that changes nothing never writes data; it only records its access
 //!   time, coalesced (see [`SessionConfig::touch_interval`]).
 
+mod gc;
 mod id;
 pub mod record;
 mod store;
 
-pub mod demo;
-
+pub use gc::{GcHandle, GcStats, GC_LOCK_ID};
 pub use id::{SessionId, ID_BYTES, ID_LEN};
 pub use store::{
     Capabilities, Clock, Cutoffs, FileStore, ManualClock, MemoryStore, Store, StoredSession,
