@@ -8,11 +8,13 @@
 //! variable returns at once.
 
 use locktable::session::{
-    session_lock_id, CorruptPolicy, SessionConfig, SessionId, SessionManager,
+    session_lock_id, Capabilities, CorruptPolicy, Cutoffs, FileStore, SessionConfig, SessionId,
+    SessionManager, Store, StoredSession, Timestamp, Touch, GC_LOCK_ID,
 };
 use locktable::{LockTable, TableOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 const ROLE: &str = "LOCKTABLE_MP_ROLE";
 const DIR: &str = "LOCKTABLE_MP_DIR";
@@ -138,7 +140,196 @@ fn child_role() {
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
         std::process::abort();
+    } else if let Some(k) = role.strip_prefix("gc:") {
+        gc_child(&dir, k);
+    } else if role == "gc-crasher" {
+        let table = LockTable::open(dir.join("locks.table"), &TableOptions::default()).unwrap();
+        let _sweeping = table.write(GC_LOCK_ID).unwrap();
+        std::fs::write(dir.join("gc-lock-held"), b"").unwrap();
+        std::process::abort();
     } else {
         panic!("unknown role {role}");
     }
+}
+
+// ---------- the background gc across processes ----------
+
+/// The cross-process observable: a `FileStore` that creates `dir/sweeping` (exclusively) when a
+/// `gc()` call enters it (`cleanup`, gc's first store call) and removes it when the call leaves
+/// (the end of `list_expired`, after a short hold that makes a would-be overlap happen). A
+/// creation that finds the file already there means two sweeps at once: it leaves
+/// `dir/overlap`.
+#[derive(Debug)]
+struct MarkerStore {
+    inner: FileStore,
+    dir: PathBuf,
+}
+
+impl MarkerStore {
+    fn open(dir: &Path, table: &LockTable) -> MarkerStore {
+        let inner = FileStore::open(dir.join("sessions"), table.clone())
+            .unwrap()
+            .with_fsync(false);
+        MarkerStore {
+            inner,
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Store for MarkerStore {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn load(&self, id: &SessionId) -> locktable::Result<Option<StoredSession>> {
+        self.inner.load(id)
+    }
+    fn save(
+        &self,
+        id: &SessionId,
+        expected: Option<u64>,
+        new: &StoredSession,
+    ) -> locktable::Result<bool> {
+        self.inner.save(id, expected, new)
+    }
+    fn touch(
+        &self,
+        id: &SessionId,
+        at: Timestamp,
+        coalesce: Duration,
+        idle_before: Timestamp,
+    ) -> locktable::Result<Touch> {
+        self.inner.touch(id, at, coalesce, idle_before)
+    }
+    fn last_accessed(&self, id: &SessionId) -> locktable::Result<Option<Timestamp>> {
+        self.inner.last_accessed(id)
+    }
+    fn delete(&self, id: &SessionId) -> locktable::Result<bool> {
+        self.inner.delete(id)
+    }
+    fn cleanup(&self) -> locktable::Result<usize> {
+        let entered = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(self.dir.join("sweeping"));
+        match entered {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::write(self.dir.join("overlap"), b"").unwrap();
+            }
+            Err(e) => panic!("marker: {e}"),
+        }
+        self.inner.cleanup()
+    }
+    fn list_expired(&self, cutoffs: Cutoffs, limit: usize) -> locktable::Result<Vec<SessionId>> {
+        let r = self.inner.list_expired(cutoffs, limit);
+        std::thread::sleep(Duration::from_millis(3));
+        let _ = std::fs::remove_file(self.dir.join("sweeping"));
+        r
+    }
+}
+
+/// A manager on `dir` (its own attachment, as a process has) over a [`MarkerStore`].
+fn marker_manager(dir: &Path) -> SessionManager {
+    let table = LockTable::open(dir.join("locks.table"), &TableOptions::default()).unwrap();
+    let store = MarkerStore::open(dir, &table);
+    SessionManager::new(table, store, SessionConfig::default())
+}
+
+/// Polls for a condition set by another process or thread; panics after 60 s.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+const GC_PROCESSES: usize = 2;
+const GC_ROUNDS: u64 = 10;
+
+/// Child `gc:<k>`: once every child is ready, runs `spawn_gc` until it swept `GC_ROUNDS` times
+/// (then says `done.<k>`) and the parent says `stop`; writes its counters to `stats.<k>`.
+fn gc_child(dir: &Path, k: &str) {
+    let mgr = marker_manager(dir);
+    std::fs::write(dir.join(format!("ready.{k}")), b"").unwrap();
+    wait_until("every gc child ready", || {
+        (0..GC_PROCESSES).all(|i| dir.join(format!("ready.{i}")).exists())
+    });
+    let gc = mgr.spawn_gc(Duration::from_millis(1)).unwrap();
+    wait_until("enough sweeps", || gc.stats().rounds_swept >= GC_ROUNDS);
+    std::fs::write(dir.join(format!("done.{k}")), b"").unwrap();
+    wait_until("stop", || dir.join("stop").exists());
+    let st = gc.stats();
+    drop(gc);
+    let line = format!(
+        "{} {} {}",
+        st.rounds_swept, st.rounds_skipped, st.rounds_failed
+    );
+    std::fs::write(dir.join(format!("stats.{k}")), line).unwrap();
+}
+
+#[test]
+fn gc_threads_of_two_processes_never_sweep_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    drop(SessionManager::open(d).unwrap());
+    let children: Vec<Child> = (0..GC_PROCESSES)
+        .map(|k| spawn_child("child_role", &format!("gc:{k}"), d, ""))
+        .collect();
+    wait_until("both children swept", || {
+        (0..GC_PROCESSES).all(|k| d.join(format!("done.{k}")).exists())
+    });
+    std::fs::write(d.join("stop"), b"").unwrap();
+    for mut c in children {
+        assert!(c.wait().unwrap().success(), "gc child failed");
+    }
+    assert!(!d.join("overlap").exists(), "two processes swept at once");
+    let mut skipped = 0;
+    for k in 0..GC_PROCESSES {
+        let line = std::fs::read_to_string(d.join(format!("stats.{k}"))).unwrap();
+        let n: Vec<u64> = line.split(' ').map(|x| x.parse().unwrap()).collect();
+        assert!(n[0] >= GC_ROUNDS, "child {k}: {line}");
+        assert_eq!(n[2], 0, "child {k} had failed rounds: {line}");
+        skipped += n[1];
+    }
+    // They met: some rounds were skipped because the other process was sweeping.
+    assert!(skipped > 0, "the processes never met");
+}
+
+/// The observable above does see two sweeps at once when `gc()` runs in two attachments
+/// without the helper.
+#[test]
+fn the_overlap_marker_sees_unguarded_concurrent_sweeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let managers = [marker_manager(d), marker_manager(d)];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    std::thread::scope(|s| {
+        for m in &managers {
+            s.spawn(move || {
+                while !d.join("overlap").exists() && Instant::now() < deadline {
+                    m.gc().unwrap();
+                }
+            });
+        }
+    });
+    assert!(d.join("overlap").exists(), "the marker cannot see overlaps");
+}
+
+#[test]
+fn a_sweeper_killed_holding_the_gc_lock_does_not_stop_gc_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mgr = SessionManager::open(d).unwrap();
+    let mut crasher = spawn_child("child_role", "gc-crasher", d, "");
+    assert!(!crasher.wait().unwrap().success(), "the crasher must abort");
+    assert!(
+        d.join("gc-lock-held").exists(),
+        "the crasher never held the lock"
+    );
+    let gc = mgr.spawn_gc(Duration::from_millis(1)).unwrap();
+    wait_until("a sweep after the sweeper died", || {
+        gc.stats().rounds_swept >= 1
+    });
 }

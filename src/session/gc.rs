@@ -228,3 +228,6 @@ impl SessionManager {
         Ok(Round::Swept { deleted })
     }
 }
+
+#[cfg(test)]
+mod tests;
