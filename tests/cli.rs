@@ -383,7 +383,7 @@ fn reap_on_a_clean_table_reports_nothing() {
 }
 
 /// `stat` and `reap` attach without reaping, so a killed holder shows up as
-/// a dead holder and `reap` reports releasing it (issue 3 item 4).
+/// a dead holder and `reap` reports releasing it.
 #[test]
 fn stat_shows_and_reap_reports_a_dead_holder() {
     let (_dir, path) = fresh_table();
