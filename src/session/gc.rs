@@ -12,7 +12,7 @@
 //! the store or the session locks directly (it only calls `gc()`).
 
 use super::SessionManager;
-use crate::Result;
+use crate::{Error, Result};
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -136,8 +136,11 @@ impl SessionManager {
     /// process that gets the write lock on [`GC_LOCK_ID`] without waiting; the others skip it, so
     /// there is one sweep at a time across processes. An error is logged (a `tracing` warning,
     /// sent to the subscriber that was current where `spawn_gc` was called) and counted in
-    /// [`GcStats::rounds_failed`]; the thread goes on with the next round. An `interval` under
-    /// 1 ms counts as 1 ms.
+    /// [`GcStats::rounds_failed`]; the thread goes on with the next round, except after
+    /// [`Error::ForkedChild`] (a manager inherited across `fork()`), which ends it. An `interval`
+    /// under 1 ms counts as 1 ms.
+    ///
+    /// A forked child does not inherit the thread; dropping its copy of the handle does nothing.
     ///
     /// Fails only if the thread cannot be started.
     ///
@@ -186,6 +189,12 @@ impl SessionManager {
                 Ok(Round::Skipped) => {
                     count(&shared.rounds_skipped, 1);
                     tracing::trace!("session gc round skipped: another process is sweeping");
+                }
+                Err(e @ Error::ForkedChild) => {
+                    // Permanent: the manager belongs to the parent process.
+                    count(&shared.rounds_failed, 1);
+                    tracing::error!(error = %e, "session gc thread stopped");
+                    return;
                 }
                 Err(e) => {
                     count(&shared.rounds_failed, 1);

@@ -303,3 +303,58 @@ fn a_held_gc_lock_makes_rounds_skip_until_released() {
     drop(held);
     wait_until("a sweep once released", || gc.stats().rounds_swept >= 1);
 }
+
+/// A forked child has a copy of the handle but not the thread: dropping the copy must not touch
+/// the stop mutex (it may have been copied locked, by a thread the child does not have) nor
+/// join the thread.
+#[test]
+fn dropping_a_handle_copied_into_a_forked_child_returns_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = Arc::new(Probe::default());
+    let clock = Arc::new(ManualClock::new(T0));
+    let mgr = manager(dir.path(), &probe, &clock, 10);
+    let gc = mgr.spawn_gc(Duration::from_secs(3600)).unwrap();
+    wait_until("the first round", || gc.stats().rounds_swept >= 1);
+    // At the fork, another thread holds the stop mutex, as the gc thread does for an instant
+    // at each check; in the child that thread is gone and the copy stays locked.
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let shared = Arc::clone(&gc.shared);
+    let holder = std::thread::spawn(move || {
+        let _stop = shared.stop.lock();
+        locked_tx.send(()).unwrap();
+        let _ = release_rx.recv();
+    });
+    locked_rx.recv().unwrap();
+    // SAFETY: the child only reads an atomic, drops the handle (an atomic load and a
+    // decrement, no allocation, no lock) and calls _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        drop(gc);
+        // SAFETY: _exit ends the child without running the parent's destructors.
+        unsafe { libc::_exit(0) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut status = 0;
+    loop {
+        // SAFETY: polls our own child.
+        let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if rc == pid {
+            break;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: kills and reaps our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            panic!("the child hung dropping the handle");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    drop(gc);
+}
