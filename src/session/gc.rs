@@ -35,7 +35,8 @@ pub struct GcStats {
     pub rounds_swept: u64,
     /// Rounds skipped because another thread or process was sweeping.
     pub rounds_skipped: u64,
-    /// Rounds that ended with an error (logged with `tracing`; the next round runs as usual).
+    /// Rounds that ended with an error (logged with `tracing`; the next round runs as usual,
+    /// except after [`Error::ForkedChild`], which ends the thread).
     pub rounds_failed: u64,
     /// Expired and corrupt sessions this thread deleted.
     pub deleted: u64,
