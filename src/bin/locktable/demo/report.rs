@@ -1,11 +1,10 @@
 //! What a demo run reports, per system, and how it is printed.
 
-use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::Duration;
 
 /// Which system a run measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum System {
     /// This crate's session layer on its embedded default.
     LockTable,
