@@ -5,8 +5,9 @@
 //! - `locktable`: [`SessionManager::open`] (the embedded default: `FileStore` + lock table file in
 //!   a tempdir). A request is `mgr.load(id)` + `get::<u64>(key)` + `commit()` (which stores the
 //!   access time only when the stored one is older than the touch interval, 30 s by default).
-//! - `flock_rewrite`: the model of Beaker's file backend from `src/session/demo.rs` (copied here
-//!   because the demo keeps it private): one JSON file per session; a request opens the file,
+//! - `flock_rewrite`: the model of Beaker's file backend from the CLI's demo
+//!   (`src/bin/locktable/demo/baseline.rs`; a bench cannot use a binary's code, so it is copied
+//!   here): one JSON file per session; a request opens the file,
 //!   reads and parses it under a shared `flock`, reads the key, then opens the file again and
 //!   rewrites the whole load-time snapshot with a fresh accessed time under an exclusive `flock`.
 //!   Every access is a write.
@@ -225,7 +226,7 @@ fn open_counting(dir: &Path, cfg: SessionConfig) -> (SessionManager, Arc<StoreCo
     (SessionManager::new(table, wrapped, cfg), counts, probe)
 }
 
-// ---------- the baseline: flock + whole-snapshot rewrite (from src/session/demo.rs) ----------
+// ---------- the baseline: flock + whole-snapshot rewrite (the demo's baseline.rs) ----------
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct BeakerFile {

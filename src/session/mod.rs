@@ -59,13 +59,13 @@
 //! Owns: the request cycle (load, merge, commit, touch, expiry, gc) over a [`Store`] and the
 //! lock table; takes its locks only through `locks.rs`. May not touch: lock-table internals.
 
+mod gc;
 mod id;
 mod locks;
 pub mod record;
 mod store;
 
-pub mod demo;
-
+pub use gc::{GcHandle, GcStats, GC_LOCK_ID};
 pub use id::{SessionId, ID_BYTES, ID_LEN};
 pub use locks::session_lock_id;
 pub use store::{
