@@ -521,7 +521,8 @@ impl SessionManager {
         let inner = &self.inner;
         inner.check_fork()?;
         let cutoffs = inner.cfg.cutoffs(inner.cfg.clock.now());
-        let scan = inner.store.scan_expired(&cutoffs, inner.cfg.gc_batch)?;
+        // A batch of 0 would never make progress: examine at least one entry.
+        let scan = inner.store.scan_expired(&cutoffs, inner.cfg.gc_batch.max(1))?;
         let mut report = GcReport {
             unreadable: scan.unreadable,
             examined: scan.examined,
