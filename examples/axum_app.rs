@@ -23,8 +23,8 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use locktable::session::{
-    Capabilities, Cutoffs, FileStore, SessionConfig, SessionId, SessionManager, Store,
-    StoredSession, Timestamp, Touch,
+    Capabilities, Cutoffs, ExpiredScan, FileStore, SessionConfig, SessionId, SessionManager,
+    SessionMeta, Store, StoredSession, Timestamp, Touch,
 };
 use locktable::web::{
     CookieConfig, Key, LazySession, ReadOnlySession, SessionLayer, WebConfig, WebError,
@@ -133,8 +133,8 @@ impl Store for CountingStore {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
-    fn load(&self, id: &SessionId) -> locktable::Result<Option<StoredSession>> {
-        self.inner.load(id)
+    fn load(&self, id: &SessionId, max_size: usize) -> locktable::Result<Option<StoredSession>> {
+        self.inner.load(id, max_size)
     }
     fn save(
         &self,
@@ -145,15 +145,18 @@ impl Store for CountingStore {
         self.calls.saves.fetch_add(1, Ordering::Relaxed);
         self.inner.save(id, exp, new)
     }
+    fn meta(&self, id: &SessionId) -> locktable::Result<Option<SessionMeta>> {
+        self.inner.meta(id)
+    }
     fn touch(
         &self,
         id: &SessionId,
         at: Timestamp,
         c: Duration,
-        idle: Timestamp,
+        cutoffs: &Cutoffs,
     ) -> locktable::Result<Touch> {
         self.calls.touches.fetch_add(1, Ordering::Relaxed);
-        self.inner.touch(id, at, c, idle)
+        self.inner.touch(id, at, c, cutoffs)
     }
     fn last_accessed(&self, id: &SessionId) -> locktable::Result<Option<Timestamp>> {
         self.inner.last_accessed(id)
@@ -162,8 +165,15 @@ impl Store for CountingStore {
         self.calls.deletes.fetch_add(1, Ordering::Relaxed);
         self.inner.delete(id)
     }
-    fn list_expired(&self, cutoffs: Cutoffs, limit: usize) -> locktable::Result<Vec<SessionId>> {
-        self.inner.list_expired(cutoffs, limit)
+    fn remove_expired(&self, id: &SessionId, cutoffs: &Cutoffs) -> locktable::Result<bool> {
+        let removed = self.inner.remove_expired(id, cutoffs)?;
+        if removed {
+            self.calls.deletes.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(removed)
+    }
+    fn scan_expired(&self, cutoffs: &Cutoffs, budget: usize) -> locktable::Result<ExpiredScan> {
+        self.inner.scan_expired(cutoffs, budget)
     }
     fn cleanup(&self) -> locktable::Result<usize> {
         self.inner.cleanup()
@@ -362,7 +372,7 @@ fn open_manager(args: &Args) -> locktable::Result<(SessionManager, Arc<StoreCall
     let table = LockTable::open(args.dir.join("locks.table"), &TableOptions::default())?;
     let calls = Arc::new(StoreCalls::default());
     let store = CountingStore {
-        inner: FileStore::open(args.dir.join("sessions"), table.clone())?.with_fsync(args.fsync),
+        inner: FileStore::open(args.dir.join("sessions"))?.with_fsync(args.fsync),
         calls: Arc::clone(&calls),
     };
     let cfg = SessionConfig {

@@ -10,8 +10,8 @@ use axum::Router;
 use http::{once, Resp};
 use hyper::{Method, StatusCode};
 use locktable::session::{
-    Capabilities, Cutoffs, FileStore, ManualClock, SessionConfig, SessionId, SessionManager, Store,
-    StoredSession, Timestamp, Touch,
+    Capabilities, Cutoffs, ExpiredScan, FileStore, ManualClock, SessionConfig, SessionId,
+    SessionManager, SessionMeta, Store, StoredSession, Timestamp, Touch,
 };
 use locktable::web::{
     CookieConfig, ExclusiveSession, Key, LazySession, Protection, ReadOnlySession, SessionLayer,
@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 struct Calls {
     reads: AtomicU64,
     writes: AtomicU64,
+    /// Deletions of sessions found expired (the manager removes one on sight).
+    expired_removals: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -43,9 +45,9 @@ impl Store for CountingStore {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
-    fn load(&self, id: &SessionId) -> locktable::Result<Option<StoredSession>> {
+    fn load(&self, id: &SessionId, max_size: usize) -> locktable::Result<Option<StoredSession>> {
         self.calls.reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.load(id)
+        self.inner.load(id, max_size)
     }
     fn save(
         &self,
@@ -56,15 +58,19 @@ impl Store for CountingStore {
         self.calls.writes.fetch_add(1, Ordering::SeqCst);
         self.inner.save(id, expected, new)
     }
+    fn meta(&self, id: &SessionId) -> locktable::Result<Option<SessionMeta>> {
+        self.calls.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.meta(id)
+    }
     fn touch(
         &self,
         id: &SessionId,
         at: Timestamp,
         coalesce: Duration,
-        idle_before: Timestamp,
+        cutoffs: &Cutoffs,
     ) -> locktable::Result<Touch> {
         self.calls.writes.fetch_add(1, Ordering::SeqCst);
-        self.inner.touch(id, at, coalesce, idle_before)
+        self.inner.touch(id, at, coalesce, cutoffs)
     }
     fn last_accessed(&self, id: &SessionId) -> locktable::Result<Option<Timestamp>> {
         self.calls.reads.fetch_add(1, Ordering::SeqCst);
@@ -74,9 +80,13 @@ impl Store for CountingStore {
         self.calls.writes.fetch_add(1, Ordering::SeqCst);
         self.inner.delete(id)
     }
-    fn list_expired(&self, cutoffs: Cutoffs, limit: usize) -> locktable::Result<Vec<SessionId>> {
+    fn remove_expired(&self, id: &SessionId, cutoffs: &Cutoffs) -> locktable::Result<bool> {
+        self.calls.expired_removals.fetch_add(1, Ordering::SeqCst);
+        self.inner.remove_expired(id, cutoffs)
+    }
+    fn scan_expired(&self, cutoffs: &Cutoffs, budget: usize) -> locktable::Result<ExpiredScan> {
         self.calls.reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.list_expired(cutoffs, limit)
+        self.inner.scan_expired(cutoffs, budget)
     }
 }
 
@@ -229,7 +239,7 @@ impl Setup {
             LockTable::open(self.dir.join("locks.table"), &TableOptions::default()).unwrap();
         let calls = Arc::new(Calls::default());
         let store = CountingStore {
-            inner: FileStore::open(self.dir.join("sessions"), table.clone())
+            inner: FileStore::open(self.dir.join("sessions"))
                 .unwrap()
                 .with_fsync(false),
             calls: Arc::clone(&calls),
@@ -267,7 +277,9 @@ impl Server {
         self.calls.writes.load(Ordering::SeqCst)
     }
     fn store_calls(&self) -> u64 {
-        self.writes() + self.calls.reads.load(Ordering::SeqCst)
+        self.writes()
+            + self.calls.reads.load(Ordering::SeqCst)
+            + self.calls.expired_removals.load(Ordering::SeqCst)
     }
     /// A new session holding `a = 1`; returns its cookie pair.
     async fn new_session(&self) -> String {
@@ -476,6 +488,8 @@ async fn an_expired_session_is_a_fresh_one() {
         writes,
         "an expired session is not revived by a read"
     );
+    // The read that saw it expired deleted it then and there (no clock step can revive it).
+    assert_eq!(srv.calls.expired_removals.load(Ordering::SeqCst), 1);
     let r = srv.post("/incr/a", Some(&cookie)).await;
     assert_eq!(r.body, "1");
     assert_ne!(r.cookie_pair().unwrap(), cookie);

@@ -19,9 +19,8 @@
 
 use super::telemetry::{bump, ReaderToken};
 use super::{Shared, WebError};
-use crate::session::record::{self, Record, RecordBody};
 use crate::session::SessionManager;
-use crate::session::{Session, SessionId, StoredSession, Timestamp};
+use crate::session::{Session, SessionId, Timestamp};
 use crate::Error;
 use http::HeaderValue;
 use serde::de::DeserializeOwned;
@@ -771,41 +770,21 @@ impl Drop for RequestSession {
     }
 }
 
-/// Creates a session whose first record already holds `data`, in one store write (the
-/// manager's `create` writes an empty record, and the commit a second one). The record is
-/// exactly what `create` followed by a commit would leave, at version 1. No lock is needed: the
-/// ID is fresh and random, and `save` refuses an existing one.
+/// Creates a session whose first record holds `data`. The manager's creation is lazy, so this
+/// is one store write: the commit that stores the new session with its data (limits checked by
+/// `insert`, as for any other write).
 fn create_with(
     mgr: &SessionManager,
     data: BTreeMap<String, Value>,
 ) -> crate::Result<(SessionId, Timestamp)> {
-    let cfg = mgr.config();
-    let now = cfg.clock.now();
-    let changed = data.keys().map(|k| (k.clone(), 1)).collect();
-    let record = Record {
-        version: 1,
-        created: now.0,
-        body: RecordBody {
-            data,
-            changed,
-            floor: 0,
-        },
-    };
-    let bytes = record::encode(&record, cfg.max_record_size)?;
-    let stored = StoredSession {
-        version: 1,
-        created: now,
-        last_accessed: now,
-        bytes,
-    };
-    // A collision of 192 random bits is not expected; retry a few times rather than loop.
-    for _ in 0..4 {
-        let id = SessionId::generate()?;
-        if mgr.store().save(&id, None, &stored)? {
-            return Ok((id, now));
-        }
+    let mut session = mgr.create()?;
+    for (key, value) in &data {
+        session.insert(key.as_str(), value)?;
     }
-    Err(Error::Random("four generated session IDs collided".into()))
+    let id = session.id().clone();
+    let created = session.created();
+    session.commit()?;
+    Ok((id, created))
 }
 
 /// Ends a session on the blocking pool: dropping it may write an access time and release a lock.
