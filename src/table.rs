@@ -651,11 +651,19 @@ impl LockTable {
         self.read_with(id.as_ref(), Some(None)).and_then(granted)
     }
     /// Takes a read hold if that needs no waiting; `Ok(None)` when busy.
+    ///
+    /// A try never waits for a holder. It may spin for microseconds while
+    /// another process updates the ID's bucket (inserting another ID), and
+    /// returns `Ok(None)` if that process stays. A try that finds the ID
+    /// held by a dead process releases the dead holds first (at most one
+    /// such check per thread per poll interval).
     #[inline]
     pub fn try_read(&self, id: impl AsRef<[u8]>) -> Result<Option<ReadGuard<'_>>> {
         self.read_with(id.as_ref(), None)
     }
-    /// Like [`read`](Self::read), but gives up with [`Error::Timeout`].
+    /// Like [`read`](Self::read), but gives up with [`Error::Timeout`]. The
+    /// deadline covers the whole acquisition, including the wait for the
+    /// ID's bucket, and a zero timeout does not spin.
     #[inline]
     pub fn read_timeout(&self, id: impl AsRef<[u8]>, timeout: Duration) -> Result<ReadGuard<'_>> {
         self.read_with(id.as_ref(), Self::deadline(timeout))
@@ -693,7 +701,10 @@ impl LockTable {
     pub fn write(&self, id: impl AsRef<[u8]>) -> Result<WriteGuard<'_>> {
         self.write_with(id.as_ref(), Some(None)).and_then(granted)
     }
-    /// Non-blocking [`write`](Self::write).
+    /// Non-blocking [`write`](Self::write), with the semantics of
+    /// [`try_read`](Self::try_read). While readers hold the ID it fails
+    /// without leaving any trace (no concurrent `try_read` fails because of
+    /// it).
     #[inline]
     pub fn try_write(&self, id: impl AsRef<[u8]>) -> Result<Option<WriteGuard<'_>>> {
         self.write_with(id.as_ref(), None)
