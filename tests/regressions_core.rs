@@ -460,3 +460,24 @@ fn a_failing_try_write_never_fails_a_concurrent_try_read() {
     drop(held);
     assert_eq!(failed, 0, "try_read failed {failed} times beside a reader");
 }
+
+// DESIGN §6 said a guard leaked with `mem::forget` keeps its attachment
+// until the process exits. Guards borrow their table, so that is true only
+// of owned guards. What holds for a borrowed one: its hold lasts until the
+// last clone of its `LockTable` is dropped, whose detach sweep releases it
+// as recovery would (a write leaves OWNER_DIED).
+#[test]
+fn a_forgotten_borrowed_guard_is_released_when_its_table_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t");
+    let leaker = small(&path);
+    let other = small(&path);
+    std::mem::forget(leaker.write("x").unwrap());
+    assert!(other.try_read("x").unwrap().is_none());
+    drop(leaker);
+    let w = other
+        .try_write("x")
+        .unwrap()
+        .expect("released by the detach");
+    assert!(w.previous_owner_died());
+}
