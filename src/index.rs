@@ -231,6 +231,9 @@ fn remember_death<R: Region + ?Sized>(region: &R, bucket: usize, tag: Tag) {
 /// True if `bucket` remembered a dead writer of `tag`; forgets it (every
 /// copy). Bucket lock held.
 fn forget_death<R: Region + ?Sized>(region: &R, tag: Tag, bucket: usize) -> bool {
+    if tag == Tag(0, 0) {
+        return false; // the value of an empty entry (a 2^-128 tag)
+    }
     let mut found = false;
     for e in 0..DEATH_ENTRIES {
         let lo = region.bucket_word(bucket, 1 + 2 * e);
