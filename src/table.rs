@@ -672,6 +672,12 @@ impl LockTable {
 
     /// Blocks until `id` is held upgradable: shared with readers, exclusive
     /// against writers and other upgradable holders.
+    ///
+    /// A writer that already waits goes first: new upgradable holds are not
+    /// granted while one does. Returns [`Error::HoldLimit`] if this process
+    /// holds more reads of `id` than [`read`](Self::read) allows (possible
+    /// only through downgrades), because this hold's own downgrade would
+    /// have no room.
     #[inline]
     pub fn upgradable_read(&self, id: impl AsRef<[u8]>) -> Result<UpgradableReadGuard<'_>> {
         self.upgradable_with(id.as_ref(), Some(None))

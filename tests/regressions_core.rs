@@ -195,8 +195,14 @@ fn a_waiting_writer_is_not_starved_by_a_stream_of_upgradable_holders() {
             drop(w);
         })
     };
-    // The writer is asleep (past its spin phase), waiting for `first`.
-    thread::sleep(Duration::from_millis(200));
+    // The writer is past its spin phase (registered as a waiter, which it
+    // does just before it announces itself), waiting for `first`.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while t.stats().unwrap().waiters.is_empty() {
+        assert!(Instant::now() < deadline, "the writer never waited");
+        thread::sleep(Duration::from_millis(1));
+    }
+    thread::sleep(Duration::from_millis(50));
     let stop = Arc::new(AtomicBool::new(false));
     let stream: Vec<_> = (0..2)
         .map(|_| {
