@@ -161,3 +161,17 @@ fn a_cached_hint_stalled_across_a_generation_wrap_writes_beside_a_reader() {
         "a writer of x got in (through its cached hint) while x is read"
     );
 }
+
+/// Same hole, waiting writer: a timed writer claims WRITER in its claim
+/// loop; with GEN matching it claimed the reused slot beside a reader of x.
+#[test]
+fn a_timed_writer_stalled_across_a_generation_wrap_writes_beside_a_reader() {
+    let (_dir, t, other) = two_attachments();
+    let holds = stall_after_lookup(&other, read_x);
+    let w = t.write_timeout("x", Duration::from_millis(50));
+    assert!(!holds.lock().is_empty(), "the hook ran");
+    assert!(
+        matches!(w, Err(Error::Timeout)),
+        "a writer of x got in while another attachment reads x"
+    );
+}
