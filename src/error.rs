@@ -29,8 +29,15 @@ pub enum Error {
         /// Slots in the table.
         capacity: usize,
     },
-    /// Every process record is taken by a live process.
-    #[error("too many processes attached (max {max_processes})")]
+    /// Every process record of the table is taken by a live attachment. Each
+    /// `LockTable::open` (so each `SessionManager::open`) is one attachment,
+    /// even within one process; clones of a `LockTable` or `SessionManager`
+    /// share theirs.
+    #[error(
+        "too many attachments to the lock table (max {max_processes}): each LockTable::open or \
+         SessionManager::open is one, even within one process; clones of a LockTable or \
+         SessionManager share one attachment"
+    )]
     TooManyProcesses {
         /// Records in the table.
         max_processes: usize,
@@ -54,9 +61,13 @@ pub enum Error {
     /// The options are out of range.
     #[error("invalid table options: {0}")]
     InvalidOptions(String),
-    /// The handle was inherited across `fork()`; a child must open the table
-    /// itself (it is another process and needs its own record).
-    #[error("this table handle was inherited across fork(); open the table again in the child")]
+    /// The `LockTable` (or a `SessionManager` or guard built on it) was
+    /// inherited across `fork()`; a child must open its own (it is another
+    /// process and needs its own record).
+    #[error(
+        "this LockTable (or the SessionManager built on it) was inherited across fork(); open it \
+         again in the child (LockTable::open or SessionManager::open)"
+    )]
     ForkedChild,
     /// A waiter gave up on a wait shorter than the poll interval.
     #[error("wait of {0:?} is not representable")]
@@ -99,4 +110,74 @@ pub enum Error {
     /// The OS random source failed.
     #[error("OS random source failed: {0}")]
     Random(String),
+    /// A value nests deeper than the session layer stores and reads back
+    /// ([`crate::session::record::MAX_DEPTH`]); nothing was changed.
+    #[error("value nested {depth} levels deep; sessions store at most {limit}")]
+    TooDeep {
+        /// Nesting depth of the refused value.
+        depth: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A commit's write may or may not have been applied (for example the record was renamed into
+    /// place but the directory fsync failed). Do not replay it blindly: reload the session and
+    /// look.
+    #[error("commit outcome unknown (the change may have been applied): {0}")]
+    OutcomeUnknown(String),
+    /// This `SessionManager` (or a session of it) was inherited across `fork()`; open the
+    /// `SessionManager` again in the child.
+    #[error(
+        "this SessionManager was inherited across fork(); open the SessionManager again in the child"
+    )]
+    ForkedSessionManager,
+}
+
+#[cfg(all(test, not(locktable_loom)))]
+mod tests {
+    use super::*;
+    use crate::session::{MemoryStore, SessionConfig, SessionManager};
+    use crate::{LockTable, TableOptions};
+
+    #[test]
+    fn the_fork_error_names_what_the_user_holds_and_what_to_do() {
+        let m = Error::ForkedChild.to_string();
+        for part in [
+            "LockTable",
+            "SessionManager",
+            "fork()",
+            "open it again in the child",
+        ] {
+            assert!(m.contains(part), "{part:?} missing from {m:?}");
+        }
+    }
+
+    /// Managers in one process each attach; their clones do not.
+    #[test]
+    fn the_attachment_limit_says_attachments_and_that_clones_share_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("locks.table");
+        let opts = TableOptions::default().max_processes(2);
+        let manager = || -> Result<SessionManager> {
+            let table = LockTable::open(&path, &opts)?;
+            Ok(SessionManager::new(
+                table,
+                MemoryStore::new(),
+                SessionConfig::default(),
+            ))
+        };
+        let first = manager().unwrap();
+        let clones: Vec<SessionManager> = (0..10).map(|_| first.clone()).collect();
+        let _second = manager().unwrap();
+        let e = manager().unwrap_err();
+        assert!(
+            matches!(e, Error::TooManyProcesses { max_processes: 2 }),
+            "{e:?}"
+        );
+        let m = e.to_string();
+        for part in ["attachments", "(max 2)", "SessionManager::open", "clones"] {
+            assert!(m.contains(part), "{part:?} missing from {m:?}");
+        }
+        assert!(!m.contains("processes attached"), "{m:?}");
+        drop(clones);
+    }
 }

@@ -383,7 +383,7 @@ fn reap_on_a_clean_table_reports_nothing() {
 }
 
 /// `stat` and `reap` attach without reaping, so a killed holder shows up as
-/// a dead holder and `reap` reports releasing it (issue 3 item 4).
+/// a dead holder and `reap` reports releasing it.
 #[test]
 fn stat_shows_and_reap_reports_a_dead_holder() {
     let (_dir, path) = fresh_table();
@@ -398,4 +398,51 @@ fn stat_shows_and_reap_reports_a_dead_holder() {
     unsafe { libc::kill(-pgid, libc::SIGKILL) };
     assert_eq!(dead, 1, "stat shows the dead holder: {v}");
     assert!(stdout(&o).contains("released 1 slot(s)"), "{}", stdout(&o));
+}
+
+/// The numbers of one row of the demo's report table (`name` then one
+/// column per system).
+fn report_row(report: &str, name: &str) -> Vec<f64> {
+    let line = report
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("no {name:?} row in {report}"));
+    line[name.len()..]
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or_else(|_| panic!("{name}: {x:?}")))
+        .collect()
+}
+
+/// `locktable demo --compare` runs its workers as processes of this binary
+/// (the README's set-up command): locktable loses no update, and every
+/// access of the baseline is a write.
+#[test]
+fn demo_in_worker_processes_loses_nothing() {
+    let o = locktable(&["demo", "--compare", "--secs", "0.8", "--workers", "3"]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{}\n{out}", stderr(&o));
+    assert!(out.contains("3 worker processes"), "{out}");
+    let header: Vec<&str> = out
+        .lines()
+        .nth(2)
+        .expect("header row")
+        .split_whitespace()
+        .collect();
+    assert_eq!(header, ["locktable", "flock+rewrite"], "{out}");
+    let requests = report_row(&out, "requests/s");
+    assert!(requests.iter().all(|&r| r > 0.0), "{out}");
+    assert_eq!(report_row(&out, "lost updates")[0], 0.0, "{out}");
+    let writes = report_row(&out, "data writes / 1k requests");
+    // 1 writing + 4 reading requests per page: at most a fifth of the
+    // requests write on locktable; every one does on the baseline.
+    assert!(writes[0] <= 250.0, "{out}");
+    assert_eq!(writes[1], 1000.0, "{out}");
+}
+
+/// A worker started with bad arguments fails with one line, not a panic.
+#[test]
+fn demo_worker_rejects_bad_arguments() {
+    let o = locktable(&["__demo-worker", "nonsense"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(assert_one_line_error(&o, "worker").contains("demo worker"));
 }

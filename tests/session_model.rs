@@ -4,7 +4,8 @@
 //! remove, commit, end without commit, cycle, clock steps, gc, re-create) are interleaved in an
 //! order chosen by proptest and checked step by step against a sequential reference: reads see
 //! the load-time snapshot plus the request's own changes; a commit succeeds exactly when no other
-//! commit changed one of its keys since its load, and then applies only its delta; the stored
+//! commit changed one of its keys (written, or read with `get_for_update`) since its load, and
+//! then applies only its delta; the stored
 //! last-accessed time is the maximum of the recorded accesses; an expired session is never
 //! returned and never revived.
 //!
@@ -12,7 +13,8 @@
 //! read-only requests on shared counters; every counter equals its number of successful commits.
 
 use locktable::session::{
-    record, ManualClock, MemoryStore, Session, SessionConfig, SessionId, SessionManager, Timestamp,
+    record, Expiry, ManualClock, MemoryStore, Session, SessionConfig, SessionId, SessionManager,
+    Timestamp,
 };
 use locktable::{Error, LockTable, TableOptions};
 use proptest::prelude::*;
@@ -30,12 +32,16 @@ const KEYS: [&str; 3] = ["a", "b", "c"];
 enum Op {
     Load(usize),
     Get(usize, usize),
+    /// A read that takes part in the commit's conflict check (write-skew protection).
+    GetForUpdate(usize, usize),
     Insert(usize, usize, i64),
     Remove(usize, usize),
     Commit(usize),
     End(usize),
     Cycle(usize),
     Advance(u64),
+    /// `Session::set_expiry` with one of the rules of `rule()`.
+    SetExpiry(usize, usize),
     Gc,
     Create,
 }
@@ -46,6 +52,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => c.clone().prop_map(Op::Load),
         3 => (c.clone(), k.clone()).prop_map(|(c, k)| Op::Get(c, k)),
+        2 => (c.clone(), k.clone()).prop_map(|(c, k)| Op::GetForUpdate(c, k)),
         4 => (c.clone(), k.clone(), -5i64..5).prop_map(|(c, k, v)| Op::Insert(c, k, v)),
         2 => (c.clone(), k).prop_map(|(c, k)| Op::Remove(c, k)),
         4 => c.clone().prop_map(Op::Commit),
@@ -54,12 +61,25 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (1u64..40_000).prop_map(Op::Advance),
         1 => Just(Op::Gc),
         1 => Just(Op::Create),
+        2 => (0..CLIENTS, 0..4usize).prop_map(|(c, e)| Op::SetExpiry(c, e)),
     ]
 }
 
 /// The sequential reference of one session.
+/// The expiry rules the model uses: the default, a short and a long idle timeout, and a fixed
+/// time (relative to the clock when the rule is set).
+fn rule(e: usize, now: Timestamp) -> Expiry {
+    match e {
+        0 => Expiry::Default,
+        1 => Expiry::Idle(Duration::from_millis(20_000)),
+        2 => Expiry::Idle(Duration::from_millis(150_000)),
+        _ => Expiry::At(now.saturating_add(Duration::from_millis(50_000))),
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Reference {
+    expiry: Expiry,
     id: String,
     gen: u64,
     deleted: bool,
@@ -72,10 +92,22 @@ struct Reference {
 
 impl Reference {
     fn expired(&self, now: Timestamp) -> bool {
-        now.0.saturating_sub(self.la.0) > IDLE_MS || now.0.saturating_sub(self.created.0) > LIFE_MS
+        let idle = now.0.saturating_sub(self.la.0);
+        let age = now.0.saturating_sub(self.created.0);
+        match self.expiry {
+            Expiry::Default => idle > IDLE_MS || age > LIFE_MS,
+            Expiry::Idle(d) => u128::from(idle) > d.as_millis() || age > LIFE_MS,
+            Expiry::At(t) => now > t,
+        }
     }
     fn alive(&self, now: Timestamp) -> bool {
         !self.deleted && !self.expired(now)
+    }
+    /// A request that finds the session expired deletes it on the spot.
+    fn delete_if_seen_expired(&mut self, now: Timestamp) {
+        if !self.deleted && self.expired(now) {
+            self.deleted = true;
+        }
     }
     /// An access recorded at a request's end (touch interval 0).
     fn record_access(&mut self, gen: u64, accessed: Timestamp, now: Timestamp) {
@@ -86,6 +118,11 @@ impl Reference {
 }
 
 struct Request {
+    /// The rule this request holds (loaded, or set by it) and whether it set one.
+    expiry: Expiry,
+    expiry_changed: bool,
+    /// Keys read with `get_for_update`.
+    reads: std::collections::BTreeSet<String>,
     session: Session,
     gen: u64,
     base: u64,
@@ -100,7 +137,7 @@ struct Harness {
     r: Reference,
     clients: Vec<Option<Request>>,
     /// Earlier sessions that expired and were replaced by `Create`, not yet collected.
-    zombies: usize,
+    zombies: Vec<String>,
 }
 
 impl Harness {
@@ -116,13 +153,15 @@ impl Harness {
         };
         let table = LockTable::anonymous(&TableOptions::default()).unwrap();
         let mgr = SessionManager::new(table, MemoryStore::new(), cfg);
-        let s = mgr.create().unwrap();
+        let mut s = mgr.create().unwrap();
+        s.persist();
         let r = Reference {
             id: s.id().to_string(),
             gen: 0,
             deleted: false,
             version: 1,
             created: T0,
+            expiry: Expiry::Default,
             la: T0,
             data: BTreeMap::new(),
             changed: BTreeMap::new(),
@@ -133,7 +172,7 @@ impl Harness {
             clock,
             r,
             clients: (0..CLIENTS).map(|_| None).collect(),
-            zombies: 0,
+            zombies: Vec::new(),
         }
     }
 
@@ -151,6 +190,7 @@ impl Harness {
                 }
                 let got = self.mgr.load(&self.r.id).unwrap();
                 assert_eq!(got.is_some(), self.r.alive(now), "visibility at load");
+                self.r.delete_if_seen_expired(now);
                 if let Some(session) = got {
                     assert_eq!(session.version(), self.r.version);
                     assert_eq!(session.last_accessed(), self.r.la);
@@ -160,8 +200,18 @@ impl Harness {
                         base: self.r.version,
                         view: self.r.data.clone(),
                         delta: BTreeMap::new(),
+                        reads: Default::default(),
                         accessed: now.max(self.r.la),
+                        expiry: self.r.expiry,
+                        expiry_changed: false,
                     });
+                }
+            }
+            Op::GetForUpdate(c, k) => {
+                if let Some(q) = &mut self.clients[c] {
+                    let got = q.session.get_for_update::<i64>(KEYS[k]).unwrap();
+                    assert_eq!(got, q.view.get(KEYS[k]).copied(), "snapshot read");
+                    q.reads.insert(KEYS[k].to_owned());
                 }
             }
             Op::Get(c, k) => {
@@ -196,19 +246,29 @@ impl Harness {
                 let Some(q) = self.clients[c].take() else {
                     return;
                 };
+                let qid = q.session.id().to_string();
                 let got = q.session.commit();
-                if q.delta.is_empty() {
+                if !q.delta.is_empty() || q.expiry_changed {
+                    // A request of a replaced, expired session deletes it when it sees it.
+                    self.zombies.retain(|z| *z != qid);
+                }
+                if q.delta.is_empty() && !q.expiry_changed {
                     assert!(got.is_ok(), "read-only commit: {got:?}");
                     self.r.record_access(q.gen, q.accessed, now);
                 } else if q.gen != self.r.gen || !self.r.alive(now) {
                     assert!(matches!(got, Err(Error::SessionGone)), "{got:?}");
+                    if q.gen == self.r.gen {
+                        self.r.delete_if_seen_expired(now);
+                    }
                 } else if let Some(k) = q
                     .delta
                     .keys()
+                    .chain(q.reads.iter())
                     .find(|k| self.r.changed.get(*k).is_some_and(|&v| v > q.base))
                 {
+                    // Written keys, then keys read for update: no write skew on either.
                     assert!(
-                        matches!(&got, Err(Error::Conflict { key }) if key <= k),
+                        matches!(&got, Err(Error::Conflict { key }) if key == k),
                         "expected conflict on {k}: {got:?}"
                     );
                     // The dropped session still records its access.
@@ -223,6 +283,9 @@ impl Harness {
                         };
                         self.r.changed.insert(k.clone(), self.r.version);
                     }
+                    if q.expiry_changed {
+                        self.r.expiry = q.expiry;
+                    }
                     self.r.la = self.r.la.max(q.accessed);
                 }
             }
@@ -230,9 +293,14 @@ impl Harness {
                 let Some(q) = &mut self.clients[c] else {
                     return;
                 };
+                let qid = q.session.id().to_string();
+                self.zombies.retain(|z| *z != qid);
                 let got = q.session.cycle_id();
                 if q.gen != self.r.gen || !self.r.alive(now) {
                     assert!(matches!(got, Err(Error::SessionGone)), "{got:?}");
+                    if q.gen == self.r.gen {
+                        self.r.delete_if_seen_expired(now);
+                    }
                 } else {
                     got.unwrap();
                     assert!(
@@ -246,11 +314,22 @@ impl Harness {
                 }
             }
             Op::Advance(ms) => self.clock.advance(Duration::from_millis(ms)),
+            Op::SetExpiry(c, e) => {
+                if let Some(q) = &mut self.clients[c] {
+                    let e = rule(e, now);
+                    q.session.set_expiry(e);
+                    if e != q.expiry {
+                        q.expiry = e;
+                        q.expiry_changed = true;
+                    }
+                    assert_eq!(q.session.expiry(), q.expiry);
+                }
+            }
             Op::Gc => {
                 let report = self.mgr.gc().unwrap();
                 let expected = !self.r.deleted && self.r.expired(now);
-                assert_eq!(report.deleted, usize::from(expected) + self.zombies);
-                self.zombies = 0;
+                assert_eq!(report.deleted, usize::from(expected) + self.zombies.len());
+                self.zombies.clear();
                 if expected {
                     self.r.deleted = true;
                 }
@@ -260,15 +339,17 @@ impl Harness {
                     return;
                 }
                 if !self.r.deleted {
-                    self.zombies += 1;
+                    self.zombies.push(self.r.id.clone());
                 }
-                let s = self.mgr.create().unwrap();
+                let mut s = self.mgr.create().unwrap();
+                s.persist();
                 self.r = Reference {
                     id: s.id().to_string(),
                     gen: self.r.gen + 1,
                     deleted: false,
                     version: 1,
                     created: now,
+                    expiry: Expiry::Default,
                     la: now,
                     data: BTreeMap::new(),
                     changed: BTreeMap::new(),
@@ -282,7 +363,7 @@ impl Harness {
     /// The stored record equals the reference (data, version, last-accessed).
     fn check_store(&self) {
         let id = SessionId::parse(&self.r.id).unwrap();
-        let stored = self.mgr.store().load(&id).unwrap();
+        let stored = self.mgr.store().load(&id, 1 << 20).unwrap();
         if self.r.deleted {
             assert!(stored.is_none());
             return;
@@ -298,7 +379,7 @@ impl Harness {
         assert_eq!(data, self.r.data, "no update lost, none resurrected");
         assert_eq!(rec.version, self.r.version);
         assert_eq!(
-            stored.last_accessed, self.r.la,
+            stored.meta.last_accessed, self.r.la,
             "last-accessed = max of accesses"
         );
     }
@@ -348,7 +429,8 @@ proptest! {
     ) {
         let table = LockTable::anonymous(&TableOptions::default()).unwrap();
         let mgr = SessionManager::new(table, MemoryStore::new(), SessionConfig::default());
-        let s = mgr.create().unwrap();
+        let mut s = mgr.create().unwrap();
+        s.persist();
         let id = s.id().to_string();
         s.commit().unwrap();
         let writes_before = mgr.stats().data_writes;

@@ -1,4 +1,4 @@
-//! Multi-process tests of the session layer (issue 4, item 10).
+//! Multi-process tests of the session layer.
 //!
 //! Real processes share one session directory (lock table + file store), so
 //! these check cross-process exclusion, wakeups and owner-death reporting.
@@ -7,14 +7,14 @@
 //! --nocapture`) with `LOCKTABLE_MP_ROLE` naming the child's role; a child test without that
 //! variable returns at once.
 
-use locktable::session::demo::{run_demo, DemoConfig, WorkerMode};
 use locktable::session::{
-    session_lock_id, CorruptPolicy, SessionConfig, SessionId, SessionManager,
+    session_lock_id, Capabilities, CorruptPolicy, Cutoffs, ExpiredScan, FileStore, SessionConfig,
+    SessionId, SessionManager, SessionMeta, Store, StoredSession, Timestamp, Touch, GC_LOCK_ID,
 };
 use locktable::{LockTable, TableOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const ROLE: &str = "LOCKTABLE_MP_ROLE";
 const DIR: &str = "LOCKTABLE_MP_DIR";
@@ -51,7 +51,8 @@ fn child_env() -> Option<(String, PathBuf, String)> {
 fn four_processes_transact_increments_while_readers_load() {
     let dir = tempfile::tempdir().unwrap();
     let mgr = SessionManager::open(dir.path()).unwrap();
-    let s = mgr.create().unwrap();
+    let mut s = mgr.create().unwrap();
+    s.persist();
     let id = s.id().to_string();
     s.commit().unwrap();
     let writers: Vec<Child> = (0..WRITERS)
@@ -100,33 +101,6 @@ fn writer_killed_holding_the_lock_makes_the_next_reader_validate() {
     assert_eq!(st.corrupt_invalidated, 1);
 }
 
-#[test]
-fn demo_in_worker_processes_loses_nothing() {
-    let cfg = DemoConfig {
-        workers: 3,
-        duration: Duration::from_millis(800),
-        compare: true,
-        mode: WorkerMode::Processes {
-            exe: std::env::current_exe().unwrap(),
-            args_prefix: [
-                "--exact",
-                "child_demo_worker",
-                "--ignored",
-                "--nocapture",
-                "--",
-            ]
-            .map(String::from)
-            .to_vec(),
-        },
-        ..DemoConfig::default()
-    };
-    // The worker child finds its arguments after "--" (libtest ignores them as extra filters).
-    let report = run_demo(&cfg).unwrap();
-    println!("{report}");
-    assert_eq!(report.runs[0].lost_updates, 0);
-    assert!(report.runs[0].requests > 0 && report.runs[1].requests > 0);
-}
-
 /// Child side of the tests above (does nothing unless started by a parent).
 #[test]
 #[ignore = "child process of the multi-process tests"]
@@ -167,18 +141,196 @@ fn child_role() {
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
         std::process::abort();
+    } else if let Some(k) = role.strip_prefix("gc:") {
+        gc_child(&dir, k);
+    } else if role == "gc-crasher" {
+        let table = LockTable::open(dir.join("locks.table"), &TableOptions::default()).unwrap();
+        let _sweeping = table.write(GC_LOCK_ID).unwrap();
+        std::fs::write(dir.join("gc-lock-held"), b"").unwrap();
+        std::process::abort();
     } else {
         panic!("unknown role {role}");
     }
 }
 
-/// Demo worker child: its arguments follow "--" on the command line.
+// ---------- the background gc across processes ----------
+
+/// The cross-process observable: a `FileStore` that creates `dir/sweeping` (exclusively) when a
+/// `gc()` batch enters its one scan (`scan_expired`) and removes it when the scan leaves
+/// (after a short hold that makes a would-be overlap happen). A
+/// creation that finds the file already there means two sweeps at once: it leaves
+/// `dir/overlap`.
+#[derive(Debug)]
+struct MarkerStore {
+    inner: FileStore,
+    dir: PathBuf,
+}
+
+impl MarkerStore {
+    fn open(dir: &Path) -> MarkerStore {
+        let inner = FileStore::open(dir.join("sessions"))
+            .unwrap()
+            .with_fsync(false);
+        MarkerStore {
+            inner,
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Store for MarkerStore {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn load(&self, id: &SessionId, max_size: usize) -> locktable::Result<Option<StoredSession>> {
+        self.inner.load(id, max_size)
+    }
+    fn save(
+        &self,
+        id: &SessionId,
+        expected: Option<u64>,
+        new: &StoredSession,
+    ) -> locktable::Result<bool> {
+        self.inner.save(id, expected, new)
+    }
+    fn meta(&self, id: &SessionId) -> locktable::Result<Option<SessionMeta>> {
+        self.inner.meta(id)
+    }
+    fn touch(
+        &self,
+        id: &SessionId,
+        at: Timestamp,
+        coalesce: Duration,
+        cutoffs: &Cutoffs,
+    ) -> locktable::Result<Touch> {
+        self.inner.touch(id, at, coalesce, cutoffs)
+    }
+    fn delete(&self, id: &SessionId) -> locktable::Result<bool> {
+        self.inner.delete(id)
+    }
+    fn remove_expired(&self, id: &SessionId, cutoffs: &Cutoffs) -> locktable::Result<bool> {
+        self.inner.remove_expired(id, cutoffs)
+    }
+    fn scan_expired(&self, cutoffs: &Cutoffs, budget: usize) -> locktable::Result<ExpiredScan> {
+        let entered = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(self.dir.join("sweeping"));
+        match entered {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::write(self.dir.join("overlap"), b"").unwrap();
+            }
+            Err(e) => panic!("marker: {e}"),
+        }
+        let r = self.inner.scan_expired(cutoffs, budget);
+        std::thread::sleep(Duration::from_millis(3));
+        let _ = std::fs::remove_file(self.dir.join("sweeping"));
+        r
+    }
+}
+
+/// A manager on `dir` (its own attachment, as a process has) over a [`MarkerStore`].
+fn marker_manager(dir: &Path) -> SessionManager {
+    let table = LockTable::open(dir.join("locks.table"), &TableOptions::default()).unwrap();
+    let store = MarkerStore::open(dir);
+    SessionManager::new(table, store, SessionConfig::default())
+}
+
+/// Polls for a condition set by another process or thread; panics after 60 s.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+const GC_PROCESSES: usize = 2;
+const GC_ROUNDS: u64 = 10;
+
+/// Child `gc:<k>`: once every child is ready, runs `spawn_gc` until it swept `GC_ROUNDS` times
+/// (then says `done.<k>`) and the parent says `stop`; writes its counters to `stats.<k>`.
+fn gc_child(dir: &Path, k: &str) {
+    let mgr = marker_manager(dir);
+    std::fs::write(dir.join(format!("ready.{k}")), b"").unwrap();
+    wait_until("every gc child ready", || {
+        (0..GC_PROCESSES).all(|i| dir.join(format!("ready.{i}")).exists())
+    });
+    let gc = mgr.spawn_gc(Duration::from_millis(1)).unwrap();
+    wait_until("enough sweeps", || gc.stats().rounds_swept >= GC_ROUNDS);
+    std::fs::write(dir.join(format!("done.{k}")), b"").unwrap();
+    wait_until("stop", || dir.join("stop").exists());
+    let st = gc.stats();
+    drop(gc);
+    let line = format!(
+        "{} {} {}",
+        st.rounds_swept, st.rounds_skipped, st.rounds_failed
+    );
+    std::fs::write(dir.join(format!("stats.{k}")), line).unwrap();
+}
+
 #[test]
-#[ignore = "child process of the multi-process tests"]
-fn child_demo_worker() {
-    let args: Vec<String> = std::env::args().collect();
-    let Some(pos) = args.iter().position(|a| a == "--") else {
-        return;
-    };
-    locktable::session::demo::demo_worker_main(&args[pos + 1..]).unwrap();
+fn gc_threads_of_two_processes_never_sweep_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    drop(SessionManager::open(d).unwrap());
+    let children: Vec<Child> = (0..GC_PROCESSES)
+        .map(|k| spawn_child("child_role", &format!("gc:{k}"), d, ""))
+        .collect();
+    wait_until("both children swept", || {
+        (0..GC_PROCESSES).all(|k| d.join(format!("done.{k}")).exists())
+    });
+    std::fs::write(d.join("stop"), b"").unwrap();
+    for mut c in children {
+        assert!(c.wait().unwrap().success(), "gc child failed");
+    }
+    assert!(!d.join("overlap").exists(), "two processes swept at once");
+    let mut skipped = 0;
+    for k in 0..GC_PROCESSES {
+        let line = std::fs::read_to_string(d.join(format!("stats.{k}"))).unwrap();
+        let n: Vec<u64> = line.split(' ').map(|x| x.parse().unwrap()).collect();
+        assert!(n[0] >= GC_ROUNDS, "child {k}: {line}");
+        assert_eq!(n[2], 0, "child {k} had failed rounds: {line}");
+        skipped += n[1];
+    }
+    // They met: some rounds were skipped because the other process was sweeping.
+    assert!(skipped > 0, "the processes never met");
+}
+
+/// The observable above does see two sweeps at once when `gc()` runs in two attachments
+/// without the helper.
+#[test]
+fn the_overlap_marker_sees_unguarded_concurrent_sweeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let managers = [marker_manager(d), marker_manager(d)];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    std::thread::scope(|s| {
+        for m in &managers {
+            s.spawn(move || {
+                while !d.join("overlap").exists() && Instant::now() < deadline {
+                    m.gc().unwrap();
+                }
+            });
+        }
+    });
+    assert!(d.join("overlap").exists(), "the marker cannot see overlaps");
+}
+
+#[test]
+fn a_sweeper_killed_holding_the_gc_lock_does_not_stop_gc_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mgr = SessionManager::open(d).unwrap();
+    let mut crasher = spawn_child("child_role", "gc-crasher", d, "");
+    assert!(!crasher.wait().unwrap().success(), "the crasher must abort");
+    assert!(
+        d.join("gc-lock-held").exists(),
+        "the crasher never held the lock"
+    );
+    let gc = mgr.spawn_gc(Duration::from_millis(1)).unwrap();
+    wait_until("a sweep after the sweeper died", || {
+        gc.stats().rounds_swept >= 1
+    });
 }
