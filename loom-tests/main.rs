@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use locktable::model::{reset_logical_clock, Model, ModelFail, ModelWait};
+use locktable::model::{reset_logical_clock, Key, Model, ModelFail, ModelWait};
 use loom::cell::UnsafeCell;
 use loom::thread;
 
@@ -25,7 +25,7 @@ struct Shared {
     data: UnsafeCell<u64>,
 }
 
-fn shared(processes: u32, poll: Option<Duration>) -> (Arc<Shared>, u32) {
+fn shared(processes: u32, poll: Option<Duration>) -> (Arc<Shared>, Key) {
     let s = Arc::new(Shared {
         // One slot: the lock-word and recovery models need no index, and a
         // sweep visits every slot of the region.
@@ -58,10 +58,27 @@ fn unsafe_bump(p: *mut u64) {
 }
 
 fn model(f: impl Fn() + Sync + Send + 'static) {
+    model_with_branches(1_000, f)
+}
+
+/// A model whose threads may wait for each other's bucket locks (each
+/// look at a held lock is a branch).
+fn model_with_branches(max_branches: usize, f: impl Fn() + Sync + Send + 'static) {
+    model_bounded(max_branches, usize::MAX, f)
+}
+
+/// A model with its own cap on preemptions (the run's
+/// `LOOM_MAX_PREEMPTIONS` still lowers it): for models whose threads scan a
+/// whole bucket, where each extra preemption multiplies the run time.
+fn model_bounded(
+    max_branches: usize,
+    max_preemptions: usize,
+    f: impl Fn() + Sync + Send + 'static,
+) {
     let mut b = loom::model::Builder::new();
-    if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(2);
-    }
+    b.max_branches = max_branches;
+    // Default 2 when LOOM_MAX_PREEMPTIONS is unset.
+    b.preemption_bound = Some(b.preemption_bound.unwrap_or(2).min(max_preemptions));
     b.check(move || {
         reset_logical_clock();
         f()
@@ -313,9 +330,11 @@ enum Death {
     WritePending,
     HoldingWrite,
     AfterWriteRelease,
+    MidWriteDowngrade,
+    MidUpgradableDowngrade,
 }
 
-fn die_at(s: &Shared, g: u32, p: u32, at: Death) {
+fn die_at(s: &Shared, g: Key, p: u32, at: Death) {
     let m = &s.model;
     match at {
         Death::AfterReadAnnounce => m.announce_read_only(p, SLOT),
@@ -340,6 +359,15 @@ fn die_at(s: &Shared, g: u32, p: u32, at: Death) {
             m.write(p, SLOT, g, ModelWait::Forever).unwrap();
             s.bump_data();
             m.release_write(SLOT);
+        }
+        Death::MidWriteDowngrade => {
+            m.write(p, SLOT, g, ModelWait::Forever).unwrap();
+            s.bump_data();
+            m.downgrade_read_only(p, SLOT);
+        }
+        Death::MidUpgradableDowngrade => {
+            m.upgradable(p, SLOT, g, ModelWait::Forever).unwrap();
+            m.downgrade_read_only(p, SLOT);
         }
     }
     m.kill(p);
@@ -373,7 +401,7 @@ fn recovery_model(at: Death) {
         dying.join().unwrap();
         reader.join().unwrap();
         s.model.sweep(0);
-        if matches!(at, Death::HoldingWrite) {
+        if matches!(at, Death::HoldingWrite | Death::MidWriteDowngrade) {
             // The live writer either came after the death and was told, or
             // came first, and the mark waits for the next holder.
             assert!(died != s.model.owner_died_marked(SLOT));
@@ -417,6 +445,16 @@ fn recovery_of_a_killed_writer_reports_owner_died() {
 #[test]
 fn recovery_after_a_completed_release_changes_nothing() {
     recovery_model(Death::AfterWriteRelease);
+}
+
+#[test]
+fn recovery_of_a_writer_killed_mid_downgrade() {
+    recovery_model(Death::MidWriteDowngrade);
+}
+
+#[test]
+fn recovery_of_an_upgradable_holder_killed_mid_downgrade() {
+    recovery_model(Death::MidUpgradableDowngrade);
 }
 
 // ---------------------------------------------------------------------------
@@ -505,5 +543,362 @@ fn a_retirer_killed_mid_retirement_is_repaired_without_freeing_a_held_slot() {
             s.model.release_read(1, slot);
         }
         assert!(s.model.is_idle(slot));
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Slot identity: an acquisition stalled between its lookup (or the lookup
+// cache's hint) and its announcement while its slot is reused until GEN
+// wraps. Under loom GEN is one bit wide, so two reuses wrap it.
+// ---------------------------------------------------------------------------
+
+/// Per-slot data: whoever holds slot `i` for any ID may touch `data[i]`,
+/// and the writer of ID A touches `a`. A hold on a slot that serves another
+/// ID than the holder thinks shows up as a race on `a`.
+struct Indexed {
+    model: Model,
+    a: UnsafeCell<u64>,
+}
+
+const A: (u64, u64) = (1, 1);
+const B: (u64, u64) = (2, 2);
+const C: (u64, u64) = (3, 3);
+
+fn indexed(processes: u32) -> Arc<Indexed> {
+    Arc::new(Indexed {
+        model: Model::new(16, processes, None),
+        a: UnsafeCell::new(0),
+    })
+}
+
+/// The table goes on while the stalled thread sleeps: A's slot serves B,
+/// then C (same generation again), and A's writer gets a fresh slot.
+fn reuse_twice_then_write_a(s: &Indexed, slot: usize) {
+    let m = &s.model;
+    if m.reuse_slot(slot, B, 0).is_some() {
+        m.reuse_slot(slot, C, 0);
+    }
+    let (i, k) = m.find_or_insert(A, 0).unwrap();
+    m.write(0, i, k, ModelWait::Forever).unwrap();
+    s.a.with_mut(|p| unsafe_bump(p));
+    m.release_write(i);
+}
+
+#[test]
+fn a_reader_stalled_across_a_generation_wrap_never_reads_another_ids_slot() {
+    model(|| {
+        let s = indexed(2);
+        // The stalled reader's lookup (or its cached hint), taken earlier.
+        let (slot, k) = s.model.find_or_insert(A, 1).unwrap();
+        let reader = {
+            let s = s.clone();
+            thread::spawn(move || match s.model.read(1, slot, k, ModelWait::Try) {
+                Ok(_) => {
+                    let _ = s.a.with(|p| unsafe_read(p));
+                    s.model.release_read(1, slot);
+                }
+                Err(ModelFail::Stale | ModelFail::Busy) => {}
+                Err(e) => panic!("unexpected {e:?}"),
+            })
+        };
+        reuse_twice_then_write_a(&s, slot);
+        reader.join().unwrap();
+    });
+}
+
+#[test]
+fn a_writer_stalled_across_a_generation_wrap_never_claims_another_ids_slot() {
+    model(|| {
+        let s = indexed(2);
+        let (slot, k) = s.model.find_or_insert(A, 1).unwrap();
+        let writer = {
+            let s = s.clone();
+            thread::spawn(move || match s.model.write(1, slot, k, ModelWait::Try) {
+                Ok(_) => {
+                    s.a.with_mut(|p| unsafe_bump(p));
+                    s.model.release_write(slot);
+                }
+                Err(ModelFail::Stale | ModelFail::Busy) => {}
+                Err(e) => panic!("unexpected {e:?}"),
+            })
+        };
+        reuse_twice_then_write_a(&s, slot);
+        writer.join().unwrap();
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Insertion of one ID racing the retirement of another in a shared bucket.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn an_insertion_retiring_a_slot_races_a_lookup_and_read_of_its_old_id() {
+    // One preemption: with two, the two bucket scans make this model run
+    // for four minutes on two cores (it passed then too).
+    model_bounded(20_000, 1, || {
+        // One bucket of 8 slots: every ID's candidates are that bucket.
+        let m = Arc::new(Model::new(8, 3, None));
+        let data: Arc<Vec<UnsafeCell<u64>>> =
+            Arc::new((0..8).map(|_| UnsafeCell::new(0)).collect());
+        let keys: Vec<_> = (1..=8u64)
+            .map(|t| m.find_or_insert((t, t), 2).unwrap())
+            .collect();
+        // IDs 2..=8 are held (process 2 reads them): only ID 1 is idle.
+        for &(i, k) in &keys[1..] {
+            m.read(2, i, k, ModelWait::Try).unwrap();
+        }
+        // A thread locks ID 1 from scratch: lock-free lookup, then a try
+        // read, retried on a stale slot, as `LockTable::acquire` does.
+        let reader = {
+            let (m, data) = (m.clone(), data.clone());
+            thread::spawn(move || {
+                while let Some((i, k)) = m.find_or_insert((1, 1), 1) {
+                    match m.read(1, i, k, ModelWait::Try) {
+                        Ok(_) => {
+                            let _ = data[i].with(|p| unsafe_read(p));
+                            m.release_read(1, i);
+                            return Some(i);
+                        }
+                        Err(ModelFail::Stale) => continue,
+                        Err(e) => panic!("unexpected {e:?}"),
+                    }
+                }
+                None // the table is full: ID 1's slot went to ID 100
+            })
+        };
+        // A new ID needs room: it retires ID 1's slot (if idle) and writes
+        // (retried on a stale slot: ID 1 may take the slot back first).
+        let mut mine = None;
+        while let Some((i, k)) = m.find_or_insert((100, 100), 0) {
+            match m.write(0, i, k, ModelWait::Forever) {
+                Ok(_) => {
+                    data[i].with_mut(|p| unsafe_bump(p));
+                    m.release_write(i);
+                    mine = Some(i);
+                    break;
+                }
+                Err(ModelFail::Stale) => continue,
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+        }
+        let read_in = reader.join().unwrap();
+        // Each ID got the one idle slot in turn, and the index agrees.
+        assert!(mine.is_some() || read_in.is_some());
+        let f1 = m.find((1, 1)).map(|f| f.0);
+        let f100 = m.find((100, 100)).map(|f| f.0);
+        assert!(f1.is_none() || f1 == read_in);
+        assert!(f100.is_none() || f100 == mine);
+        assert!(f1.is_none() || f1 != f100);
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Bucket locks: liveness, repair, deadlines.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_bucket_lock_of_a_dead_inserter_is_repaired_by_the_next_insertion() {
+    model(|| {
+        let m = Arc::new(Model::new(16, 3, Some(Duration::from_millis(10))));
+        // Process 2 died holding bucket 0's lock (an insertion cut short).
+        m.die_holding_bucket_of(2, 0);
+        let other = {
+            let m = m.clone();
+            thread::spawn(move || {
+                reset_logical_clock();
+                m.find_or_insert((7, 9), 1).unwrap()
+            })
+        };
+        let mine = m.find_or_insert((5, 6), 0).unwrap();
+        let theirs = other.join().unwrap();
+        assert_ne!(mine.0, theirs.0);
+        assert!(m.bucket_unlocked(0) && m.bucket_unlocked(8));
+    });
+}
+
+#[test]
+fn a_bucket_lock_of_a_live_holder_fails_a_try_and_times_out_a_deadline() {
+    model(|| {
+        let m = Arc::new(Model::new(16, 3, Some(Duration::from_millis(10))));
+        // Process 2 is alive and inside an insertion (or the word is forged).
+        m.set_bucket_lock_of(0, 3);
+        let timed = {
+            let m = m.clone();
+            thread::spawn(move || {
+                reset_logical_clock();
+                m.find_or_insert_within((5, 6), 1, ModelWait::For(Duration::from_millis(2)))
+            })
+        };
+        assert_eq!(
+            m.find_or_insert_within((7, 9), 0, ModelWait::Try),
+            Err(ModelFail::Busy)
+        );
+        assert_eq!(timed.join().unwrap(), Err(ModelFail::Timeout));
+        // A word naming no possible process is repaired by the next one.
+        m.set_bucket_lock_of(0, 1 << 40);
+        assert!(m
+            .find_or_insert_within((7, 9), 0, ModelWait::Try)
+            .unwrap()
+            .is_some());
+    });
+}
+
+// ---------------------------------------------------------------------------
+// WRITER_WAITING, upgrade timeouts, the hold bound.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_waiting_writer_and_an_upgradable_request_both_get_in() {
+    model(|| {
+        let (s, g) = shared(3, None);
+        s.model.upgradable(0, SLOT, g, ModelWait::Forever).unwrap();
+        let writer = {
+            let s = s.clone();
+            thread::spawn(move || {
+                s.model.write(1, SLOT, g, ModelWait::Forever).unwrap();
+                s.bump_data();
+                s.model.release_write(SLOT);
+            })
+        };
+        let up = {
+            let s = s.clone();
+            thread::spawn(move || {
+                s.model.upgradable(2, SLOT, g, ModelWait::Forever).unwrap();
+                let _ = s.read_data();
+                s.model.release_upgradable(SLOT);
+            })
+        };
+        s.model.release_upgradable(SLOT);
+        writer.join().unwrap();
+        up.join().unwrap();
+        assert!(!s.model.writer_waiting_marked(SLOT));
+        assert!(s.model.is_idle(SLOT));
+    });
+}
+
+#[test]
+fn a_writer_that_times_out_withdraws_its_claim_on_upgradable_holders() {
+    model(|| {
+        let (s, g) = shared(3, None);
+        s.model.upgradable(0, SLOT, g, ModelWait::Forever).unwrap();
+        let writer = {
+            let s = s.clone();
+            thread::spawn(move || {
+                reset_logical_clock();
+                let r = s
+                    .model
+                    .write(1, SLOT, g, ModelWait::For(Duration::from_millis(5)));
+                assert_eq!(r, Err(ModelFail::Timeout));
+            })
+        };
+        // Blocks with no poll: only the writer's withdrawal (and its wake)
+        // or the upgrader's release lets it in.
+        let up = {
+            let s = s.clone();
+            thread::spawn(move || {
+                s.model.upgradable(2, SLOT, g, ModelWait::Forever).unwrap();
+                s.model.release_upgradable(SLOT);
+            })
+        };
+        writer.join().unwrap();
+        s.model.release_upgradable(SLOT);
+        up.join().unwrap();
+        assert!(!s.model.writer_waiting_marked(SLOT));
+    });
+}
+
+#[test]
+fn a_dead_waiting_writer_does_not_block_upgradable_holders() {
+    model(|| {
+        let (s, g) = shared(3, Some(Duration::from_millis(10)));
+        s.model.upgradable(0, SLOT, g, ModelWait::Forever).unwrap();
+        let dying = {
+            let s = s.clone();
+            thread::spawn(move || {
+                s.model.announce_waiting_writer_only(1, SLOT, g);
+                s.model.kill(1);
+            })
+        };
+        let up = {
+            let s = s.clone();
+            thread::spawn(move || {
+                reset_logical_clock();
+                s.model.upgradable(2, SLOT, g, ModelWait::Forever).unwrap();
+                s.model.release_upgradable(SLOT);
+            })
+        };
+        dying.join().unwrap();
+        s.model.release_upgradable(SLOT);
+        up.join().unwrap();
+        s.model.sweep(1);
+        assert!(!s.model.writer_waiting_marked(SLOT));
+    });
+}
+
+#[test]
+fn an_upgrade_that_times_out_keeps_the_upgradable_hold_and_wakes_readers() {
+    model(|| {
+        let (s, g) = shared(3, None);
+        s.model.read(1, SLOT, g, ModelWait::Forever).unwrap();
+        s.model.upgradable(0, SLOT, g, ModelWait::Forever).unwrap();
+        // A reader that arrives during the upgrade waits (no poll) and must
+        // be woken when the upgrade gives up.
+        let late = {
+            let s = s.clone();
+            thread::spawn(move || {
+                s.model.read(2, SLOT, g, ModelWait::Forever).unwrap();
+                let _ = s.read_data();
+                s.model.release_read(2, SLOT);
+            })
+        };
+        let r = s
+            .model
+            .upgrade(0, SLOT, ModelWait::For(Duration::from_millis(5)));
+        assert_eq!(r, Err(ModelFail::Timeout));
+        // Still the upgradable holder: no other upgradable hold gets in.
+        assert_eq!(
+            s.model.upgradable(2, SLOT, g, ModelWait::Try),
+            Err(ModelFail::Busy)
+        );
+        s.model.release_read(1, SLOT);
+        late.join().unwrap();
+        s.model.release_upgradable(SLOT);
+        assert!(s.model.is_idle(SLOT));
+    });
+}
+
+#[test]
+fn a_downgrade_at_the_read_limit_fits_and_keeps_writers_out() {
+    model(|| {
+        let (s, g) = shared(2, None);
+        s.model.fill_lane_to_the_read_limit(0, SLOT);
+        assert_eq!(
+            s.model.read(0, SLOT, g, ModelWait::Try),
+            Err(ModelFail::HoldLimit)
+        );
+        s.model.upgradable(0, SLOT, g, ModelWait::Forever).unwrap();
+        let writer = {
+            let s = s.clone();
+            thread::spawn(move || {
+                reset_logical_clock();
+                if s.model
+                    .write(1, SLOT, g, ModelWait::For(Duration::from_millis(5)))
+                    .is_ok()
+                {
+                    s.bump_data();
+                    s.model.release_write(SLOT);
+                }
+            })
+        };
+        assert!(s.model.downgrade_upgradable_to_read(0, SLOT));
+        let _ = s.read_data();
+        assert_eq!(s.model.reads_of(0, SLOT), 0x1_0000);
+        writer.join().unwrap();
+        // The reserved read is in use: no upgradable hold could downgrade.
+        assert_eq!(
+            s.model.upgradable(0, SLOT, g, ModelWait::Try),
+            Err(ModelFail::HoldLimit)
+        );
+        s.model.release_read(0, SLOT);
     });
 }

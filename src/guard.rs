@@ -18,7 +18,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::lockword::Granted;
+use crate::lockword::{Fail, Granted};
 use crate::table::Inner;
 
 /// How a guard reaches its table: borrowed (the fast default: no shared
@@ -47,11 +47,23 @@ impl TableRef<'_> {
     }
 }
 
+/// What a read guard releases on drop: normally its read. A downgrade
+/// whose read found no room in the lane (only a corrupt table can fill it:
+/// a downgrade's read is reserved) keeps the stronger hold it came from, so
+/// the caller still excludes writers, and the guard releases that instead.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Releases {
+    Read,
+    Upgradable,
+    Write,
+}
+
 /// The part every guard has: the table and the slot.
 struct Hold<'a> {
     table: TableRef<'a>,
     slot: u32,
     owner_died: bool,
+    releases: Releases,
 }
 
 impl Hold<'_> {
@@ -76,6 +88,7 @@ macro_rules! guard_common {
                         table,
                         slot,
                         owner_died,
+                        releases: Releases::Read,
                     }),
                 }
             }
@@ -92,7 +105,10 @@ macro_rules! guard_common {
             /// struct or move it into a spawned task.
             pub fn into_owned(self) -> $name<'static> {
                 let hold = self.into_hold();
-                $name::new(hold.table.into_owned(), hold.slot, hold.owner_died)
+                let releases = hold.releases;
+                let mut owned = $name::new(hold.table.into_owned(), hold.slot, hold.owner_died);
+                owned.hold.releases = releases;
+                owned
             }
 
             /// Takes the hold out without running `Drop` (for mode changes).
@@ -145,10 +161,12 @@ impl Drop for ReadGuard<'_> {
     #[inline]
     fn drop(&mut self) {
         if self.hold.ours() {
-            self.hold
-                .table
-                .slot(self.hold.slot)
-                .release_read(self.hold.me());
+            let slot = self.hold.table.slot(self.hold.slot);
+            match self.hold.releases {
+                Releases::Read => slot.release_read(self.hold.me()),
+                Releases::Upgradable => slot.release_upgradable(),
+                Releases::Write => slot.release_write(),
+            }
         }
         // SAFETY: dropped exactly once, here; `self.hold` is not used after.
         unsafe { ManuallyDrop::drop(&mut self.hold) }
@@ -181,9 +199,14 @@ impl<'a> UpgradableReadGuard<'a> {
     fn upgrade_with(self, wait: crate::lockword::Wait) -> Result<WriteGuard<'a>, Self> {
         let hold = self.into_hold();
         let r: Result<Granted, _> = if hold.ours() {
-            hold.table
-                .slot(hold.slot)
-                .upgrade(hold.me(), wait, &*hold.table)
+            let slot = hold.table.slot(hold.slot);
+            match slot.upgrade(hold.me(), wait, &*hold.table) {
+                // A try that found readers: sweep dead ones (rate-limited).
+                Err(Fail::Busy) if hold.table.sweep_for_try(hold.slot) => {
+                    slot.upgrade(hold.me(), wait, &*hold.table)
+                }
+                other => other,
+            }
         } else {
             // A forked child: the hold is the parent's; change nothing.
             Ok(Granted { owner_died: false })
@@ -227,14 +250,23 @@ impl<'a> UpgradableReadGuard<'a> {
     }
 
     /// Becomes a plain read hold; writers may then proceed once readers leave.
+    ///
+    /// Never waits and never fails: the read it adds is reserved for it, so
+    /// it fits even when this process holds the maximum number of reads
+    /// ([`crate::Error::HoldLimit`] is returned by the upgradable acquisition
+    /// instead, if the reserve is in use).
     pub fn downgrade(self) -> ReadGuard<'a> {
         let hold = self.into_hold();
-        if hold.ours() {
-            hold.table
+        let done = !hold.ours()
+            || hold
+                .table
                 .slot(hold.slot)
                 .downgrade_upgradable_to_read(hold.me());
+        let mut r = ReadGuard::new(hold.table, hold.slot, hold.owner_died);
+        if !done {
+            r.hold.releases = Releases::Upgradable;
         }
-        ReadGuard::new(hold.table, hold.slot, hold.owner_died)
+        r
     }
 }
 
@@ -242,12 +274,16 @@ impl<'a> WriteGuard<'a> {
     /// Becomes a read hold without letting any writer in between.
     pub fn downgrade(self) -> ReadGuard<'a> {
         let hold = self.into_hold();
-        if hold.ours() {
-            hold.table
+        let done = !hold.ours()
+            || hold
+                .table
                 .slot(hold.slot)
                 .downgrade_write_to_read(hold.me());
+        let mut r = ReadGuard::new(hold.table, hold.slot, false);
+        if !done {
+            r.hold.releases = Releases::Write;
         }
-        ReadGuard::new(hold.table, hold.slot, false)
+        r
     }
 
     /// Becomes an upgradable hold without letting any writer in between.

@@ -14,10 +14,16 @@
 //! ("stale": look up again). Insertions take the bucket locks of both
 //! candidates (lower index first), so one ID never gets two slots.
 //! A bucket lock word holds the owner's process index + 1; a process that
-//! dies holding it is detected by the spinning waiters and swept.
+//! dies holding it is detected by its waiters (a liveness probe once the
+//! spins are over) and swept, and every acquisition's deadline (or try)
+//! bounds its wait for a bucket lock.
+//!
+//! A bucket header also remembers up to three IDs (tags) whose slot was
+//! retired while marked OWNER_DIED, so the next writer of such an ID still
+//! learns of the death after its slot served other IDs.
 
 use crate::layout::BUCKET_SLOTS;
-use crate::lockword::{self, Host, PHASE_ACTIVE, PHASE_FREE};
+use crate::lockword::{self, Fail, Host, Ident, Wait, PHASE_ACTIVE, PHASE_FREE};
 use crate::region::Region;
 use crate::sync::{self, Ordering};
 
@@ -60,8 +66,8 @@ fn bucket_slots(bucket: usize) -> std::ops::Range<usize> {
     first..first + BUCKET_SLOTS as usize
 }
 
-/// Finds the slot serving `tag` in `bucket`: (slot index, generation).
-fn scan<R: Region + ?Sized>(region: &R, bucket: usize, tag: Tag) -> Option<(usize, u32)> {
+/// Finds the slot serving `tag` in `bucket`: (slot index, identity).
+fn scan<R: Region + ?Sized>(region: &R, bucket: usize, tag: Tag) -> Option<(usize, Ident)> {
     for i in bucket_slots(bucket) {
         let s = region.slot(i).state.load(Ordering::Acquire);
         if lockword::phase(s) != PHASE_ACTIVE {
@@ -72,41 +78,54 @@ fn scan<R: Region + ?Sized>(region: &R, bucket: usize, tag: Tag) -> Option<(usiz
         // that retirement (and so a generation mismatch).
         let [t0, t1] = region.slot_tag(i);
         if t0.load(Ordering::Acquire) == tag.0 && t1.load(Ordering::Acquire) == tag.1 {
-            return Some((i, lockword::gen(s)));
+            return Some((i, ident(lockword::gen(s), tag)));
         }
     }
     None
 }
 
+fn ident(gen: u32, tag: Tag) -> Ident {
+    Ident {
+        gen,
+        tag: [tag.0, tag.1],
+    }
+}
+
 /// Lock-free lookup.
-pub(crate) fn find<R: Region + ?Sized>(region: &R, tag: Tag) -> Option<(usize, u32)> {
+pub(crate) fn find<R: Region + ?Sized>(region: &R, tag: Tag) -> Option<(usize, Ident)> {
     let (b1, b2) = buckets_of(tag, region.geometry().buckets() as usize);
     scan(region, b1, tag).or_else(|| scan(region, b2, tag))
 }
 
-/// The slot serving `tag`, given one if it has none. `None`: both candidate
-/// buckets are full of slots that are held or waited on.
+/// The slot serving `tag`, given one if it has none. `Ok(None)`: both
+/// candidate buckets are full of slots that are held or waited on.
+/// `Err(Busy)` (a try) or `Err(Timeout)`: a bucket lock was not free in
+/// time (see [`lock_bucket`]).
 pub(crate) fn find_or_insert<R: Region + ?Sized>(
     region: &R,
     tag: Tag,
     me: u32,
     host: &dyn Host,
-) -> Option<(usize, u32)> {
+    wait: Wait,
+) -> Result<Option<(usize, Ident)>, Fail> {
     if let Some(hit) = find(region, tag) {
-        return Some(hit);
+        return Ok(Some(hit));
     }
     let (b1, b2) = buckets_of(tag, region.geometry().buckets() as usize);
     let (lo, hi) = (b1.min(b2), b1.max(b2));
-    lock_bucket(region, lo, me, host);
+    lock_bucket(region, lo, me, host, wait)?;
     if hi != lo {
-        lock_bucket(region, hi, me, host);
+        if let Err(e) = lock_bucket(region, hi, me, host, wait) {
+            unlock_bucket(region, lo);
+            return Err(e);
+        }
     }
     let result = insert_locked(region, tag, b1, b2);
     if hi != lo {
         unlock_bucket(region, hi);
     }
     unlock_bucket(region, lo);
-    result
+    Ok(result)
 }
 
 fn insert_locked<R: Region + ?Sized>(
@@ -114,7 +133,7 @@ fn insert_locked<R: Region + ?Sized>(
     tag: Tag,
     b1: usize,
     b2: usize,
-) -> Option<(usize, u32)> {
+) -> Option<(usize, Ident)> {
     if let Some(hit) = scan(region, b1, tag).or_else(|| scan(region, b2, tag)) {
         return Some(hit);
     }
@@ -125,23 +144,51 @@ fn insert_locked<R: Region + ?Sized>(
             })
             .count()
     };
-    // Prefer the emptier bucket (two-choice balancing), then reuse idle slots.
+    // Prefer the emptier bucket (two-choice balancing), then reuse idle
+    // slots, and only then idle slots whose last writer died (their mark
+    // moves to the bucket's memory).
     let order = if free_in(b2) > free_in(b1) {
         [b2, b1]
     } else {
         [b1, b2]
     };
-    let chosen = order
-        .iter()
-        .flat_map(|&b| bucket_slots(b))
+    let slots = || order.iter().flat_map(|&b| bucket_slots(b));
+    let chosen = slots()
         .find(|&i| lockword::phase(region.slot(i).state.load(Ordering::Acquire)) == PHASE_FREE)
-        .or_else(|| {
-            order.iter().flat_map(|&b| bucket_slots(b)).find(|&i| {
-                let slot = region.slot(i);
-                let s = slot.state.load(Ordering::Acquire);
-                slot.try_retire(lockword::gen(s))
-            })
-        })?;
+        .or_else(|| slots().find(|&i| retire(region, i, false)))
+        .or_else(|| slots().find(|&i| retire(region, i, true)))?;
+    let died = forget_death(region, tag, b1) | forget_death(region, tag, b2);
+    Some((chosen, install(region, chosen, tag, died)))
+}
+
+/// Retires slot `i` if it is idle. A slot whose last writer died is
+/// retired only `even_owner_died`; its tag then goes to the memory of dead
+/// writers of its bucket (one of the ID's two candidates) once it is FREE,
+/// so the ID's next insertion brings the mark back.
+fn retire<R: Region + ?Sized>(region: &R, i: usize, even_owner_died: bool) -> bool {
+    let slot = region.slot(i);
+    let s = slot.state.load(Ordering::Acquire);
+    let marked = s & lockword::OWNER_DIED != 0;
+    if marked != even_owner_died {
+        return false;
+    }
+    // Read before the retirement: we hold the bucket lock, so the tag
+    // cannot change under us, and the insertion overwrites it right after.
+    let [t0, t1] = region.slot_tag(i);
+    let old = Tag(t0.load(Ordering::Acquire), t1.load(Ordering::Acquire));
+    if !slot.try_retire(lockword::gen(s), even_owner_died) {
+        return false;
+    }
+    if marked {
+        remember_death(region, i / BUCKET_SLOTS as usize, old);
+    }
+    true
+}
+
+/// Publishes slot `chosen` (FREE, our bucket locks held) for `tag`: tag
+/// first (Release), then ACTIVE with GEN + 1 (Release), OWNER_DIED set if
+/// the bucket remembered a dead writer of this ID.
+fn install<R: Region + ?Sized>(region: &R, chosen: usize, tag: Tag, died: bool) -> Ident {
     let slot = region.slot(chosen);
     let s = slot.state.load(Ordering::Acquire);
     debug_assert_eq!(lockword::phase(s), PHASE_FREE);
@@ -150,10 +197,79 @@ fn insert_locked<R: Region + ?Sized>(
     t1.store(tag.1, Ordering::Release);
     let g = lockword::next_gen(lockword::gen(s));
     // Lanes may hold transient announcements of readers of the previous ID
-    // that are backing off; they see the new generation and leave.
-    let active = lockword::with_gen(s & !lockword::PHASE_MASK, g) | PHASE_ACTIVE;
-    slot.state.store(active & !STALE_BITS, Ordering::Release);
-    Some((chosen, g))
+    // that are backing off; they see the new generation (or tag) and leave.
+    let mut active = lockword::with_gen(s & !lockword::PHASE_MASK, g) | PHASE_ACTIVE;
+    active &= !STALE_BITS;
+    if died {
+        active |= lockword::OWNER_DIED;
+    }
+    slot.state.store(active, Ordering::Release);
+    ident(g, tag)
+}
+
+/// Entries (128-bit tags) in a bucket's memory of dead writers.
+const DEATH_ENTRIES: usize = 3;
+/// Bucket word holding the index of the next entry to overwrite.
+const DEATH_NEXT: usize = 1 + 2 * DEATH_ENTRIES;
+
+/// Records that `tag`'s last writer died, in `bucket`'s memory (the oldest
+/// entry is overwritten when all three are used). Bucket lock held.
+/// Relaxed: only bucket-lock holders read or write these words, and the
+/// bucket lock (Acquire/Release) orders them.
+fn remember_death<R: Region + ?Sized>(region: &R, bucket: usize, tag: Tag) {
+    let next = region.bucket_word(bucket, DEATH_NEXT);
+    let e = next.load(Ordering::Relaxed) as usize % DEATH_ENTRIES;
+    region
+        .bucket_word(bucket, 1 + 2 * e)
+        .store(tag.0, Ordering::Relaxed);
+    region
+        .bucket_word(bucket, 2 + 2 * e)
+        .store(tag.1, Ordering::Relaxed);
+    next.store(((e + 1) % DEATH_ENTRIES) as u64, Ordering::Relaxed);
+}
+
+/// True if `bucket` remembered a dead writer of `tag`; forgets it (every
+/// copy). Bucket lock held.
+fn forget_death<R: Region + ?Sized>(region: &R, tag: Tag, bucket: usize) -> bool {
+    if tag == Tag(0, 0) {
+        return false; // the value of an empty entry (a 2^-128 tag)
+    }
+    let mut found = false;
+    for e in 0..DEATH_ENTRIES {
+        let lo = region.bucket_word(bucket, 1 + 2 * e);
+        let hi = region.bucket_word(bucket, 2 + 2 * e);
+        if lo.load(Ordering::Relaxed) == tag.0 && hi.load(Ordering::Relaxed) == tag.1 {
+            lo.store(0, Ordering::Relaxed);
+            hi.store(0, Ordering::Relaxed);
+            found = true;
+        }
+    }
+    found
+}
+
+/// Model checking: retires slot `i` (if idle, even with OWNER_DIED) and
+/// installs `tag` in it at once, under its bucket lock, as an insertion that
+/// needs room does. Models use it to reuse one slot again and again (a
+/// generation wrap) without filling a table.
+#[cfg(locktable_loom)]
+pub(crate) fn reuse_slot_for_model<R: Region + ?Sized>(
+    region: &R,
+    i: usize,
+    tag: Tag,
+    me: u32,
+    host: &dyn Host,
+) -> Option<Ident> {
+    let bucket = i / BUCKET_SLOTS as usize;
+    lock_bucket(region, bucket, me, host, Some(None)).ok()?;
+    let s = region.slot(i).state.load(Ordering::Acquire);
+    let done =
+        (lockword::phase(s) == PHASE_FREE || retire(region, i, false) || retire(region, i, true))
+            .then(|| {
+                let died = forget_death(region, tag, bucket);
+                install(region, i, tag, died)
+            });
+    unlock_bucket(region, bucket);
+    done
 }
 
 /// Bits that never carry over to a slot's next ID.
@@ -168,15 +284,35 @@ const STALE_BITS: u64 = lockword::PARKED
 const BUCKET_SPINS: u32 = 100;
 #[cfg(locktable_loom)]
 const BUCKET_SPINS: u32 = 0;
+/// Yields after the spins before a waiter starts to sleep between checks.
+#[cfg(not(locktable_loom))]
+const BUCKET_YIELDS: u32 = 100;
+#[cfg(locktable_loom)]
+const BUCKET_YIELDS: u32 = 1;
+/// Longest sleep between two looks at a bucket lock that stays held.
+const BUCKET_MAX_NAP: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// Takes a bucket lock. Holds are a few dozen instructions long, so this
-/// spins, then yields; a holder that stays longer than a poll interval is
-/// checked for liveness (a dead holder is swept, which releases the lock).
-fn lock_bucket<R: Region + ?Sized>(region: &R, bucket: usize, me: u32, host: &dyn Host) {
+/// Takes a bucket lock within the acquisition's `wait`. Holds are a few
+/// dozen instructions long, so this spins, then yields, then sleeps in
+/// short naps (it never busy-waits on a holder that stays). A holder that
+/// stays past the spins is examined: a word naming no possible process
+/// (corruption) is repaired at once; a process that is not us is probed
+/// for liveness at once, then once per poll interval, and a dead one is
+/// swept (which repairs its buckets). A try gives up with `Busy` after its
+/// spins, yields and one probe; a timed wait gives up with `Timeout` at its
+/// deadline.
+fn lock_bucket<R: Region + ?Sized>(
+    region: &R,
+    bucket: usize,
+    me: u32,
+    host: &dyn Host,
+    wait: Wait,
+) -> Result<(), Fail> {
     let word = region.bucket_lock(bucket);
     let mine = me as u64 + 1;
-    let mut spins = 0u32;
-    let mut since = None;
+    let mut tries = 0u32;
+    let mut next_probe: Option<sync::Instant> = None;
+    let mut nap = std::time::Duration::from_micros(10);
     loop {
         let cur = word.load(Ordering::Relaxed);
         if cur == 0
@@ -184,36 +320,48 @@ fn lock_bucket<R: Region + ?Sized>(region: &R, bucket: usize, me: u32, host: &dy
                 .compare_exchange(0, mine, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
         {
-            return;
+            return Ok(());
         }
-        spins += 1;
-        if spins < BUCKET_SPINS {
+        tries += 1;
+        if tries < BUCKET_SPINS {
             sync::spin_hint();
             continue;
         }
-        #[cfg(not(locktable_loom))]
-        std::thread::yield_now();
-        #[cfg(locktable_loom)]
-        loom::thread::yield_now();
-        if cur != 0 {
-            // Owner index (cur - 1) past the registry:
-            if cur > region.geometry().max_processes as u64 {
-                // No process can have this index: a corrupt word. Repair.
-                repair_buckets_locked_by(region, cur);
+        if cur > region.geometry().max_processes as u64 {
+            // No process can have this index: a corrupt word. Repair.
+            repair_buckets_locked_by(region, cur);
+            continue;
+        }
+        let now = sync::now();
+        let probe_due = match next_probe {
+            None => true,
+            Some(t) => now >= t,
+        };
+        if cur != 0 && cur != mine && probe_due {
+            // Without a poll interval (models only) the holder is probed once.
+            let never = now.checked_add(std::time::Duration::from_secs(u32::MAX as u64));
+            next_probe = host.poll_interval().map_or(never, |p| now.checked_add(p));
+            if host.recover_process((cur - 1) as u32) {
                 continue;
             }
-            if let Some(poll) = host.poll_interval() {
-                let now = sync::now();
-                let start = *since.get_or_insert(now);
-                if now.saturating_duration_since(start) >= poll {
-                    host.recover_process((cur - 1) as u32);
-                    since = Some(now);
-                }
-            }
+        }
+        match wait {
+            None if tries >= BUCKET_SPINS + BUCKET_YIELDS => return Err(Fail::Busy),
+            Some(Some(deadline)) if now >= deadline => return Err(Fail::Timeout),
+            _ => {}
+        }
+        if tries < BUCKET_SPINS + BUCKET_YIELDS || wait.is_none() {
+            sync::yield_now();
+        } else {
+            let left = match wait {
+                Some(Some(d)) => d.saturating_duration_since(now),
+                _ => BUCKET_MAX_NAP,
+            };
+            sync::pause(nap.min(left));
+            nap = (nap * 2).min(BUCKET_MAX_NAP);
         }
     }
 }
-
 fn unlock_bucket<R: Region + ?Sized>(region: &R, bucket: usize) {
     region.bucket_lock(bucket).store(0, Ordering::Release);
 }

@@ -47,6 +47,11 @@ pub(crate) const CACHE_LINE: u64 = 64;
 pub(crate) const RECORD_SIZE: u64 = 64;
 pub(crate) const BUCKET_HEADER_SIZE: u64 = 64;
 pub(crate) const BUCKET_SLOTS: u32 = 8;
+/// 64-bit words in a bucket header: the bucket lock (word 0), then the
+/// bucket's memory of dead writers (words 1..7: three 128-bit tags, then
+/// the next entry to overwrite). Version-2 files have these words zeroed,
+/// and builds that do not know them never write them.
+pub(crate) const BUCKET_WORDS: usize = 8;
 pub(crate) const CHECKSUM_OFFSET: usize = 112;
 pub(crate) const INIT_STATE_OFFSET: u64 = 128;
 /// Lanes-in-use high-water mark (u32 atomic, own cache line).

@@ -4,9 +4,10 @@
 //! `lanes`, and every transition between lock modes (acquire, release,
 //! upgrade, downgrade, timed waits, recovery of a dead process's holds).
 //!
-//! May not touch: where a slot lives (the table), which ID it serves (the
-//! table's lookup checks the generation this module returns), or how a
-//! process is judged dead (the [`Host`] decides). It works on a [`SlotRef`]:
+//! May not touch: where a slot lives (the table), which ID a slot is given
+//! to (the index does that), or how a process is judged dead (the [`Host`]
+//! decides). It does check, after every grant, that the slot still serves
+//! the ID the caller looked up (its [`Ident`]: generation and tag). It works on a [`SlotRef`]:
 //! references to atomics that live in the shared mapping in real builds and
 //! in a heap region under loom, so this exact code is model-checked.
 //!
@@ -20,15 +21,17 @@
 //! PH  (2 bits) phase: 0 FREE, 1 ACTIVE, 2 RETIRING
 //! P   PARKED: some thread sleeps (or is about to) on this slot's futex
 //! L   WRITE_LOCKED: WRITER drained every reader and holds the lock
-//! W   WRITER_WAITING: a writer waits for the UPGRADER to leave (blocks
-//!     new upgradable grants; set only while UPGRADER != 0)
+//! W   WRITER_WAITING: a writer waits (blocks new upgradable grants; set by
+//!     a waiting writer that an UPGRADER blocks, kept after the upgrader
+//!     leaves, cleared by a writer's claim or a waiting writer's give-up)
 //! D   OWNER_DIED: the last write holder died holding the lock
 //! R   reserved (bit 6: reader bias for per-thread reader indicators)
 //! WRITER   process index + 1 of the writer (0 = none). With L clear the
 //!          writer is *pending*: it has excluded other writers, upgraders and
 //!          new readers, and waits for the readers to drain.
 //! UPGRADER process index + 1 of the upgradable holder (0 = none)
-//! GEN      bumped each time the slot is given to a new ID
+//! GEN      bumped each time the slot is given to a new ID (a fast filter:
+//!          it wraps, so the slot's tag is what proves identity)
 //! ```
 //!
 //! # Lanes (`u32` per attached-process index)
@@ -42,9 +45,12 @@
 //! Lane `p` is written only by threads of process `p` (and by recovery once
 //! `p` is dead). READERS is the number of read holds process `p` has on this
 //! slot: the hold record *is* the lock state, so after a death at any
-//! instruction the lane says exactly what the dead process held. Holds are
-//! bounded at `MAX_READS_PER_PROCESS` (0xFFFF) by a CAS, so READERS never
-//! carries into WAITERS. WAITERS is informational (stats) and saturates.
+//! instruction the lane says exactly what the dead process held. Plain reads
+//! are bounded at `MAX_READS_PER_PROCESS` (0xFFFF) by a CAS; one more read
+//! (0x10000) is reserved for the downgrade of the ID's single upgradable or
+//! write hold, so READERS never carries into WAITERS and a downgrade always
+//! has room. WAITERS counts this process's waiting threads (stats, and the
+//! proof that a WRITER_WAITING mark has a live waiter); it saturates.
 
 use std::time::Duration;
 
@@ -61,12 +67,22 @@ pub(crate) const OWNER_DIED: u64 = 1 << 5;
 const WRITER_SHIFT: u32 = 8;
 const UPGRADER_SHIFT: u32 = 24;
 const GEN_SHIFT: u32 = 40;
+/// Width of GEN. The model checker uses one bit, so that a wrap (two reuses
+/// of a slot) is reachable in a model; the tag check makes it harmless.
+#[cfg(not(locktable_loom))]
+const GEN_BITS: u32 = 24;
+#[cfg(locktable_loom)]
+const GEN_BITS: u32 = 1;
+const GEN_VALUES: u32 = (1 << GEN_BITS) - 1;
 pub(crate) const WRITER_MASK: u64 = 0xFFFF << WRITER_SHIFT;
 pub(crate) const UPGRADER_MASK: u64 = 0xFFFF << UPGRADER_SHIFT;
-pub(crate) const GEN_MASK: u64 = 0xFF_FFFF << GEN_SHIFT;
+pub(crate) const GEN_MASK: u64 = (GEN_VALUES as u64) << GEN_SHIFT;
 
 /// Largest number of read holds one process may have on one ID.
 pub const MAX_READS_PER_PROCESS: u32 = 0xFFFF;
+/// Plain reads stop at `MAX_READS_PER_PROCESS`; the one read above it is
+/// the downgrade of the ID's single upgradable or write hold.
+const MAX_LANE_READERS: u32 = MAX_READS_PER_PROCESS + 1;
 const LANE_READERS: u32 = 0x1_FFFF;
 const LANE_WAITER_SHIFT: u32 = 17;
 const LANE_WAITER_ONE: u32 = 1 << LANE_WAITER_SHIFT;
@@ -102,7 +118,7 @@ pub(crate) fn with_gen(s: u64, g: u32) -> u64 {
 }
 #[inline]
 pub(crate) fn next_gen(g: u32) -> u32 {
-    (g + 1) & 0xFF_FFFF
+    (g + 1) & GEN_VALUES
 }
 #[inline]
 pub(crate) fn lane_readers(l: u32) -> u32 {
@@ -117,10 +133,23 @@ fn is_active(s: u64, g: u32) -> bool {
     phase(s) == PHASE_ACTIVE && gen(s) == g
 }
 
+/// The ID an acquisition looked up: the slot's generation then (a cheap
+/// first filter) and the ID's 128-bit tag (the proof, re-checked after the
+/// hold is announced or claimed, because GEN wraps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ident {
+    pub(crate) gen: u32,
+    pub(crate) tag: [u64; 2],
+}
+
 /// The atomics of one slot. Borrowed from the mapping (or the loom heap).
 #[derive(Clone, Copy)]
 pub(crate) struct SlotRef<'a> {
     pub(crate) state: &'a AtomicU64,
+    /// The 128-bit tag of the ID the slot serves (written by an insertion
+    /// before it publishes ACTIVE; constant while any hold, claim or
+    /// waiter mark keeps the slot from being retired).
+    pub(crate) tag: [&'a AtomicU64; 2],
     /// Futex word: bumped by every wake so a sleeper never misses one.
     pub(crate) seq: &'a AtomicU32,
     pub(crate) lanes: &'a [AtomicU32],
@@ -162,7 +191,8 @@ pub(crate) enum Fail {
     Stale,
     /// The deadline passed.
     Timeout,
-    /// This process already holds `MAX_READS_PER_PROCESS` reads of the ID.
+    /// This process already holds `MAX_READS_PER_PROCESS` reads of the ID
+    /// (or, for an upgradable hold, the read reserved for its downgrade).
     HoldLimit,
 }
 
@@ -205,6 +235,15 @@ impl<'a> SlotRef<'a> {
         &self.lanes[me as usize]
     }
 
+    /// True if the slot's tag is `tag`. Acquire: pairs with the Release
+    /// stores of the insertion that published the generation the caller's
+    /// previous state access read (see DESIGN §5, "Slot identity").
+    #[inline]
+    pub(crate) fn has_tag(&self, tag: [u64; 2]) -> bool {
+        self.tag[0].load(Ordering::Acquire) == tag[0]
+            && self.tag[1].load(Ordering::Acquire) == tag[1]
+    }
+
     /// The lanes any process may have written: those below the table's
     /// high-water mark. A process raises the mark (SeqCst) when it attaches,
     /// before it can announce anything in its lane, so a checker that loads
@@ -224,17 +263,18 @@ impl<'a> SlotRef<'a> {
             .all(|l| lane_readers(l.load(Ordering::SeqCst)) == 0)
     }
 
-    /// Announces one more read hold of `me`, bounded (a CAS, so the count
-    /// never passes the bound even transiently). SeqCst: first half of the
-    /// reader's Dekker pair. (A `fetch_add` undone at the bound is as
-    /// correct and a nanosecond cheaper, but it multiplied the loom
-    /// recovery models' state space by 15.)
+    /// Announces one more read hold of `me` if the lane stays within
+    /// `bound` (a CAS, so the count never passes the bound even
+    /// transiently). SeqCst: first half of the reader's Dekker pair. (A
+    /// `fetch_add` undone at the bound is as correct and a nanosecond
+    /// cheaper, but it multiplied the loom recovery models' state space by
+    /// 15.)
     #[inline]
-    fn lane_add_reader(&self, me: u32) -> bool {
+    fn lane_add_reader(&self, me: u32, bound: u32) -> bool {
         let lane = self.lane(me);
         let mut cur = lane.load(Ordering::Relaxed);
         loop {
-            if lane_readers(cur) >= MAX_READS_PER_PROCESS {
+            if lane_readers(cur) >= bound {
                 return false;
             }
             match lane.compare_exchange_weak(cur, cur + 1, Ordering::SeqCst, Ordering::Relaxed) {
@@ -256,6 +296,11 @@ impl<'a> SlotRef<'a> {
         }
     }
 
+    /// Marks one waiting thread of `me` in its lane. SeqCst: a retirement's
+    /// lane scan (after its SeqCst ACTIVE -> RETIRING) either sees the mark
+    /// and keeps the slot, or the waiter's next state check sees RETIRING.
+    /// A writer marks itself before it sets WRITER_WAITING, so a mark that
+    /// nobody backs (its writer died) is found by recovery in the lane.
     fn lane_add_waiter(&self, me: u32) -> bool {
         let lane = self.lane(me);
         let mut cur = lane.load(Ordering::Relaxed);
@@ -266,7 +311,7 @@ impl<'a> SlotRef<'a> {
             match lane.compare_exchange_weak(
                 cur,
                 cur + LANE_WAITER_ONE,
-                Ordering::Relaxed,
+                Ordering::SeqCst,
                 Ordering::Relaxed,
             ) {
                 Ok(_) => return true,
@@ -276,7 +321,7 @@ impl<'a> SlotRef<'a> {
     }
 
     fn lane_remove_waiter(&self, me: u32) {
-        self.lane(me).fetch_sub(LANE_WAITER_ONE, Ordering::Relaxed);
+        self.lane(me).fetch_sub(LANE_WAITER_ONE, Ordering::SeqCst);
     }
 
     /// Clears PARKED and wakes every sleeper. The seq bump comes after the
@@ -329,21 +374,32 @@ impl<'a> SlotRef<'a> {
     // -----------------------------------------------------------------
 
     /// One attempt to take a read hold.
+    ///
+    /// Identity: after the announcement (lane +1, SeqCst) no retirement can
+    /// take the slot away (its lane scan would see us), and the SeqCst state
+    /// load that follows sees any retirement already under way. So the tag
+    /// read after that load is the tag of the ID we now hold, and it stays
+    /// so until we leave: comparing it with ours is exact even if GEN
+    /// wrapped while we were stalled between the lookup and here.
     #[inline]
-    pub(crate) fn try_read_once(&self, me: u32, g: u32) -> Result<Granted, Fail> {
+    pub(crate) fn try_read_once(&self, me: u32, id: Ident) -> Result<Granted, Fail> {
         let s = self.state.load(Ordering::Acquire);
-        if !is_active(s, g) {
+        if !is_active(s, id.gen) {
             return Err(Fail::Stale);
         }
         if writer(s) != 0 {
             return Err(Fail::Busy);
         }
-        if !self.lane_add_reader(me) {
-            return Err(Fail::HoldLimit);
+        if !self.lane_add_reader(me, MAX_READS_PER_PROCESS) {
+            return Err(if self.has_tag(id.tag) {
+                Fail::HoldLimit
+            } else {
+                Fail::Stale
+            });
         }
         sync::dekker_fence();
         let s = self.state.load(Ordering::SeqCst);
-        if !is_active(s, g) {
+        if !is_active(s, id.gen) || !self.has_tag(id.tag) {
             self.lane_remove_reader(me);
             return Err(Fail::Stale);
         }
@@ -362,18 +418,18 @@ impl<'a> SlotRef<'a> {
     pub(crate) fn read(
         &self,
         me: u32,
-        g: u32,
+        id: Ident,
         wait: Wait,
         host: &dyn Host,
     ) -> Result<Granted, Fail> {
-        let first = self.try_read_once(me, g);
+        let first = self.try_read_once(me, id);
         let (Some(deadline), Err(Fail::Busy)) = (wait, first) else {
             return first;
         };
         let mut waiting = Waiting::new(self, me, deadline, host);
         loop {
-            waiting.wait_until(|s| !is_active(s, g) || writer(s) == 0, || false)?;
-            match self.try_read_once(me, g) {
+            waiting.wait_until(|s| !is_active(s, id.gen) || writer(s) == 0, || false)?;
+            match self.try_read_once(me, id) {
                 Err(Fail::Busy) => {}
                 other => return other,
             }
@@ -389,11 +445,16 @@ impl<'a> SlotRef<'a> {
     // Upgradable
     // -----------------------------------------------------------------
 
+    /// One attempt at an upgradable hold: a CAS setting UPGRADER. Then the
+    /// identity check (the claim keeps the slot from being retired, so the
+    /// tag read after it is exact, as for a read) and the hold bound: a
+    /// process whose lane already holds the reserved read (the downgrade of
+    /// an earlier upgradable or write hold) could not downgrade this one.
     #[inline]
-    fn try_upgradable_once(&self, me: u32, g: u32) -> Result<Granted, Fail> {
+    fn try_upgradable_once(&self, me: u32, id: Ident) -> Result<Granted, Fail> {
         let mut s = self.state.load(Ordering::Acquire);
         loop {
-            if !is_active(s, g) {
+            if !is_active(s, id.gen) {
                 return Err(Fail::Stale);
             }
             if writer(s) != 0 || upgrader(s) != 0 || s & WRITER_WAITING != 0 {
@@ -405,36 +466,43 @@ impl<'a> SlotRef<'a> {
                 Ordering::SeqCst,
                 Ordering::Acquire,
             ) {
-                Ok(_) => {
-                    return Ok(Granted {
-                        owner_died: s & OWNER_DIED != 0,
-                    })
-                }
+                Ok(_) => break,
                 Err(v) => s = v,
             }
         }
+        let fail = if !self.has_tag(id.tag) {
+            Fail::Stale
+        } else if lane_readers(self.lane(me).load(Ordering::Acquire)) > MAX_READS_PER_PROCESS {
+            Fail::HoldLimit
+        } else {
+            return Ok(Granted {
+                owner_died: s & OWNER_DIED != 0,
+            });
+        };
+        self.release_upgradable();
+        Err(fail)
     }
 
     #[inline]
     pub(crate) fn upgradable(
         &self,
         me: u32,
-        g: u32,
+        id: Ident,
         wait: Wait,
         host: &dyn Host,
     ) -> Result<Granted, Fail> {
         let Some(deadline) = wait else {
-            return self.try_upgradable_once(me, g);
+            return self.try_upgradable_once(me, id);
         };
         let mut waiting = Waiting::new(self, me, deadline, host);
         loop {
-            match self.try_upgradable_once(me, g) {
-                Err(Fail::Busy) => {}
+            match self.try_upgradable_once(me, id) {
+                Err(Fail::Busy) => waiting.still_serves(id)?,
                 other => return other,
             }
             waiting.wait_until(
                 |s| {
-                    !is_active(s, g)
+                    !is_active(s, id.gen)
                         || (writer(s) == 0 && upgrader(s) == 0 && s & WRITER_WAITING == 0)
                 },
                 || false,
@@ -442,28 +510,36 @@ impl<'a> SlotRef<'a> {
         }
     }
 
+    /// Gives up UPGRADER. WRITER_WAITING stays: the writer it protects
+    /// still waits, and no new upgradable hold may pass it.
     #[inline]
     pub(crate) fn release_upgradable(&self) {
-        self.clear_and_wake(UPGRADER_MASK | WRITER_WAITING);
+        self.clear_and_wake(UPGRADER_MASK);
     }
 
     // -----------------------------------------------------------------
     // Write
     // -----------------------------------------------------------------
 
-    /// Claims the WRITER field (pending) if no writer or upgrader holds it.
-    /// With `announce`, a writer blocked only by an upgrader sets
-    /// WRITER_WAITING so no new upgrader overtakes it.
+    /// Claims the WRITER field (pending) if no writer or upgrader holds it,
+    /// clearing WRITER_WAITING (a writer gets in: the mark did its job).
+    /// With `announce` (a waiting writer, marked in its lane), a writer
+    /// blocked only by an upgrader sets WRITER_WAITING so that no new
+    /// upgradable hold overtakes it. After a claim, the identity check: the
+    /// claim keeps the slot from being retired, so the tag is exact.
     #[inline]
-    pub(crate) fn try_claim_writer(&self, me: u32, g: u32, announce: bool) -> Result<(), Fail> {
+    pub(crate) fn try_claim_writer(&self, me: u32, id: Ident, announce: bool) -> Result<(), Fail> {
         let mut s = self.state.load(Ordering::Acquire);
         loop {
-            if !is_active(s, g) {
+            if !is_active(s, id.gen) {
                 return Err(Fail::Stale);
             }
             let new = if writer(s) == 0 && upgrader(s) == 0 {
-                s | writer_field(me)
+                (s | writer_field(me)) & !WRITER_WAITING
             } else if announce && writer(s) == 0 && s & WRITER_WAITING == 0 {
+                if !self.has_tag(id.tag) {
+                    return Err(Fail::Stale);
+                }
                 s | WRITER_WAITING
             } else {
                 return Err(Fail::Busy);
@@ -472,10 +548,16 @@ impl<'a> SlotRef<'a> {
                 .state
                 .compare_exchange_weak(s, new, Ordering::SeqCst, Ordering::Acquire)
             {
-                Ok(_) if new & WRITER_MASK != 0 => return Ok(()),
+                Ok(_) if new & WRITER_MASK != 0 => break,
                 Ok(_) => return Err(Fail::Busy),
                 Err(v) => s = v,
             }
+        }
+        if self.has_tag(id.tag) {
+            Ok(())
+        } else {
+            self.abandon_writer();
+            Err(Fail::Stale)
         }
     }
 
@@ -514,33 +596,76 @@ impl<'a> SlotRef<'a> {
     pub(crate) fn write(
         &self,
         me: u32,
-        g: u32,
+        id: Ident,
         wait: Wait,
         host: &dyn Host,
     ) -> Result<Granted, Fail> {
         let Some(deadline) = wait else {
-            self.try_claim_writer(me, g, false)?;
-            return self
-                .drain_readers(None)
-                .inspect_err(|_| self.abandon_writer());
+            return self.try_write_once(me, id);
         };
         let mut waiting = Waiting::new(self, me, deadline, host);
+        let claimed = self.claim_writer_waiting(me, id, &mut waiting);
+        if claimed.is_err() && waiting.marked {
+            // We may have set WRITER_WAITING: take it back (other waiting
+            // writers are woken and set it again).
+            self.withdraw_writer_waiting();
+        }
+        claimed?;
+        self.drain_readers(Some(&mut waiting))
+            .inspect_err(|_| self.abandon_writer())
+    }
+
+    /// A try: no claim at all while readers are visible, so a try that
+    /// fails because of them leaves nothing that could fail another try.
+    /// (A reader that arrives between this check and the claim races with
+    /// us; then both may fail, as racing tries may.)
+    #[inline]
+    fn try_write_once(&self, me: u32, id: Ident) -> Result<Granted, Fail> {
+        if !self.readers_drained() {
+            let s = self.state.load(Ordering::Acquire);
+            return Err(if is_active(s, id.gen) {
+                Fail::Busy
+            } else {
+                Fail::Stale
+            });
+        }
+        self.try_claim_writer(me, id, false)?;
+        self.drain_readers(None)
+            .inspect_err(|_| self.abandon_writer())
+    }
+
+    /// The claim phase of a waiting writer. It announces itself
+    /// (WRITER_WAITING) only once it is marked in its lane, after the spin
+    /// phase: the mark is what lets recovery clear a dead writer's bit.
+    fn claim_writer_waiting(
+        &self,
+        me: u32,
+        id: Ident,
+        waiting: &mut Waiting<'_, 'a>,
+    ) -> Result<(), Fail> {
         loop {
-            match self.try_claim_writer(me, g, true) {
-                Ok(()) => break,
-                Err(Fail::Busy) => {}
+            match self.try_claim_writer(me, id, waiting.marked) {
+                Ok(()) => return Ok(()),
+                Err(Fail::Busy) => waiting.still_serves(id)?,
                 Err(other) => return Err(other),
             }
             waiting.wait_until(
                 |s| {
-                    !is_active(s, g)
+                    !is_active(s, id.gen)
                         || writer(s) == 0 && (upgrader(s) == 0 || s & WRITER_WAITING == 0)
                 },
                 || false,
             )?;
         }
-        self.drain_readers(Some(&mut waiting))
-            .inspect_err(|_| self.abandon_writer())
+    }
+
+    /// A waiting writer gives up (timeout, stale slot): clears the
+    /// WRITER_WAITING mark it may have set and wakes everyone, so that
+    /// upgradable requests proceed and other waiting writers set it again.
+    fn withdraw_writer_waiting(&self) {
+        if self.state.load(Ordering::Acquire) & WRITER_WAITING != 0 {
+            self.clear_and_wake(WRITER_WAITING);
+        }
     }
 
     /// Gives up a pending WRITER claim (try failed or timed out): readers
@@ -562,8 +687,13 @@ impl<'a> SlotRef<'a> {
     /// Turns our upgradable hold into a pending write (UPGRADER -> WRITER),
     /// then drains readers. No other writer or upgrader can exist while we
     /// hold UPGRADER, so this never waits for anything but readers and
-    /// cannot deadlock. On failure the upgradable hold is restored.
+    /// cannot deadlock. On failure the upgradable hold is restored. A try
+    /// with readers visible changes nothing at all (no trace for other
+    /// tries).
     pub(crate) fn upgrade(&self, me: u32, wait: Wait, host: &dyn Host) -> Result<Granted, Fail> {
+        if wait.is_none() && !self.readers_drained() {
+            return Err(Fail::Busy);
+        }
         self.begin_upgrade(me);
         let result = match wait {
             None => self.drain_readers(None),
@@ -579,11 +709,12 @@ impl<'a> SlotRef<'a> {
     }
 
     /// First step of an upgrade: UPGRADER -> pending WRITER in one CAS.
+    /// WRITER_WAITING stays for the writers still waiting.
     pub(crate) fn begin_upgrade(&self, me: u32) {
         let mut s = self.state.load(Ordering::Acquire);
         loop {
             debug_assert_eq!(upgrader(s), me + 1);
-            let new = (s & !(UPGRADER_MASK | WRITER_WAITING)) | writer_field(me);
+            let new = (s & !UPGRADER_MASK) | writer_field(me);
             match self
                 .state
                 .compare_exchange_weak(s, new, Ordering::SeqCst, Ordering::Acquire)
@@ -600,20 +731,24 @@ impl<'a> SlotRef<'a> {
         self.update_and_wake(|s| (s & !(WRITER_MASK | WRITE_LOCKED)) | upgrader_field(me));
     }
 
-    /// Adds a read hold for `me` while we hold the slot exclusively enough
-    /// that the lane cannot be at its bound for long (only transient
-    /// announcements of readers that are backing off can be there).
-    fn add_reader_for_downgrade(&self, me: u32) {
-        while !self.lane_add_reader(me) {
-            sync::spin_hint();
-        }
+    /// Adds the read of a downgrade. It has room by construction: plain
+    /// reads stop one below the lane's bound, and only the ID's single
+    /// upgradable or write hold (ours) may take the last read; an
+    /// upgradable grant to a process that already used it is refused
+    /// (`HoldLimit`). False only for a lane that a corrupt table filled.
+    fn add_reader_for_downgrade(&self, me: u32) -> bool {
+        self.lane_add_reader(me, MAX_LANE_READERS)
     }
 
     /// Write -> read, atomically with respect to other writers: the read
-    /// hold is announced before WRITER is cleared.
-    pub(crate) fn downgrade_write_to_read(&self, me: u32) {
-        self.add_reader_for_downgrade(me);
+    /// hold is announced before WRITER is cleared. False (the write hold is
+    /// kept) only if a corrupt table left no room in the lane.
+    pub(crate) fn downgrade_write_to_read(&self, me: u32) -> bool {
+        if !self.add_reader_for_downgrade(me) {
+            return false;
+        }
         self.clear_and_wake(WRITER_MASK | WRITE_LOCKED);
+        true
     }
 
     /// Write -> upgradable in one CAS.
@@ -621,10 +756,14 @@ impl<'a> SlotRef<'a> {
         self.writer_to_upgrader(me);
     }
 
-    /// Upgradable -> read: announce the read, then give up UPGRADER.
-    pub(crate) fn downgrade_upgradable_to_read(&self, me: u32) {
-        self.add_reader_for_downgrade(me);
-        self.clear_and_wake(UPGRADER_MASK | WRITER_WAITING);
+    /// Upgradable -> read: announce the read, then give up UPGRADER. False
+    /// (the upgradable hold is kept) only for a lane a corrupt table filled.
+    pub(crate) fn downgrade_upgradable_to_read(&self, me: u32) -> bool {
+        if !self.add_reader_for_downgrade(me) {
+            return false;
+        }
+        self.release_upgradable();
+        true
     }
 
     // -----------------------------------------------------------------
@@ -638,6 +777,11 @@ impl<'a> SlotRef<'a> {
     /// only by `dead` itself. The caller must guarantee `dead` is dead and
     /// its index is not reused before the sweep ends (the lease does).
     /// Returns true if anything was released.
+    ///
+    /// WRITER_WAITING is shared by every waiting writer, so it names
+    /// nobody. If `dead` had waiters marked (it may have been the writer
+    /// that set it), the bit is cleared and everyone is woken: live waiting
+    /// writers set it again.
     pub(crate) fn recover_process(&self, dead: u32) -> bool {
         // An index past the lanes can only come from a corrupt word: there
         // is no lane to clear, but the fields naming it are cleared below.
@@ -656,7 +800,10 @@ impl<'a> SlotRef<'a> {
                 }
             }
             if upgrader(s) == dead + 1 {
-                new &= !(UPGRADER_MASK | WRITER_WAITING);
+                new &= !UPGRADER_MASK;
+            }
+            if lane_waiters(lane_had) != 0 {
+                new &= !WRITER_WAITING;
             }
             if new == s {
                 break;
@@ -681,19 +828,24 @@ impl<'a> SlotRef<'a> {
 
     /// Tries to retire an idle ACTIVE slot of generation `g` so it can serve
     /// another ID. Only the holder of the slot's bucket lock calls this.
-    /// Idle: no writer, upgrader, waiting writer or unreported owner death,
-    /// and every lane zero (no read hold, no registered waiter). ACTIVE ->
-    /// RETIRING is the writer side of a Dekker pair with `try_read_once`
-    /// (lane add, then state load).
+    /// Idle: no writer or upgrader, every lane zero (no read hold, no
+    /// registered waiter), and, unless `even_owner_died`, no unreported
+    /// owner death (the caller then carries the mark, see the index).
+    /// ACTIVE -> RETIRING is the writer side of a Dekker pair with
+    /// `try_read_once` (lane add, then state load).
     ///
-    /// PARKED does not block retirement: a waiter that is still waiting is
-    /// registered in its lane, so PARKED alone is a stray mark (a waiter that
-    /// saw the slot change and left, or one that died). Leaving it would pin
-    /// the slot forever. Anyone who might sleep on the slot is woken when it
-    /// goes FREE and finds it stale.
-    pub(crate) fn try_retire(&self, g: u32) -> bool {
+    /// PARKED and WRITER_WAITING do not block retirement: a waiter that is
+    /// still waiting (a waiting writer included) is registered in its lane,
+    /// so either bit alone is a stray mark (a waiter that saw the slot change
+    /// and left, or one that died). Leaving it would pin the slot forever.
+    /// Anyone who might sleep on the slot is woken when it goes FREE and
+    /// finds it stale.
+    pub(crate) fn try_retire(&self, g: u32, even_owner_died: bool) -> bool {
         let s = self.state.load(Ordering::Acquire);
-        let busy = WRITER_MASK | UPGRADER_MASK | WRITER_WAITING | OWNER_DIED;
+        let mut busy = WRITER_MASK | UPGRADER_MASK;
+        if !even_owner_died {
+            busy |= OWNER_DIED;
+        }
         if !is_active(s, g) || s & busy != 0 {
             return false;
         }
@@ -746,12 +898,24 @@ struct Waiting<'h, 'a> {
     deadline: Option<sync::Instant>,
     host: &'h dyn Host,
     spins: u32,
+    /// This thread is counted in its lane's WAITERS (from its first park).
     marked: bool,
     /// When the current poll interval started (first park, or last check).
     poll_base: Option<sync::Instant>,
 }
 
 impl<'h, 'a> Waiting<'h, 'a> {
+    /// Between attempts: a slot that serves another ID now (its GEN may
+    /// have wrapped while we spun, before our waiter mark pinned it) is
+    /// stale; do not wait on another ID's holders.
+    fn still_serves(&self, id: Ident) -> Result<(), Fail> {
+        if self.slot.has_tag(id.tag) {
+            Ok(())
+        } else {
+            Err(Fail::Stale)
+        }
+    }
+
     fn new(
         slot: &SlotRef<'a>,
         me: u32,
@@ -771,7 +935,8 @@ impl<'h, 'a> Waiting<'h, 'a> {
 
     /// Waits until `state_ok(state)` or `other_ok()` may have become true
     /// (callers re-check; returning early is always allowed), or the
-    /// deadline passes (`Err(Timeout)`).
+    /// deadline passes (`Err(Timeout)`). The deadline is checked first, in
+    /// the spin phase too, so a zero or short timeout does not spin.
     ///
     /// Protocol: read `seq`, set PARKED, re-check the condition, then
     /// `futex_wait(seq, seen)`. A releaser changes the state first, then
@@ -783,6 +948,12 @@ impl<'h, 'a> Waiting<'h, 'a> {
         other_ok: impl Fn() -> bool,
     ) -> Result<(), Fail> {
         let s = &self.slot;
+        let now = self.deadline.map(|d| (sync::now(), d));
+        if let Some((now, d)) = now {
+            if now >= d {
+                return Err(Fail::Timeout);
+            }
+        }
         if self.spins < SPIN_LIMIT {
             self.spins += 1;
             for _ in 0..(1u32 << self.spins.min(6)) {
@@ -790,12 +961,7 @@ impl<'h, 'a> Waiting<'h, 'a> {
             }
             return Ok(());
         }
-        let now = sync::now();
-        if let Some(d) = self.deadline {
-            if now >= d {
-                return Err(Fail::Timeout);
-            }
-        }
+        let now = now.map_or_else(sync::now, |(n, _)| n);
         if !self.marked {
             self.marked = self.slot.lane_add_waiter(self.me);
         }

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use crate::index::{self, Tag};
-use crate::lockword::{self, Fail, Host, SlotRef};
+use crate::lockword::{self, Fail, Host, Ident, SlotRef};
 use crate::recovery;
 pub use crate::region::HeapRegion;
 use crate::region::Region;
@@ -38,6 +38,31 @@ impl From<Fail> for ModelFail {
             Fail::Stale => ModelFail::Stale,
             Fail::Timeout => ModelFail::Timeout,
             Fail::HoldLimit => ModelFail::HoldLimit,
+        }
+    }
+}
+
+/// Which ID an acquisition means: the slot generation it looked up and the
+/// ID's tag (the model's IDs are their tags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key {
+    /// The slot's generation at lookup.
+    pub gen: u32,
+    /// The ID's tag.
+    pub tag: (u64, u64),
+}
+
+impl Key {
+    fn ident(self) -> Ident {
+        Ident {
+            gen: self.gen,
+            tag: [self.tag.0, self.tag.1],
+        }
+    }
+    fn of(i: Ident) -> Key {
+        Key {
+            gen: i.gen,
+            tag: (i.tag[0], i.tag[1]),
         }
     }
 }
@@ -134,31 +159,38 @@ impl Model {
         self.dead[p as usize].load(Ordering::SeqCst) != 0
     }
 
-    /// Makes slot `i` ACTIVE for some ID; returns its generation.
-    pub fn activate(&self, i: usize) -> u32 {
-        let st = self.slot(i).state;
-        let s = st.load(Ordering::Relaxed);
+    /// Makes slot `i` ACTIVE for the ID with tag (i, 0); returns its key.
+    pub fn activate(&self, i: usize) -> Key {
+        let slot = self.slot(i);
+        let s = slot.state.load(Ordering::Relaxed);
         let g = lockword::next_gen(lockword::gen(s));
-        st.store(
+        let tag = (i as u64, 0);
+        slot.tag[0].store(tag.0, Ordering::Relaxed);
+        slot.tag[1].store(tag.1, Ordering::Relaxed);
+        slot.state.store(
             lockword::with_gen(0, g) | lockword::PHASE_ACTIVE,
             Ordering::Release,
         );
-        g
+        Key { gen: g, tag }
     }
 
     /// Read hold on slot `i` of generation `g` for process `me`.
-    pub fn read(&self, me: u32, i: usize, g: u32, w: ModelWait) -> Result<bool, ModelFail> {
-        let r = self.slot(i).read(me, g, wait_of(w), &self.host(me));
+    pub fn read(&self, me: u32, i: usize, k: Key, w: ModelWait) -> Result<bool, ModelFail> {
+        let r = self.slot(i).read(me, k.ident(), wait_of(w), &self.host(me));
         r.map(|g| g.owner_died).map_err(Into::into)
     }
     /// Upgradable hold.
-    pub fn upgradable(&self, me: u32, i: usize, g: u32, w: ModelWait) -> Result<bool, ModelFail> {
-        let r = self.slot(i).upgradable(me, g, wait_of(w), &self.host(me));
+    pub fn upgradable(&self, me: u32, i: usize, k: Key, w: ModelWait) -> Result<bool, ModelFail> {
+        let r = self
+            .slot(i)
+            .upgradable(me, k.ident(), wait_of(w), &self.host(me));
         r.map(|g| g.owner_died).map_err(Into::into)
     }
     /// Write hold.
-    pub fn write(&self, me: u32, i: usize, g: u32, w: ModelWait) -> Result<bool, ModelFail> {
-        let r = self.slot(i).write(me, g, wait_of(w), &self.host(me));
+    pub fn write(&self, me: u32, i: usize, k: Key, w: ModelWait) -> Result<bool, ModelFail> {
+        let r = self
+            .slot(i)
+            .write(me, k.ident(), wait_of(w), &self.host(me));
         r.map(|g| g.owner_died).map_err(Into::into)
     }
     /// Upgrade an upgradable hold of `me`.
@@ -178,16 +210,16 @@ impl Model {
     pub fn release_write(&self, i: usize) {
         self.slot(i).release_write()
     }
-    /// Write -> read.
-    pub fn downgrade_write_to_read(&self, me: u32, i: usize) {
+    /// Write -> read (false: no room in the lane, the write hold is kept).
+    pub fn downgrade_write_to_read(&self, me: u32, i: usize) -> bool {
         self.slot(i).downgrade_write_to_read(me)
     }
     /// Write -> upgradable.
     pub fn downgrade_write_to_upgradable(&self, me: u32, i: usize) {
         self.slot(i).downgrade_write_to_upgradable(me)
     }
-    /// Upgradable -> read.
-    pub fn downgrade_upgradable_to_read(&self, me: u32, i: usize) {
+    /// Upgradable -> read (false: no room in the lane, the hold is kept).
+    pub fn downgrade_upgradable_to_read(&self, me: u32, i: usize) -> bool {
         self.slot(i).downgrade_upgradable_to_read(me)
     }
 
@@ -203,40 +235,112 @@ impl Model {
         self.slot(i).lanes[me as usize].fetch_add(1, Ordering::SeqCst);
     }
 
+    /// The first step of a downgrade alone (write -> read, or upgradable
+    /// -> read): the read is announced, the stronger hold not yet given up
+    /// (a process killed in the middle of a downgrade).
+    pub fn downgrade_read_only(&self, me: u32, i: usize) {
+        self.slot(i).lanes[me as usize].fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A waiting writer's announcement alone: its waiter mark, then
+    /// WRITER_WAITING (a writer killed while it waits for an upgrader).
+    pub fn announce_waiting_writer_only(&self, me: u32, i: usize, k: Key) {
+        let slot = self.slot(i);
+        slot.lanes[me as usize].fetch_add(1 << 17, Ordering::SeqCst);
+        assert_eq!(
+            slot.try_claim_writer(me, k.ident(), true),
+            Err(Fail::Busy),
+            "an upgrader holds the slot"
+        );
+    }
+
     /// The first step of an upgrade alone (killed with WRITER claimed).
     pub fn begin_upgrade_only(&self, me: u32, i: usize) {
         self.slot(i).begin_upgrade(me)
     }
 
     /// The first step of a write alone: the pending WRITER claim.
-    pub fn claim_write_only(&self, me: u32, i: usize, g: u32) -> Result<(), ModelFail> {
+    pub fn claim_write_only(&self, me: u32, i: usize, k: Key) -> Result<(), ModelFail> {
         self.slot(i)
-            .try_claim_writer(me, g, false)
+            .try_claim_writer(me, k.ident(), false)
             .map_err(Into::into)
     }
 
-    /// Slot lookup / insertion for a tag.
-    pub fn find_or_insert(&self, tag: (u64, u64), me: u32) -> Option<(usize, u32)> {
-        index::find_or_insert(&self.region, Tag(tag.0, tag.1), me, &self.host(me))
+    /// Slot lookup / insertion for a tag, waiting for the bucket locks as
+    /// `w` says (`Err`: a try found a bucket busy, or the deadline passed).
+    pub fn find_or_insert_within(
+        &self,
+        tag: (u64, u64),
+        me: u32,
+        w: ModelWait,
+    ) -> Result<Option<(usize, Key)>, ModelFail> {
+        index::find_or_insert(
+            &self.region,
+            Tag(tag.0, tag.1),
+            me,
+            &self.host(me),
+            wait_of(w),
+        )
+        .map(|found| found.map(|(i, id)| (i, Key::of(id))))
+        .map_err(Into::into)
+    }
+
+    /// Slot lookup / insertion for a tag (blocking on the bucket locks).
+    pub fn find_or_insert(&self, tag: (u64, u64), me: u32) -> Option<(usize, Key)> {
+        self.find_or_insert_within(tag, me, ModelWait::Forever)
+            .expect("a blocking insertion does not fail")
     }
 
     /// Lock-free lookup only.
-    pub fn find(&self, tag: (u64, u64)) -> Option<(usize, u32)> {
-        index::find(&self.region, Tag(tag.0, tag.1))
+    pub fn find(&self, tag: (u64, u64)) -> Option<(usize, Key)> {
+        index::find(&self.region, Tag(tag.0, tag.1)).map(|(i, id)| (i, Key::of(id)))
     }
 
     /// Retire slot `i` (caller plays the bucket-lock holder).
-    pub fn try_retire(&self, i: usize, g: u32) -> bool {
-        self.slot(i).try_retire(g)
+    pub fn try_retire(&self, i: usize, k: Key) -> bool {
+        self.slot(i).try_retire(k.gen, false)
     }
 
     /// The first step of a retirement alone (a retirer killed after it).
-    pub fn begin_retire_only(&self, i: usize, g: u32) -> bool {
+    pub fn begin_retire_only(&self, i: usize, k: Key) -> bool {
         let slot = self.slot(i);
         let s = slot.state.load(Ordering::Acquire);
-        lockword::gen(s) == g
+        lockword::gen(s) == k.gen
             && lockword::phase(s) == lockword::PHASE_ACTIVE
             && slot.begin_retire(s)
+    }
+
+    /// Process `p` takes the lock of the bucket of slot `i` (it is free)
+    /// and dies holding it, as an insertion killed midway leaves it.
+    pub fn die_holding_bucket_of(&self, p: u32, i: usize) {
+        let word = self.region.bucket_lock(i / 8);
+        assert_eq!(word.swap(p as u64 + 1, Ordering::SeqCst), 0);
+        self.kill(p);
+    }
+
+    /// Writes `v` into the lock word of the bucket of slot `i` (a corrupt
+    /// file, or a process that holds it).
+    pub fn set_bucket_lock_of(&self, i: usize, v: u64) {
+        self.region.bucket_lock(i / 8).store(v, Ordering::SeqCst);
+    }
+
+    /// Fills the lane of `p` on slot `i` with the reads of a process at
+    /// the plain-read limit.
+    pub fn fill_lane_to_the_read_limit(&self, p: u32, i: usize) {
+        self.slot(i).lanes[p as usize].store(lockword::MAX_READS_PER_PROCESS, Ordering::SeqCst);
+    }
+
+    /// The read holds of `p` on slot `i`.
+    pub fn reads_of(&self, p: u32, i: usize) -> u32 {
+        lockword::lane_readers(self.slot(i).lanes[p as usize].load(Ordering::SeqCst))
+    }
+
+    /// Slot `i` is retired (when idle) and given to `tag` at once, as an
+    /// insertion that needs room does; `None` if it was not idle. Done under
+    /// the bucket lock of the slot, as the index does.
+    pub fn reuse_slot(&self, i: usize, tag: (u64, u64), me: u32) -> Option<Key> {
+        let host = self.host(me);
+        index::reuse_slot_for_model(&self.region, i, Tag(tag.0, tag.1), me, &host).map(Key::of)
     }
 
     /// What recovery does for a dead retirer's bucket: give the slot back.
@@ -247,10 +351,20 @@ impl Model {
         }
     }
 
-    /// True when slot `i` is ACTIVE with generation `g`.
-    pub fn is_active(&self, i: usize, g: u32) -> bool {
+    /// True when slot `i` is ACTIVE with generation `k.gen`.
+    pub fn is_active(&self, i: usize, k: Key) -> bool {
         let s = self.slot(i).state.load(Ordering::SeqCst);
-        lockword::phase(s) == lockword::PHASE_ACTIVE && lockword::gen(s) == g
+        lockword::phase(s) == lockword::PHASE_ACTIVE && lockword::gen(s) == k.gen
+    }
+
+    /// True if the lock word of slot `i`'s bucket is free.
+    pub fn bucket_unlocked(&self, i: usize) -> bool {
+        self.region.bucket_lock(i / 8).load(Ordering::SeqCst) == 0
+    }
+
+    /// True if WRITER_WAITING is set on slot `i`.
+    pub fn writer_waiting_marked(&self, i: usize) -> bool {
+        self.slot(i).state.load(Ordering::SeqCst) & lockword::WRITER_WAITING != 0
     }
 
     /// True when slot `i` has no holder, claim, or read announcement left.

@@ -40,7 +40,7 @@ pub(crate) fn sweep_process<R: Region + ?Sized>(region: &R, dead: u32) -> SweepR
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lockword::{self, Fail, Host, SlotRef};
+    use crate::lockword::{self, Fail, Host, Ident, SlotRef};
     use crate::region::HeapRegion;
     use crate::sync::Ordering;
     use std::time::Duration;
@@ -58,13 +58,19 @@ mod tests {
         }
     }
 
-    fn active(region: &HeapRegion, i: usize) -> (SlotRef<'_>, u32) {
+    fn active(region: &HeapRegion, i: usize) -> (SlotRef<'_>, Ident) {
         let slot = region.slot(i);
         slot.state.store(
             lockword::with_gen(0, 1) | lockword::PHASE_ACTIVE,
             Ordering::Relaxed,
         );
-        (slot, 1)
+        (
+            slot,
+            Ident {
+                gen: 1,
+                tag: [0, 0],
+            },
+        )
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //!
 //! May not touch: the meaning of any word.
 
-use crate::layout::Geometry;
+use crate::layout::{Geometry, BUCKET_WORDS};
 use crate::lockword::SlotRef;
 use crate::sync::{AtomicU32, AtomicU64};
 
@@ -26,7 +26,12 @@ pub(crate) trait Region: Send + Sync {
     fn slot(&self, index: usize) -> SlotRef<'_>;
     /// The 128-bit tag of the ID a slot serves (valid while ACTIVE).
     fn slot_tag(&self, index: usize) -> [&AtomicU64; 2];
-    fn bucket_lock(&self, bucket: usize) -> &AtomicU64;
+    fn bucket_lock(&self, bucket: usize) -> &AtomicU64 {
+        self.bucket_word(bucket, 0)
+    }
+    /// Word `i` (0..8) of a bucket header: 0 is the bucket lock, the others
+    /// hold the bucket's memory of dead writers (see the index).
+    fn bucket_word(&self, bucket: usize, i: usize) -> &AtomicU64;
     fn record(&self, index: usize) -> RecordRef<'_>;
     /// High-water mark of attached process indices + 1 (see `SlotRef`).
     fn lanes_in_use(&self) -> &AtomicU32;
@@ -148,6 +153,7 @@ mod mapped {
             let lanes = unsafe { std::slice::from_raw_parts(lanes_ptr, self.lanes) };
             SlotRef {
                 state: self.u64_at(base + SLOT_STATE),
+                tag: [self.u64_at(base + SLOT_TAG0), self.u64_at(base + SLOT_TAG1)],
                 seq: self.u32_at(base + SLOT_SEQ),
                 lanes,
                 lanes_in_use: self.lanes_in_use(),
@@ -159,10 +165,12 @@ mod mapped {
             [self.u64_at(base + SLOT_TAG0), self.u64_at(base + SLOT_TAG1)]
         }
 
-        fn bucket_lock(&self, bucket: usize) -> &AtomicU64 {
-            assert!(bucket < self.geometry.buckets() as usize);
+        fn bucket_word(&self, bucket: usize, i: usize) -> &AtomicU64 {
+            assert!(bucket < self.geometry.buckets() as usize && i < BUCKET_WORDS);
             self.u64_at(
-                self.geometry.buckets_offset() + crate::layout::BUCKET_HEADER_SIZE * bucket as u64,
+                self.geometry.buckets_offset()
+                    + crate::layout::BUCKET_HEADER_SIZE * bucket as u64
+                    + 8 * i as u64,
             )
         }
 
@@ -191,7 +199,7 @@ pub struct HeapRegion {
     seqs: Vec<AtomicU32>,
     tags: Vec<AtomicU64>,
     lanes: Vec<AtomicU32>,
-    bucket_locks: Vec<AtomicU64>,
+    bucket_words: Vec<AtomicU64>,
     records: Vec<(AtomicU64, AtomicU32, AtomicU64)>,
     lanes_in_use: AtomicU32,
 }
@@ -214,7 +222,7 @@ impl HeapRegion {
             seqs: (0..n).map(|_| AtomicU32::new(0)).collect(),
             tags: (0..2 * n).map(|_| AtomicU64::new(0)).collect(),
             lanes: (0..n * p).map(|_| AtomicU32::new(0)).collect(),
-            bucket_locks: (0..geometry.buckets() as usize)
+            bucket_words: (0..geometry.buckets() as usize * BUCKET_WORDS)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             records: (0..p)
@@ -242,6 +250,7 @@ impl Region for HeapRegion {
         let p = self.geometry.max_processes as usize;
         SlotRef {
             state: &self.states[index],
+            tag: [&self.tags[2 * index], &self.tags[2 * index + 1]],
             seq: &self.seqs[index],
             lanes: &self.lanes[index * p..(index + 1) * p],
             lanes_in_use: &self.lanes_in_use,
@@ -253,8 +262,9 @@ impl Region for HeapRegion {
     fn slot_tag(&self, index: usize) -> [&AtomicU64; 2] {
         [&self.tags[2 * index], &self.tags[2 * index + 1]]
     }
-    fn bucket_lock(&self, bucket: usize) -> &AtomicU64 {
-        &self.bucket_locks[bucket]
+    fn bucket_word(&self, bucket: usize, i: usize) -> &AtomicU64 {
+        assert!(i < BUCKET_WORDS);
+        &self.bucket_words[bucket * BUCKET_WORDS + i]
     }
     fn record(&self, index: usize) -> RecordRef<'_> {
         let r = &self.records[index];

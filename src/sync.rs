@@ -54,6 +54,27 @@ pub(crate) fn spin_hint() {
     loom::thread::yield_now();
 }
 
+/// Gives the CPU away once (loom: lets the model run another thread).
+#[inline]
+pub(crate) fn yield_now() {
+    #[cfg(not(locktable_loom))]
+    std::thread::yield_now();
+    #[cfg(locktable_loom)]
+    loom::thread::yield_now();
+}
+
+/// Sleeps for `d` (loom: advances the thread's logical clock by `d` and
+/// yields, so a model sees time pass without blocking).
+pub(crate) fn pause(d: Duration) {
+    #[cfg(not(locktable_loom))]
+    std::thread::sleep(d);
+    #[cfg(locktable_loom)]
+    {
+        advance_clock(d);
+        loom::thread::yield_now();
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Clock
 // ---------------------------------------------------------------------------
@@ -174,20 +195,31 @@ pub(crate) fn futex_wake_all(word: &AtomicU32) {
 mod futex_shim {
     use loom::sync::{Condvar, Mutex};
 
+    /// Sleepers: (address of the futex word, ticket, woken).
+    #[derive(Default)]
+    pub(super) struct Sleepers {
+        pub(super) next_ticket: u64,
+        pub(super) list: Vec<(usize, u64, bool)>,
+    }
+
     pub(super) struct Shim {
-        pub(super) lock: Mutex<()>,
+        pub(super) lock: Mutex<Sleepers>,
         pub(super) cv: Condvar,
     }
 
     loom::lazy_static! {
-        pub(super) static ref SHIM: Shim = Shim { lock: Mutex::new(()), cv: Condvar::new() };
+        pub(super) static ref SHIM: Shim = Shim { lock: Mutex::new(Sleepers::default()), cv: Condvar::new() };
     }
 }
 
 /// loom futex: the value check and the sleep happen under one loom mutex, and
 /// a wake takes the same mutex, which is exactly the atomicity `FUTEX_WAIT`
-/// gives. A timed wait never blocks: it advances the thread's logical clock
-/// by the timeout and reports `TimedOut`, so loom explores the timeout path.
+/// gives. As in the kernel, a wake reaches only the sleepers of the woken
+/// word: each sleeper is registered with its word's address and sleeps again
+/// after a condvar wake meant for another word, so a wake sent to the wrong
+/// word leaves the right sleeper asleep, and loom reports the deadlock. A
+/// timed wait never blocks: it advances the thread's logical clock by the
+/// timeout and reports `TimedOut`, so loom explores the timeout path.
 #[cfg(locktable_loom)]
 pub(crate) fn futex_wait(
     word: &AtomicU32,
@@ -195,17 +227,27 @@ pub(crate) fn futex_wait(
     timeout: Option<Duration>,
 ) -> WaitOutcome {
     let shim = &*futex_shim::SHIM;
-    let guard = shim.lock.lock().unwrap();
+    let mut sleepers = shim.lock.lock().unwrap();
     if word.load(Ordering::SeqCst) != expected {
         return WaitOutcome::Woken;
     }
     match timeout {
         None => {
-            drop(shim.cv.wait(guard).unwrap());
-            WaitOutcome::Woken
+            let addr = word as *const AtomicU32 as usize;
+            let ticket = sleepers.next_ticket;
+            sleepers.next_ticket += 1;
+            sleepers.list.push((addr, ticket, false));
+            loop {
+                sleepers = shim.cv.wait(sleepers).unwrap();
+                let at = sleepers.list.iter().position(|e| e.1 == ticket);
+                if let Some(i) = at.filter(|&i| sleepers.list[i].2) {
+                    sleepers.list.swap_remove(i);
+                    return WaitOutcome::Woken;
+                }
+            }
         }
         Some(d) => {
-            drop(guard);
+            drop(sleepers);
             advance_clock(d);
             loom::thread::yield_now();
             WaitOutcome::TimedOut
@@ -213,9 +255,18 @@ pub(crate) fn futex_wait(
     }
 }
 
+/// Wakes the sleepers registered on `word` (and only those).
 #[cfg(locktable_loom)]
-pub(crate) fn futex_wake_all(_word: &AtomicU32) {
+pub(crate) fn futex_wake_all(word: &AtomicU32) {
     let shim = &*futex_shim::SHIM;
-    let _g = shim.lock.lock().unwrap();
-    shim.cv.notify_all();
+    let mut sleepers = shim.lock.lock().unwrap();
+    let addr = word as *const AtomicU32 as usize;
+    let mut any = false;
+    for e in sleepers.list.iter_mut().filter(|e| e.0 == addr) {
+        e.2 = true;
+        any = true;
+    }
+    if any {
+        shim.cv.notify_all();
+    }
 }

@@ -24,7 +24,7 @@ use crate::index::{self, Tag};
 use crate::layout::{
     Geometry, Header, HEADER_SIZE, INIT_LOCK_BYTE, INIT_READY, INIT_STATE_OFFSET, MAGIC,
 };
-use crate::lockword::{self, Fail, Granted, Host, SlotRef, Wait};
+use crate::lockword::{self, Fail, Granted, Host, Ident, SlotRef, Wait};
 use crate::lookup_cache;
 use crate::recovery::SweepReport;
 use crate::region::{MappedRegion, Region};
@@ -158,6 +158,28 @@ impl Inner {
     pub(crate) fn reap(&self, index: u32) -> io::Result<Option<SweepReport>> {
         let _g = self.reap_lock.lock();
         registry::reap(&self.region, &self.file, index, self.me)
+    }
+
+    /// A try found slot `slot` busy: if this thread has not probed within
+    /// the last poll interval, checks whether the processes named by the
+    /// slot are alive and releases the holds of dead ones. True if it
+    /// released anything (the caller tries once more). The rate limit keeps
+    /// a loop of failing tries at a few nanoseconds per try; a dead holder
+    /// delays try users by at most one poll interval.
+    pub(crate) fn sweep_for_try(&self, slot: u32) -> bool {
+        thread_local! {
+            static NEXT_PROBE: std::cell::Cell<Option<std::time::Instant>> =
+                const { std::cell::Cell::new(None) };
+        }
+        let now = std::time::Instant::now();
+        let due = NEXT_PROBE.with(|n| match n.get() {
+            Some(t) if now < t => false,
+            _ => {
+                n.set(now.checked_add(self.poll_interval));
+                true
+            }
+        });
+        due && self.recover_stalled(self.slot(slot))
     }
 
     pub(crate) fn lease_held_by_other(&self, index: u32) -> bool {
@@ -334,40 +356,51 @@ impl LockTable {
     /// mapped.
     pub fn open(path: impl AsRef<Path>, opts: &TableOptions) -> Result<LockTable> {
         let path = path.as_ref();
-        // No fork from here until the descriptor is registered and the
-        // mapping is not inheritable (see `fork`).
-        let _window = fork::AttachWindow::enter();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(opts.mode)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| classify_open_error(e, path))?;
+        let file = {
+            // No fork between the open and the registration (see `fork`).
+            // Nothing in this window blocks: the init lock is waited for
+            // after it.
+            let _window = fork::AttachWindow::enter();
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(opts.mode)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(path)
+                .map_err(|e| classify_open_error(e, path))?;
+            ForkSafeFile::new(file)
+        };
         Self::attach_file(file, opts, Some(path.to_path_buf()))
     }
 
     /// A table in private memory (a `memfd`), for the threads of one process.
     pub fn anonymous(opts: &TableOptions) -> Result<LockTable> {
-        let _window = fork::AttachWindow::enter();
-        // The name is a valid NUL-terminated string; memfd_create
-        // returns a new descriptor that we take ownership of below.
-        // SAFETY: sound for the reasons just given.
-        let fd = unsafe { libc::memfd_create(c"locktable".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(Error::Io(io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let file = {
+            // No fork between the creation and the registration.
+            let _window = fork::AttachWindow::enter();
+            // The name is a valid NUL-terminated string; memfd_create
+            // returns a new descriptor that we take ownership of below.
+            // SAFETY: sound for the reasons just given.
+            let fd = unsafe { libc::memfd_create(c"locktable".as_ptr(), libc::MFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(Error::Io(io::Error::last_os_error()));
+            }
+            // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+            let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            ForkSafeFile::new(file)
+        };
         Self::attach_file(file, opts, None)
     }
 
-    fn attach_file(file: File, opts: &TableOptions, path: Option<PathBuf>) -> Result<LockTable> {
-        // Registered for closing in forked children before any lock is
-        // taken on it (see `fork`).
-        let file = ForkSafeFile::new(file);
+    /// Attaches through `file`, already registered for closing in forked
+    /// children (so before any lock is taken on it, see `fork`).
+    fn attach_file(
+        file: ForkSafeFile,
+        opts: &TableOptions,
+        path: Option<PathBuf>,
+    ) -> Result<LockTable> {
         let meta = file.metadata()?;
         let ft = meta.file_type();
         if !ft.is_file() {
@@ -391,11 +424,15 @@ impl LockTable {
             read_header(&file, len)?
         };
         opts.check_geometry(header.geometry)?;
-        let map = MmapOptions::new()
-            .len(header.geometry.file_size() as usize)
-            .map_raw(&*file)?;
-        let region = MappedRegion::new(map, header.geometry)
-            .ok_or_else(|| Error::Corrupt("mapping shorter than the table".into()))?;
+        let region = {
+            // No fork between the mmap and MADV_DONTFORK (in `new`).
+            let _window = fork::AttachWindow::enter();
+            let map = MmapOptions::new()
+                .len(header.geometry.file_size() as usize)
+                .map_raw(&*file)?;
+            MappedRegion::new(map, header.geometry)
+        }
+        .ok_or_else(|| Error::Corrupt("mapping shorter than the table".into()))?;
         if region.init_state().load(Ordering::Acquire) != INIT_READY {
             return Err(Error::Corrupt(
                 "table initialisation never completed".into(),
@@ -490,23 +527,37 @@ impl LockTable {
 
     /// Looks up (or assigns) the slot of `id` and runs `op` on it until it
     /// does not report a stale slot. The per-thread lookup cache is tried
-    /// first; `op` re-checks the generation, so a stale hint only costs a
-    /// retry through the full lookup.
+    /// first; `op` re-checks the slot's identity (generation, then tag) after
+    /// announcing or claiming, so a stale hint only costs a retry through
+    /// the full lookup. The bucket locks of an insertion honour `wait` too.
     #[inline]
     fn acquire(
         &self,
         id: &[u8],
-        op: impl Fn(SlotRef<'_>, u32) -> std::result::Result<Granted, Fail>,
+        wait: Wait,
+        op: impl Fn(SlotRef<'_>, Ident) -> std::result::Result<Granted, Fail>,
     ) -> Result<Option<(u32, Granted)>> {
         self.check_fork()?;
         let inner = &*self.inner;
+        let attempt = |slot: u32, ident: Ident| {
+            let r = op(inner.slot(slot), ident);
+            if wait.is_none() && r == Err(Fail::Busy) && inner.sweep_for_try(slot) {
+                op(inner.slot(slot), ident)
+            } else {
+                r
+            }
+        };
         if let Some(hint) = lookup_cache::get(inner.uid, id) {
-            // The generation check inside `op` detects reuse; the tag check
-            // also covers a generation that wrapped around (2^24 reuses).
-            let [t0, t1] = inner.region.slot_tag(hint.slot as usize);
-            let same_id = t0.load(Ordering::Acquire) == hint.tag[0]
-                && t1.load(Ordering::Acquire) == hint.tag[1];
-            match same_id.then(|| op(inner.slot(hint.slot), hint.gen)) {
+            // A cheap early look at the tag; `op` re-checks it after the
+            // hold is announced, which is what makes the hint safe.
+            let ident = Ident {
+                gen: hint.gen,
+                tag: hint.tag,
+            };
+            let same_id = inner.slot(hint.slot).has_tag(hint.tag);
+            #[cfg(test)]
+            tests::hooks::after_lookup(inner, hint.slot, id);
+            match same_id.then(|| attempt(hint.slot, ident)) {
                 Some(Err(Fail::Stale)) | None => lookup_cache::evict(inner.uid, id),
                 Some(other) => return Self::outcome(hint.slot, other),
             }
@@ -514,24 +565,31 @@ impl LockTable {
         let tag = self.tag(id)?;
         let mut reaped = false;
         loop {
-            let Some((slot, g)) = index::find_or_insert(&inner.region, tag, inner.me, inner) else {
-                if !reaped {
-                    reaped = true;
-                    self.reap()?;
-                    continue;
-                }
-                return Err(Error::TableFull {
-                    capacity: self.geometry().capacity as usize,
-                });
-            };
+            let (slot, ident) =
+                match index::find_or_insert(&inner.region, tag, inner.me, inner, wait) {
+                    Ok(Some(found)) => found,
+                    Ok(None) if !reaped => {
+                        reaped = true;
+                        self.reap()?;
+                        continue;
+                    }
+                    Ok(None) => {
+                        return Err(Error::TableFull {
+                            capacity: self.geometry().capacity as usize,
+                        })
+                    }
+                    Err(fail) => return Self::outcome(0, Err(fail)),
+                };
             let slot = slot as u32;
-            match op(inner.slot(slot), g) {
+            #[cfg(test)]
+            tests::hooks::after_lookup(inner, slot, id);
+            match attempt(slot, ident) {
                 Err(Fail::Stale) => continue,
                 other => {
                     let hint = lookup_cache::Hint {
                         slot,
-                        gen: g,
-                        tag: [tag.0, tag.1],
+                        gen: ident.gen,
+                        tag: ident.tag,
                     };
                     lookup_cache::put(inner.uid, id, hint);
                     return Self::outcome(slot, other);
@@ -562,7 +620,7 @@ impl LockTable {
     fn read_with(&self, id: &[u8], wait: Wait) -> Result<Option<ReadGuard<'_>>> {
         let inner = &*self.inner;
         Ok(self
-            .acquire(id, |s, g| s.read(inner.me, g, wait, inner))?
+            .acquire(id, wait, |s, g| s.read(inner.me, g, wait, inner))?
             .map(|(slot, gr)| ReadGuard::new(TableRef::Borrowed(&self.inner), slot, gr.owner_died)))
     }
 
@@ -570,7 +628,7 @@ impl LockTable {
     fn upgradable_with(&self, id: &[u8], wait: Wait) -> Result<Option<UpgradableReadGuard<'_>>> {
         let inner = &*self.inner;
         Ok(self
-            .acquire(id, |s, g| s.upgradable(inner.me, g, wait, inner))?
+            .acquire(id, wait, |s, g| s.upgradable(inner.me, g, wait, inner))?
             .map(|(slot, gr)| {
                 UpgradableReadGuard::new(TableRef::Borrowed(&self.inner), slot, gr.owner_died)
             }))
@@ -580,7 +638,7 @@ impl LockTable {
     fn write_with(&self, id: &[u8], wait: Wait) -> Result<Option<WriteGuard<'_>>> {
         let inner = &*self.inner;
         Ok(self
-            .acquire(id, |s, g| s.write(inner.me, g, wait, inner))?
+            .acquire(id, wait, |s, g| s.write(inner.me, g, wait, inner))?
             .map(|(slot, gr)| {
                 WriteGuard::new(TableRef::Borrowed(&self.inner), slot, gr.owner_died)
             }))
@@ -593,11 +651,19 @@ impl LockTable {
         self.read_with(id.as_ref(), Some(None)).and_then(granted)
     }
     /// Takes a read hold if that needs no waiting; `Ok(None)` when busy.
+    ///
+    /// A try never waits for a holder. It may spin for microseconds while
+    /// another process updates the ID's bucket (inserting another ID), and
+    /// returns `Ok(None)` if that process stays. A try that finds the ID
+    /// held by a dead process releases the dead holds first (at most one
+    /// such check per thread per poll interval).
     #[inline]
     pub fn try_read(&self, id: impl AsRef<[u8]>) -> Result<Option<ReadGuard<'_>>> {
         self.read_with(id.as_ref(), None)
     }
-    /// Like [`read`](Self::read), but gives up with [`Error::Timeout`].
+    /// Like [`read`](Self::read), but gives up with [`Error::Timeout`]. The
+    /// deadline covers the whole acquisition, including the wait for the
+    /// ID's bucket, and a zero timeout does not spin.
     #[inline]
     pub fn read_timeout(&self, id: impl AsRef<[u8]>, timeout: Duration) -> Result<ReadGuard<'_>> {
         self.read_with(id.as_ref(), Self::deadline(timeout))
@@ -606,6 +672,12 @@ impl LockTable {
 
     /// Blocks until `id` is held upgradable: shared with readers, exclusive
     /// against writers and other upgradable holders.
+    ///
+    /// A writer that already waits goes first: new upgradable holds are not
+    /// granted while one does. Returns [`Error::HoldLimit`] if this process
+    /// holds more reads of `id` than [`read`](Self::read) allows (possible
+    /// only through downgrades), because this hold's own downgrade would
+    /// have no room.
     #[inline]
     pub fn upgradable_read(&self, id: impl AsRef<[u8]>) -> Result<UpgradableReadGuard<'_>> {
         self.upgradable_with(id.as_ref(), Some(None))
@@ -635,7 +707,10 @@ impl LockTable {
     pub fn write(&self, id: impl AsRef<[u8]>) -> Result<WriteGuard<'_>> {
         self.write_with(id.as_ref(), Some(None)).and_then(granted)
     }
-    /// Non-blocking [`write`](Self::write).
+    /// Non-blocking [`write`](Self::write), with the semantics of
+    /// [`try_read`](Self::try_read). While readers hold the ID it fails
+    /// without leaving any trace (no concurrent `try_read` fails because of
+    /// it).
     #[inline]
     pub fn try_write(&self, id: impl AsRef<[u8]>) -> Result<Option<WriteGuard<'_>>> {
         self.write_with(id.as_ref(), None)
@@ -647,3 +722,7 @@ impl LockTable {
             .and_then(granted)
     }
 }
+
+#[cfg(test)]
+#[path = "table_tests.rs"]
+mod tests;

@@ -160,6 +160,8 @@ fn repair_of_a_dead_retirer_frees_a_slot_that_a_live_reader_holds() {
 /// (Acquire) still equals it; GEN then only guards the window of one
 /// acquisition, as for an uncached lookup.
 #[test]
+#[ignore = "a soak: 2^24 real acquisitions (70 s and more in a debug build); the same hole, and the \
+            window it left, are tested at once by src/table_tests.rs; run with --ignored"]
 fn a_cached_lookup_locks_the_wrong_id_after_the_generation_wraps() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t");

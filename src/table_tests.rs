@@ -1,0 +1,177 @@
+//! White-box regression tests of `LockTable::acquire`: a hook between the
+//! lookup (or the lookup cache's hint) and the acquisition plays a thread
+//! that was stopped there (SIGSTOP, a cgroup freezer, swap) while the table
+//! went on without it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::*;
+use crate::guard::{ReadGuard, UpgradableReadGuard, WriteGuard};
+
+/// Test-only hooks compiled into `acquire` under `cfg(test)`.
+pub(crate) mod hooks {
+    use std::cell::RefCell;
+
+    use super::Inner;
+
+    type Hook = Box<dyn FnMut(&Inner, u32, &[u8])>;
+
+    thread_local! {
+        static AFTER_LOOKUP: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `f` once, on this thread, after the next lookup of a slot.
+    pub(crate) fn once_after_lookup(f: impl FnMut(&Inner, u32, &[u8]) + 'static) {
+        AFTER_LOOKUP.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+    }
+
+    /// Called by `acquire` between the lookup and the acquisition.
+    pub(crate) fn after_lookup(inner: &Inner, slot: u32, id: &[u8]) {
+        // Taken out first: the hook may lock through another handle.
+        if let Some(mut f) = AFTER_LOOKUP.with(|h| h.borrow_mut().take()) {
+            f(inner, slot, id);
+        }
+    }
+}
+
+#[allow(dead_code)] // the guards are only held, never read
+enum Held {
+    R(ReadGuard<'static>),
+    U(UpgradableReadGuard<'static>),
+    W(WriteGuard<'static>),
+}
+
+type Holds = Arc<Mutex<Vec<Held>>>;
+
+fn two_attachments() -> (tempfile::TempDir, LockTable, LockTable) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t");
+    let opts = TableOptions::default().capacity(16).max_processes(4);
+    let a = LockTable::open(&path, &opts).unwrap();
+    let b = LockTable::open(&path, &opts).unwrap();
+    (dir, a, b)
+}
+
+/// The state that 2^GEN_BITS reuses of `slot` leave behind: it serves
+/// `new_id` now, at the very generation the stalled thread looked up.
+/// (Only the generation's arithmetic is skipped: the slot is really
+/// retired, then re-tagged as an insertion does.)
+fn reuse_slot_at_the_same_generation(inner: &Inner, slot: u32, new_id: &[u8]) {
+    let region = &inner.region;
+    let s = region.slot(slot as usize).state.load(Ordering::SeqCst);
+    let g = lockword::gen(s);
+    assert!(
+        region.slot(slot as usize).try_retire(g, false),
+        "the looked-up slot was idle"
+    );
+    let tag = index::tag_of(inner.hash_key, new_id);
+    let [t0, t1] = region.slot_tag(slot as usize);
+    t0.store(tag.0, Ordering::Release);
+    t1.store(tag.1, Ordering::Release);
+    let active = lockword::with_gen(0, g) | lockword::PHASE_ACTIVE;
+    region
+        .slot(slot as usize)
+        .state
+        .store(active, Ordering::Release);
+}
+
+/// While this thread is stalled between its lookup of `x` and its
+/// acquisition, `x`'s slot is reused until its generation wraps, and the
+/// other attachment takes `x` (in a fresh slot) in mode `take`.
+fn stall_after_lookup(other: &LockTable, take: fn(&LockTable) -> Held) -> Holds {
+    let holds: Holds = Arc::default();
+    let (other, h) = (other.clone(), holds.clone());
+    hooks::once_after_lookup(move |inner, slot, id| {
+        assert_eq!(id, b"x");
+        reuse_slot_at_the_same_generation(inner, slot, b"y");
+        h.lock().push(take(&other));
+    });
+    holds
+}
+
+fn write_x(t: &LockTable) -> Held {
+    Held::W(t.write("x").unwrap().into_owned())
+}
+fn read_x(t: &LockTable) -> Held {
+    Held::R(t.read("x").unwrap().into_owned())
+}
+
+/// Was a bug (mutual exclusion, src/lockword.rs `try_read_once` and
+/// src/table.rs `acquire`): an acquisition carries the `(slot, GEN)` of its
+/// lookup to its announcement, and the read path validated the slot by GEN
+/// alone. A 24-bit GEN wraps after 2^24 reuses of one slot (seconds of
+/// churn), so a reader stalled in that window took a read hold on a slot
+/// that served another ID, while a writer of its own ID held a fresh slot.
+#[test]
+fn a_reader_stalled_across_a_generation_wrap_reads_beside_a_writer() {
+    let (_dir, t, other) = two_attachments();
+    let holds = stall_after_lookup(&other, write_x);
+    let r = t.read_timeout("x", Duration::from_millis(50));
+    assert!(!holds.lock().is_empty(), "the hook ran");
+    assert!(
+        matches!(r, Err(Error::Timeout)),
+        "a reader of x got in while another attachment holds x for writing"
+    );
+    drop(holds);
+    drop(t.try_read("x").unwrap().expect("free again"));
+}
+
+/// Same hole, writer side: a try-writer claimed the WRITER field of the
+/// reused slot (GEN matched) and held "x" beside a reader of "x".
+#[test]
+fn a_writer_stalled_across_a_generation_wrap_writes_beside_a_reader() {
+    let (_dir, t, other) = two_attachments();
+    let holds = stall_after_lookup(&other, read_x);
+    let w = t.try_write("x").unwrap();
+    assert!(!holds.lock().is_empty(), "the hook ran");
+    assert!(
+        w.is_none(),
+        "a writer of x got in while another attachment reads x"
+    );
+}
+
+/// Same hole, upgradable side (timed acquisition).
+#[test]
+fn an_upgrader_stalled_across_a_generation_wrap_gets_in_beside_a_writer() {
+    let (_dir, t, other) = two_attachments();
+    let holds = stall_after_lookup(&other, write_x);
+    let u = t.upgradable_read_timeout("x", Duration::from_millis(50));
+    assert!(!holds.lock().is_empty(), "the hook ran");
+    assert!(
+        matches!(u, Err(Error::Timeout)),
+        "an upgradable holder of x got in beside a writer of x"
+    );
+}
+
+/// Same hole through the per-thread lookup cache: the hint's tag was
+/// checked before the acquisition, but the slot can be reused (and its GEN
+/// wrap) between that check and the announcement.
+#[test]
+fn a_cached_hint_stalled_across_a_generation_wrap_writes_beside_a_reader() {
+    let (_dir, t, other) = two_attachments();
+    drop(t.write("x").unwrap()); // the hint of x is now in this thread's cache
+    let holds = stall_after_lookup(&other, read_x);
+    let w = t.try_write("x").unwrap();
+    assert!(!holds.lock().is_empty(), "the hook ran");
+    assert!(
+        w.is_none(),
+        "a writer of x got in (through its cached hint) while x is read"
+    );
+}
+
+/// Same hole, waiting writer: a timed writer claims WRITER in its claim
+/// loop; with GEN matching it claimed the reused slot beside a reader of x.
+#[test]
+fn a_timed_writer_stalled_across_a_generation_wrap_writes_beside_a_reader() {
+    let (_dir, t, other) = two_attachments();
+    let holds = stall_after_lookup(&other, read_x);
+    let w = t.write_timeout("x", Duration::from_millis(50));
+    assert!(!holds.lock().is_empty(), "the hook ran");
+    assert!(
+        matches!(w, Err(Error::Timeout)),
+        "a writer of x got in while another attachment reads x"
+    );
+}
