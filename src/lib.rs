@@ -3,7 +3,8 @@
 //! Per-ID reader / upgradable / writer locks shared by the threads **and
 //! processes** of one host, kept in a memory-mapped table file, with waiting
 //! on shared futexes and automatic release of the holds of dead processes.
-//! A web-session layer ([`session`]) builds on it.
+//! A web-session layer ([`session`]) builds on it, and a cache ([`cache`]) with one creator
+//! per key over the same stores.
 //!
 //! ```
 //! use locktable::{LockTable, TableOptions};
@@ -34,6 +35,8 @@ mod sync;
 #[cfg(locktable_loom)]
 pub mod model;
 
+#[cfg(not(locktable_loom))]
+pub mod cache;
 #[cfg(not(locktable_loom))]
 mod fork;
 #[cfg(not(locktable_loom))]
