@@ -101,7 +101,12 @@ fn results(dir: &Path) -> Vec<String> {
     fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("result."))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("result.")
+        })
         .map(|p| fs::read_to_string(p).unwrap())
         .collect()
 }
@@ -138,9 +143,7 @@ fn a_creator_killed_mid_creation_is_replaced_by_one_waiter_within_the_recovery_t
     let c = cache(dir.path(), Duration::ZERO);
     let mut victim = spawn_child("victim", dir.path());
     wait_for_files(dir.path(), "victim-in-create", 1);
-    let takers: Vec<Child> = (0..8)
-        .map(|_| spawn_child("taker", dir.path()))
-        .collect();
+    let takers: Vec<Child> = (0..8).map(|_| spawn_child("taker", dir.path())).collect();
     wait_for_files(dir.path(), "ready.", 8);
     // Let the takers reach their wait (not needed for correctness: a late one waits too).
     std::thread::sleep(Duration::from_millis(200));
