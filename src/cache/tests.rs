@@ -349,3 +349,50 @@ impl Store for SharedStore {
         self.0.scan_expired(c, budget)
     }
 }
+
+#[test]
+fn when_the_creator_fails_one_waiter_takes_over_and_the_others_read_its_value() {
+    let f = fixture(CacheConfig::default());
+    let r = f.cache.region("r");
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let (fail_tx, fail_rx) = mpsc::channel::<()>();
+    let failing = {
+        let r = r.clone();
+        std::thread::spawn(move || {
+            r.get_or_create::<String, Error, _>("k", secs(60), || {
+                entered_tx.send(()).unwrap();
+                fail_rx.recv().unwrap();
+                Err(Error::SessionGone)
+            })
+        })
+    };
+    entered_rx.recv().unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let waiters: Vec<_> = (0..6)
+        .map(|_| {
+            let (r, runs) = (r.clone(), runs.clone());
+            std::thread::spawn(move || {
+                r.get_or_create::<String, Error, _>("k", secs(60), || {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok("second".into())
+                })
+                .unwrap()
+            })
+        })
+        .collect();
+    // Every waiter is parked on the claim (or about to be) before the creator fails.
+    while f.cache.stats().waits < 6 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    fail_tx.send(()).unwrap();
+    assert!(matches!(failing.join().unwrap(), Err(Error::SessionGone)));
+    for w in waiters {
+        assert_eq!(w.join().unwrap(), "second");
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "exactly one waiter took over"
+    );
+    assert_eq!(f.cache.stats().create_failures, 1);
+}
