@@ -271,3 +271,64 @@ fn child_role() {
         other => panic!("unknown role {other}"),
     }
 }
+
+/// Damaged files of a `FileStore` (torn, truncated, garbage, oversize) are misses, and writing
+/// the key replaces them; nothing panics.
+#[test]
+fn damaged_entry_files_are_misses_and_are_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cache::open_with(
+        dir.path(),
+        CacheConfig {
+            max_entry_size: 4096,
+            ..CacheConfig::default()
+        },
+    )
+    .unwrap();
+    let r = c.region("r");
+    let damage: [&dyn Fn(&[u8]) -> Vec<u8>; 4] = [
+        &|b| b[..b.len() / 2].to_vec(),
+        &|b| {
+            let mut b = b.to_vec();
+            let n = b.len();
+            b[n - 2] ^= 1;
+            b
+        },
+        &|_| b"\xff\xfe garbage".to_vec(),
+        &|_| vec![b'x'; 10_000],
+    ];
+    for (i, d) in damage.iter().enumerate() {
+        r.set("k", &format!("v{i}"), Duration::from_secs(60))
+            .unwrap();
+        for e in walk(&dir.path().join("cache")) {
+            let bytes = fs::read(&e).unwrap();
+            fs::write(&e, d(&bytes)).unwrap();
+        }
+        assert_eq!(r.get::<String>("k").unwrap(), None, "damage {i}");
+        let v: String = r
+            .get_or_create("k", Duration::from_secs(60), || {
+                Ok::<_, Error>(format!("new{i}"))
+            })
+            .unwrap();
+        assert_eq!(v, format!("new{i}"));
+        assert_eq!(r.get::<String>("k").unwrap(), Some(format!("new{i}")));
+    }
+    assert!(c.stats().corrupt >= 4);
+}
+
+/// Every entry file under a `FileStore` root (shard directories; no lock or temporary files).
+fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for shard in fs::read_dir(root).unwrap() {
+        let shard = shard.unwrap().path();
+        if shard.is_dir() {
+            for e in fs::read_dir(&shard).unwrap() {
+                let p = e.unwrap().path();
+                if !p.file_name().unwrap().to_string_lossy().starts_with('.') {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
+}
