@@ -5,8 +5,10 @@
 //! Time is cut into periods of `--period-ms`, counted from a common start instant. Every value
 //! is fresh until the end of the period in which its request started, so all keys expire at
 //! each period boundary, and every worker sees each expiry. A creation is tagged with the
-//! period in which its `create` started; with one creator per key there is one creation per
-//! key per period, while the baseline (`get`, and on a miss `create` then `set`, as a cache
+//! period whose value it makes (the period in which its request started, whose end is the
+//! value's expiry); with one creator per key there is one creation per key per period (a
+//! second one would need a worker to stall for a whole period between its lookup and its
+//! `create`), while the baseline (`get`, and on a miss `create` then `set`, as a cache
 //! without a creation lock does) has every worker that sees the expiry create: a dogpile.
 //!
 //! - **locktable**: `Region::get_or_create` over `Cache::open` (lock table + `FileStore`). Once
@@ -149,7 +151,7 @@ fn run_system(
 ) -> Result<SystemReport, Error> {
     fs::create_dir_all(dir)?;
     // Room for the workers to start, so that all of them see the first period.
-    let start_ms = unix_ms() + 300 + 20 * args.workers as u64;
+    let start_ms = unix_ms() + 500 + 50 * args.workers as u64;
     let a = WorkerArgs {
         locked,
         dir: dir.to_path_buf(),
@@ -320,11 +322,13 @@ fn worker(a: &WorkerArgs) -> Result<WorkerResult, Error> {
     while unix_ms() < a.end_ms {
         for key in 0..a.keys {
             let now = unix_ms();
-            // Fresh until the end of this period.
-            let ttl = Duration::from_millis(a.start_ms + (period(now) + 1) * a.period_ms - now);
+            // Fresh until the end of this period: a creation for this request makes "the
+            // value of period p", and with one creator per key there is one per period.
+            let p = period(now);
+            let ttl = Duration::from_millis(a.start_ms + (p + 1) * a.period_ms - now);
             let name = format!("key{key}");
             let mut create = || -> Result<String, Error> {
-                *created.entry((key, period(unix_ms()))).or_default() += 1;
+                *created.entry((key, p)).or_default() += 1;
                 std::thread::sleep(Duration::from_millis(a.create_ms));
                 Ok(format!("{name} made at {}", unix_ms()))
             };
