@@ -126,18 +126,27 @@ fn decode_kind(bytes: &[u8], max: usize, kind: &str) -> Result<Record> {
 /// Decodes and validates a value entry: [`Error::SessionCorrupt`] or [`Error::TooLarge`],
 /// never a panic.
 pub(super) fn decode_value(bytes: &[u8], max: usize) -> Result<ValueEntry> {
-    let r = decode_kind(bytes, max, "v")?;
+    let mut r = decode_kind(bytes, max, "v")?;
     let last_usable = match r.expiry {
         Expiry::At(t) => t,
         _ => return Err(corrupt("expiry is not a fixed time")),
     };
+    let (namespace, key) = (string(&r, "n")?, string(&r, "k")?);
+    let generation = number(&r, "g")?;
+    let fresh_until = Timestamp(number(&r, "f")?);
+    // Moved out, not cloned: a value may be large.
+    let value = r
+        .body
+        .data
+        .remove("v")
+        .ok_or_else(|| corrupt("no field \"v\""))?;
     Ok(ValueEntry {
-        namespace: string(&r, "n")?,
-        key: string(&r, "k")?,
-        generation: number(&r, "g")?,
-        fresh_until: Timestamp(number(&r, "f")?),
+        namespace,
+        key,
+        generation,
+        fresh_until,
         last_usable,
-        value: field(&r, "v")?.clone(),
+        value,
     })
 }
 
