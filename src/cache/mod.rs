@@ -306,10 +306,11 @@ impl Cache {
         Ok(())
     }
 
-    /// Removes up to `budget` entries (examined, not removed) whose stale grace has passed.
-    /// Only records with a fixed expiry time are removed, so sessions sharing the store are
-    /// left alone, except those whose own `Expiry::At` has passed (expired for them too).
-    /// Returns how many were removed and whether to call again.
+    /// Examines up to `budget` stored records and removes the entries whose stale grace has
+    /// passed. Only records with a fixed expiry time that has passed are removed, so sessions
+    /// sharing the store are left alone, except those whose own `Expiry::At` has passed
+    /// (expired for the session layer too). Returns how many were removed and whether to call
+    /// again (the store's scan resumes where it stopped).
     pub fn gc(&self, budget: usize) -> Result<(usize, bool)> {
         let cutoffs = Cutoffs {
             now: self.now(),
