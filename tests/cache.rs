@@ -286,7 +286,7 @@ fn damaged_entry_files_are_misses_and_are_replaced() {
     )
     .unwrap();
     let r = c.region("r");
-    let damage: [&dyn Fn(&[u8]) -> Vec<u8>; 4] = [
+    let damage: [&Damage; 4] = [
         &|b| b[..b.len() / 2].to_vec(),
         &|b| {
             let mut b = b.to_vec();
@@ -315,6 +315,9 @@ fn damaged_entry_files_are_misses_and_are_replaced() {
     }
     assert!(c.stats().corrupt >= 4);
 }
+
+/// Turns a stored file's bytes into damaged ones.
+type Damage = dyn Fn(&[u8]) -> Vec<u8>;
 
 /// Every entry file under a `FileStore` root (shard directories; no lock or temporary files).
 fn walk(root: &Path) -> Vec<PathBuf> {
