@@ -80,7 +80,10 @@ impl IdKey {
             return Ok(k);
         }
         let fresh = Self::generate()?;
-        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        // A name of its own per attempt (threads of one process may race here too).
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).map_err(|e| Error::Random(e.to_string()))?;
+        let tmp = path.with_extension(format!("tmp.{:016x}", u64::from_le_bytes(nonce)));
         let written = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -165,6 +168,27 @@ mod tests {
         );
         // Hostile keys are just bytes to hash.
         let _ = k.derive(Kind::Value, "", &"../".repeat(10_000));
+    }
+
+    /// Regression: temporary names were per process, so two threads could remove each
+    /// other's temporary file and fail.
+    #[test]
+    fn threads_racing_to_create_the_key_file_all_get_the_same_key() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("cache.key");
+            let keys: Vec<IdKey> = (0..8)
+                .map(|_| {
+                    let p = p.clone();
+                    std::thread::spawn(move || IdKey::load_or_create(&p).unwrap())
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect();
+            assert!(keys.iter().all(|k| *k == keys[0]));
+            assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temp left");
+        }
     }
 
     #[test]
