@@ -3,8 +3,9 @@
 //! Per-ID reader / upgradable / writer locks shared by the threads **and
 //! processes** of one host, kept in a memory-mapped table file, with waiting
 //! on shared futexes and automatic release of the holds of dead processes.
-//! A web-session layer ([`session`]) builds on it. With the `axum` feature, `locktable::web`
-//! puts sessions into axum / tower apps and `locktable::asynclock` offers async lock waits.
+//! A web-session layer ([`session`]) builds on it, and a cache ([`cache`]) with one creator
+//! per key over the same stores. With the `axum` feature, `locktable::web` puts sessions into
+//! axum / tower apps and `locktable::asynclock` offers async lock waits.
 //!
 //! ```
 //! use locktable::{LockTable, TableOptions};
@@ -35,6 +36,8 @@ mod sync;
 #[cfg(locktable_loom)]
 pub mod model;
 
+#[cfg(not(locktable_loom))]
+pub mod cache;
 #[cfg(not(locktable_loom))]
 mod fork;
 #[cfg(not(locktable_loom))]

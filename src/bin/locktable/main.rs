@@ -5,6 +5,7 @@
 //! locktable lock TABLE ID [--read|--upgradable|--write] [--timeout DURATION] -- COMMAND [ARGS...]
 //! locktable reap TABLE
 //! locktable demo [--compare] [--fsync] [--secs S] [--workers N] [--readers N] [--threads]
+//! locktable cache-demo [--workers N] [--keys K] [--secs S] [--period-ms P] [--create-ms C] [--grace-ms G]
 //! ```
 //!
 //! - `stat` prints the table: geometry, attached processes, holders, waiters,
@@ -19,6 +20,9 @@
 //!   released.
 //! - `demo` runs the session workload in worker processes (this binary,
 //!   re-executed) and prints throughput, latency, writes and lost updates.
+//! - `cache-demo` runs worker processes on a few slow-to-create keys through
+//!   the cache's `get_or_create` and through a no-lock baseline, and prints
+//!   creations per key per expiry, requests served stale and waits.
 //!
 //! Tables are opened with the default options: the geometry comes from the
 //! file.
@@ -44,6 +48,8 @@
 
 // The library exports almost nothing under the loom cfg: no CLI then.
 #[cfg(not(locktable_loom))]
+mod cache_demo;
+#[cfg(not(locktable_loom))]
 mod common;
 #[cfg(not(locktable_loom))]
 mod demo;
@@ -65,6 +71,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(worker_args) = demo::worker_args(&args) {
         std::process::exit(demo::worker_main(worker_args));
+    }
+    if let Some(worker_args) = cache_demo::worker_args(&args) {
+        std::process::exit(cache_demo::worker_main(worker_args));
     }
     let cli = match <Cli as clap::Parser>::try_parse() {
         Ok(cli) => cli,
@@ -109,6 +118,10 @@ enum Cmd {
     /// reading requests on shared sessions) in worker processes and
     /// print throughput, latency, writes, touches and lost updates.
     Demo(demo::DemoArgs),
+    /// Run worker processes on a few slow-to-create cache keys, with the
+    /// cache's creation lock and without, and print creations per key per
+    /// expiry, requests served stale and waits.
+    CacheDemo(cache_demo::CacheDemoArgs),
 }
 
 #[cfg(not(locktable_loom))]
@@ -118,6 +131,7 @@ fn run(cli: Cli) -> common::CliResult<i32> {
         Cmd::Lock(args) => lock::run(&args),
         Cmd::Reap(args) => reap::run(&args).map(|()| 0),
         Cmd::Demo(args) => demo::run(&args).map(|()| 0),
+        Cmd::CacheDemo(args) => cache_demo::run(&args).map(|()| 0),
     }
 }
 

@@ -1,0 +1,182 @@
+//! Cache benchmarks (criterion, short runs: the development machine is shared).
+//!
+//! Groups:
+//! - `cache_hit/<store>`: one `Region::get::<String>` of a fresh 200-byte value (`memory`:
+//!   `MemoryStore`; `file`: `FileStore` without fsync in a tempdir). A hit reads two entries:
+//!   the namespace's generation and the value. Throughput 1 element: `thrpt` is hits/s.
+//! - `cache_hit_get_or_create/<store>`: the same through `get_or_create` (no lock is taken on a
+//!   hit).
+//! - `expiry_to_fresh_16_workers/<mode>/<store>`: 16 threads of this process, each with a
+//!   handle on one cache (lock table file + store), released together on a key whose value has
+//!   just expired (stale grace 0); the time until all 16 hold a value. `create` sleeps 1 ms (a
+//!   slow query). `locked`: `get_or_create` (one creation, 15 waiters read its result);
+//!   `no_lock`: `get`, then `create` and `set` on a miss (the dogpile). Creations per expiry
+//!   are printed at the end.
+//!
+//! Run: `cargo bench --bench cache`; part of it: `cargo bench --bench cache -- cache_hit`.
+
+use criterion::{Criterion, Throughput};
+use locktable::cache::{Cache, CacheConfig, IdKey};
+use locktable::session::{FileStore, MemoryStore, Store};
+use locktable::{Error, LockTable, TableOptions};
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+const WORKERS: usize = 16;
+
+fn store(kind: &str, dir: &Path) -> Arc<dyn Store> {
+    match kind {
+        "memory" => Arc::new(MemoryStore::new()),
+        _ => Arc::new(
+            FileStore::open(dir.join("cache"))
+                .unwrap()
+                .with_fsync(false),
+        ),
+    }
+}
+
+fn cache(kind: &str, dir: &Path, grace: Duration) -> Cache {
+    let table = LockTable::open(dir.join("locks.table"), &TableOptions::default()).unwrap();
+    Cache::new(
+        Arc::new(table),
+        store(kind, dir),
+        IdKey::from_bytes([9; 32]),
+        CacheConfig {
+            stale_grace: grace,
+            ..CacheConfig::default()
+        },
+    )
+}
+
+fn hits(c: &mut Criterion) {
+    let value = "x".repeat(200);
+    let mut g = c.benchmark_group("cache_hit");
+    g.throughput(Throughput::Elements(1))
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500));
+    for kind in ["memory", "file"] {
+        let dir = tempfile::tempdir().unwrap();
+        let r = cache(kind, dir.path(), Duration::from_secs(60)).region("pages");
+        r.set("/index", &value, Duration::from_secs(3600)).unwrap();
+        g.bench_function(kind, |b| {
+            b.iter(|| black_box(r.get::<String>("/index").unwrap().unwrap()))
+        });
+    }
+    g.finish();
+    let mut g = c.benchmark_group("cache_hit_get_or_create");
+    g.throughput(Throughput::Elements(1))
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500));
+    for kind in ["memory", "file"] {
+        let dir = tempfile::tempdir().unwrap();
+        let r = cache(kind, dir.path(), Duration::from_secs(60)).region("pages");
+        r.set("/index", &value, Duration::from_secs(3600)).unwrap();
+        g.bench_function(kind, |b| {
+            b.iter(|| {
+                let v: String = r
+                    .get_or_create(
+                        "/index",
+                        Duration::from_secs(3600),
+                        || -> Result<_, Error> { unreachable!("the value is fresh") },
+                    )
+                    .unwrap();
+                black_box(v)
+            })
+        });
+    }
+    g.finish();
+}
+
+/// One worker's request: with the creation lock or the naive way.
+fn request(r: &locktable::cache::Region, locked: bool, creations: &AtomicU64) {
+    let create = || -> Result<String, Error> {
+        creations.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(1));
+        Ok("fresh".to_owned())
+    };
+    let ttl = Duration::from_secs(3600);
+    if locked {
+        let _: String = r.get_or_create("k", ttl, create).unwrap();
+    } else if r.get::<String>("k").unwrap().is_none() {
+        r.set("k", &create().unwrap(), ttl).unwrap();
+    }
+}
+
+fn expiry_to_fresh(c: &mut Criterion) {
+    let mut g = c.benchmark_group("expiry_to_fresh_16_workers");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300));
+    let mut summary = Vec::new();
+    for locked in [true, false] {
+        for kind in ["memory", "file"] {
+            let dir = tempfile::tempdir().unwrap();
+            let main = cache(kind, dir.path(), Duration::ZERO);
+            let region = main.region("r");
+            let creations = Arc::new(AtomicU64::new(0));
+            let expiries = Arc::new(AtomicU64::new(0));
+            let name = format!("{}/{kind}", if locked { "locked" } else { "no_lock" });
+            g.bench_function(name.as_str(), |b| {
+                b.iter_custom(|iters| {
+                    let start = Arc::new(Barrier::new(WORKERS + 1));
+                    let done = Arc::new(Barrier::new(WORKERS + 1));
+                    let stop = Arc::new(AtomicBool::new(false));
+                    let threads: Vec<_> = (0..WORKERS)
+                        .map(|_| {
+                            let (r, start, done, stop, n) = (
+                                main.clone().region("r"),
+                                start.clone(),
+                                done.clone(),
+                                stop.clone(),
+                                creations.clone(),
+                            );
+                            std::thread::spawn(move || loop {
+                                start.wait();
+                                if stop.load(Ordering::Relaxed) {
+                                    return;
+                                }
+                                request(&r, locked, &n);
+                                done.wait();
+                            })
+                        })
+                        .collect();
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        // Expired at once: stale grace 0, time-to-live 0.
+                        region.set("k", &"old", Duration::ZERO).unwrap();
+                        expiries.fetch_add(1, Ordering::Relaxed);
+                        start.wait();
+                        let t = Instant::now();
+                        done.wait();
+                        total += t.elapsed();
+                    }
+                    stop.store(true, Ordering::Relaxed);
+                    start.wait();
+                    for t in threads {
+                        t.join().unwrap();
+                    }
+                    total
+                })
+            });
+            summary.push(format!(
+                "{name}: {:.2} creations per expiry",
+                creations.load(Ordering::Relaxed) as f64
+                    / expiries.load(Ordering::Relaxed).max(1) as f64
+            ));
+        }
+    }
+    g.finish();
+    for line in summary {
+        println!("{line}");
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    hits(&mut c);
+    expiry_to_fresh(&mut c);
+    c.final_summary();
+}
