@@ -43,16 +43,26 @@
 //!   time, coalesced (see [`SessionConfig::touch_interval`]).
 
 mod id;
+#[cfg(feature = "postgres")]
+mod locks_pg;
+#[cfg(feature = "postgres")]
+mod pg_pool;
 pub mod record;
 mod store;
 
 pub mod demo;
 
 pub use id::{SessionId, ID_BYTES, ID_LEN};
+#[cfg(feature = "postgres")]
+pub use locks_pg::{PgLockKeys, PgLocks, PgReadGuard, PgUpgradableGuard, PgWriteGuard};
+#[cfg(feature = "postgres")]
+pub use pg_pool::{PgPool, PgPoolOptions, DEFAULT_POOL_SIZE};
 pub use store::{
     Capabilities, Clock, Cutoffs, FileStore, ManualClock, MemoryStore, Store, StoredSession,
     SystemClock, Timestamp, Touch,
 };
+#[cfg(feature = "postgres")]
+pub use store::{PgStore, PgStoreOptions};
 
 use crate::{Error, LockTable, Result, TableOptions, UpgradableReadGuard};
 use record::{Record, RecordBody};

@@ -1,0 +1,334 @@
+//! [`PgPool`]: the connections that [`super::PgStore`] and [`super::PgLocks`] share, and the
+//! mapping of PostgreSQL failures to [`Error`].
+//!
+//! Owns: opening, caching and discarding connections, and their prepared statements. It may not
+//! interpret session data or lock keys: callers pass it SQL and parameters.
+//!
+//! Why a pool of our own (about a hundred lines) rather than `r2d2_postgres`: a checked-out
+//! connection must cost no round trip (r2d2 tests connections on checkout by default, and a load
+//! must be one round trip), a connection that may still hold advisory locks must be closed rather
+//! than reused (r2d2 cannot detach one), and one dead connection must flush all the idle ones
+//! (after a server restart every one of them is dead). Statements are prepared once per
+//! connection and cached, so each later call is a single round trip.
+//!
+//! The `postgres` client is synchronous and drives its own small runtime: never call into this
+//! module from an async runtime's worker thread (use `spawn_blocking`).
+
+use crate::{Error, Result};
+use parking_lot::{Condvar, Mutex};
+use postgres::types::ToSql;
+use postgres::{Client, NoTls, Row, Statement};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Default number of connections a pool opens at most.
+pub const DEFAULT_POOL_SIZE: usize = 16;
+
+/// A bounded pool of connections to one PostgreSQL database; cheap to clone.
+///
+/// ```no_run
+/// use locktable::session::{PgLocks, PgPool, PgStore, PgStoreOptions};
+/// let pool = PgPool::connect("postgres://app@db.internal/app").unwrap();
+/// let store = PgStore::with_pool(pool.clone(), PgStoreOptions::default()).unwrap();
+/// let locks = PgLocks::with_pool(pool, [7; 16]);
+/// # let _ = (store, locks);
+/// ```
+#[derive(Clone)]
+pub struct PgPool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    config: postgres::Config,
+    max: usize,
+    checkout_timeout: Duration,
+    state: Mutex<PoolState>,
+    freed: Condvar,
+}
+
+#[derive(Default)]
+struct PoolState {
+    idle: Vec<Conn>,
+    /// Connections open, idle or checked out.
+    open: usize,
+    /// Bumped when a connection is found dead: older connections are not reused.
+    generation: u64,
+}
+
+struct Conn {
+    client: Client,
+    statements: HashMap<String, Statement>,
+    generation: u64,
+}
+
+impl fmt::Debug for PgPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = self.inner.state.lock();
+        // The configuration holds the password: print only the shape of the pool.
+        f.debug_struct("PgPool")
+            .field("max", &self.inner.max)
+            .field("open", &st.open)
+            .field("idle", &st.idle.len())
+            .finish()
+    }
+}
+
+/// Settings of a [`PgPool`].
+#[derive(Debug, Clone)]
+pub struct PgPoolOptions {
+    /// Most connections open at once (idle or in use). Each exclusive session holds one for its
+    /// whole request. Default [`DEFAULT_POOL_SIZE`].
+    pub max_connections: usize,
+    /// How long a caller waits for a free connection before [`Error::Backend`]. Default 30 s.
+    pub checkout_timeout: Duration,
+}
+
+impl Default for PgPoolOptions {
+    fn default() -> Self {
+        PgPoolOptions {
+            max_connections: DEFAULT_POOL_SIZE,
+            checkout_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl PgPool {
+    /// A pool for the database at `url` (a `postgres://` URL or a `key=value` string) with the
+    /// default [`PgPoolOptions`]. Connects once to check the URL.
+    pub fn connect(url: &str) -> Result<PgPool> {
+        Self::connect_with(url, PgPoolOptions::default())
+    }
+
+    /// Like [`PgPool::connect`] with explicit options.
+    pub fn connect_with(url: &str, opts: PgPoolOptions) -> Result<PgPool> {
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|_| Error::InvalidOptions("unparsable PostgreSQL connection URL".into()))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("locktable");
+        }
+        let pool = PgPool {
+            inner: Arc::new(PoolInner {
+                config,
+                max: opts.max_connections.max(1),
+                checkout_timeout: opts.checkout_timeout,
+                state: Mutex::new(PoolState::default()),
+                freed: Condvar::new(),
+            }),
+        };
+        drop(pool.get()?);
+        Ok(pool)
+    }
+
+    /// Connections open now (idle or in use).
+    pub fn open_connections(&self) -> usize {
+        self.inner.state.lock().open
+    }
+
+    /// A connection for one operation (returned to the pool when dropped).
+    pub(crate) fn get(&self) -> Result<PooledConn> {
+        let deadline = Instant::now() + self.inner.checkout_timeout;
+        let mut st = self.inner.state.lock();
+        loop {
+            while let Some(c) = st.idle.pop() {
+                if c.generation == st.generation && !c.client.is_closed() {
+                    return Ok(self.wrap(c));
+                }
+                st.open -= 1;
+            }
+            if st.open < self.inner.max {
+                st.open += 1;
+                let generation = st.generation;
+                drop(st);
+                return match self.inner.config.connect(NoTls) {
+                    Ok(client) => Ok(self.wrap(Conn {
+                        client,
+                        statements: HashMap::new(),
+                        generation,
+                    })),
+                    Err(e) => {
+                        self.release_slot();
+                        Err(backend_error("connect", &e))
+                    }
+                };
+            }
+            if self.inner.freed.wait_until(&mut st, deadline).timed_out() {
+                return Err(Error::Backend(format!(
+                    "no free connection within {:?} (pool of {})",
+                    self.inner.checkout_timeout, self.inner.max
+                )));
+            }
+        }
+    }
+
+    fn wrap(&self, c: Conn) -> PooledConn {
+        PooledConn {
+            pool: Arc::clone(&self.inner),
+            conn: Some(c),
+            keep: true,
+        }
+    }
+
+    fn release_slot(&self) {
+        self.inner.state.lock().open -= 1;
+        self.inner.freed.notify_one();
+    }
+}
+
+/// A connection checked out of a [`PgPool`]. Dropping it returns it, unless it failed or was
+/// marked with [`PooledConn::discard`], in which case it is closed (and the server releases
+/// everything it held, advisory locks included).
+pub(crate) struct PooledConn {
+    pool: Arc<PoolInner>,
+    conn: Option<Conn>,
+    keep: bool,
+}
+
+impl PooledConn {
+    fn conn(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("present until drop")
+    }
+
+    /// Closes this connection instead of returning it to the pool.
+    pub(crate) fn discard(&mut self) {
+        self.keep = false;
+    }
+
+    /// Notes a failed call: a connection-level failure (not a statement's error) discards this
+    /// connection and every idle one of the same generation.
+    fn note_error(&mut self, e: &postgres::Error) {
+        if e.as_db_error().is_some() && !self.conn().client.is_closed() {
+            return;
+        }
+        self.keep = false;
+        let mut st = self.pool.state.lock();
+        let generation = self.conn.as_ref().map_or(0, |c| c.generation);
+        if generation == st.generation {
+            st.generation += 1;
+            let stale = std::mem::take(&mut st.idle);
+            st.open -= stale.len();
+            drop(st);
+            drop(stale);
+            self.pool.freed.notify_all();
+        }
+    }
+
+    fn statement(&mut self, sql: &str) -> std::result::Result<Statement, postgres::Error> {
+        let c = self.conn();
+        if let Some(s) = c.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = c.client.prepare(sql)?;
+        c.statements.insert(sql.to_owned(), s.clone());
+        Ok(s)
+    }
+
+    /// Runs a cached prepared statement and returns its rows (one round trip once prepared).
+    pub(crate) fn query(
+        &mut self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> std::result::Result<Vec<Row>, PgFailure> {
+        let r = self
+            .statement(sql)
+            .and_then(|s| self.conn().client.query(&s, params));
+        r.map_err(|e| {
+            self.note_error(&e);
+            PgFailure::new(op, e)
+        })
+    }
+
+    /// Runs statements with the simple protocol (no parameters; one round trip).
+    pub(crate) fn batch(
+        &mut self,
+        op: &'static str,
+        sql: &str,
+    ) -> std::result::Result<(), PgFailure> {
+        let r = self.conn().client.batch_execute(sql);
+        r.map_err(|e| {
+            self.note_error(&e);
+            PgFailure::new(op, e)
+        })
+    }
+
+    /// The underlying client, for a multi-statement transaction (schema migration).
+    pub(crate) fn client(&mut self) -> &mut Client {
+        &mut self.conn().client
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        let Some(c) = self.conn.take() else { return };
+        let mut st = self.pool.state.lock();
+        if self.keep && c.generation == st.generation && !c.client.is_closed() {
+            st.idle.push(c);
+        } else {
+            st.open -= 1;
+            drop(st);
+            // Closing happens outside the pool's mutex (it talks to the server).
+            drop(c);
+        }
+        self.pool.freed.notify_one();
+    }
+}
+
+/// A failed PostgreSQL call: the operation, and the client's error kept for classification.
+pub(crate) struct PgFailure {
+    pub(crate) op: &'static str,
+    pub(crate) error: postgres::Error,
+}
+
+impl PgFailure {
+    fn new(op: &'static str, error: postgres::Error) -> PgFailure {
+        PgFailure { op, error }
+    }
+
+    /// The SQLSTATE code, when the server answered with an error.
+    pub(crate) fn code(&self) -> Option<&postgres::error::SqlState> {
+        self.error.code()
+    }
+
+    /// True when the statement certainly did not take effect: the server answered with an
+    /// error (the implicit transaction rolled back). A dropped connection leaves it unknown.
+    pub(crate) fn certainly_not_applied(&self) -> bool {
+        self.error.as_db_error().is_some()
+    }
+}
+
+impl From<PgFailure> for Error {
+    fn from(f: PgFailure) -> Error {
+        backend_error(f.op, &f.error)
+    }
+}
+
+/// A typed error for a failed call. Server errors are reported by their SQLSTATE class and code
+/// only: their message or detail may quote values (IDs, data), which must not reach logs.
+pub(crate) fn backend_error(op: &str, e: &postgres::Error) -> Error {
+    match e.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            let class = match &code[..2] {
+                "08" => "connection exception",
+                "40" => "transaction rolled back",
+                "53" => "insufficient resources",
+                "54" => "program limit exceeded",
+                "55" => "object not in prerequisite state",
+                "57" => "operator intervention (server shutting down or query cancelled)",
+                "58" => "system error",
+                "42" => "schema mismatch or missing privilege",
+                "XX" => "internal error",
+                _ => "server error",
+            };
+            Error::Backend(format!("{op}: {class} (SQLSTATE {code})"))
+        }
+        // Client-side errors (closed connection, I/O, timeouts) carry no query data.
+        None => Error::Backend(format!("{op}: {e}")),
+    }
+}
