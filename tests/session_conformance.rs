@@ -18,7 +18,7 @@ const T0: Timestamp = Timestamp(1_700_000_000_000);
 pub struct Fixture<S> {
     pub store: S,
     pub table: LockTable,
-    _keep: Box<dyn Any>,
+    pub _keep: Box<dyn Any>,
 }
 
 fn memory() -> Fixture<MemoryStore> {

@@ -296,9 +296,18 @@ impl PgFailure {
     }
 
     /// True when the statement certainly did not take effect: the server answered with an
-    /// error (the implicit transaction rolled back). A dropped connection leaves it unknown.
+    /// ERROR, which rolls back the statement's implicit transaction and keeps the connection.
+    ///
+    /// Anything else leaves the outcome unknown: a dropped connection, and also a FATAL error
+    /// (the server terminated the session, for example at shutdown), which can arrive after the
+    /// commit but before the buffered reply was flushed. The converse holds for our small
+    /// replies: the server buffers a statement's reply and flushes it with the ReadyForQuery
+    /// that follows the commit at Sync, so a reply the client received means the commit
+    /// happened.
     pub(crate) fn certainly_not_applied(&self) -> bool {
-        self.error.as_db_error().is_some()
+        self.error
+            .as_db_error()
+            .is_some_and(|db| db.parsed_severity() == Some(postgres::error::Severity::Error))
     }
 }
 
