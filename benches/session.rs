@@ -45,8 +45,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use locktable::session::{
-    record, session_lock_id, Capabilities, Clock, Cutoffs, FileStore, ManualClock, SessionConfig,
-    SessionId, SessionManager, Store, StoredSession, SystemClock, Timestamp, Touch,
+    record, session_lock_id, Capabilities, Clock, Cutoffs, ExpiredScan, FileStore, ManualClock,
+    SessionConfig, SessionId, SessionManager, SessionMeta, Store, StoredSession, SystemClock,
+    Timestamp, Touch,
 };
 use locktable::{LockTable, TableOptions};
 use serde::{Deserialize, Serialize};
@@ -158,9 +159,12 @@ impl Store for CountingStore {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
-    fn load(&self, id: &SessionId) -> locktable::Result<Option<StoredSession>> {
+    fn load(&self, id: &SessionId, max: usize) -> locktable::Result<Option<StoredSession>> {
         self.counts.loads.fetch_add(1, Ordering::Relaxed);
-        self.inner.load(id)
+        self.inner.load(id, max)
+    }
+    fn meta(&self, id: &SessionId) -> locktable::Result<Option<SessionMeta>> {
+        self.inner.meta(id)
     }
     fn save(
         &self,
@@ -179,10 +183,10 @@ impl Store for CountingStore {
         id: &SessionId,
         at: Timestamp,
         coalesce: Duration,
-        idle_before: Timestamp,
+        cutoffs: &Cutoffs,
     ) -> locktable::Result<Touch> {
         self.counts.touch_calls.fetch_add(1, Ordering::Relaxed);
-        let t = self.inner.touch(id, at, coalesce, idle_before)?;
+        let t = self.inner.touch(id, at, coalesce, cutoffs)?;
         if t == Touch::Written {
             self.counts.touches_written.fetch_add(1, Ordering::Relaxed);
         }
@@ -194,8 +198,11 @@ impl Store for CountingStore {
     fn delete(&self, id: &SessionId) -> locktable::Result<bool> {
         self.inner.delete(id)
     }
-    fn list_expired(&self, cutoffs: Cutoffs, limit: usize) -> locktable::Result<Vec<SessionId>> {
-        self.inner.list_expired(cutoffs, limit)
+    fn remove_expired(&self, id: &SessionId, cutoffs: &Cutoffs) -> locktable::Result<bool> {
+        self.inner.remove_expired(id, cutoffs)
+    }
+    fn scan_expired(&self, cutoffs: &Cutoffs, budget: usize) -> locktable::Result<ExpiredScan> {
+        self.inner.scan_expired(cutoffs, budget)
     }
     fn cleanup(&self) -> locktable::Result<usize> {
         self.inner.cleanup()
@@ -207,9 +214,9 @@ impl Store for CountingStore {
 fn open_counting(dir: &Path, cfg: SessionConfig) -> (SessionManager, Arc<StoreCounts>, FileStore) {
     fs::create_dir_all(dir).expect("mkdir");
     let table = LockTable::open(dir.join("locks.table"), &TableOptions::default()).expect("table");
-    let store = FileStore::open(dir.join("sessions"), table.clone()).expect("store");
+    let store = FileStore::open(dir.join("sessions")).expect("store");
     // A second handle on the same directory, only for `path_of`.
-    let probe = FileStore::open(dir.join("sessions"), table.clone()).expect("store");
+    let probe = FileStore::open(dir.join("sessions")).expect("store");
     let counts = Arc::new(StoreCounts::default());
     let wrapped = CountingStore {
         inner: store,
@@ -642,8 +649,12 @@ fn stage_breakdown() {
     let sid = SessionId::parse(&ours.id).expect("id");
     let table =
         LockTable::open(dir.path().join("locks.table"), &TableOptions::default()).expect("table");
-    let store = FileStore::open(dir.path().join("sessions"), table.clone()).expect("store");
-    let bytes = store.load(&sid).expect("load").expect("exists").bytes;
+    let store = FileStore::open(dir.path().join("sessions")).expect("store");
+    let bytes = store
+        .load(&sid, 1 << 20)
+        .expect("load")
+        .expect("exists")
+        .bytes;
     let lock_id = session_lock_id(&sid);
     println!(
         "\nOne read-only request, stages timed alone (1 thread, ns per op, {N} ops each; record {} bytes):",
@@ -665,7 +676,7 @@ fn stage_breakdown() {
         (
             "FileStore::load (open, fstat, read, close, header)",
             time_per_op(N, || {
-                black_box(store.load(&sid).expect("load"));
+                black_box(store.load(&sid, 1 << 20).expect("load"));
             }),
         ),
         (

@@ -99,6 +99,26 @@ pub enum Error {
     /// The OS random source failed.
     #[error("OS random source failed: {0}")]
     Random(String),
+    /// A value nests deeper than the session layer stores and reads back
+    /// ([`crate::session::record::MAX_DEPTH`]); nothing was changed.
+    #[error("value nested {depth} levels deep; sessions store at most {limit}")]
+    TooDeep {
+        /// Nesting depth of the refused value.
+        depth: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A commit's write may or may not have been applied (for example the record was renamed into
+    /// place but the directory fsync failed). Do not replay it blindly: reload the session and
+    /// look.
+    #[error("commit outcome unknown (the change may have been applied): {0}")]
+    OutcomeUnknown(String),
+    /// This `SessionManager` (or a session of it) was inherited across `fork()`; open the
+    /// `SessionManager` again in the child.
+    #[error(
+        "this SessionManager was inherited across fork(); open the SessionManager again in the child"
+    )]
+    ForkedSessionManager,
     /// The session store or lock server failed or could not be reached (a dropped connection, a
     /// restarted or overloaded server, a full connection pool). The message names the operation
     /// and the kind of failure, never session data or IDs. Later calls reconnect by themselves.

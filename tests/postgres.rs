@@ -19,8 +19,8 @@ mod conformance;
 
 use conformance::Fixture;
 use locktable::session::{
-    Cutoffs, PgLocks, PgPool, PgPoolOptions, PgStore, PgStoreOptions, SessionConfig, SessionId,
-    SessionManager, Store, StoredSession, Timestamp, Touch,
+    Cutoffs, Expiry, PgLocks, PgPool, PgPoolOptions, PgStore, PgStoreOptions, SessionConfig,
+    SessionId, SessionManager, SessionMeta, Store, StoredSession, Timestamp, Touch,
 };
 use locktable::{Error, LockTable, TableOptions};
 use std::io::{BufRead, BufReader};
@@ -91,9 +91,15 @@ fn store(url: &str, opts: PgStoreOptions) -> PgStore {
 
 fn pg_fixture() -> Option<Fixture<PgStore>> {
     let url = pg_url()?;
+    let opts = fresh_options();
+    let first = store(&url, opts.clone());
     Some(Fixture {
-        store: store(&url, fresh_options()),
+        store: first,
         table: LockTable::anonymous(&TableOptions::default()).unwrap(),
+        // Another host's handle: its own pool on the same tables.
+        reopen: Some(Box::new(move || {
+            Box::new(store(&url, opts.clone())) as Box<dyn Store>
+        })),
         _keep: Box::new(()),
     })
 }
@@ -119,10 +125,15 @@ pg_conformance!(
     load_absent,
     save_is_compare_and_swap,
     save_keeps_the_newer_access_time,
-    touch_does_not_revive_an_idle_expired_session,
+    touch_does_not_revive_an_expired_session,
+    meta_is_kept_beside_the_record,
+    load_reports_records_over_the_limit,
+    remove_expired_is_a_checked_delete,
+    remove_expired_is_atomic_with_touches,
+    scan_expired_is_bounded_and_complete,
+    atomic_cas_holds_across_handles,
     touch_is_monotonic_coalesced_and_leaves_data,
     delete_removes_everything,
-    list_expired_by_idle_and_lifetime_with_limit,
     concurrent_cas_has_one_winner_per_version,
     concurrent_touches_keep_the_maximum,
     thousand_concurrent_reads_store_one_touch,
@@ -130,13 +141,28 @@ pg_conformance!(
 );
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
+const MAX: usize = 1 << 20;
 
+/// A stored session with opaque bytes (the store does not decode records).
 fn stored(version: u64, created: Timestamp, la: Timestamp, bytes: Vec<u8>) -> StoredSession {
     StoredSession {
-        version,
-        created,
-        last_accessed: la,
+        meta: SessionMeta {
+            version,
+            created,
+            last_accessed: la,
+            expiry: Expiry::Default,
+            size: bytes.len() as u64,
+        },
         bytes,
+    }
+}
+
+/// The rule at `now` with an idle timeout of 100 s and a lifetime of 1,000 s.
+fn rule(now: Timestamp) -> Cutoffs {
+    Cutoffs {
+        now,
+        idle_timeout: Duration::from_secs(100),
+        max_lifetime: Duration::from_secs(1000),
     }
 }
 
@@ -186,7 +212,7 @@ fn schema_is_created_once_by_concurrent_starters_and_kept_by_later_ones() {
         .unwrap());
     // A later start migrates nothing and keeps the data.
     let again = store(&url, opts.clone());
-    assert_eq!(again.load(&i).unwrap().unwrap().bytes, b"x");
+    assert_eq!(again.load(&i, MAX).unwrap().unwrap().bytes, b"x");
     // Tables from a newer library are refused, not rewritten.
     let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     c.execute(
@@ -241,27 +267,27 @@ fn purge_deletes_expired_sessions_in_bounded_batches() {
     assert!(s
         .save(&live, None, &stored(1, t(0), t(500), vec![1]))
         .unwrap());
-    let cut = Cutoffs {
-        idle_before: t(100),
-        created_before: t(0),
-    };
     // A touch that lands before the purge keeps its session.
     assert_eq!(
-        s.touch(&old[0], t(200), Duration::ZERO, t(0)).unwrap(),
+        s.touch(&old[0], t(105), Duration::ZERO, &rule(t(105)))
+            .unwrap(),
         Touch::Written
     );
-    assert_eq!(s.purge_expired(cut, 2).unwrap(), 2);
-    assert_eq!(s.purge_expired(cut, 10).unwrap(), 2);
-    assert_eq!(s.purge_expired(cut, 10).unwrap(), 0);
-    assert!(s.load(&old[0]).unwrap().is_some());
-    assert!(s.load(&live).unwrap().is_some());
+    let cut = rule(t(200));
+    assert_eq!(s.purge_expired(&cut, 2).unwrap(), 2);
+    assert_eq!(s.purge_expired(&cut, 10).unwrap(), 2);
+    assert_eq!(s.purge_expired(&cut, 10).unwrap(), 0);
+    assert!(s.load(&old[0], MAX).unwrap().is_some());
+    assert!(s.load(&live, MAX).unwrap().is_some());
     assert_eq!(
         old[1..]
             .iter()
-            .filter(|i| s.load(i).unwrap().is_none())
+            .filter(|i| s.load(i, MAX).unwrap().is_none())
             .count(),
         4
     );
+    // Past its lifetime, even a fresh access does not keep a session.
+    assert_eq!(s.purge_expired(&rule(t(1001)), 10).unwrap(), 2);
 }
 
 #[test]
@@ -281,9 +307,9 @@ fn oversize_records_are_typed_errors_and_never_shipped() {
             limit: 1000
         })
     ));
-    assert!(s.load(&i).unwrap().is_none(), "nothing written");
+    assert!(s.load(&i, MAX).unwrap().is_none(), "nothing written");
     assert!(s.save(&i, None, &stored(1, T0, T0, vec![7; 1000])).unwrap());
-    // A reader with a smaller limit gets the size, not the bytes.
+    // A reader with a smaller limit (its own, or the manager's) gets the size, not the bytes.
     let small = store(
         &url,
         PgStoreOptions {
@@ -292,32 +318,45 @@ fn oversize_records_are_typed_errors_and_never_shipped() {
         },
     );
     assert!(matches!(
-        small.load(&i),
+        small.load(&i, MAX),
         Err(Error::TooLarge {
             size: 1000,
             limit: 100
         })
     ));
-    // Through the manager: a commit that grows the record past the limit writes nothing.
+    assert!(matches!(
+        s.load(&i, 10),
+        Err(Error::TooLarge {
+            size: 1000,
+            limit: 10
+        })
+    ));
+    // Through the manager: a commit that grows the record past the store's own limit (below the
+    // manager's) writes nothing and keeps the session as it was.
     let mgr = SessionManager::new(
         LockTable::anonymous(&TableOptions::default()).unwrap(),
-        store(&url, fresh_options()),
+        store(
+            &url,
+            PgStoreOptions {
+                max_record_size: 1 << 20,
+                ..fresh_options()
+            },
+        ),
         SessionConfig {
             max_record_size: 4 << 20,
             ..SessionConfig::default()
         },
     );
     let mut sess = mgr.create().unwrap();
+    sess.insert("small", &1).unwrap();
     let id = sess.id().to_string();
+    sess.commit().unwrap();
+    let mut sess = mgr.load(&id).unwrap().unwrap();
     sess.insert("big", &"x".repeat(2 << 20)).unwrap();
     assert!(matches!(sess.commit(), Err(Error::TooLarge { .. })));
-    assert!(mgr
-        .load(&id)
-        .unwrap()
-        .unwrap()
-        .get::<String>("big")
-        .unwrap()
-        .is_none());
+    let sess = mgr.load(&id).unwrap().unwrap();
+    assert!(sess.get::<String>("big").unwrap().is_none());
+    assert_eq!(sess.get::<i32>("small").unwrap(), Some(1));
 }
 
 #[test]
@@ -325,7 +364,8 @@ fn hostile_ids_are_refused_or_hashed_never_reach_sql() {
     let url = url_or_skip!();
     let opts = fresh_options();
     let mgr = pg_manager(&url, opts.clone());
-    let s = mgr.create().unwrap();
+    let mut s = mgr.create().unwrap();
+    s.persist();
     let good = s.id().to_string();
     s.commit().unwrap();
     let long = "A".repeat(100_000);
@@ -372,7 +412,7 @@ fn server_errors_name_the_operation_and_never_quote_data() {
     ))
     .unwrap();
     for r in [
-        s.load(&i).map(|_| ()),
+        s.load(&i, MAX).map(|_| ()),
         s.save(&i, Some(1), &stored(2, T0, T0, b"x".to_vec()))
             .map(|_| ()),
         s.delete(&i).map(|_| ()),
@@ -531,7 +571,8 @@ fn four_processes_sharing_only_the_database_count_exactly() {
     let url = url_or_skip!();
     let opts = fresh_options();
     let mgr = pg_manager(&url, opts.clone());
-    let s = mgr.create().unwrap();
+    let mut s = mgr.create().unwrap();
+    s.persist();
     let id = s.id().to_string();
     s.commit().unwrap();
     let started = Instant::now();
@@ -628,7 +669,8 @@ struct Outcomes {
 fn increments_survive(url: &str, disrupt: impl FnOnce()) {
     let opts = fresh_options();
     let mgr = pg_manager(url, opts);
-    let s = mgr.create().unwrap();
+    let mut s = mgr.create().unwrap();
+    s.persist();
     let id = s.id().to_string();
     s.commit().unwrap();
     let outcomes: Vec<Outcomes> = (0..4).map(|_| Outcomes::default()).collect();
@@ -652,7 +694,7 @@ fn increments_survive(url: &str, disrupt: impl FnOnce()) {
                             }
                         }
                         Ok(None) => panic!("session vanished"),
-                        Err(Error::Backend(m)) if m.contains("outcome unknown") => {
+                        Err(Error::OutcomeUnknown(_)) => {
                             o.unknown.fetch_add(1, Ordering::SeqCst);
                         }
                         Err(Error::Backend(_)) => {
@@ -765,8 +807,8 @@ fn a_pool_reconnects_after_its_connections_die() {
     // At most one call fails (the one that finds the dead connection); then it reconnects.
     let mut failures = 0;
     for _ in 0..5 {
-        match s.load(&i) {
-            Ok(got) => assert_eq!(got.unwrap().version, 1),
+        match s.load(&i, MAX) {
+            Ok(got) => assert_eq!(got.unwrap().meta.version, 1),
             Err(Error::Backend(_)) => failures += 1,
             Err(e) => panic!("{e}"),
         }

@@ -357,7 +357,7 @@ fn file_store_without_a_size_limit_loads_sessions() {
     use locktable::session::{FileStore, SessionConfig, SessionManager};
     let dir = tempfile::tempdir().unwrap();
     let table = LockTable::anonymous(&TableOptions::default()).unwrap();
-    let store = FileStore::open(dir.path(), table.clone())
+    let store = FileStore::open(dir.path())
         .unwrap()
         .with_max_file_size(u64::MAX)
         .with_fsync(false);

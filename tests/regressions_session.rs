@@ -89,11 +89,11 @@ fn file_store_session_files_are_private() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let mgr = SessionManager::open(dir.path()).unwrap();
-    let s = mgr.create().unwrap();
+    let mut s = mgr.create().unwrap();
+    s.persist();
     let id = s.id().clone();
     s.commit().unwrap();
-    let table = LockTable::anonymous(&TableOptions::default()).unwrap();
-    let store = FileStore::open(dir.path().join("sessions"), table).unwrap();
+    let store = FileStore::open(dir.path().join("sessions")).unwrap();
     let file = store.path_of(&id);
     let shard = file.parent().unwrap().to_path_buf();
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -128,21 +128,13 @@ fn max_version_record_does_not_panic_on_commit() {
     let rec = record::Record {
         version: u64::MAX,
         created: T0.0,
+        expiry: Default::default(),
         body: record::RecordBody::default(),
     };
     let bytes = record::encode(&rec, 1 << 20).unwrap();
     assert!(mgr
         .store()
-        .save(
-            &id,
-            None,
-            &StoredSession {
-                version: u64::MAX,
-                created: T0,
-                last_accessed: T0,
-                bytes,
-            },
-        )
+        .save(&id, None, &StoredSession::from_record(bytes, T0).unwrap())
         .unwrap());
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let Some(mut s) = mgr.load(id.as_str()).unwrap() else {
@@ -152,4 +144,781 @@ fn max_version_record_does_not_panic_on_commit() {
         let _ = s.commit();
     }));
     assert!(r.is_ok(), "commit panicked on a (checksum-valid) record");
+}
+
+// =============================================================================================
+// The five cases of the hardening review, each reproduced deterministically before its fix
+// (the old code's results are quoted in each comment), and item 3's open points.
+// =============================================================================================
+
+use locktable::session::{Expiry, GcReport, Session, Store};
+use locktable::Error;
+use std::time::{Duration, Instant};
+
+fn file_mgr(dir: &std::path::Path, cfg: SessionConfig) -> SessionManager {
+    SessionManager::new_embedded(
+        dir,
+        SessionConfig {
+            fsync: false,
+            ..cfg
+        },
+    )
+    .unwrap()
+}
+
+fn nested(depth: usize) -> serde_json::Value {
+    let mut v = serde_json::Value::from(1);
+    for _ in 0..depth {
+        v = serde_json::Value::Array(vec![v]);
+    }
+    v
+}
+
+// Case 1. A value nested 127 levels was accepted by `insert` and committed; the next load found
+// the record corrupt (serde_json's recursion limit, 128, counts the record body's two levels)
+// and deleted the session: `load` returned None. Fix: one depth limit (record::MAX_DEPTH),
+// checked by `insert` (typed error, session unchanged) and by the decoder.
+#[test]
+fn deep_json_is_refused_at_insert_never_destroyed_at_load() {
+    let (mgr, _clock) = mem_mgr();
+    let id = new_session(&mgr, &[("a", 1)]);
+    let mut s = mgr.load(&id).unwrap().unwrap();
+    assert!(matches!(
+        s.insert("deep", &nested(127)),
+        Err(Error::TooDeep { depth: 127, .. })
+    ));
+    assert!(!s.is_dirty(), "a refused insert changes nothing");
+    s.insert("deep", &nested(record::MAX_DEPTH)).unwrap();
+    s.commit().unwrap();
+    let s = mgr
+        .load(&id)
+        .unwrap()
+        .expect("the session survives its own data");
+    assert_eq!(
+        s.get::<serde_json::Value>("deep").unwrap(),
+        Some(nested(record::MAX_DEPTH))
+    );
+    assert_eq!(s.get::<i64>("a").unwrap(), Some(1));
+}
+
+// Case 2. With max_record_size = 32 MiB, a 17 MiB commit succeeded, but FileStore read at most
+// a hidden 16 MiB: every load failed with TooLarge and gc deleted the live session as corrupt.
+// Fix: the manager passes its limit to the store on every load; FileStore has no hidden cap.
+#[test]
+fn one_size_limit_per_manager_reaches_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let mgr = file_mgr(
+        dir.path(),
+        SessionConfig {
+            max_record_size: 32 << 20,
+            ..SessionConfig::default()
+        },
+    );
+    let mut s = mgr.create().unwrap();
+    s.insert("blob", &"x".repeat(17 << 20)).unwrap();
+    let id = s.id().to_string();
+    s.commit().unwrap();
+    let s = mgr
+        .load(&id)
+        .unwrap()
+        .expect("a committed record is readable");
+    assert_eq!(
+        s.get::<String>("blob").unwrap().map(|b| b.len()),
+        Some(17 << 20)
+    );
+    drop(s);
+    let r = mgr.gc().unwrap();
+    assert_eq!((r.deleted, r.corrupt), (0, 0));
+    assert!(
+        mgr.load(&id).unwrap().is_some(),
+        "gc left the live session alone"
+    );
+}
+
+/// Bytes this thread has read through system calls (`rchar` of /proc/thread-self/io).
+fn thread_bytes_read() -> u64 {
+    let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+// Case 3. With 200 sessions of 256 KiB and nothing expired, one gc() read 50 MiB: the expiry
+// listing loaded every live record in full to learn its creation time. Fix: gc classifies from
+// headers/metadata only, and examines at most gc_batch entries per call.
+#[test]
+fn gc_reads_headers_only_and_its_io_is_bounded_by_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mgr = file_mgr(
+        dir.path(),
+        SessionConfig {
+            max_record_size: 1 << 20,
+            gc_batch: 50,
+            ..SessionConfig::default()
+        },
+    );
+    let blob = "y".repeat(256 << 10);
+    for _ in 0..200 {
+        let mut s = mgr.create().unwrap();
+        s.insert("blob", &blob).unwrap();
+        s.commit().unwrap();
+    }
+    let mut examined = 0;
+    let mut worst = 0;
+    for _ in 0..5 {
+        let before = thread_bytes_read();
+        let r = mgr.gc().unwrap();
+        let read = thread_bytes_read() - before;
+        worst = worst.max(read);
+        assert!(r.examined <= 50);
+        assert_eq!((r.deleted, r.corrupt, r.unreadable), (0, 0, 0));
+        examined += r.examined;
+    }
+    assert!(examined >= 200, "successive calls cover every session");
+    // 50 headers of at most 128 bytes, plus directory listings; one record alone is 256 KiB.
+    assert!(worst < 32 << 10, "one gc call read {worst} bytes");
+}
+
+// Case 4. One entry that gave an I/O error (here a directory named like an ID) made every gc()
+// fail forever; the cursor never moved past it and expired sessions were never collected. Fix:
+// the entry is skipped, counted in GcReport::unreadable and logged; the scan moves on.
+#[test]
+fn an_unreadable_entry_is_skipped_and_counted_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let mgr = file_mgr(
+        dir.path(),
+        SessionConfig {
+            clock: clock.clone(),
+            idle_timeout: Duration::from_secs(60),
+            ..SessionConfig::default()
+        },
+    );
+    let ids: Vec<String> = (0..5).map(|k| new_session(&mgr, &[("k", k)])).collect();
+    // A directory where a session file would be, in the shard of one of them.
+    let bad = SessionId::generate().unwrap();
+    let shard = dir.path().join("sessions").join(&ids[0][..2]);
+    let bad_name = format!("{}{}", &ids[0][..2], &bad.as_str()[2..]);
+    std::fs::create_dir_all(shard.join(&bad_name)).unwrap();
+    clock.advance(Duration::from_secs(61));
+    let mut total = GcReport::default();
+    for _ in 0..3 {
+        let r = mgr.gc().expect("gc does not fail because of one entry");
+        total.deleted += r.deleted;
+        total.unreadable += r.unreadable;
+    }
+    assert_eq!(total.deleted, 5, "every expired session was collected");
+    assert!(total.unreadable >= 1, "the bad entry was counted");
+    for id in &ids {
+        assert!(mgr.load(id).unwrap().is_none());
+    }
+}
+
+// Case 5. A session that a request saw expired came back, data and all, after the wall clock
+// stepped back (NTP step, VM snapshot restore), and its touch made the revival permanent. Fix: a
+// request that sees a session expired deletes it then and there (the store re-checks with the
+// same "now", atomically).
+#[test]
+fn a_session_seen_expired_stays_gone_after_a_clock_step_back() {
+    for store in ["memory", "file"] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(T0));
+        let cfg = SessionConfig {
+            clock: clock.clone(),
+            idle_timeout: Duration::from_secs(60),
+            ..SessionConfig::default()
+        };
+        let mgr = if store == "memory" {
+            let table = LockTable::anonymous(&TableOptions::default()).unwrap();
+            SessionManager::new(table, MemoryStore::new(), cfg)
+        } else {
+            file_mgr(dir.path(), cfg)
+        };
+        let id = new_session(&mgr, &[("secret", 7)]);
+        clock.advance(Duration::from_secs(61));
+        assert!(mgr.load(&id).unwrap().is_none(), "{store}: expired");
+        clock.set(T0.saturating_add(Duration::from_secs(30)));
+        assert!(
+            mgr.load(&id).unwrap().is_none(),
+            "{store}: revived by a clock step back"
+        );
+        let sid = SessionId::parse(&id).unwrap();
+        assert!(
+            mgr.store().meta(&sid).unwrap().is_none(),
+            "{store}: deleted"
+        );
+    }
+}
+
+// Bounded waits. Two exclusive requests that took two sessions in opposite order hung forever;
+// every wait of the session layer was unbounded. Fix: every lock acquisition has a deadline
+// (SessionConfig::lock_timeout, or a per-call *_timeout) and ends in Error::Timeout.
+#[test]
+fn exclusive_requests_in_opposite_order_time_out_instead_of_hanging() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let table = LockTable::anonymous(&TableOptions::default()).unwrap();
+    let mgr = SessionManager::new(
+        table,
+        MemoryStore::new(),
+        SessionConfig {
+            clock,
+            lock_timeout: Duration::from_millis(300),
+            ..SessionConfig::default()
+        },
+    );
+    let a = new_session(&mgr, &[("n", 0)]);
+    let b = new_session(&mgr, &[("n", 0)]);
+    let barrier = std::sync::Barrier::new(2);
+    let started = Instant::now();
+    let outcomes: Vec<Result<(), Error>> = std::thread::scope(|sc| {
+        let run = |first: &str, second: &str| {
+            let (mgr, barrier) = (&mgr, &barrier);
+            let (first, second) = (first.to_owned(), second.to_owned());
+            sc.spawn(move || -> Result<(), Error> {
+                let s1 = mgr.load_exclusive(&first)?.unwrap();
+                barrier.wait();
+                let r = mgr.load_exclusive(&second).map(|s2| {
+                    drop(s2);
+                });
+                drop(s1);
+                r
+            })
+        };
+        let h1 = run(&a, &b);
+        let h2 = run(&b, &a);
+        vec![h1.join().unwrap(), h2.join().unwrap()]
+    });
+    assert!(started.elapsed() < Duration::from_secs(5), "no hang");
+    assert!(
+        outcomes.iter().any(|r| matches!(r, Err(Error::Timeout))),
+        "{outcomes:?}"
+    );
+    // A commit waiting behind an exclusive request is bounded too, per call.
+    let ex = mgr.load_exclusive(&a).unwrap().unwrap();
+    let mut s = mgr.load(&a).unwrap().unwrap();
+    s.insert("n", &1).unwrap();
+    let t = Instant::now();
+    assert!(matches!(
+        s.commit_timeout(Duration::from_millis(50)),
+        Err(Error::Timeout)
+    ));
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(matches!(
+        mgr.load_exclusive_timeout(&a, Duration::from_millis(20)),
+        Err(Error::Timeout)
+    ));
+    assert!(matches!(
+        mgr.delete_timeout(&a, Duration::from_millis(20)),
+        Err(Error::Timeout)
+    ));
+    assert!(
+        mgr.load_timeout(&a, Duration::from_millis(20))
+            .unwrap()
+            .is_some(),
+        "plain loads never wait for an exclusive request"
+    );
+    drop(ex);
+}
+
+// Item 3.1. A commit whose record was renamed into place but whose directory fsync failed
+// reported a plain I/O error, inviting a retry that applied the change twice. Fix: the store
+// reports Error::OutcomeUnknown (FileStore maps every failure after its rename to it), and
+// transact returns it without re-running `f`. Here a store that applies the write and then
+// reports the unknown outcome stands in for the failing fsync.
+#[derive(Debug, Default)]
+struct UnsureStore {
+    inner: MemoryStore,
+    unsure: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Store for UnsureStore {
+    fn capabilities(&self) -> locktable::session::Capabilities {
+        self.inner.capabilities()
+    }
+    fn load(&self, id: &SessionId, max: usize) -> locktable::Result<Option<StoredSession>> {
+        self.inner.load(id, max)
+    }
+    fn save(&self, id: &SessionId, e: Option<u64>, new: &StoredSession) -> locktable::Result<bool> {
+        let ok = self.inner.save(id, e, new)?;
+        if ok && self.unsure.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::OutcomeUnknown("directory fsync failed".into()));
+        }
+        Ok(ok)
+    }
+    fn meta(&self, id: &SessionId) -> locktable::Result<Option<locktable::session::SessionMeta>> {
+        self.inner.meta(id)
+    }
+    fn touch(
+        &self,
+        id: &SessionId,
+        at: Timestamp,
+        c: Duration,
+        cut: &locktable::session::Cutoffs,
+    ) -> locktable::Result<locktable::session::Touch> {
+        self.inner.touch(id, at, c, cut)
+    }
+    fn delete(&self, id: &SessionId) -> locktable::Result<bool> {
+        self.inner.delete(id)
+    }
+    fn remove_expired(
+        &self,
+        id: &SessionId,
+        cut: &locktable::session::Cutoffs,
+    ) -> locktable::Result<bool> {
+        self.inner.remove_expired(id, cut)
+    }
+    fn scan_expired(
+        &self,
+        cut: &locktable::session::Cutoffs,
+        budget: usize,
+    ) -> locktable::Result<locktable::session::ExpiredScan> {
+        self.inner.scan_expired(cut, budget)
+    }
+}
+
+#[test]
+fn a_commit_of_unknown_outcome_is_reported_as_such_and_never_replayed() {
+    let table = LockTable::anonymous(&TableOptions::default()).unwrap();
+    let store = UnsureStore::default();
+    let flag = Arc::clone(&store.unsure);
+    let mgr = SessionManager::new(table, store, SessionConfig::default());
+    let id = new_session(&mgr, &[("n", 0)]);
+    let unsure = |on: bool| flag.store(on, std::sync::atomic::Ordering::SeqCst);
+    unsure(true);
+    let mut runs = 0;
+    let r = mgr.transact(&id, |s| {
+        runs += 1;
+        let n = s.get::<i64>("n")?.unwrap_or(0);
+        s.insert("n", &(n + 1))
+    });
+    assert!(matches!(r, Err(Error::OutcomeUnknown(_))), "{r:?}");
+    assert_eq!(runs, 1, "transact does not replay an unknown outcome");
+    unsure(false);
+    let s = mgr.load(&id).unwrap().unwrap();
+    assert_eq!(s.get::<i64>("n").unwrap(), Some(1), "applied exactly once");
+}
+
+// Item 3.2. invalidate() on an ID that another request had already cycled returned Ok(()),
+// although nothing was deleted and the session lived on under its new ID (a logout that did
+// not log out). Fix: it returns Error::SessionGone, deleting nothing; documented.
+#[test]
+fn invalidate_after_another_request_cycled_the_id_says_so() {
+    let (mgr, _clock) = mem_mgr();
+    let id = new_session(&mgr, &[("user", 1)]);
+    let logout = mgr.load(&id).unwrap().unwrap();
+    let mut login = mgr.load(&id).unwrap().unwrap();
+    login.cycle_id().unwrap();
+    let new_id = login.id().to_string();
+    login.commit().unwrap();
+    assert!(matches!(logout.invalidate(), Err(Error::SessionGone)));
+    assert!(mgr.load(&new_id).unwrap().is_some());
+}
+
+// Item 3.3. A record over the limit after the limit was lowered: reported as TooLarge by load
+// (never handed out, never "repaired"), deletable, never deleted by gc while live, and
+// collected by gc once expired (gc reads its header, not its body).
+#[test]
+fn a_record_over_a_lowered_limit_is_reported_deletable_and_collected() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let cfg = |limit| SessionConfig {
+        clock: clock.clone(),
+        max_record_size: limit,
+        idle_timeout: Duration::from_secs(60),
+        ..SessionConfig::default()
+    };
+    let big = file_mgr(dir.path(), cfg(1 << 20));
+    let mut s = big.create().unwrap();
+    s.insert("blob", &"z".repeat(8000)).unwrap();
+    let id = s.id().to_string();
+    s.commit().unwrap();
+    let other = new_session(&big, &[("blob", 1)]);
+    let small = file_mgr(dir.path(), cfg(4096));
+    assert!(matches!(small.load(&id), Err(Error::TooLarge { .. })));
+    let r = small.gc().unwrap();
+    assert_eq!((r.deleted, r.corrupt), (0, 0), "live: left alone");
+    clock.advance(Duration::from_secs(61));
+    let r = small.gc().unwrap();
+    assert_eq!((r.deleted, r.corrupt), (2, 0), "expired: collected");
+    assert!(big.load(&id).unwrap().is_none());
+    let _ = other;
+    // And deletable at any time.
+    let mut s = big.create().unwrap();
+    s.insert("blob", &"z".repeat(8000)).unwrap();
+    let id = s.id().to_string();
+    s.commit().unwrap();
+    assert!(small.delete(&id).unwrap());
+}
+
+// Item 3.4. A touch that landed between gc's expiry check (a full load) and its delete was lost
+// with the session: gc deleted a session that a request had just found alive and touched. Fix:
+// gc deletes through Store::remove_expired, which re-checks expiry atomically with the delete,
+// under the same lock as touches. The store below lands a touch right after every read gc makes.
+#[derive(Debug)]
+struct TouchAfterRead {
+    inner: MemoryStore,
+    victim: Arc<parking_lot::Mutex<Option<SessionId>>>,
+}
+
+impl TouchAfterRead {
+    fn touch_victim(&self) {
+        if let Some(id) = self.victim.lock().take() {
+            // The toucher's clock is a little behind gc's: it found the session alive.
+            let cut = locktable::session::Cutoffs {
+                now: T0.saturating_add(Duration::from_secs(59)),
+                idle_timeout: Duration::from_secs(60),
+                max_lifetime: Duration::from_secs(86_400),
+            };
+            let t = self
+                .inner
+                .touch(&id, cut.now, Duration::ZERO, &cut)
+                .unwrap();
+            assert_eq!(t, locktable::session::Touch::Written);
+        }
+    }
+}
+
+impl Store for TouchAfterRead {
+    fn capabilities(&self) -> locktable::session::Capabilities {
+        self.inner.capabilities()
+    }
+    fn load(&self, id: &SessionId, max: usize) -> locktable::Result<Option<StoredSession>> {
+        let r = self.inner.load(id, max);
+        self.touch_victim();
+        r
+    }
+    fn save(&self, id: &SessionId, e: Option<u64>, new: &StoredSession) -> locktable::Result<bool> {
+        self.inner.save(id, e, new)
+    }
+    fn meta(&self, id: &SessionId) -> locktable::Result<Option<locktable::session::SessionMeta>> {
+        let r = self.inner.meta(id);
+        self.touch_victim();
+        r
+    }
+    fn touch(
+        &self,
+        id: &SessionId,
+        at: Timestamp,
+        c: Duration,
+        cut: &locktable::session::Cutoffs,
+    ) -> locktable::Result<locktable::session::Touch> {
+        self.inner.touch(id, at, c, cut)
+    }
+    fn delete(&self, id: &SessionId) -> locktable::Result<bool> {
+        self.inner.delete(id)
+    }
+    fn remove_expired(
+        &self,
+        id: &SessionId,
+        cut: &locktable::session::Cutoffs,
+    ) -> locktable::Result<bool> {
+        self.inner.remove_expired(id, cut)
+    }
+    fn scan_expired(
+        &self,
+        cut: &locktable::session::Cutoffs,
+        budget: usize,
+    ) -> locktable::Result<locktable::session::ExpiredScan> {
+        let r = self.inner.scan_expired(cut, budget);
+        self.touch_victim();
+        r
+    }
+}
+
+#[test]
+fn a_touch_between_gcs_check_and_delete_keeps_the_session() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let table = LockTable::anonymous(&TableOptions::default()).unwrap();
+    let store = TouchAfterRead {
+        inner: MemoryStore::new(),
+        victim: Arc::default(),
+    };
+    let victim = Arc::clone(&store.victim);
+    let mgr = SessionManager::new(
+        table,
+        store,
+        SessionConfig {
+            clock: clock.clone(),
+            idle_timeout: Duration::from_secs(60),
+            ..SessionConfig::default()
+        },
+    );
+    let id = new_session(&mgr, &[("cart", 3)]);
+    let sid = SessionId::parse(&id).unwrap();
+    clock.advance(Duration::from_secs(61));
+    *victim.lock() = Some(sid.clone());
+    let r = mgr.gc().unwrap();
+    assert_eq!(r.deleted, 0, "{r:?}");
+    assert!(
+        mgr.store().meta(&sid).unwrap().is_some(),
+        "the touched session survives gc"
+    );
+}
+
+// Item 3.5. invalidate() and delete() left the session's temporary files (a crash mid-save
+// leaves one, holding the session's data) until gc's 10-minute cleanup. Fix: FileStore's delete
+// removes the session's temporary files with its record.
+#[test]
+fn invalidate_and_delete_remove_the_sessions_temp_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mgr = file_mgr(dir.path(), SessionConfig::default());
+    for how in ["invalidate", "delete"] {
+        let id = new_session(&mgr, &[("secret", 1)]);
+        let shard = dir.path().join("sessions").join(&id[..2]);
+        let leftover = shard.join(format!(".tmp.{id}.00000000deadbeef"));
+        std::fs::write(&leftover, b"the session's data").unwrap();
+        if how == "invalidate" {
+            mgr.load(&id).unwrap().unwrap().invalidate().unwrap();
+        } else {
+            assert!(mgr.delete(&id).unwrap());
+        }
+        assert!(!leftover.exists(), "{how} left the temp file");
+    }
+}
+
+// Item 3.6. Two FileStores on one directory with different lock tables both claimed atomic CAS,
+// but their store locks lived in different tables, so concurrent saves could both pass the
+// version check: lost updates. Fix: FileStore locks through OFD byte locks on a file of its
+// own, so its CAS is atomic whatever lock table its users have (and atomic_cas says so).
+#[test]
+fn file_stores_on_one_directory_with_different_tables_lose_no_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let mgrs: Vec<SessionManager> = (0..2)
+        .map(|_| {
+            let table = LockTable::anonymous(&TableOptions::default()).unwrap();
+            let store = FileStore::open(dir.path()).unwrap().with_fsync(false);
+            assert!(store.capabilities().atomic_cas);
+            SessionManager::new(table, store, SessionConfig::default())
+        })
+        .collect();
+    let id = new_session(&mgrs[0], &[("n", 0)]);
+    let ok = std::sync::atomic::AtomicI64::new(0);
+    std::thread::scope(|sc| {
+        for t in 0..4 {
+            let (mgr, id, ok) = (&mgrs[t % 2], &id, &ok);
+            sc.spawn(move || {
+                for _ in 0..150 {
+                    let mut s = mgr.load(id).unwrap().unwrap();
+                    let n = s.get::<i64>("n").unwrap().unwrap();
+                    s.insert("n", &(n + 1)).unwrap();
+                    match s.commit() {
+                        Ok(()) => {
+                            ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(Error::Conflict { .. }) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            });
+        }
+    });
+    let s = mgrs[1].load(&id).unwrap().unwrap();
+    assert_eq!(
+        s.get::<i64>("n").unwrap(),
+        Some(ok.into_inner()),
+        "lost updates"
+    );
+}
+
+// Lazy creation: every visitor without a session used to cost a store write (create() saved an
+// empty record at once), so a crawler filled the store. Now nothing is stored until a commit has
+// data (or Session::persist was called).
+#[test]
+fn a_crawler_creates_no_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mgr = file_mgr(dir.path(), SessionConfig::default());
+    for _ in 0..1000 {
+        // What a web app does for a request without a (valid) cookie.
+        let s = match mgr.load("no-cookie").unwrap() {
+            Some(s) => s,
+            None => mgr.create().unwrap(),
+        };
+        assert_eq!(s.get::<String>("user").unwrap(), None);
+        s.commit().unwrap();
+    }
+    assert_eq!(mgr.stats().data_writes, 0);
+    let files = walk_files(&dir.path().join("sessions"));
+    assert!(files.is_empty(), "{files:?}");
+    // The first commit with data stores it; persist() stores an empty one on request.
+    let mut s = mgr.create().unwrap();
+    assert!(s.is_new());
+    s.persist();
+    let id = s.id().to_string();
+    s.commit().unwrap();
+    assert!(mgr.load(&id).unwrap().is_some());
+}
+
+fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk_files(&e.path()));
+        } else if e.file_name() != ".locks" {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+// Issue 15, item 5: delete(id) of an expired session returned Ok(true) while load and transact
+// said it was gone. Now they agree: it did not exist (Ok(false)); it is removed all the same.
+#[test]
+fn delete_and_load_agree_on_expired_sessions() {
+    let (mgr, clock) = mem_mgr();
+    let id = new_session(&mgr, &[("a", 1)]);
+    clock.advance(SessionConfig::default().idle_timeout + Duration::from_secs(1));
+    assert!(!mgr.delete(&id).unwrap(), "expired = did not exist");
+    let sid = SessionId::parse(&id).unwrap();
+    assert!(mgr.store().meta(&sid).unwrap().is_none(), "removed anyway");
+    assert!(mgr.load(&id).unwrap().is_none());
+    let live = new_session(&mgr, &[("a", 1)]);
+    assert!(mgr.delete(&live).unwrap());
+}
+
+// Issue 15, item 3: an insert followed by a drop without commit() lost the change without a
+// word. Now it is counted (ManagerStats::dirty_dropped) and logged; discard() is the quiet way.
+#[test]
+fn a_dirty_session_dropped_without_commit_is_reported() {
+    let (mgr, _clock) = mem_mgr();
+    let id = new_session(&mgr, &[("a", 1)]);
+    let mut s = mgr.load(&id).unwrap().unwrap();
+    s.insert("a", &2).unwrap();
+    drop(s);
+    assert_eq!(mgr.stats().dirty_dropped, 1);
+    let mut s = mgr.load(&id).unwrap().unwrap();
+    s.insert("a", &3).unwrap();
+    s.discard();
+    let s = mgr.load(&id).unwrap().unwrap();
+    drop(s); // clean: not counted
+    assert_eq!(mgr.stats().dirty_dropped, 1);
+    assert_eq!(
+        mgr.load(&id).unwrap().unwrap().get::<i64>("a").unwrap(),
+        Some(1)
+    );
+}
+
+// Issue 15, item 4: in a forked child, an inherited manager was reported as an inherited
+// "table", and gc() failed only once something had expired. Now every manager method checks up
+// front and names the SessionManager.
+#[test]
+fn a_forked_childs_inherited_manager_refuses_every_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let mgr = file_mgr(dir.path(), SessionConfig::default());
+    let id = new_session(&mgr, &[("a", 1)]);
+    let s = mgr.load(&id).unwrap().unwrap();
+    // SAFETY: the child only calls the manager (which refuses at once) and `_exit`s.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let forked = |r: Result<(), Error>| match r {
+            Err(e @ Error::ForkedSessionManager) => {
+                let m = e.to_string();
+                m.contains("SessionManager") && m.contains("open")
+            }
+            _ => false,
+        };
+        let all = [
+            forked(mgr.gc().map(|_| ())),
+            forked(mgr.load(&id).map(|_| ())),
+            forked(mgr.load_exclusive(&id).map(|_| ())),
+            forked(mgr.create().map(|_| ())),
+            forked(mgr.delete(&id).map(|_| ())),
+            forked(mgr.transact(&id, |_| Ok(())).map(|_| ())),
+            forked(s.commit()),
+        ];
+        // SAFETY: ends the child without running the parent's destructors or test harness.
+        unsafe { libc::_exit(if all.iter().all(|&b| b) { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child just forked.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child: {status}"
+    );
+    assert!(mgr.load(&id).unwrap().is_some(), "the parent is unaffected");
+}
+
+// Per-session expiry: each rule is honoured by loads, touches and gc.
+#[test]
+fn per_session_expiry_is_honoured_by_loads_touches_and_gc() {
+    let (mgr, clock) = mem_mgr();
+    let secs = Duration::from_secs;
+    let with = |e: Expiry| {
+        let mut s = mgr.create().unwrap();
+        s.insert("k", &1).unwrap();
+        s.set_expiry(e);
+        let id = s.id().to_string();
+        s.commit().unwrap();
+        id
+    };
+    let short = with(Expiry::Idle(secs(120)));
+    let long = with(Expiry::Idle(secs(7200)));
+    let fixed = with(Expiry::At(T0.saturating_add(secs(600))));
+    let default = with(Expiry::Default);
+    let touch_all = |ids: &[&String]| {
+        for id in ids {
+            if let Some(s) = mgr.load(id).unwrap() {
+                s.commit().unwrap();
+            }
+        }
+    };
+    // Touched every 100 s: the short-idle session stays, the fixed one ends at 600 s anyway.
+    for _ in 0..5 {
+        clock.advance(secs(100));
+        touch_all(&[&short, &fixed]);
+    }
+    assert!(mgr.load(&short).unwrap().is_some());
+    assert!(mgr.load(&fixed).unwrap().is_some());
+    clock.advance(secs(101)); // 601 s: past the fixed time
+    assert!(
+        mgr.load(&fixed).unwrap().is_none(),
+        "fixed time, touches or not"
+    );
+    // 601 s without a touch: the short one lives (it was touched at 500 s); the default one
+    // (30 min idle) lives; then 121 s more ends the short one only.
+    clock.advance(secs(121));
+    assert!(mgr.load(&short).unwrap().is_none());
+    assert!(mgr.load(&default).unwrap().is_some());
+    // Past the manager's idle timeout (30 min since its last touch) the default one ends, the
+    // long-idle one (2 h) does not; gc agrees.
+    clock.advance(secs(1900));
+    let r = mgr.gc().unwrap();
+    assert_eq!(r.deleted, 1, "{r:?}");
+    assert!(mgr.load(&default).unwrap().is_none());
+    let s = mgr.load(&long).unwrap().expect("own idle timeout of 2 h");
+    assert_eq!(s.expiry(), Expiry::Idle(secs(7200)));
+    assert!(s.expires_at() > clock_now(&clock));
+}
+
+fn clock_now(c: &ManualClock) -> Timestamp {
+    use locktable::session::Clock;
+    c.now()
+}
+
+// Write skew: a request that decides on key `a` and writes `b` commits on a stale `a` unless it
+// reads `a` with get_for_update.
+#[test]
+fn get_for_update_closes_write_skew() {
+    let (mgr, _clock) = mem_mgr();
+    let id = new_session(&mgr, &[("balance", 100)]);
+    let plain = |s: &mut Session| s.get::<i64>("balance").unwrap().unwrap();
+    // Without read validation: both decide on balance 100 and both commit.
+    let mut r1 = mgr.load(&id).unwrap().unwrap();
+    let mut r2 = mgr.load(&id).unwrap().unwrap();
+    assert_eq!(plain(&mut r1), 100);
+    r1.insert("balance", &0).unwrap();
+    r1.commit().unwrap();
+    assert_eq!(plain(&mut r2), 100);
+    r2.insert("withdrawn", &100).unwrap();
+    r2.commit().unwrap(); // write skew, by design of the default mode
+                          // With get_for_update the second one conflicts.
+    let mut r1 = mgr.load(&id).unwrap().unwrap();
+    let mut r2 = mgr.load(&id).unwrap().unwrap();
+    r1.insert("balance", &-100).unwrap();
+    r1.commit().unwrap();
+    assert_eq!(r2.get_for_update::<i64>("balance").unwrap(), Some(0));
+    r2.insert("withdrawn2", &100).unwrap();
+    assert!(matches!(r2.commit(), Err(Error::Conflict { key }) if key == "balance"));
 }

@@ -4,7 +4,8 @@
 //! remove, commit, end without commit, cycle, clock steps, gc, re-create) are interleaved in an
 //! order chosen by proptest and checked step by step against a sequential reference: reads see
 //! the load-time snapshot plus the request's own changes; a commit succeeds exactly when no other
-//! commit changed one of its keys since its load, and then applies only its delta; the stored
+//! commit changed one of its keys (written, or read with `get_for_update`) since its load, and
+//! then applies only its delta; the stored
 //! last-accessed time is the maximum of the recorded accesses; an expired session is never
 //! returned and never revived.
 //!
@@ -30,6 +31,8 @@ const KEYS: [&str; 3] = ["a", "b", "c"];
 enum Op {
     Load(usize),
     Get(usize, usize),
+    /// A read that takes part in the commit's conflict check (write-skew protection).
+    GetForUpdate(usize, usize),
     Insert(usize, usize, i64),
     Remove(usize, usize),
     Commit(usize),
@@ -46,6 +49,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => c.clone().prop_map(Op::Load),
         3 => (c.clone(), k.clone()).prop_map(|(c, k)| Op::Get(c, k)),
+        2 => (c.clone(), k.clone()).prop_map(|(c, k)| Op::GetForUpdate(c, k)),
         4 => (c.clone(), k.clone(), -5i64..5).prop_map(|(c, k, v)| Op::Insert(c, k, v)),
         2 => (c.clone(), k).prop_map(|(c, k)| Op::Remove(c, k)),
         4 => c.clone().prop_map(Op::Commit),
@@ -77,6 +81,12 @@ impl Reference {
     fn alive(&self, now: Timestamp) -> bool {
         !self.deleted && !self.expired(now)
     }
+    /// A request that finds the session expired deletes it on the spot.
+    fn delete_if_seen_expired(&mut self, now: Timestamp) {
+        if !self.deleted && self.expired(now) {
+            self.deleted = true;
+        }
+    }
     /// An access recorded at a request's end (touch interval 0).
     fn record_access(&mut self, gen: u64, accessed: Timestamp, now: Timestamp) {
         if gen == self.gen && self.alive(now) {
@@ -86,6 +96,8 @@ impl Reference {
 }
 
 struct Request {
+    /// Keys read with `get_for_update`.
+    reads: std::collections::BTreeSet<String>,
     session: Session,
     gen: u64,
     base: u64,
@@ -100,7 +112,7 @@ struct Harness {
     r: Reference,
     clients: Vec<Option<Request>>,
     /// Earlier sessions that expired and were replaced by `Create`, not yet collected.
-    zombies: usize,
+    zombies: Vec<String>,
 }
 
 impl Harness {
@@ -116,7 +128,8 @@ impl Harness {
         };
         let table = LockTable::anonymous(&TableOptions::default()).unwrap();
         let mgr = SessionManager::new(table, MemoryStore::new(), cfg);
-        let s = mgr.create().unwrap();
+        let mut s = mgr.create().unwrap();
+        s.persist();
         let r = Reference {
             id: s.id().to_string(),
             gen: 0,
@@ -133,7 +146,7 @@ impl Harness {
             clock,
             r,
             clients: (0..CLIENTS).map(|_| None).collect(),
-            zombies: 0,
+            zombies: Vec::new(),
         }
     }
 
@@ -151,6 +164,7 @@ impl Harness {
                 }
                 let got = self.mgr.load(&self.r.id).unwrap();
                 assert_eq!(got.is_some(), self.r.alive(now), "visibility at load");
+                self.r.delete_if_seen_expired(now);
                 if let Some(session) = got {
                     assert_eq!(session.version(), self.r.version);
                     assert_eq!(session.last_accessed(), self.r.la);
@@ -160,8 +174,16 @@ impl Harness {
                         base: self.r.version,
                         view: self.r.data.clone(),
                         delta: BTreeMap::new(),
+                        reads: Default::default(),
                         accessed: now.max(self.r.la),
                     });
+                }
+            }
+            Op::GetForUpdate(c, k) => {
+                if let Some(q) = &mut self.clients[c] {
+                    let got = q.session.get_for_update::<i64>(KEYS[k]).unwrap();
+                    assert_eq!(got, q.view.get(KEYS[k]).copied(), "snapshot read");
+                    q.reads.insert(KEYS[k].to_owned());
                 }
             }
             Op::Get(c, k) => {
@@ -196,19 +218,29 @@ impl Harness {
                 let Some(q) = self.clients[c].take() else {
                     return;
                 };
+                let qid = q.session.id().to_string();
                 let got = q.session.commit();
+                if !q.delta.is_empty() {
+                    // A request of a replaced, expired session deletes it when it sees it.
+                    self.zombies.retain(|z| *z != qid);
+                }
                 if q.delta.is_empty() {
                     assert!(got.is_ok(), "read-only commit: {got:?}");
                     self.r.record_access(q.gen, q.accessed, now);
                 } else if q.gen != self.r.gen || !self.r.alive(now) {
                     assert!(matches!(got, Err(Error::SessionGone)), "{got:?}");
+                    if q.gen == self.r.gen {
+                        self.r.delete_if_seen_expired(now);
+                    }
                 } else if let Some(k) = q
                     .delta
                     .keys()
+                    .chain(q.reads.iter())
                     .find(|k| self.r.changed.get(*k).is_some_and(|&v| v > q.base))
                 {
+                    // Written keys, then keys read for update: no write skew on either.
                     assert!(
-                        matches!(&got, Err(Error::Conflict { key }) if key <= k),
+                        matches!(&got, Err(Error::Conflict { key }) if key == k),
                         "expected conflict on {k}: {got:?}"
                     );
                     // The dropped session still records its access.
@@ -230,9 +262,14 @@ impl Harness {
                 let Some(q) = &mut self.clients[c] else {
                     return;
                 };
+                let qid = q.session.id().to_string();
+                self.zombies.retain(|z| *z != qid);
                 let got = q.session.cycle_id();
                 if q.gen != self.r.gen || !self.r.alive(now) {
                     assert!(matches!(got, Err(Error::SessionGone)), "{got:?}");
+                    if q.gen == self.r.gen {
+                        self.r.delete_if_seen_expired(now);
+                    }
                 } else {
                     got.unwrap();
                     assert!(
@@ -249,8 +286,8 @@ impl Harness {
             Op::Gc => {
                 let report = self.mgr.gc().unwrap();
                 let expected = !self.r.deleted && self.r.expired(now);
-                assert_eq!(report.deleted, usize::from(expected) + self.zombies);
-                self.zombies = 0;
+                assert_eq!(report.deleted, usize::from(expected) + self.zombies.len());
+                self.zombies.clear();
                 if expected {
                     self.r.deleted = true;
                 }
@@ -260,9 +297,10 @@ impl Harness {
                     return;
                 }
                 if !self.r.deleted {
-                    self.zombies += 1;
+                    self.zombies.push(self.r.id.clone());
                 }
-                let s = self.mgr.create().unwrap();
+                let mut s = self.mgr.create().unwrap();
+                s.persist();
                 self.r = Reference {
                     id: s.id().to_string(),
                     gen: self.r.gen + 1,
@@ -282,7 +320,7 @@ impl Harness {
     /// The stored record equals the reference (data, version, last-accessed).
     fn check_store(&self) {
         let id = SessionId::parse(&self.r.id).unwrap();
-        let stored = self.mgr.store().load(&id).unwrap();
+        let stored = self.mgr.store().load(&id, 1 << 20).unwrap();
         if self.r.deleted {
             assert!(stored.is_none());
             return;
@@ -298,7 +336,7 @@ impl Harness {
         assert_eq!(data, self.r.data, "no update lost, none resurrected");
         assert_eq!(rec.version, self.r.version);
         assert_eq!(
-            stored.last_accessed, self.r.la,
+            stored.meta.last_accessed, self.r.la,
             "last-accessed = max of accesses"
         );
     }
@@ -348,7 +386,8 @@ proptest! {
     ) {
         let table = LockTable::anonymous(&TableOptions::default()).unwrap();
         let mgr = SessionManager::new(table, MemoryStore::new(), SessionConfig::default());
-        let s = mgr.create().unwrap();
+        let mut s = mgr.create().unwrap();
+        s.persist();
         let id = s.id().to_string();
         s.commit().unwrap();
         let writes_before = mgr.stats().data_writes;

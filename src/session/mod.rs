@@ -42,7 +42,25 @@
 //! - **Read-only**: a request that changes nothing never writes data; it only records its access
 //!   time, coalesced (see [`SessionConfig::touch_interval`]).
 
+//! - **Write skew**: by default only the keys a request *wrote* are checked at commit, so a
+//!   request that reads `a` and writes `b` may commit on a stale `a`. Read a key with
+//!   [`Session::get_for_update`] to make it part of the conflict check.
+//!
+//! # What is guaranteed
+//! - No update lost: a commit that returns `Ok` is applied exactly once, and a change to a key is
+//!   never overwritten by a request that loaded before it (that request gets
+//!   [`Error::Conflict`]). A commit whose outcome is unknown says so ([`Error::OutcomeUnknown`]).
+//! - Nothing stuck: every wait is bounded by [`SessionConfig::lock_timeout`] (or the `*_timeout`
+//!   variants) and ends in [`Error::Timeout`]; locks of dead processes are recovered.
+//! - Nothing revived: a session seen expired is deleted at once; touches and commits re-check
+//!   expiry atomically with their write.
+//! - A visitor costs nothing until a commit stores data: [`SessionManager::create`] is lazy.
+//!
+//! Owns: the request cycle (load, merge, commit, touch, expiry, gc) over a [`Store`] and the
+//! lock table; takes its locks only through `locks.rs`. May not touch: lock-table internals.
+
 mod id;
+mod locks;
 #[cfg(feature = "postgres")]
 mod locks_pg;
 #[cfg(feature = "postgres")]
@@ -53,29 +71,31 @@ mod store;
 pub mod demo;
 
 pub use id::{SessionId, ID_BYTES, ID_LEN};
+pub use locks::session_lock_id;
 #[cfg(feature = "postgres")]
 pub use locks_pg::{PgLockKeys, PgLocks, PgReadGuard, PgUpgradableGuard, PgWriteGuard};
 #[cfg(feature = "postgres")]
 pub use pg_pool::{PgPool, PgPoolOptions, DEFAULT_POOL_SIZE};
 pub use store::{
-    Capabilities, Clock, Cutoffs, FileStore, ManualClock, MemoryStore, Store, StoredSession,
-    SystemClock, Timestamp, Touch,
+    Capabilities, Clock, Cutoffs, ExpiredScan, Expiry, FileStore, ManualClock, MemoryStore,
+    SessionMeta, Store, StoredSession, SystemClock, Timestamp, Touch,
 };
 #[cfg(feature = "postgres")]
 pub use store::{PgStore, PgStoreOptions};
 
-use crate::{Error, LockTable, Result, TableOptions, UpgradableReadGuard};
+use crate::{Error, LockTable, Result, TableOptions, UpgradableReadGuard, WriteGuard};
+use locks::Deadline;
 use record::{Record, RecordBody};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// What to do when a stored record fails validation (checksum, format, size).
+/// What to do when a stored record fails validation (checksum, format).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CorruptPolicy {
     /// Delete the session and treat it as absent (counted in [`ManagerStats::corrupt_invalidated`]).
@@ -91,22 +111,26 @@ pub enum CorruptPolicy {
 /// use std::time::Duration;
 /// let cfg = SessionConfig { idle_timeout: Duration::from_secs(600), ..SessionConfig::default() };
 /// assert_eq!(cfg.effective_touch_interval(), Duration::from_secs(10));
+/// assert_eq!(cfg.lock_timeout, Duration::from_secs(5));
 /// ```
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// A session not accessed for this long expires. Default 30 minutes.
+    /// A session not accessed for this long expires ([`Expiry::Default`]). Default 30 minutes.
     pub idle_timeout: Duration,
-    /// A session expires this long after creation, however active. Default 24 hours.
+    /// A session expires this long after creation, however active ([`Expiry::Default`] and
+    /// [`Expiry::Idle`]). Default 24 hours.
     pub max_lifetime: Duration,
     /// A request's access is not stored when the stored time is newer than `now - touch_interval`.
     /// `None` (default): `idle_timeout / 60`. Expiry may therefore happen up to this much early.
+    /// A session with its own [`Expiry::Idle`] uses at most a sixtieth of its own timeout.
     pub touch_interval: Option<Duration>,
-    /// Largest encoded record; bigger commits fail with [`Error::TooLarge`]. Default 1 MiB.
+    /// Largest encoded record: bigger commits fail with [`Error::TooLarge`], and the store is
+    /// given the same limit for reading. Default 1 MiB.
     pub max_record_size: usize,
     /// Optimistic attempts of [`SessionManager::transact`] before its final exclusive attempt.
     /// Default 4.
     pub transact_retries: u32,
-    /// Most sessions one [`SessionManager::gc`] call deletes. Default 1,000.
+    /// Most entries one [`SessionManager::gc`] call examines (and so deletes). Default 1,000.
     pub gc_batch: usize,
     /// Most tombstones kept per record; older ones are folded into a floor version. Default 256.
     pub max_tombstones: usize,
@@ -117,6 +141,9 @@ pub struct SessionConfig {
     /// Durable saves in the embedded [`FileStore`] of [`SessionManager::open`] /
     /// [`SessionManager::new_embedded`] (see [`FileStore::with_fsync`]). Default `true`.
     pub fsync: bool,
+    /// Longest wait for a lock in any one call (load, commit, transact, delete, ...), after
+    /// which the call fails with [`Error::Timeout`]. Default 5 seconds.
+    pub lock_timeout: Duration,
 }
 
 impl Default for SessionConfig {
@@ -132,20 +159,31 @@ impl Default for SessionConfig {
             on_corrupt: CorruptPolicy::Invalidate,
             clock: Arc::new(SystemClock),
             fsync: true,
+            lock_timeout: Duration::from_secs(5),
         }
     }
 }
 
 impl SessionConfig {
-    /// The touch interval in force.
+    /// The touch interval in force for sessions with [`Expiry::Default`].
     pub fn effective_touch_interval(&self) -> Duration {
         self.touch_interval.unwrap_or(self.idle_timeout / 60)
     }
 
-    fn cutoffs(&self, now: Timestamp) -> Cutoffs {
+    /// The touch interval of a session with expiry rule `e`.
+    fn touch_interval_for(&self, e: Expiry) -> Duration {
+        match e {
+            Expiry::Idle(d) => self.effective_touch_interval().min(d / 60),
+            _ => self.effective_touch_interval(),
+        }
+    }
+
+    /// The expiry rule in force at `now`.
+    pub fn cutoffs(&self, now: Timestamp) -> Cutoffs {
         Cutoffs {
-            idle_before: now.saturating_sub(self.idle_timeout),
-            created_before: now.saturating_sub(self.max_lifetime),
+            now,
+            idle_timeout: self.idle_timeout,
+            max_lifetime: self.max_lifetime,
         }
     }
 }
@@ -155,7 +193,7 @@ impl SessionConfig {
 pub struct ManagerStats {
     /// Sessions returned by `load`, `load_exclusive` and `create`.
     pub loads: u64,
-    /// Data writes to the store (create, commit with changes, cycle).
+    /// Data writes to the store (first store of a session, commit with changes, cycle).
     pub data_writes: u64,
     /// Access-time writes to the store.
     pub touches_written: u64,
@@ -167,6 +205,11 @@ pub struct ManagerStats {
     pub corrupt_invalidated: u64,
     /// Lock acquisitions that reported a writer which died holding the lock.
     pub owner_died_seen: u64,
+    /// Sessions with uncommitted changes dropped without [`Session::commit`] or
+    /// [`Session::discard`] (each also logged as a `tracing` warning): a lost change.
+    pub dirty_dropped: u64,
+    /// Sessions a request found expired and deleted on the spot.
+    pub expired_removed: u64,
 }
 
 #[derive(Debug, Default)]
@@ -178,6 +221,8 @@ struct Counters {
     conflicts: AtomicU64,
     corrupt_invalidated: AtomicU64,
     owner_died_seen: AtomicU64,
+    dirty_dropped: AtomicU64,
+    expired_removed: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -189,15 +234,19 @@ fn bump(c: &AtomicU64) {
 pub struct GcReport {
     /// Expired sessions deleted.
     pub deleted: usize,
-    /// Corrupt sessions deleted.
+    /// Sessions with an unreadable header (corrupt for sure) deleted.
     pub corrupt: usize,
-    /// Candidates skipped because a request held their lock (retried by a later call).
+    /// Corrupt candidates skipped because a request held their lock (retried by a later call).
     pub busy: usize,
     /// Candidates that turned out not to be expired (touched meanwhile).
     pub live: usize,
+    /// Entries that gave an I/O error: skipped (and logged); the scan moved past them.
+    pub unreadable: usize,
+    /// Entries examined (at most `gc_batch`).
+    pub examined: usize,
     /// Leftover temporary files removed by the store.
     pub temp_files_removed: usize,
-    /// True when the batch was full: call `gc` again to continue.
+    /// True when the batch was used up: call `gc` again to continue.
     pub more: bool,
 }
 
@@ -207,6 +256,8 @@ struct Inner {
     store: Box<dyn Store>,
     cfg: SessionConfig,
     counters: Counters,
+    /// The fork epoch this manager was made in: a forked child's copy refuses to act.
+    fork_epoch: u64,
 }
 
 /// Entry point of the session layer; cheap to clone and share between threads.
@@ -221,19 +272,6 @@ struct Loaded {
     last_accessed: Timestamp,
 }
 
-/// The lock-table ID of a session's data lock (for tools and crash tests).
-///
-/// ```
-/// use locktable::session::{session_lock_id, SessionId};
-/// let id = SessionId::generate().unwrap();
-/// assert!(session_lock_id(&id).len() <= 256);
-/// ```
-pub fn session_lock_id(id: &SessionId) -> String {
-    format!("ls.d.{}", id.as_str())
-}
-
-use session_lock_id as lock_key;
-
 impl SessionManager {
     /// The embedded default: a [`FileStore`] in `dir/sessions` and the lock table file
     /// `dir/locks.table`, so every process that opens `dir` shares locks and data.
@@ -246,11 +284,15 @@ impl SessionManager {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir)?;
         let table = LockTable::open(dir.join("locks.table"), &TableOptions::default())?;
-        let store = FileStore::open(dir.join("sessions"), table.clone())?.with_fsync(cfg.fsync);
+        let store = FileStore::open(dir.join("sessions"))?
+            .with_fsync(cfg.fsync)
+            .with_lock_timeout(cfg.lock_timeout);
         Ok(SessionManager::new(table, store, cfg))
     }
 
-    /// A manager over any lock table and store.
+    /// A manager over any lock table and store. Every process using the same store must use the
+    /// same lock table for exclusive requests to exclude each other (commits stay safe either
+    /// way when the store's [`Capabilities::atomic_cas`] holds).
     pub fn new(table: LockTable, store: impl Store + 'static, cfg: SessionConfig) -> Self {
         SessionManager {
             inner: Arc::new(Inner {
@@ -258,6 +300,7 @@ impl SessionManager {
                 store: Box::new(store),
                 cfg,
                 counters: Counters::default(),
+                fork_epoch: crate::fork::epoch(),
             }),
         }
     }
@@ -284,138 +327,160 @@ impl SessionManager {
             conflicts: g(&c.conflicts),
             corrupt_invalidated: g(&c.corrupt_invalidated),
             owner_died_seen: g(&c.owner_died_seen),
+            dirty_dropped: g(&c.dirty_dropped),
+            expired_removed: g(&c.expired_removed),
         }
     }
 
-    /// Creates a new, empty session with a fresh random ID (written at once).
+    /// Starts a new, empty session with a fresh random ID. **Lazy**: nothing is stored until
+    /// [`Session::commit`] has data to write (or [`Session::persist`] was called), so a visitor
+    /// that never gets data (a crawler) costs no store write at all.
     pub fn create(&self) -> Result<Session> {
         let inner = &self.inner;
+        inner.check_fork()?;
         let now = inner.cfg.clock.now();
-        let record = Record {
-            version: 1,
-            created: now.0,
-            body: RecordBody::default(),
+        let loaded = Loaded {
+            record: Record {
+                version: 0,
+                created: now.0,
+                expiry: Expiry::Default,
+                body: RecordBody::default(),
+            },
+            last_accessed: now,
         };
-        let bytes = record::encode(&record, inner.cfg.max_record_size)?;
-        // A collision of 192 random bits is not expected; retry a few times rather than loop.
-        for _ in 0..4 {
-            let id = SessionId::generate()?;
-            let stored = StoredSession {
-                version: 1,
-                created: now,
-                last_accessed: now,
-                bytes: bytes.clone(),
-            };
-            if inner.store.save(&id, None, &stored)? {
-                bump(&inner.counters.data_writes);
-                bump(&inner.counters.loads);
-                return Ok(Session::new(
-                    Arc::clone(inner),
-                    id,
-                    Loaded {
-                        record: record.clone(),
-                        last_accessed: now,
-                    },
-                    now,
-                    None,
-                ));
-            }
-        }
-        Err(Error::Random("four generated session IDs collided".into()))
+        bump(&inner.counters.loads);
+        let mut s = Session::new(Arc::clone(inner), SessionId::generate()?, loaded, now, None);
+        s.stored = false;
+        Ok(s)
     }
 
-    /// Loads a session for an optimistic or read-only request.
+    /// Loads a session for an optimistic or read-only request, waiting at most
+    /// [`SessionConfig::lock_timeout`] for its lock.
     ///
     /// The read lock is held only while the record is read. Returns `Ok(None)` for an unknown,
     /// expired or malformed ID (so a cookie can be passed in as it came); use
-    /// [`SessionId::parse`] to tell a malformed one apart.
+    /// [`SessionId::parse`] to tell a malformed one apart. A session found expired is deleted
+    /// then and there, so no later clock step can bring it back.
     pub fn load(&self, id: &str) -> Result<Option<Session>> {
-        let Ok(id) = SessionId::parse(id) else {
-            return Ok(None);
-        };
-        let inner = &self.inner;
-        let now = inner.cfg.clock.now();
-        let guard = inner.table.read(lock_key(&id))?;
-        let died = guard.previous_owner_died();
-        let loaded = inner.read_validated(&id, died);
-        drop(guard);
-        let Some(loaded) = inner.handle_corrupt(&id, loaded, died)? else {
-            return Ok(None);
-        };
-        if inner.is_expired(&loaded, now, Timestamp(0)) {
-            return Ok(None);
-        }
-        bump(&inner.counters.loads);
-        Ok(Some(Session::new(Arc::clone(inner), id, loaded, now, None)))
+        self.load_timeout(id, self.inner.cfg.lock_timeout)
+    }
+
+    /// [`SessionManager::load`] with its own bound on the wait ([`Error::Timeout`]).
+    pub fn load_timeout(&self, id: &str, timeout: Duration) -> Result<Option<Session>> {
+        self.load_with(id, false, Deadline::after(timeout))
     }
 
     /// Loads a session for an exclusive request: the session's upgradable lock is held until
     /// the session is committed, invalidated or dropped.
     ///
     /// Other `load`s proceed meanwhile; other exclusive loads and all commits of this session
-    /// wait. Do not load the same session exclusively twice in one thread (it would wait for
-    /// itself), and do not commit an optimistic session of the same ID while holding this one.
+    /// wait, at most [`SessionConfig::lock_timeout`]. Two exclusive requests that take two
+    /// sessions in opposite orders end in [`Error::Timeout`] for at least one of them.
     pub fn load_exclusive(&self, id: &str) -> Result<Option<Session>> {
+        self.load_exclusive_timeout(id, self.inner.cfg.lock_timeout)
+    }
+
+    /// [`SessionManager::load_exclusive`] with its own bound on the wait.
+    pub fn load_exclusive_timeout(&self, id: &str, timeout: Duration) -> Result<Option<Session>> {
+        self.load_with(id, true, Deadline::after(timeout))
+    }
+
+    fn load_with(&self, id: &str, exclusive: bool, d: Deadline) -> Result<Option<Session>> {
+        let inner = &self.inner;
+        inner.check_fork()?;
         let Ok(id) = SessionId::parse(id) else {
             return Ok(None);
         };
-        let inner = &self.inner;
-        // Kept in the session until commit: an owned guard.
-        let guard = inner.table.upgradable_read(lock_key(&id))?.into_owned();
-        let now = inner.cfg.clock.now();
-        let died = guard.previous_owner_died();
-        let loaded = inner.read_validated(&id, died);
-        let loaded = match loaded {
-            Ok(l) => l,
-            Err(e) => {
-                drop(guard);
-                inner.handle_corrupt(&id, Err(e), died)?;
-                return Ok(None);
+        let (loaded, hold) = if exclusive {
+            let g = locks::upgradable(&inner.table, &id, d)?;
+            let died = g.previous_owner_died();
+            let loaded = inner.read_validated(&id, died);
+            if loaded.is_err() {
+                // The corruption policy may need the write lock: let go first.
+                drop(g);
+                (inner.handle_corrupt(&id, loaded, died, d)?, None)
+            } else {
+                (loaded?, Some(g))
             }
+        } else {
+            let g = locks::read(&inner.table, &id, d)?;
+            let died = g.previous_owner_died();
+            let loaded = inner.read_validated(&id, died);
+            drop(g);
+            (inner.handle_corrupt(&id, loaded, died, d)?, None)
         };
         let Some(loaded) = loaded else {
             return Ok(None);
         };
-        if inner.is_expired(&loaded, now, Timestamp(0)) {
+        let now = inner.cfg.clock.now();
+        if inner.is_expired(&loaded, now) {
+            drop(hold);
+            inner.remove_seen_expired(&id, now);
             return Ok(None);
         }
         bump(&inner.counters.loads);
-        Ok(Some(Session::new(
-            Arc::clone(inner),
-            id,
-            loaded,
-            now,
-            Some(guard),
-        )))
+        Ok(Some(Session::new(Arc::clone(inner), id, loaded, now, hold)))
     }
 
     /// Runs `f` on the session and commits, re-running it on fresh data after a conflict.
     ///
     /// `f` runs at most `transact_retries + 1` times: the first `transact_retries` attempts are
     /// optimistic; the last one loads the session exclusively, which cannot conflict. Returns
-    /// `Ok(None)` if the session does not exist (or stopped existing), and `f`'s first error as is.
+    /// `Ok(None)` if the session does not exist (or stopped existing), and `f`'s first error as
+    /// is. [`Error::OutcomeUnknown`] is returned as is, never retried (a retry could apply the
+    /// change twice). The whole call waits at most [`SessionConfig::lock_timeout`] for locks.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let mgr = locktable::session::SessionManager::open(dir.path()).unwrap();
+    /// # let mut s = mgr.create().unwrap();
+    /// # s.insert("visits", &0u64).unwrap();
+    /// # let cookie = s.id().to_string();
+    /// # s.commit().unwrap();
+    /// match mgr.transact(&cookie, |s| {
+    ///     let n = s.get::<u64>("visits")?.unwrap_or(0) + 1;
+    ///     s.insert("visits", &n)?;
+    ///     Ok(n)
+    /// })? {
+    ///     Some(n) => println!("visit {n}"),
+    ///     None => println!("session gone: start a new one"),
+    /// }
+    /// # Ok::<(), locktable::Error>(())
+    /// ```
     pub fn transact<R>(
         &self,
         id: &str,
+        f: impl FnMut(&mut Session) -> Result<R>,
+    ) -> Result<Option<R>> {
+        self.transact_timeout(id, self.inner.cfg.lock_timeout, f)
+    }
+
+    /// [`SessionManager::transact`] with its own bound on the waits of the whole call.
+    pub fn transact_timeout<R>(
+        &self,
+        id: &str,
+        timeout: Duration,
         mut f: impl FnMut(&mut Session) -> Result<R>,
     ) -> Result<Option<R>> {
+        let d = Deadline::after(timeout);
         let retries = self.inner.cfg.transact_retries;
         // `f` may move the session to a new ID (`cycle_id`, at login): a
         // retry must load the session where it now lives.
         let mut id = id.to_owned();
         for attempt in 0..=retries {
             let exclusive = attempt == retries;
-            let loaded = if exclusive {
-                self.load_exclusive(&id)?
-            } else {
-                self.load(&id)?
-            };
-            let Some(mut s) = loaded else {
+            let Some(mut s) = self.load_with(&id, exclusive, d)? else {
                 return Ok(None);
             };
-            let r = f(&mut s)?;
+            let r = match f(&mut s) {
+                Ok(r) => r,
+                Err(e) => {
+                    s.discard();
+                    return Err(e);
+                }
+            };
             id = s.id().as_str().to_owned();
-            match s.commit() {
+            match s.commit_by(d) {
                 Ok(()) => return Ok(Some(r)),
                 Err(Error::Conflict { .. }) if !exclusive => {
                     // Brief randomized pause so racing requests spread out.
@@ -433,44 +498,60 @@ impl SessionManager {
         Err(Error::SessionGone)
     }
 
-    /// Deletes a session at once; `Ok(false)` if it did not exist or the ID is malformed.
+    /// Deletes a session at once; `Ok(false)` if it did not exist, is malformed, or is expired
+    /// (an expired session is deleted too, but it was already gone for `load`, so `delete`
+    /// agrees: it did not exist).
     pub fn delete(&self, id: &str) -> Result<bool> {
+        self.delete_timeout(id, self.inner.cfg.lock_timeout)
+    }
+
+    /// [`SessionManager::delete`] with its own bound on the wait.
+    pub fn delete_timeout(&self, id: &str, timeout: Duration) -> Result<bool> {
+        let inner = &self.inner;
+        inner.check_fork()?;
         let Ok(id) = SessionId::parse(id) else {
             return Ok(false);
         };
-        let _w = self.inner.table.write(lock_key(&id))?;
-        self.inner.store.delete(&id)
+        let _w = locks::write(&inner.table, &id, Deadline::after(timeout))?;
+        let now = inner.cfg.clock.now();
+        if inner.store.remove_expired(&id, &inner.cfg.cutoffs(now))? {
+            bump(&inner.counters.expired_removed);
+            return Ok(false);
+        }
+        inner.store.delete(&id)
     }
 
-    /// Deletes up to `gc_batch` expired (or corrupt) sessions and removes leftover temporary
-    /// files. Call it periodically; when [`GcReport::more`] is set, call it again.
+    /// Examines up to `gc_batch` entries of the store, reading metadata only, and deletes the
+    /// expired sessions among them (re-checked atomically with the delete, so a touch that
+    /// lands meanwhile keeps its session), records with an unreadable header, and leftover
+    /// temporary files. Never waits for a busy session and never fails because of one bad
+    /// entry (it is skipped, counted in [`GcReport::unreadable`] and logged). Call it
+    /// periodically; when [`GcReport::more`] is set, call it again.
     pub fn gc(&self) -> Result<GcReport> {
         let inner = &self.inner;
+        inner.check_fork()?;
+        let cutoffs = inner.cfg.cutoffs(inner.cfg.clock.now());
+        let scan = inner.store.scan_expired(&cutoffs, inner.cfg.gc_batch)?;
         let mut report = GcReport {
-            temp_files_removed: inner.store.cleanup()?,
+            unreadable: scan.unreadable,
+            examined: scan.examined,
+            temp_files_removed: scan.temp_files_removed,
+            more: scan.more,
             ..GcReport::default()
         };
-        let now = inner.cfg.clock.now();
-        let cutoffs = inner.cfg.cutoffs(now);
-        let ids = inner.store.list_expired(cutoffs, inner.cfg.gc_batch)?;
-        report.more = ids.len() >= inner.cfg.gc_batch;
-        for id in ids {
-            let Some(_w) = inner.table.try_write(lock_key(&id))? else {
-                report.busy += 1;
-                continue;
-            };
-            match inner.store.load(&id) {
-                Ok(None) => {}
-                Ok(Some(st)) if cutoffs.expired(st.created, st.last_accessed) => {
-                    inner.store.delete(&id)?;
-                    report.deleted += 1;
-                }
-                Ok(Some(_)) => report.live += 1,
-                Err(Error::SessionCorrupt(_)) | Err(Error::TooLarge { .. }) => {
-                    inner.store.delete(&id)?;
-                    report.corrupt += 1;
-                }
-                Err(e) => return Err(e),
+        for id in &scan.expired {
+            match inner.store.remove_expired(id, &cutoffs) {
+                Ok(true) => report.deleted += 1,
+                Ok(false) => report.live += 1,
+                Err(e) => inner.skip_unreadable(id, &e, &mut report),
+            }
+        }
+        for id in &scan.corrupt {
+            match inner.remove_if_corrupt(id) {
+                Ok(Some(true)) => report.corrupt += 1,
+                Ok(Some(false)) => report.live += 1,
+                Ok(None) => report.busy += 1,
+                Err(e) => inner.skip_unreadable(id, &e, &mut report),
             }
         }
         Ok(report)
@@ -478,24 +559,34 @@ impl SessionManager {
 }
 
 impl Inner {
+    /// Refuses a forked child's inherited copy of the manager.
+    fn check_fork(&self) -> Result<()> {
+        if crate::fork::epoch() != self.fork_epoch {
+            return Err(Error::ForkedSessionManager);
+        }
+        Ok(())
+    }
+
     /// Reads and fully validates a record (checksum included, always; a dead previous writer is
     /// counted and makes a corrupt record be invalidated whatever the policy).
     fn read_validated(&self, id: &SessionId, owner_died: bool) -> Result<Option<Loaded>> {
         if owner_died {
             bump(&self.counters.owner_died_seen);
         }
-        let Some(st) = self.store.load(id)? else {
+        let Some(st) = self.store.load(id, self.cfg.max_record_size)? else {
             return Ok(None);
         };
         let record = record::decode(&st.bytes, self.cfg.max_record_size)?;
-        if record.version != st.version || record.created != st.created.0 {
+        let m = &st.meta;
+        if record.version != m.version || record.created != m.created.0 || record.expiry != m.expiry
+        {
             return Err(Error::SessionCorrupt(
                 "store metadata disagrees with the record".into(),
             ));
         }
         Ok(Some(Loaded {
             record,
-            last_accessed: st.last_accessed,
+            last_accessed: m.last_accessed,
         }))
     }
 
@@ -505,13 +596,14 @@ impl Inner {
         id: &SessionId,
         r: Result<Option<Loaded>>,
         owner_died: bool,
+        d: Deadline,
     ) -> Result<Option<Loaded>> {
         match r {
             Err(Error::SessionCorrupt(m))
                 if self.cfg.on_corrupt == CorruptPolicy::Invalidate || owner_died =>
             {
-                let _ = m;
-                let _w = self.table.write(lock_key(id))?;
+                tracing::warn!(session = ?id, reason = %m, "corrupt session record invalidated");
+                let _w = locks::write(&self.table, id, d)?;
                 // Re-check under the write lock: a concurrent commit may have repaired it.
                 if let Err(Error::SessionCorrupt(_)) = self.read_validated(id, false) {
                     self.store.delete(id)?;
@@ -523,31 +615,77 @@ impl Inner {
         }
     }
 
-    /// Expired at `now`, counting `accessed` (this request's own access) as an access.
-    fn is_expired(&self, l: &Loaded, now: Timestamp, accessed: Timestamp) -> bool {
-        let la = l.last_accessed.max(accessed);
-        self.cfg
-            .cutoffs(now)
-            .expired(Timestamp(l.record.created), la)
+    /// Expired at `now` by its stored times and rule.
+    fn is_expired(&self, l: &Loaded, now: Timestamp) -> bool {
+        self.cfg.cutoffs(now).expired(
+            Timestamp(l.record.created),
+            l.last_accessed,
+            l.record.expiry,
+        )
+    }
+
+    /// A request saw the session expired at `now`: delete it then and there (the store
+    /// re-checks with the same `now`, atomically), so that no later clock step revives it.
+    /// Best effort: a failure is logged and gc collects the session later.
+    fn remove_seen_expired(&self, id: &SessionId, now: Timestamp) {
+        match self.store.remove_expired(id, &self.cfg.cutoffs(now)) {
+            Ok(true) => bump(&self.counters.expired_removed),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(session = ?id, error = %e, "expired session not deleted"),
+        }
+    }
+
+    /// Deletes a record whose header is unreadable, re-checked under the session's write lock
+    /// (taken only if free). `None`: busy; `Some(false)`: not corrupt after all.
+    fn remove_if_corrupt(&self, id: &SessionId) -> Result<Option<bool>> {
+        let Some(_w) = locks::try_write(&self.table, id)? else {
+            return Ok(None);
+        };
+        match self.store.meta(id) {
+            Err(Error::SessionCorrupt(m)) => {
+                tracing::warn!(session = ?id, reason = %m, "gc: corrupt session record deleted");
+                self.store.delete(id)?;
+                Ok(Some(true))
+            }
+            Err(e) => Err(e),
+            Ok(_) => Ok(Some(false)),
+        }
+    }
+
+    fn skip_unreadable(&self, id: &SessionId, e: &Error, report: &mut GcReport) {
+        tracing::warn!(session = ?id, error = %e, "gc: entry skipped");
+        report.unreadable += 1;
     }
 }
 
 /// One request's view of a session.
 ///
 /// Changes are kept in memory until [`Session::commit`]. Dropping a session without committing
-/// records the access (best effort) and writes no data.
+/// records the access (best effort) and writes no data; if it had changes, the loss is logged
+/// (a `tracing` warning) and counted in [`ManagerStats::dirty_dropped`]. Use
+/// [`Session::discard`] to drop changes on purpose.
 #[derive(Debug)]
 pub struct Session {
     mgr: Arc<Inner>,
     id: SessionId,
+    /// False for a session from `create` that no commit has stored yet.
+    stored: bool,
+    /// `create`d session to be stored even without data ([`Session::persist`]).
+    persist: bool,
     base_version: u64,
     created: Timestamp,
     stored_last_accessed: Timestamp,
     accessed: Timestamp,
+    expiry: Expiry,
+    expiry_changed: bool,
     data: BTreeMap<String, Value>,
     delta: BTreeMap<String, Option<Value>>,
+    /// Keys read with `get_for_update`: checked for conflicts like written ones.
+    reads: BTreeSet<String>,
     exclusive: Option<UpgradableReadGuard<'static>>,
     finished: bool,
+    /// A commit was attempted (and failed): dropping it is no silent loss.
+    commit_tried: bool,
 }
 
 impl Session {
@@ -561,14 +699,20 @@ impl Session {
         Session {
             mgr,
             id,
+            stored: true,
+            persist: false,
             base_version: loaded.record.version,
             created: Timestamp(loaded.record.created),
             stored_last_accessed: loaded.last_accessed,
             accessed: now.max(loaded.last_accessed),
+            expiry: loaded.record.expiry,
+            expiry_changed: false,
             data: loaded.record.body.data,
             delta: BTreeMap::new(),
+            reads: BTreeSet::new(),
             exclusive,
             finished: false,
+            commit_tried: false,
         }
     }
 
@@ -577,7 +721,7 @@ impl Session {
         &self.id
     }
 
-    /// The record version this request loaded.
+    /// The record version this request loaded (0 for a session not stored yet).
     pub fn version(&self) -> u64 {
         self.base_version
     }
@@ -597,9 +741,49 @@ impl Session {
         self.exclusive.is_some()
     }
 
+    /// True for a session from [`SessionManager::create`] that is not stored yet.
+    pub fn is_new(&self) -> bool {
+        !self.stored
+    }
+
     /// True when this request changed something (so `commit` will write).
     pub fn is_dirty(&self) -> bool {
-        !self.delta.is_empty()
+        !self.delta.is_empty() || self.expiry_changed || (!self.stored && self.persist)
+    }
+
+    /// This session's expiry rule.
+    pub fn expiry(&self) -> Expiry {
+        self.expiry
+    }
+
+    /// Sets this session's expiry rule (written at commit; the last commit's rule wins).
+    ///
+    /// ```
+    /// use locktable::session::{Expiry, SessionManager};
+    /// use std::time::Duration;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let mgr = SessionManager::open(dir.path()).unwrap();
+    /// let mut s = mgr.create().unwrap();
+    /// s.set_expiry(Expiry::Idle(Duration::from_secs(7 * 86_400))); // "remember me"
+    /// s.commit().unwrap();
+    /// ```
+    pub fn set_expiry(&mut self, e: Expiry) {
+        if e != self.expiry {
+            self.expiry = e;
+            self.expiry_changed = true;
+        }
+    }
+
+    /// When this session expires if nothing else accesses it (for a cookie's `Max-Age`).
+    pub fn expires_at(&self) -> Timestamp {
+        let cutoffs = self.mgr.cfg.cutoffs(self.accessed);
+        cutoffs.expires_at(self.created, self.accessed, self.expiry)
+    }
+
+    /// Makes `commit` store this new session even if it holds no data (a session from
+    /// [`SessionManager::create`] is otherwise stored at its first commit with data).
+    pub fn persist(&mut self) {
+        self.persist = true;
     }
 
     /// Reads a value; `Ok(None)` if absent, [`Error::Serialize`] if it has another type.
@@ -610,7 +794,18 @@ impl Session {
         }
     }
 
-    /// Sets a value (written at commit).
+    /// Reads a value and makes the key part of the commit's conflict check: the commit fails
+    /// with [`Error::Conflict`] if another request changed this key since this one loaded, even
+    /// if this request does not write it. This closes write skew (deciding on a stale key `a`
+    /// while writing `b`). A read-only request is never checked.
+    pub fn get_for_update<T: DeserializeOwned>(&mut self, key: &str) -> Result<Option<T>> {
+        self.reads.insert(key.to_owned());
+        self.get(key)
+    }
+
+    /// Sets a value (written at commit). A value nested deeper than [`record::MAX_DEPTH`] is
+    /// refused with [`Error::TooDeep`], and one whose encoding alone exceeds
+    /// [`SessionConfig::max_record_size`] with [`Error::TooLarge`]; the session is unchanged.
     pub fn insert<T: Serialize + ?Sized>(
         &mut self,
         key: impl Into<String>,
@@ -618,6 +813,12 @@ impl Session {
     ) -> Result<()> {
         let key = key.into();
         let v = serde_json::to_value(value)?;
+        record::check_depth(&v)?;
+        let size = encoded_len(&v)?.saturating_add(key.len());
+        let limit = self.mgr.cfg.max_record_size;
+        if size > limit {
+            return Err(Error::TooLarge { size, limit });
+        }
         self.data.insert(key.clone(), v.clone());
         self.delta.insert(key, Some(v));
         Ok(())
@@ -640,6 +841,7 @@ impl Session {
     }
 
     fn check_open(&self) -> Result<()> {
+        self.mgr.check_fork()?;
         if self.finished {
             Err(Error::SessionFinished)
         } else {
@@ -648,15 +850,19 @@ impl Session {
     }
 
     /// Takes the write lock: upgrades the exclusive hold or takes a fresh one.
-    fn write_lock(&mut self) -> Result<crate::WriteGuard<'static>> {
+    fn write_lock(&mut self, d: Deadline) -> Result<WriteGuard<'static>> {
         match self.exclusive.take() {
-            Some(u) => Ok(u.upgrade()),
-            None => Ok(self.mgr.table.write(lock_key(&self.id))?.into_owned()),
+            Some(u) => locks::upgrade(u, d).map_err(|(e, u)| {
+                self.exclusive = Some(u);
+                e
+            }),
+            None => locks::write(&self.mgr.table, &self.id, d),
         }
     }
 
-    /// Re-reads the latest record under a write lock; `SessionGone` if absent or expired.
-    fn latest(&self, w: &crate::WriteGuard<'_>) -> Result<Loaded> {
+    /// Re-reads the latest record under a write lock; `SessionGone` if absent or expired (an
+    /// expired one is deleted on the spot).
+    fn latest(&self, w: &WriteGuard<'_>) -> Result<Loaded> {
         let died = w.previous_owner_died();
         let r = self.mgr.read_validated(&self.id, died);
         let latest = match r {
@@ -676,39 +882,49 @@ impl Session {
         // Strict: the session must still be alive by its stored times. This request's own
         // access has not been stored yet and does not revive a session that expired meanwhile.
         let now = self.mgr.cfg.clock.now();
-        if self.mgr.is_expired(&latest, now, Timestamp(0)) {
+        if self.mgr.is_expired(&latest, now) {
+            self.mgr.remove_seen_expired(&self.id, now);
             return Err(Error::SessionGone);
         }
         Ok(latest)
     }
 
     /// Ends the request: writes this request's changes (if any) as one delta, or else records
-    /// the access (coalesced). See the module docs for the conflict rule.
+    /// the access (coalesced), waiting at most [`SessionConfig::lock_timeout`] for the lock.
+    /// See the module docs for the conflict rule.
     ///
-    /// On [`Error::Conflict`] nothing was written; the access is still recorded when the session
-    /// is dropped.
-    pub fn commit(mut self) -> Result<()> {
+    /// - [`Error::Conflict`]: nothing was written; the access is still recorded.
+    /// - [`Error::SessionGone`]: the session expired, was deleted or moved; nothing written.
+    /// - [`Error::Timeout`]: the lock was not granted in time; nothing written.
+    /// - [`Error::OutcomeUnknown`]: the write may have been applied; reload before retrying.
+    pub fn commit(self) -> Result<()> {
+        let d = Deadline::after(self.mgr.cfg.lock_timeout);
+        self.commit_by(d)
+    }
+
+    /// [`Session::commit`] with its own bound on the wait.
+    pub fn commit_timeout(self, timeout: Duration) -> Result<()> {
+        self.commit_by(Deadline::after(timeout))
+    }
+
+    fn commit_by(mut self, d: Deadline) -> Result<()> {
         self.check_open()?;
-        if self.delta.is_empty() {
+        self.commit_tried = true;
+        if !self.is_dirty() {
             self.finished = true;
             self.exclusive = None;
             return self.record_access();
         }
-        let w = self.write_lock()?;
+        if !self.stored {
+            return self.commit_new();
+        }
+        let w = self.write_lock(d)?;
         let latest = self.latest(&w)?;
-        let cfg = &self.mgr.cfg;
         let latest_version = latest.record.version;
         let mut record = latest.record;
-        let base = self.base_version;
-        for key in self.delta.keys() {
-            let changed_since = match record.body.changed.get(key) {
-                Some(&v) => v > base,
-                None => record.body.floor > base,
-            };
-            if changed_since {
-                bump(&self.mgr.counters.conflicts);
-                return Err(Error::Conflict { key: key.clone() });
-            }
+        if let Some(key) = self.first_conflict(&record.body) {
+            bump(&self.mgr.counters.conflicts);
+            return Err(Error::Conflict { key });
         }
         // A record at the top of the version range cannot be the work of
         // this library (a version per commit): refuse it rather than wrap.
@@ -728,21 +944,23 @@ impl Session {
             }
             record.body.changed.insert(key, new_version);
         }
-        prune_tombstones(&mut record.body, cfg.max_tombstones);
+        if self.expiry_changed {
+            record.expiry = self.expiry;
+        }
+        prune_tombstones(&mut record.body, self.mgr.cfg.max_tombstones);
         record.version = new_version;
-        let bytes = record::encode(&record, cfg.max_record_size)?;
-        let stored = StoredSession {
-            version: new_version,
-            created: Timestamp(record.created),
-            last_accessed: latest.last_accessed.max(self.accessed),
-            bytes,
-        };
+        let la = latest.last_accessed.max(self.accessed);
+        let stored = self.stored_session(&record, la)?;
         if !self
             .mgr
             .store
             .save(&self.id, Some(latest_version), &stored)?
         {
-            // Someone wrote without the lock (a foreign process or a misconfigured table).
+            // Deleted meanwhile by a request or gc that saw it expired, or written by someone
+            // without the shared lock table (the store's CAS caught it).
+            if self.mgr.store.meta(&self.id)?.is_none() {
+                return Err(Error::SessionGone);
+            }
             bump(&self.mgr.counters.conflicts);
             return Err(Error::Conflict { key: first_key });
         }
@@ -752,31 +970,89 @@ impl Session {
         Ok(())
     }
 
+    /// The first key this request wrote or read for update that another commit changed since
+    /// this request's load.
+    fn first_conflict(&self, latest: &RecordBody) -> Option<String> {
+        let base = self.base_version;
+        let changed_since = |key: &str| match latest.changed.get(key) {
+            Some(&v) => v > base,
+            None => latest.floor > base,
+        };
+        self.delta
+            .keys()
+            .chain(self.reads.iter())
+            .find(|k| changed_since(k))
+            .cloned()
+    }
+
+    /// First store of a session from `create` (nobody else can know its ID's record yet).
+    fn commit_new(&mut self) -> Result<()> {
+        let mut record = Record {
+            version: 1,
+            created: self.created.0,
+            expiry: self.expiry,
+            body: RecordBody::default(),
+        };
+        for (key, v) in std::mem::take(&mut self.delta) {
+            if let Some(v) = v {
+                record.body.changed.insert(key.clone(), 1);
+                record.body.data.insert(key, v);
+            }
+        }
+        let stored = self.stored_session(&record, self.accessed)?;
+        if !self.mgr.store.save(&self.id, None, &stored)? {
+            return Err(Error::Random(
+                "a generated session ID was already taken".into(),
+            ));
+        }
+        bump(&self.mgr.counters.data_writes);
+        self.finished = true;
+        self.stored = true;
+        Ok(())
+    }
+
+    fn stored_session(&self, record: &Record, la: Timestamp) -> Result<StoredSession> {
+        let bytes = record::encode(record, self.mgr.cfg.max_record_size)?;
+        Ok(StoredSession {
+            meta: SessionMeta {
+                version: record.version,
+                created: Timestamp(record.created),
+                last_accessed: la,
+                expiry: record.expiry,
+                size: bytes.len() as u64,
+            },
+            bytes,
+        })
+    }
+
     /// Records this request's access time unless the stored one is recent enough, or the
     /// session expired (by its stored times) while the request ran: an access is stored only
     /// while the session is alive, so a session once seen expired stays expired.
     fn record_access(&self) -> Result<()> {
+        if !self.stored {
+            return Ok(());
+        }
         let c = &self.mgr.counters;
         let cfg = &self.mgr.cfg;
-        let interval = cfg.effective_touch_interval();
+        let interval = cfg.touch_interval_for(self.expiry);
         if self.stored_last_accessed >= self.accessed.saturating_sub(interval) {
             bump(&c.touches_skipped);
             return Ok(());
         }
         let cutoffs = cfg.cutoffs(cfg.clock.now());
-        if cutoffs.expired(self.created, self.stored_last_accessed) {
-            // Maybe only our snapshot is stale: ask the store for the current time (cheap).
-            match self.mgr.store.last_accessed(&self.id)? {
-                Some(la) if !cutoffs.expired(self.created, la) => {}
+        if cutoffs.expired(self.created, self.stored_last_accessed, self.expiry) {
+            // Maybe only our snapshot is stale: ask the store (cheap, metadata only).
+            match self.mgr.store.meta(&self.id)? {
+                Some(m) if !cutoffs.meta_expired(&m) => {}
                 _ => return Ok(()),
             }
         }
-        // The store re-checks idle expiry atomically with the write, so a
-        // session that expired since the check above is not revived.
+        // The store re-checks expiry atomically with the write, so a session
+        // that expired since the check above is not revived.
         match self
             .mgr
             .store
-            .touch(&self.id, self.accessed, interval, cutoffs.idle_before)?
+            .touch(&self.id, self.accessed, interval, &cutoffs)?
         {
             Touch::Written => bump(&c.touches_written),
             Touch::Skipped => bump(&c.touches_skipped),
@@ -787,28 +1063,30 @@ impl Session {
 
     /// Moves the session to a fresh ID atomically (under the write lock) and deletes the old
     /// one; use it at login to prevent session fixation. Pending changes stay pending and are
-    /// committed to the new ID.
+    /// committed to the new ID. Waits at most [`SessionConfig::lock_timeout`].
     pub fn cycle_id(&mut self) -> Result<()> {
+        self.cycle_id_timeout(self.mgr.cfg.lock_timeout)
+    }
+
+    /// [`Session::cycle_id`] with its own bound on the wait.
+    pub fn cycle_id_timeout(&mut self, timeout: Duration) -> Result<()> {
         self.check_open()?;
+        if !self.stored {
+            // Nothing stored under the old ID: a fresh ID is all it takes.
+            self.id = SessionId::generate()?;
+            return Ok(());
+        }
+        let d = Deadline::after(timeout);
         let was_exclusive = self.exclusive.is_some();
-        let w = self.write_lock()?;
+        let w = self.write_lock(d)?;
         let latest = self.latest(&w)?;
-        let bytes = record::encode(&latest.record, self.mgr.cfg.max_record_size)?;
-        let stored = StoredSession {
-            version: latest.record.version,
-            created: Timestamp(latest.record.created),
-            last_accessed: latest.last_accessed.max(self.accessed),
-            bytes,
-        };
+        // Copied verbatim (same version, so conflict detection still works).
+        let stored =
+            self.stored_session(&latest.record, latest.last_accessed.max(self.accessed))?;
         for _ in 0..4 {
             let new_id = SessionId::generate()?;
             let new_guard = if was_exclusive {
-                Some(
-                    self.mgr
-                        .table
-                        .upgradable_read(lock_key(&new_id))?
-                        .into_owned(),
-                )
+                Some(locks::upgradable(&self.mgr.table, &new_id, d)?)
             } else {
                 None
             };
@@ -824,14 +1102,54 @@ impl Session {
         Err(Error::Random("four generated session IDs collided".into()))
     }
 
-    /// Deletes the session at once (e.g. at logout) and ends the request.
-    pub fn invalidate(mut self) -> Result<()> {
+    /// Deletes the session at once (e.g. at logout), with its leftovers, and ends the request.
+    ///
+    /// [`Error::SessionGone`] if there was nothing to delete under this ID: the session
+    /// expired, was deleted, or another request moved it with [`Session::cycle_id`] (then the
+    /// session lives on under the new ID, which that request handed out, and was *not* logged
+    /// out by this call).
+    pub fn invalidate(self) -> Result<()> {
+        let timeout = self.mgr.cfg.lock_timeout;
+        self.invalidate_timeout(timeout)
+    }
+
+    /// [`Session::invalidate`] with its own bound on the wait.
+    pub fn invalidate_timeout(mut self, timeout: Duration) -> Result<()> {
         self.check_open()?;
         self.finished = true;
-        let _w = self.write_lock()?;
-        self.mgr.store.delete(&self.id)?;
-        Ok(())
+        if !self.stored {
+            return Ok(());
+        }
+        let _w = self.write_lock(Deadline::after(timeout))?;
+        if self.mgr.store.delete(&self.id)? {
+            Ok(())
+        } else {
+            Err(Error::SessionGone)
+        }
     }
+
+    /// Ends the request without writing its changes, on purpose (no warning). The access is
+    /// still recorded.
+    pub fn discard(mut self) {
+        self.commit_tried = true;
+    }
+}
+
+/// Length of a value's JSON encoding, without keeping the encoding.
+fn encoded_len(v: &Value) -> Result<usize> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    serde_json::to_writer(&mut c, v)?;
+    Ok(c.0)
 }
 
 /// Keeps at most `max` tombstones, folding the oldest into `floor`.
@@ -855,10 +1173,19 @@ fn prune_tombstones(body: &mut RecordBody, max: usize) {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if !self.finished {
-            // Best effort: a failed access-time write must not turn into a panic.
-            let _ = self.record_access();
+        if self.finished || self.mgr.check_fork().is_err() {
+            return;
         }
+        if self.is_dirty() && !self.commit_tried {
+            bump(&self.mgr.counters.dirty_dropped);
+            tracing::warn!(
+                session = ?self.id,
+                keys = self.delta.len(),
+                "session dropped with uncommitted changes (call commit() or discard())"
+            );
+        }
+        // Best effort: a failed access-time write must not turn into a panic.
+        let _ = self.record_access();
     }
 }
 

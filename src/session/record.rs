@@ -1,21 +1,32 @@
 //! The stored form of a session: a checksummed, versioned envelope around a JSON body.
 //!
 //! ```text
-//! LTS1 <version> <created_ms> <body_len> <crc32_hex>\n<JSON body>
+//! LTS2 <version> <created_ms> <expiry> <body_len> <crc32_hex>\n<JSON body>
 //! ```
+//! `<expiry>` is `d` (the manager's default), `i<ms>` (idle timeout of its own) or `a<ms>` (a fixed
+//! time). Records of the first format, `LTS1` (no expiry field), are still read. The header holds
+//! everything a store or `gc` needs to expire a session without decoding the body.
 //! The CRC-32 (IEEE) covers the header fields before it and the body. JSON was chosen because it
 //! cannot run code when read (unlike pickle) and any backend can store it. The body holds the data,
 //! each key's last-changed version (a removed key keeps its entry: a tombstone) and a floor below
 //! which pruned tombstones are no longer known.
 
+use super::store::{Expiry, Timestamp};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-const MAGIC: &str = "LTS1";
-/// Longest header we accept before the newline.
-const MAX_HEADER: usize = 96;
+const MAGIC: &str = "LTS2";
+const MAGIC_V1: &str = "LTS1";
+/// Longest header line accepted, newline included: reading this many bytes of a record always
+/// gives its whole header.
+pub const MAX_HEADER_LEN: usize = 128;
+/// Deepest nesting of arrays and objects in one stored value. The same limit is checked when a
+/// value is inserted and when a record is read back, and it stays well below the JSON parser's
+/// own recursion limit (128, counting the two levels of the record body around each value).
+pub const MAX_DEPTH: usize = 64;
 
 /// The mutable part of a session record.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -38,6 +49,8 @@ pub struct Record {
     pub version: u64,
     /// Creation time, milliseconds since the Unix epoch.
     pub created: u64,
+    /// The session's expiry rule (in the header, readable without decoding the body).
+    pub expiry: Expiry,
     /// Data and change history.
     pub body: RecordBody,
 }
@@ -49,6 +62,8 @@ pub struct Header {
     pub version: u64,
     /// Creation time, milliseconds since the Unix epoch.
     pub created: u64,
+    /// The session's expiry rule ([`Expiry::Default`] for `LTS1` records).
+    pub expiry: Expiry,
 }
 
 const fn crc_table() -> [u32; 256] {
@@ -100,23 +115,78 @@ impl Default for Crc32 {
     }
 }
 
-fn checksum(version: u64, created: u64, body: &[u8]) -> u32 {
+/// The header fields before the checksum, as text (the checksum covers them).
+fn fields(magic: &str, h: &Header, body_len: usize) -> String {
+    if magic == MAGIC_V1 {
+        return format!("{MAGIC_V1} {} {} {body_len}", h.version, h.created);
+    }
+    let expiry = match h.expiry {
+        Expiry::Default => "d".to_owned(),
+        Expiry::Idle(d) => format!("i{}", d.as_millis().min(u64::MAX as u128)),
+        Expiry::At(t) => format!("a{}", t.0),
+    };
+    format!("{MAGIC} {} {} {expiry} {body_len}", h.version, h.created)
+}
+
+fn parse_expiry(p: &str) -> Option<Expiry> {
+    let num = |t: &str| t.parse::<u64>().ok();
+    match p.split_at_checked(1)? {
+        ("d", "") => Some(Expiry::Default),
+        ("i", ms) => num(ms).map(|ms| Expiry::Idle(Duration::from_millis(ms))),
+        ("a", ms) => num(ms).map(|ms| Expiry::At(Timestamp(ms))),
+        _ => None,
+    }
+}
+
+fn checksum(magic: &str, h: &Header, body: &[u8]) -> u32 {
     let mut c = Crc32::new();
-    c.update(format!("{MAGIC} {version} {created} {}", body.len()).as_bytes());
+    c.update(fields(magic, h, body.len()).as_bytes());
     c.update(body);
     c.finish()
 }
 
-/// Encodes a record; [`Error::TooLarge`] if the result would exceed `max_size` bytes.
+/// Nesting depth of a value (a scalar is 0, `[1]` is 1), computed without recursion so that a
+/// hostile value cannot overflow the stack here.
+pub fn depth(v: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(v, 0usize)];
+    while let Some((v, d)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Array(a) => Box::new(a.iter()),
+            Value::Object(o) => Box::new(o.values()),
+            _ => continue,
+        };
+        deepest = deepest.max(d + 1);
+        stack.extend(children.map(|c| (c, d + 1)));
+    }
+    deepest
+}
+
+/// Refuses a value deeper than [`MAX_DEPTH`] with [`Error::TooDeep`].
+pub fn check_depth(v: &Value) -> Result<()> {
+    match depth(v) {
+        d if d > MAX_DEPTH => Err(Error::TooDeep {
+            depth: d,
+            limit: MAX_DEPTH,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Encodes a record; [`Error::TooLarge`] if the result would exceed `max_size` bytes,
+/// [`Error::TooDeep`] if a value nests deeper than [`MAX_DEPTH`].
 pub fn encode(record: &Record, max_size: usize) -> Result<Vec<u8>> {
+    for v in record.body.data.values() {
+        check_depth(v)?;
+    }
     let body = serde_json::to_vec(&record.body)?;
-    let crc = checksum(record.version, record.created, &body);
-    let header = format!(
-        "{MAGIC} {} {} {} {crc:08x}\n",
-        record.version,
-        record.created,
-        body.len()
-    );
+    let h = Header {
+        version: record.version,
+        created: record.created,
+        expiry: record.expiry,
+    };
+    let crc = checksum(MAGIC, &h, &body);
+    let header = format!("{} {crc:08x}\n", fields(MAGIC, &h, body.len()));
     let size = header.len() + body.len();
     if size > max_size {
         return Err(Error::TooLarge {
@@ -135,6 +205,7 @@ fn corrupt(what: &str) -> Error {
 }
 
 struct Parsed<'a> {
+    magic: &'static str,
     header: Header,
     len: usize,
     crc: u32,
@@ -144,23 +215,32 @@ struct Parsed<'a> {
 fn parse(bytes: &[u8]) -> Result<Parsed<'_>> {
     let nl = bytes
         .iter()
-        .take(MAX_HEADER + 1)
+        .take(MAX_HEADER_LEN)
         .position(|&b| b == b'\n')
         .ok_or_else(|| corrupt("no header line"))?;
     let line = std::str::from_utf8(&bytes[..nl]).map_err(|_| corrupt("header is not UTF-8"))?;
     let mut parts = line.split(' ');
-    if parts.next() != Some(MAGIC) {
-        return Err(corrupt("unknown record format"));
-    }
-    let mut num = |what: &str| -> Result<u64> {
-        parts
-            .next()
-            .and_then(|p| p.parse::<u64>().ok())
+    let magic = match parts.next() {
+        Some(MAGIC) => MAGIC,
+        Some(MAGIC_V1) => MAGIC_V1,
+        _ => return Err(corrupt("unknown record format")),
+    };
+    let num = |p: Option<&str>, what: &str| -> Result<u64> {
+        p.and_then(|p| p.parse::<u64>().ok())
             .ok_or_else(|| corrupt(what))
     };
-    let version = num("bad version")?;
-    let created = num("bad creation time")?;
-    let len = usize::try_from(num("bad length")?).map_err(|_| corrupt("bad length"))?;
+    let version = num(parts.next(), "bad version")?;
+    let created = num(parts.next(), "bad creation time")?;
+    let expiry = if magic == MAGIC {
+        parts
+            .next()
+            .and_then(parse_expiry)
+            .ok_or_else(|| corrupt("bad expiry"))?
+    } else {
+        Expiry::Default
+    };
+    let len =
+        usize::try_from(num(parts.next(), "bad length")?).map_err(|_| corrupt("bad length"))?;
     let crc = parts
         .next()
         .filter(|p| p.len() == 8)
@@ -170,7 +250,12 @@ fn parse(bytes: &[u8]) -> Result<Parsed<'_>> {
         return Err(corrupt("extra header fields"));
     }
     Ok(Parsed {
-        header: Header { version, created },
+        magic,
+        header: Header {
+            version,
+            created,
+            expiry,
+        },
         len,
         crc,
         body: &bytes[nl + 1..],
@@ -194,7 +279,7 @@ pub fn decode(bytes: &[u8], max_size: usize) -> Result<Record> {
     if p.body.len() != p.len {
         return Err(corrupt("length mismatch (torn or truncated record)"));
     }
-    if checksum(p.header.version, p.header.created, p.body) != p.crc {
+    if checksum(p.magic, &p.header, p.body) != p.crc {
         return Err(corrupt("checksum mismatch"));
     }
     let body: RecordBody =
@@ -202,9 +287,13 @@ pub fn decode(bytes: &[u8], max_size: usize) -> Result<Record> {
     if body.data.keys().any(|k| !body.changed.contains_key(k)) {
         return Err(corrupt("key without change version"));
     }
+    if body.data.values().any(|v| depth(v) > MAX_DEPTH) {
+        return Err(corrupt("value nested deeper than the limit"));
+    }
     Ok(Record {
         version: p.header.version,
         created: p.header.created,
+        expiry: p.header.expiry,
         body,
     })
 }
@@ -221,6 +310,7 @@ mod tests {
         Record {
             version: 3,
             created: 1_700_000_000_000,
+            expiry: Expiry::Idle(Duration::from_secs(90)),
             body,
         }
     }
@@ -241,7 +331,8 @@ mod tests {
             peek_header(&bytes).unwrap(),
             Header {
                 version: 3,
-                created: 1_700_000_000_000
+                created: 1_700_000_000_000,
+                expiry: Expiry::Idle(Duration::from_secs(90)),
             }
         );
     }
@@ -268,6 +359,40 @@ mod tests {
             decode(&bytes, 10),
             Err(Error::TooLarge { limit: 10, .. })
         ));
+    }
+
+    #[test]
+    fn first_format_records_are_still_read() {
+        let body = br#"{"data":{"a":1},"changed":{"a":2}}"#;
+        let h = Header {
+            version: 2,
+            created: 5,
+            expiry: Expiry::Default,
+        };
+        let crc = checksum(MAGIC_V1, &h, body);
+        let mut bytes = format!("{} {crc:08x}\n", fields(MAGIC_V1, &h, body.len())).into_bytes();
+        bytes.extend_from_slice(body);
+        let r = decode(&bytes, 1 << 20).unwrap();
+        assert_eq!((r.version, r.created, r.expiry), (2, 5, Expiry::Default));
+    }
+
+    #[test]
+    fn depth_limit_is_the_same_on_both_sides() {
+        let nest = |n: usize| {
+            let mut v = Value::from(1);
+            for _ in 0..n {
+                v = Value::Array(vec![v]);
+            }
+            v
+        };
+        let mut r = sample();
+        r.body.data.insert("deep".into(), nest(MAX_DEPTH));
+        r.body.changed.insert("deep".into(), 3);
+        let bytes = encode(&r, 1 << 20).unwrap();
+        assert_eq!(decode(&bytes, 1 << 20).unwrap(), r);
+        r.body.data.insert("deep".into(), nest(MAX_DEPTH + 1));
+        assert!(matches!(encode(&r, 1 << 20), Err(Error::TooDeep { .. })));
+        assert_eq!(depth(&nest(5_000)), 5_000);
     }
 
     #[test]

@@ -1,28 +1,46 @@
 //! [`FileStore`]: one file per session in sharded directories.
 //!
+//! Owns: the files under its root. It takes no lock of the lock table: its compare-and-swap is
+//! made atomic by locks of its own (below), so it holds whatever lock tables its users have.
+//!
 //! Layout: `<root>/<first two ID characters>/<ID>` holds the encoded record; the file's
 //! modification time is the session's last-accessed time, so a touch changes metadata only and
-//! never rewrites data. A save writes a unique temporary file `.tmp.<ID>.<random>` in the same
-//! directory, fsyncs it, renames it over the record and fsyncs the directory: a crash leaves the
-//! old or the new record, never a torn one, plus at most a temporary file that
-//! [`Store::cleanup`] removes later.
+//! never rewrites data. The record's header (first line, at most
+//! [`record::MAX_HEADER_LEN`] bytes) holds its version, creation time and expiry rule, so
+//! metadata costs one small read, never the whole record. A save writes a unique temporary file
+//! `.tmp.<ID>.<random>` in the same directory, fsyncs it, renames it over the record and fsyncs
+//! the directory: a crash leaves the old or the new record, never a torn one, plus at most a
+//! temporary file that `delete`, `remove_expired`, the expiry scan or [`Store::cleanup`] removes.
 //!
-//! Saves, touches and deletes of one session serialize on a short store lock in the lock table
-//! (ID `ls.f.<ID>`, separate from the session's data lock), which makes the compare-and-swap and
-//! the never-backwards rule of the access time hold across processes.
+//! Saves, touches and deletes of one session serialize on a short *ID lock*: an OFD lock on one
+//! byte (chosen by a hash of the ID) of `<root>/.locks`, plus a process-local mutex for the
+//! threads sharing this store's descriptor (OFD locks do not exclude each other within one open
+//! file description). OFD locks are released by the kernel when a process dies, and the
+//! descriptor is closed in a forked child. Every process on the root therefore excludes every
+//! other, whatever lock table it was given, which is why [`Capabilities::atomic_cas`] holds.
 
-use super::{Capabilities, Cutoffs, Store, StoredSession, Timestamp, Touch};
+use super::{
+    Capabilities, Cutoffs, ExpiredScan, SessionMeta, Store, StoredSession, Timestamp, Touch,
+};
+use crate::fork::{self, AttachWindow, ForkSafeFile};
+use crate::registry::ofd_lock;
 use crate::session::id::{SessionId, ID_LEN};
 use crate::session::record;
-use crate::{Error, LockTable, Result};
-use parking_lot::Mutex;
+use crate::{Error, Result};
+use parking_lot::{Mutex, MutexGuard};
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 const TMP_PREFIX: &str = ".tmp.";
+const LOCK_FILE: &str = ".locks";
+/// ID locks hash onto this many bytes of the lock file (a collision only makes two sessions
+/// share a microsecond-long lock).
+const LOCK_BYTES: u64 = 1 << 16;
+/// Process-local stripes in front of the OFD locks.
+const STRIPES: usize = 256;
 
 /// A [`Store`] keeping one file per session; see the module docs for the layout.
 ///
@@ -31,42 +49,116 @@ const TMP_PREFIX: &str = ".tmp.";
 /// use locktable::{LockTable, TableOptions};
 /// let dir = tempfile::tempdir().unwrap();
 /// let table = LockTable::anonymous(&TableOptions::default()).unwrap();
-/// let store = FileStore::open(dir.path(), table.clone()).unwrap();
+/// let store = FileStore::open(dir.path()).unwrap();
 /// let mgr = SessionManager::new(table, store, SessionConfig::default());
-/// let s = mgr.create().unwrap();
-/// assert!(mgr.load(s.id().as_str()).unwrap().is_some());
+/// let mut s = mgr.create().unwrap();
+/// s.insert("k", &1).unwrap();
+/// let id = s.id().to_string();
+/// s.commit().unwrap();
+/// assert!(mgr.load(&id).unwrap().is_some());
 /// ```
 #[derive(Debug)]
 pub struct FileStore {
     root: PathBuf,
-    table: LockTable,
+    locks: LockFile,
     max_file_size: u64,
     temp_grace: Duration,
-    /// Where the next expiry scan starts (index into the sorted shard list).
-    scan_cursor: Mutex<usize>,
+    lock_timeout: Duration,
+    /// Where the next expiry scan resumes: shard index and last name examined in it.
+    scan_cursor: Mutex<(usize, Option<String>)>,
     /// fsync temp files and directories (see [`FileStore::with_fsync`]).
     fsync: bool,
     /// Shard directories whose entry in the root this store has fsynced.
     synced_shards: Mutex<std::collections::HashSet<PathBuf>>,
+    /// Test hook: the next directory fsync after a rename fails.
+    #[cfg(test)]
+    fail_dir_sync: std::sync::atomic::AtomicBool,
 }
 
-fn store_lock_key(id: &SessionId) -> String {
-    format!("ls.f.{}", id.as_str())
+/// `<root>/.locks` and the local stripes in front of its OFD locks.
+struct LockFile {
+    file: ForkSafeFile,
+    stripes: Vec<Mutex<()>>,
+}
+
+impl std::fmt::Debug for LockFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LockFile")
+    }
+}
+
+/// One held ID lock; released on drop.
+struct IdLock<'a> {
+    file: &'a File,
+    byte: i64,
+    _stripe: MutexGuard<'a, ()>,
+}
+
+impl Drop for IdLock<'_> {
+    fn drop(&mut self) {
+        // An unlock of a lock we hold cannot fail for a reason we could act on.
+        let _ = ofd_lock(self.file, self.byte, libc::F_UNLCK, false);
+    }
+}
+
+fn lock_byte(id: &SessionId) -> u64 {
+    // FNV-1a: IDs are random already; this only spreads them over the bytes.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.as_str().bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h % LOCK_BYTES
+}
+
+impl LockFile {
+    fn open(root: &Path) -> Result<LockFile> {
+        // No fork between opening the descriptor and registering it for closing in children.
+        let _window = AttachWindow::enter();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(root.join(LOCK_FILE))?;
+        Ok(LockFile {
+            file: ForkSafeFile::new(f),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    /// Takes the ID lock of `id`, waiting at most `timeout`.
+    fn lock(&self, id: &SessionId, timeout: Duration) -> Result<IdLock<'_>> {
+        if fork::epoch() != self.file.epoch() {
+            return Err(Error::ForkedChild);
+        }
+        let deadline = Instant::now() + timeout;
+        let byte = lock_byte(id);
+        let stripe = self.stripes[(byte as usize) % STRIPES]
+            .try_lock_until(deadline)
+            .ok_or(Error::Timeout)?;
+        let mut pause = Duration::from_micros(20);
+        loop {
+            if ofd_lock(&self.file, byte as i64, libc::F_WRLCK, false)? {
+                return Ok(IdLock {
+                    file: &self.file,
+                    byte: byte as i64,
+                    _stripe: stripe,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout);
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)?.sync_all()?;
     Ok(())
-}
-
-impl FileStore {
-    /// `fsync` the directory when durability is on.
-    fn sync_dir(&self, dir: &Path) -> Result<()> {
-        if self.fsync {
-            sync_dir(dir)?;
-        }
-        Ok(())
-    }
 }
 
 fn mtime(md: &fs::Metadata) -> Timestamp {
@@ -82,10 +174,43 @@ fn is_shard_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+fn not_found<T>(r: std::io::Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The metadata of an open record file: `fstat` plus its header (one small read).
+fn meta_of(f: &File) -> Result<SessionMeta> {
+    let md = f.metadata()?;
+    if !md.is_file() {
+        return Err(std::io::Error::other("not a regular file").into());
+    }
+    let mut head = [0u8; record::MAX_HEADER_LEN];
+    let mut n = 0;
+    let mut r = f;
+    while n < head.len() {
+        match r.read(&mut head[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    let h = record::peek_header(&head[..n])?;
+    Ok(SessionMeta {
+        version: h.version,
+        created: Timestamp(h.created),
+        last_accessed: mtime(&md),
+        expiry: h.expiry,
+        size: md.len(),
+    })
+}
+
 impl FileStore {
-    /// Opens (creating if needed) a store rooted at `root`. `table` provides the short store
-    /// locks; processes sharing `root` must share the table.
-    pub fn open(root: impl AsRef<Path>, table: LockTable) -> Result<FileStore> {
+    /// Opens (creating if needed) a store rooted at `root`. Any number of processes and stores
+    /// may share `root`; they exclude each other through `<root>/.locks`.
+    pub fn open(root: impl AsRef<Path>) -> Result<FileStore> {
         let root = root.as_ref().to_path_buf();
         // Session IDs are bearer secrets and file names: the store is private
         // to its owner (directories 0700, files 0600), like the lock table.
@@ -94,18 +219,23 @@ impl FileStore {
             .mode(0o700)
             .create(&root)?;
         Ok(FileStore {
+            locks: LockFile::open(&root)?,
             root,
-            table,
-            max_file_size: 16 << 20,
+            max_file_size: u64::MAX,
             temp_grace: Duration::from_secs(600),
-            scan_cursor: Mutex::new(0),
+            lock_timeout: Duration::from_secs(5),
+            scan_cursor: Mutex::new((0, None)),
             fsync: true,
             synced_shards: Mutex::new(std::collections::HashSet::new()),
+            #[cfg(test)]
+            fail_dir_sync: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Files larger than this are reported as [`Error::TooLarge`] instead of being read.
-    /// Default 16 MiB.
+    /// A size limit of the store's own, on top of the manager's: records larger than this are
+    /// refused by `save` and reported by `load` as [`Error::TooLarge`], so nothing this store
+    /// accepts is unreadable later. Default: none (the manager's
+    /// [`crate::session::SessionConfig::max_record_size`] is the limit).
     pub fn with_max_file_size(mut self, bytes: u64) -> Self {
         self.max_file_size = bytes;
         self
@@ -121,9 +251,17 @@ impl FileStore {
         self
     }
 
-    /// Temporary files older than this are removed by [`Store::cleanup`]. Default 10 minutes.
+    /// Temporary files older than this are removed by the expiry scan and [`Store::cleanup`].
+    /// Default 10 minutes.
     pub fn with_temp_grace(mut self, d: Duration) -> Self {
         self.temp_grace = d;
+        self
+    }
+
+    /// Longest wait for a session's ID lock before [`Error::Timeout`]. Default 5 s; the
+    /// embedded manager sets it to its [`crate::session::SessionConfig::lock_timeout`].
+    pub fn with_lock_timeout(mut self, d: Duration) -> Self {
+        self.lock_timeout = d;
         self
     }
 
@@ -141,24 +279,30 @@ impl FileStore {
         self.shard(id).join(id.as_str())
     }
 
-    /// Reads the version, creation time and mtime of the current file, if any.
-    fn current(&self, path: &Path) -> Result<Option<(Option<u64>, Timestamp)>> {
-        let mut f = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let la = mtime(&f.metadata()?);
-        let mut head = [0u8; 128];
-        let mut n = 0;
-        while n < head.len() {
-            match f.read(&mut head[n..])? {
-                0 => break,
-                k => n += k,
-            }
+    fn lock(&self, id: &SessionId) -> Result<IdLock<'_>> {
+        self.locks.lock(id, self.lock_timeout)
+    }
+
+    /// `fsync` the directory when durability is on.
+    fn sync_dir(&self, dir: &Path) -> Result<()> {
+        #[cfg(test)]
+        if self
+            .fail_dir_sync
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO).into());
         }
-        let version = record::peek_header(&head[..n]).ok().map(|h| h.version);
-        Ok(Some((version, la)))
+        if self.fsync {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    }
+
+    fn meta_at(&self, path: &Path) -> Result<Option<SessionMeta>> {
+        match not_found(File::open(path))? {
+            None => Ok(None),
+            Some(f) => meta_of(&f).map(Some),
+        }
     }
 
     fn shards(&self) -> Result<Vec<PathBuf>> {
@@ -196,6 +340,95 @@ impl FileStore {
         }
         Ok((path, f))
     }
+
+    /// Removes the record and every temporary file of `id` (under its ID lock).
+    fn remove_locked(&self, id: &SessionId) -> Result<bool> {
+        let existed = not_found(fs::remove_file(self.path_of(id)))?.is_some();
+        let prefix = format!("{TMP_PREFIX}{}.", id.as_str());
+        let mut removed_temp = false;
+        if let Some(entries) = not_found(fs::read_dir(self.shard(id)))? {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix)
+                    && fs::remove_file(e.path()).is_ok()
+                {
+                    removed_temp = true;
+                }
+            }
+        }
+        if existed || removed_temp {
+            self.sync_dir(&self.shard(id))?;
+        }
+        Ok(existed)
+    }
+
+    /// Removes `path` if it is a temporary file older than the grace period.
+    fn remove_if_stale_temp(&self, path: &Path, now: SystemTime) -> bool {
+        let Ok(md) = fs::symlink_metadata(path) else {
+            return false;
+        };
+        // ctime cannot be set by anyone, so a temporary file's age is real.
+        let changed =
+            std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(md.ctime()).unwrap_or(0));
+        md.is_file()
+            && now.duration_since(changed).unwrap_or_default() >= self.temp_grace
+            && fs::remove_file(path).is_ok()
+    }
+
+    /// Examines the entries of one shard after `after`, until the budget is spent.
+    fn scan_shard(
+        &self,
+        shard: &Path,
+        after: &mut Option<String>,
+        cutoffs: &Cutoffs,
+        budget: usize,
+        scan: &mut ExpiredScan,
+    ) -> Result<bool> {
+        let entries = match fs::read_dir(shard) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(true),
+            Err(e) => {
+                tracing::warn!(shard = %shard.display(), error = %e, "session gc: shard unreadable");
+                scan.unreadable += 1;
+                return Ok(true);
+            }
+        };
+        let now = SystemTime::now();
+        let mut names: Vec<String> = Vec::new();
+        for e in entries.flatten() {
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
+            if name.starts_with(TMP_PREFIX) {
+                if self.remove_if_stale_temp(&e.path(), now) {
+                    scan.temp_files_removed += 1;
+                }
+            } else if name.len() == ID_LEN && after.as_ref().map_or(true, |a| name > *a) {
+                names.push(name);
+            }
+        }
+        names.sort();
+        for name in names {
+            let Ok(id) = SessionId::parse(&name) else {
+                continue;
+            };
+            if scan.examined == budget {
+                return Ok(false);
+            }
+            scan.examined += 1;
+            *after = Some(name);
+            match self.meta_at(&shard.join(id.as_str())) {
+                Ok(None) => {}
+                Ok(Some(m)) if cutoffs.meta_expired(&m) => scan.expired.push(id),
+                Ok(Some(_)) => {}
+                Err(Error::SessionCorrupt(_)) => scan.corrupt.push(id),
+                Err(e) => {
+                    tracing::warn!(session = ?id, error = %e, "session gc: entry unreadable, skipped");
+                    scan.unreadable += 1;
+                }
+            }
+        }
+        Ok(true)
+    }
 }
 
 impl Store for FileStore {
@@ -203,35 +436,32 @@ impl Store for FileStore {
         Capabilities::new(true, true, false, true)
     }
 
-    fn load(&self, id: &SessionId) -> Result<Option<StoredSession>> {
-        let path = self.path_of(id);
-        let f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e.into()),
+    fn load(&self, id: &SessionId, max_size: usize) -> Result<Option<StoredSession>> {
+        let Some(f) = not_found(File::open(self.path_of(id)))? else {
+            return Ok(None);
         };
         // Length and times come from the open file, so they match the bytes read even if the
         // file is replaced meanwhile.
         let md = f.metadata()?;
-        if md.len() > self.max_file_size {
+        let limit = self.max_file_size.min(max_size as u64);
+        if md.len() > limit {
             return Err(Error::TooLarge {
                 size: usize::try_from(md.len()).unwrap_or(usize::MAX),
-                limit: usize::try_from(self.max_file_size).unwrap_or(usize::MAX),
+                limit: usize::try_from(limit).unwrap_or(usize::MAX),
             });
         }
         let mut bytes = Vec::with_capacity(md.len() as usize);
-        f.take(self.max_file_size.saturating_add(1))
-            .read_to_end(&mut bytes)?;
-        let header = record::peek_header(&bytes)?;
-        Ok(Some(StoredSession {
-            version: header.version,
-            created: Timestamp(header.created),
-            last_accessed: mtime(&md),
-            bytes,
-        }))
+        f.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+        StoredSession::from_record(bytes, mtime(&md)).map(Some)
     }
 
     fn save(&self, id: &SessionId, expected: Option<u64>, new: &StoredSession) -> Result<bool> {
+        if new.bytes.len() as u64 > self.max_file_size {
+            return Err(Error::TooLarge {
+                size: new.bytes.len(),
+                limit: usize::try_from(self.max_file_size).unwrap_or(usize::MAX),
+            });
+        }
         let dir = self.shard(id);
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {}
@@ -247,27 +477,35 @@ impl Store for FileStore {
             self.synced_shards.lock().insert(dir.clone());
         }
         let path = self.path_of(id);
-        // The slow part (write + fsync) happens before taking the store lock.
+        // The slow part (write + fsync) happens before taking the ID lock.
         let (tmp, tmp_file) = self.write_temp(&dir, id, &new.bytes)?;
         let outcome = (|| -> Result<bool> {
-            let _lock = self.table.write(store_lock_key(id))?;
-            let current = self.current(&path)?;
-            let current_version = current.and_then(|(v, _)| v);
-            if current.is_some() && current_version.is_none() {
+            let _lock = self.lock(id)?;
+            let current = match self.meta_at(&path) {
+                Ok(m) => m,
                 // A corrupt file never matches: delete it first.
+                Err(Error::SessionCorrupt(_)) => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            if current.map(|m| m.version) != expected {
                 return Ok(false);
             }
-            if current_version != expected {
-                return Ok(false);
-            }
-            let la = current.map_or(new.last_accessed, |(_, la)| la.max(new.last_accessed));
+            let la = current.map_or(new.meta.last_accessed, |m| {
+                m.last_accessed.max(new.meta.last_accessed)
+            });
             tmp_file.set_modified(la.to_system_time())?;
-            fs::rename(&tmp, &path)?;
-            Ok(true)
+            match fs::rename(&tmp, &path) {
+                Ok(()) => Ok(true),
+                // The temp file was removed by a delete of this session meanwhile.
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(e.into()),
+            }
         })();
         match outcome {
             Ok(true) => {
-                self.sync_dir(&dir)?;
+                // The new record is in place; only its durability is in doubt now.
+                self.sync_dir(&dir)
+                    .map_err(|e| Error::OutcomeUnknown(format!("directory fsync failed: {e}")))?;
                 Ok(true)
             }
             other => {
@@ -277,135 +515,135 @@ impl Store for FileStore {
         }
     }
 
+    fn meta(&self, id: &SessionId) -> Result<Option<SessionMeta>> {
+        self.meta_at(&self.path_of(id))
+    }
+
     fn touch(
         &self,
         id: &SessionId,
         at: Timestamp,
         coalesce: Duration,
-        idle_before: Timestamp,
+        cutoffs: &Cutoffs,
     ) -> Result<Touch> {
         let path = self.path_of(id);
-        let check = |path: &Path| -> Result<Option<Touch>> {
-            match fs::metadata(path) {
-                Err(e) if e.kind() == ErrorKind::NotFound => Ok(Some(Touch::Missing)),
-                Err(e) => Err(e.into()),
-                Ok(md) if mtime(&md) >= at.saturating_sub(coalesce) => Ok(Some(Touch::Skipped)),
-                Ok(md) if mtime(&md) < idle_before => Ok(Some(Touch::Expired)),
-                Ok(_) => Ok(None),
-            }
-        };
         // Unlocked pre-check: the common, coalesced case costs one stat.
-        if let Some(t) = check(&path)? {
-            return Ok(t);
+        match not_found(fs::metadata(&path))? {
+            None => return Ok(Touch::Missing),
+            Some(md) if mtime(&md) >= at.saturating_sub(coalesce) => return Ok(Touch::Skipped),
+            Some(_) => {}
         }
-        let _lock = self.table.write(store_lock_key(id))?;
-        if let Some(t) = check(&path)? {
-            return Ok(t);
-        }
-        let f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Touch::Missing),
-            Err(e) => return Err(e.into()),
+        let _lock = self.lock(id)?;
+        let Some(f) = not_found(File::open(&path))? else {
+            return Ok(Touch::Missing);
         };
+        let m = meta_of(&f)?;
+        if m.last_accessed >= at.saturating_sub(coalesce) {
+            return Ok(Touch::Skipped);
+        }
+        if cutoffs.meta_expired(&m) {
+            return Ok(Touch::Expired);
+        }
         f.set_modified(at.to_system_time())?;
         Ok(Touch::Written)
     }
 
     fn last_accessed(&self, id: &SessionId) -> Result<Option<Timestamp>> {
-        match fs::metadata(self.path_of(id)) {
-            Ok(md) => Ok(Some(mtime(&md))),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        Ok(not_found(fs::metadata(self.path_of(id)))?.map(|md| mtime(&md)))
     }
 
     fn delete(&self, id: &SessionId) -> Result<bool> {
-        let _lock = self.table.write(store_lock_key(id))?;
-        match fs::remove_file(self.path_of(id)) {
-            Ok(()) => {
-                self.sync_dir(&self.shard(id))?;
-                Ok(true)
-            }
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e.into()),
+        let _lock = self.lock(id)?;
+        self.remove_locked(id)
+    }
+
+    fn remove_expired(&self, id: &SessionId, cutoffs: &Cutoffs) -> Result<bool> {
+        let _lock = self.lock(id)?;
+        match self.meta(id)? {
+            Some(m) if cutoffs.meta_expired(&m) => self.remove_locked(id),
+            _ => Ok(false),
         }
     }
 
-    fn list_expired(&self, cutoffs: Cutoffs, limit: usize) -> Result<Vec<SessionId>> {
+    fn scan_expired(&self, cutoffs: &Cutoffs, budget: usize) -> Result<ExpiredScan> {
         let shards = self.shards()?;
-        let mut out = Vec::new();
-        if shards.is_empty() || limit == 0 {
-            return Ok(out);
-        }
+        let mut scan = ExpiredScan::default();
         let mut cursor = self.scan_cursor.lock();
-        let start = *cursor % shards.len();
-        for step in 0..shards.len() {
-            let idx = (start + step) % shards.len();
-            *cursor = idx;
-            let entries = match fs::read_dir(&shards[idx]) {
-                Ok(e) => e,
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => return Err(e.into()),
-            };
-            for e in entries {
-                let e = e?;
-                let Some(id) = e
-                    .file_name()
-                    .to_str()
-                    .filter(|n| n.len() == ID_LEN)
-                    .and_then(|n| SessionId::parse(n).ok())
-                else {
-                    continue;
-                };
-                let path = e.path();
-                let expired = match self.current(&path)? {
-                    None => false,
-                    // Unreadable header: let the manager validate and remove it.
-                    Some((None, _)) => true,
-                    Some((Some(_), la)) if la < cutoffs.idle_before => true,
-                    Some((Some(_), _)) => match self.load(&id) {
-                        Ok(Some(s)) => cutoffs.expired(s.created, s.last_accessed),
-                        Ok(None) => false,
-                        Err(_) => true,
-                    },
-                };
-                if expired {
-                    out.push(id);
-                    if out.len() >= limit {
-                        return Ok(out);
-                    }
-                }
+        let (ref mut idx, ref mut after) = *cursor;
+        while *idx < shards.len() {
+            if !self.scan_shard(&shards[*idx], after, cutoffs, budget, &mut scan)? {
+                scan.more = true;
+                return Ok(scan);
             }
-            *cursor = idx + 1;
+            *idx += 1;
+            *after = None;
         }
-        Ok(out)
+        // A full pass: the next one starts from the first shard.
+        *idx = 0;
+        Ok(scan)
     }
 
     fn cleanup(&self) -> Result<usize> {
         let now = SystemTime::now();
         let mut removed = 0;
         for shard in self.shards()? {
-            let entries = match fs::read_dir(&shard) {
-                Ok(e) => e,
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => return Err(e.into()),
+            let Some(entries) = not_found(fs::read_dir(&shard))? else {
+                continue;
             };
-            for e in entries {
-                let e = e?;
-                if !e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
-                    continue;
-                }
-                let Ok(md) = e.metadata() else { continue };
-                // ctime cannot be set by anyone, so a temporary file's age is real.
-                let changed = std::time::UNIX_EPOCH
-                    + Duration::from_secs(u64::try_from(md.ctime()).unwrap_or(0));
-                if now.duration_since(changed).unwrap_or_default() >= self.temp_grace
-                    && fs::remove_file(e.path()).is_ok()
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(TMP_PREFIX)
+                    && self.remove_if_stale_temp(&e.path(), now)
                 {
                     removed += 1;
                 }
             }
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(version: u64, note: &str) -> StoredSession {
+        let mut r = record::Record {
+            version,
+            created: 1,
+            expiry: Default::default(),
+            body: Default::default(),
+        };
+        r.body.data.insert("n".into(), note.into());
+        r.body.changed.insert("n".into(), version);
+        StoredSession::from_record(record::encode(&r, 1 << 20).unwrap(), Timestamp(1)).unwrap()
+    }
+
+    /// A save whose rename happened but whose directory fsync failed is not a plain I/O error
+    /// (which would invite a replay): it is `OutcomeUnknown`, and the record is in place.
+    #[test]
+    fn a_failed_directory_fsync_after_the_rename_is_an_unknown_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let id = SessionId::generate().unwrap();
+        assert!(store.save(&id, None, &stored(1, "a")).unwrap());
+        store
+            .fail_dir_sync
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let r = store.save(&id, Some(1), &stored(2, "b"));
+        assert!(matches!(r, Err(Error::OutcomeUnknown(_))), "{r:?}");
+        assert_eq!(store.meta(&id).unwrap().unwrap().version, 2);
+    }
+
+    /// The ID lock is bounded: a holder that never lets go makes others time out.
+    #[test]
+    fn the_id_lock_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = FileStore::open(dir.path()).unwrap();
+        let b = FileStore::open(dir.path())
+            .unwrap()
+            .with_lock_timeout(Duration::from_millis(30));
+        let id = SessionId::generate().unwrap();
+        let _held = a.lock(&id).unwrap();
+        assert!(matches!(b.delete(&id), Err(Error::Timeout)));
     }
 }

@@ -111,17 +111,67 @@ impl Clock for ManualClock {
     }
 }
 
-/// A stored record as a store hands it over.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredSession {
+/// When a session expires, chosen per session with [`crate::session::Session::set_expiry`].
+///
+/// Stored in the record's header, so every store and `gc` can apply it without decoding the
+/// record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Expiry {
+    /// The manager's rule: idle for [`crate::session::SessionConfig::idle_timeout`], or older
+    /// than [`crate::session::SessionConfig::max_lifetime`].
+    #[default]
+    Default,
+    /// Idle for this long (each access restarts it), or older than the manager's
+    /// `max_lifetime`, whichever comes first.
+    Idle(Duration),
+    /// At this time exactly, however active the session is and whatever the manager's limits
+    /// (a "remember me" session, a one-time link).
+    At(Timestamp),
+}
+
+/// What a store knows about a session without decoding its record: enough to expire it,
+/// collect it, set a native time-to-live, or decide whether to read it at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionMeta {
     /// Record version; every data write bumps it.
     pub version: u64,
     /// Creation time of the session.
     pub created: Timestamp,
-    /// Last-accessed time (kept apart from `bytes`).
+    /// Last-accessed time (kept apart from the record bytes).
     pub last_accessed: Timestamp,
-    /// The encoded record (see [`super::record`]), opaque to the store.
+    /// The session's expiry rule.
+    pub expiry: Expiry,
+    /// Size of the encoded record in bytes.
+    pub size: u64,
+}
+
+/// A stored record as a store hands it over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSession {
+    /// Version, times, expiry and size, as the store keeps them beside the bytes. `meta.size`
+    /// equals `bytes.len()`, and `version`, `created` and `expiry` equal the record header's.
+    pub meta: SessionMeta,
+    /// The encoded record (see [`super::record`]), opaque to the store except for its header.
     pub bytes: Vec<u8>,
+}
+
+impl StoredSession {
+    /// A stored session whose metadata is read from the record's header (and `last_accessed`).
+    ///
+    /// [`Error::SessionCorrupt`](crate::Error::SessionCorrupt) if the header is unreadable.
+    pub fn from_record(bytes: Vec<u8>, last_accessed: Timestamp) -> crate::Result<Self> {
+        let h = super::record::peek_header(&bytes)?;
+        Ok(StoredSession {
+            meta: SessionMeta {
+                version: h.version,
+                created: Timestamp(h.created),
+                last_accessed,
+                expiry: h.expiry,
+                size: bytes.len() as u64,
+            },
+            bytes,
+        })
+    }
 }
 
 /// What a store can do, so the manager can adapt.
@@ -132,10 +182,11 @@ pub struct Capabilities {
     pub persistent: bool,
     /// The store is shared by all processes that open it.
     pub shared_across_processes: bool,
-    /// The store expires sessions by itself (e.g. a TTL), so [`Store::list_expired`] may return
+    /// The store expires sessions by itself (e.g. a TTL), so [`Store::scan_expired`] may return
     /// nothing.
     pub native_expiry: bool,
-    /// [`Store::save`]'s compare-and-swap is atomic on its own, without the manager's lock.
+    /// [`Store::save`]'s compare-and-swap is atomic on its own, against every other user of the
+    /// same storage, whatever lock table they use.
     pub atomic_cas: bool,
 }
 
@@ -165,62 +216,116 @@ pub enum Touch {
     Skipped,
     /// No such session.
     Missing,
-    /// The stored last-accessed time was already older than the idle
-    /// cut-off: the session is expired and a touch must not revive it.
+    /// The session is already expired by its stored metadata: a touch must not revive it.
     Expired,
 }
 
-/// Expiry cut-offs for [`Store::list_expired`].
+/// The expiry rule in force at one instant: the current time and the manager's defaults.
+/// Applied to a session's [`SessionMeta`] by every store, by `gc` and by touches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cutoffs {
-    /// Sessions last accessed before this are idle-expired.
-    pub idle_before: Timestamp,
-    /// Sessions created before this exceeded their absolute lifetime.
-    pub created_before: Timestamp,
+    /// The current time.
+    pub now: Timestamp,
+    /// The manager's idle timeout (for [`Expiry::Default`]).
+    pub idle_timeout: Duration,
+    /// The manager's absolute lifetime (for [`Expiry::Default`] and [`Expiry::Idle`]).
+    pub max_lifetime: Duration,
 }
 
 impl Cutoffs {
-    /// True when a session with these times is expired.
-    pub fn expired(&self, created: Timestamp, last_accessed: Timestamp) -> bool {
-        last_accessed < self.idle_before || created < self.created_before
+    /// The last instant at which a session with these times is still alive.
+    pub fn expires_at(&self, created: Timestamp, last_accessed: Timestamp, e: Expiry) -> Timestamp {
+        let end_of_life = created.saturating_add(self.max_lifetime);
+        match e {
+            Expiry::Default => last_accessed
+                .saturating_add(self.idle_timeout)
+                .min(end_of_life),
+            Expiry::Idle(d) => last_accessed.saturating_add(d).min(end_of_life),
+            Expiry::At(t) => t,
+        }
+    }
+
+    /// True when a session with these times and rule is expired at `now`.
+    pub fn expired(&self, created: Timestamp, last_accessed: Timestamp, e: Expiry) -> bool {
+        self.now > self.expires_at(created, last_accessed, e)
+    }
+
+    /// [`Cutoffs::expired`] of a session's metadata.
+    pub fn meta_expired(&self, m: &SessionMeta) -> bool {
+        self.expired(m.created, m.last_accessed, m.expiry)
     }
 }
 
-/// Storage backend of the session layer.
+/// Result of one [`Store::scan_expired`] call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExpiredScan {
+    /// Sessions found expired by their metadata (re-checked by [`Store::remove_expired`]).
+    pub expired: Vec<SessionId>,
+    /// Entries whose metadata (header) cannot be parsed: corrupt for sure, since saves are
+    /// atomic. The manager re-checks them under the session's lock before deleting.
+    pub corrupt: Vec<SessionId>,
+    /// Entries that gave an I/O error (skipped, logged; the scan moved past them).
+    pub unreadable: usize,
+    /// Entries examined (at most the budget).
+    pub examined: usize,
+    /// Leftover temporary files removed on the way (stores that have them).
+    pub temp_files_removed: usize,
+    /// True when the budget ran out before a full pass: call again to continue.
+    pub more: bool,
+}
+
+/// Storage backend of the session layer. Object-safe: the manager holds a `Box<dyn Store>`.
 ///
 /// Contract (checked by the conformance suite in `tests/session_conformance.rs`):
-/// - `load` returns a consistent record (never a torn one) with its version and times.
+/// - `load` returns a consistent record (never a torn one) with its [`SessionMeta`], or
+///   [`Error::TooLarge`](crate::Error::TooLarge) without reading it when the record is larger
+///   than `max_size` (the manager's limit) or than a limit of the store's own.
 /// - `save` is a compare-and-swap: it writes only when the stored version equals `expected`
 ///   (`None`: the session must not exist), and stores `last_accessed` as the maximum of the stored
-///   and the given one. It returns `Ok(false)`, writing nothing, when the comparison fails.
+///   and the given one. It returns `Ok(false)`, writing nothing, when the comparison fails. A
+///   store with a size limit of its own refuses bigger records here with `TooLarge`, so that
+///   nothing it accepts is unreadable later. When the outcome is unknown (the record may have
+///   been written but a later step failed) it returns
+///   [`Error::OutcomeUnknown`](crate::Error::OutcomeUnknown), never a plain error.
+/// - `meta` reads the metadata without the record (cheap: a header or a small side record).
 /// - `touch` never moves the last-accessed time backwards, never changes the record, and skips
 ///   the write when the stored time is already `>= at - coalesce`. It writes nothing and returns
-///   [`Touch::Expired`] when the stored time is older than `idle_before`, checked atomically
-///   with the write, so that no touch revives a session another request already saw expired.
-/// - `delete` removes record and access time; `list_expired` returns at most `limit` IDs whose
-///   sessions are expired under `cutoffs` (it may include unreadable entries, which the manager
-///   validates and removes).
+///   [`Touch::Expired`] when the session is expired under `cutoffs` by its stored metadata,
+///   checked atomically with the write, so that no touch revives a session another request saw
+///   expired.
+/// - `delete` removes record, access time and any leftover of the session (temporary files).
+/// - `remove_expired` deletes the session only if it is expired under `cutoffs`, checked
+///   atomically with the delete (and with touches), and says whether it did.
+/// - `scan_expired` examines at most `budget` entries, reading metadata only, and never fails
+///   because of one bad entry: it counts it as unreadable and moves on. Successive calls cover
+///   every entry.
 pub trait Store: Send + Sync + fmt::Debug {
     /// What this store can do.
     fn capabilities(&self) -> Capabilities;
-    /// Loads a session.
-    fn load(&self, id: &SessionId) -> Result<Option<StoredSession>>;
+    /// Loads a session; see the trait docs.
+    fn load(&self, id: &SessionId, max_size: usize) -> Result<Option<StoredSession>>;
     /// Compare-and-swap save; see the trait docs.
     fn save(&self, id: &SessionId, expected: Option<u64>, new: &StoredSession) -> Result<bool>;
+    /// The session's metadata without its record.
+    fn meta(&self, id: &SessionId) -> Result<Option<SessionMeta>>;
     /// Records an access without rewriting the data; see the trait docs.
     fn touch(
         &self,
         id: &SessionId,
         at: Timestamp,
         coalesce: Duration,
-        idle_before: Timestamp,
+        cutoffs: &Cutoffs,
     ) -> Result<Touch>;
     /// The stored last-accessed time, cheaply (no record read).
-    fn last_accessed(&self, id: &SessionId) -> Result<Option<Timestamp>>;
-    /// Deletes a session; `Ok(true)` if it existed.
+    fn last_accessed(&self, id: &SessionId) -> Result<Option<Timestamp>> {
+        Ok(self.meta(id)?.map(|m| m.last_accessed))
+    }
+    /// Deletes a session and its leftovers; `Ok(true)` if it existed.
     fn delete(&self, id: &SessionId) -> Result<bool>;
-    /// Up to `limit` expired sessions.
-    fn list_expired(&self, cutoffs: Cutoffs, limit: usize) -> Result<Vec<SessionId>>;
+    /// Deletes the session if it is expired under `cutoffs` (atomic check and delete).
+    fn remove_expired(&self, id: &SessionId, cutoffs: &Cutoffs) -> Result<bool>;
+    /// Examines up to `budget` entries from a rotating cursor; see the trait docs.
+    fn scan_expired(&self, cutoffs: &Cutoffs, budget: usize) -> Result<ExpiredScan>;
     /// Housekeeping (e.g. leftover temporary files); returns how many items were removed.
     fn cleanup(&self) -> Result<usize> {
         Ok(0)

@@ -4,8 +4,9 @@
 //! [`crate::session::PgLocks`]) nor interpret records beyond their size.
 //!
 //! Layout, in a configurable schema (default `locktable`) and table name (default `sessions`):
-//! - `<table>`: `id`, `version`, `created`, `size`, `bytes` (the encoded record). Written only by
-//!   saves, each a compare-and-set on `version` inside one statement.
+//! - `<table>`: `id`, `version`, `created`, `expiry_kind`, `expiry_ms`, `size`, `bytes` (the
+//!   encoded record and, beside it, the metadata that expiry needs). Written only by saves, each a
+//!   compare-and-set on `version` inside one statement.
 //! - `<table>_access`: `id`, `last_accessed`. The narrow table that touches update, so a touch
 //!   leaves a small dead tuple (a HOT update: no indexed column changes) instead of a copy of the
 //!   record. Its fill factor leaves room on each page for those updates.
@@ -18,10 +19,13 @@
 //! certainly failed, or its outcome is unknown: see [`PgStore`]); the next call reconnects.
 //! The client is synchronous: never call it on an async runtime's worker thread.
 
-use super::{Capabilities, Cutoffs, Store, StoredSession, Timestamp, Touch};
+use super::{
+    Capabilities, Cutoffs, ExpiredScan, Expiry, SessionMeta, Store, StoredSession, Timestamp, Touch,
+};
 use crate::session::id::SessionId;
 use crate::session::pg_pool::{PgPool, PooledConn};
 use crate::{Error, Result};
+use parking_lot::Mutex;
 use std::time::Duration;
 
 /// The schema version this library creates and understands.
@@ -38,8 +42,8 @@ pub struct PgStoreOptions {
     pub schema: String,
     /// Name of the record table; the access-time table is `<table>_access`. Default `sessions`.
     pub table: String,
-    /// Largest record the store accepts and returns; bigger ones are [`Error::TooLarge`].
-    /// Default 1 MiB, the session manager's default.
+    /// Largest record the store accepts (a bound of its own, beside the manager's limit that
+    /// every load passes); bigger ones are [`Error::TooLarge`]. Default 16 MiB.
     pub max_record_size: usize,
 }
 
@@ -48,7 +52,7 @@ impl Default for PgStoreOptions {
         PgStoreOptions {
             schema: "locktable".into(),
             table: "sessions".into(),
-            max_record_size: 1 << 20,
+            max_record_size: 16 << 20,
         }
     }
 }
@@ -78,6 +82,8 @@ pub struct PgStore {
     pool: PgPool,
     max_record_size: usize,
     sql: Sql,
+    /// The last ID `scan_expired` examined (the next scan resumes after it).
+    scan_cursor: Mutex<Option<String>>,
 }
 
 /// The statements, built once from the configured names.
@@ -86,10 +92,11 @@ struct Sql {
     load: String,
     create: String,
     update: String,
+    meta: String,
     touch: String,
-    last_accessed: String,
     delete: String,
-    list_expired: String,
+    remove_expired: String,
+    scan_expired: String,
     purge_expired: String,
     migrate_v1: String,
     schema_table: String,
@@ -114,69 +121,109 @@ fn check_identifier(what: &str, name: &str) -> Result<()> {
     }
 }
 
+/// SQL for "expired under the cut-offs" of a record row `d` and its access row `a`, with the
+/// parameters `$now`, `$idle` and `$life` (milliseconds, `bigint`), as `Cutoffs::expired`
+/// computes it. The sums are `numeric`, so they cannot overflow.
+fn expired_sql(d: &str, a: &str, now: u8, idle: u8, life: u8) -> String {
+    format!(
+        "(CASE {d}.expiry_kind WHEN {AT} THEN ${now}::bigint > {d}.expiry_ms \
+         ELSE ${now}::bigint > LEAST({a}.last_accessed::numeric \
+         + CASE {d}.expiry_kind WHEN {IDLE} THEN {d}.expiry_ms ELSE ${idle}::bigint END, \
+         {d}.created::numeric + ${life}::bigint) END)"
+    )
+}
+
+/// `expiry_kind` values.
+const DEFAULT: i16 = 0;
+const IDLE: i16 = 1;
+const AT: i16 = 2;
+
 impl Sql {
     fn new(schema: &str, table: &str) -> Sql {
         let d = format!("\"{schema}\".\"{table}\"");
         let a = format!("\"{schema}\".\"{table}_access\"");
         let schema_table = format!("\"{schema}\".\"locktable_schema\"");
+        let cols = "d.version, d.created, a.last_accessed, d.expiry_kind, d.expiry_ms, d.size";
         Sql {
             load: format!(
-                "SELECT d.version, d.created, COALESCE(a.last_accessed, d.created), d.size, \
-                 CASE WHEN d.size <= $2 THEN d.bytes END \
-                 FROM {d} d LEFT JOIN {a} a ON a.id = d.id WHERE d.id = $1"
+                "SELECT {cols}, CASE WHEN d.size <= $2 THEN d.bytes END \
+                 FROM {d} d JOIN {a} a ON a.id = d.id WHERE d.id = $1"
             ),
             // Insert-if-absent; the access row follows only when the record was inserted.
             create: format!(
-                "WITH d AS (INSERT INTO {d} (id, version, created, size, bytes) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING RETURNING id) \
-                 INSERT INTO {a} (id, last_accessed) SELECT id, $6 FROM d \
+                "WITH d AS (INSERT INTO {d} \
+                 (id, version, created, expiry_kind, expiry_ms, size, bytes) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING RETURNING id) \
+                 INSERT INTO {a} (id, last_accessed) SELECT id, $8 FROM d \
                  ON CONFLICT (id) DO UPDATE SET last_accessed = excluded.last_accessed \
                  RETURNING 1"
             ),
             // Compare-and-set on the version; the access time moves only forwards, and only when
-            // the record was written.
+            // the record was written. Locks the record row, then the access row (the order of
+            // every statement here that locks both).
             update: format!(
-                "WITH d AS (UPDATE {d} SET version = $3, created = $4, size = $5, bytes = $6 \
+                "WITH d AS (UPDATE {d} SET version = $3, created = $4, expiry_kind = $5, \
+                 expiry_ms = $6, size = $7, bytes = $8 \
                  WHERE id = $1 AND version = $2 RETURNING id), \
-                 a AS (UPDATE {a} SET last_accessed = $7 FROM d \
-                 WHERE {a}.id = d.id AND {a}.last_accessed < $7) \
+                 a AS (UPDATE {a} SET last_accessed = $9 FROM d \
+                 WHERE {a}.id = d.id AND {a}.last_accessed < $9) \
                  SELECT count(*) FROM d"
             ),
-            // Written only if older than the coalescing bound ($3) and not idle-expired ($4),
-            // both checked on the row being updated (so atomically with the write). `cur` is the
-            // statement's snapshot, used only to say why nothing was written.
+            meta: format!("SELECT {cols} FROM {d} d JOIN {a} a ON a.id = d.id WHERE d.id = $1"),
+            // Written only if older than the coalescing bound ($3) and not expired, both checked
+            // on the access row being updated (so atomically with the write: a concurrent touch
+            // makes the server re-check them on the newest row). `cur` is the statement's
+            // snapshot, used only to say why nothing was written.
             touch: format!(
-                "WITH cur AS (SELECT last_accessed FROM {a} WHERE id = $1), \
-                 upd AS (UPDATE {a} SET last_accessed = $2 \
-                 WHERE id = $1 AND last_accessed < $3 AND last_accessed >= $4 RETURNING 1) \
-                 SELECT (SELECT last_accessed FROM cur), (SELECT count(*) FROM upd)"
+                "WITH cur AS (SELECT a.last_accessed, {exp_cur} AS expired \
+                 FROM {a} a JOIN {d} d ON d.id = a.id WHERE a.id = $1), \
+                 upd AS (UPDATE {a} a SET last_accessed = $2 FROM {d} d \
+                 WHERE a.id = $1 AND d.id = a.id AND a.last_accessed < $3 AND NOT {exp_upd} \
+                 RETURNING 1) \
+                 SELECT (SELECT last_accessed FROM cur), (SELECT expired FROM cur), \
+                 (SELECT count(*) FROM upd)",
+                exp_cur = expired_sql("d", "a", 4, 5, 6),
+                exp_upd = expired_sql("d", "a", 4, 5, 6),
             ),
-            last_accessed: format!("SELECT last_accessed FROM {a} WHERE id = $1"),
             delete: format!(
                 "WITH d AS (DELETE FROM {d} WHERE id = $1 RETURNING id), \
                  a AS (DELETE FROM {a} WHERE id = $1) \
                  SELECT count(*) FROM d"
             ),
-            list_expired: format!(
-                "SELECT d.id FROM {d} d LEFT JOIN {a} a ON a.id = d.id \
-                 WHERE COALESCE(a.last_accessed, d.created) < $1 OR d.created < $2 LIMIT $3"
-            ),
-            // Bounded batch: lock up to $3 candidates (skipping rows a save holds), then delete
-            // each only if the predicate still holds on its current access row (a touch that
-            // committed meanwhile keeps the session).
-            purge_expired: format!(
-                "WITH victims AS (SELECT d.id FROM {d} d LEFT JOIN {a} a ON a.id = d.id \
-                 WHERE COALESCE(a.last_accessed, d.created) < $1 OR d.created < $2 \
-                 LIMIT $3 FOR UPDATE OF d SKIP LOCKED), \
-                 gone AS (DELETE FROM {a} x USING {d} y \
-                 WHERE x.id IN (SELECT id FROM victims) AND y.id = x.id \
-                 AND (x.last_accessed < $1 OR y.created < $2) RETURNING x.id), \
+            // Locks the record row first, then deletes the access row only if the predicate
+            // holds on its newest version (a touch that committed meanwhile keeps the session),
+            // then the record.
+            remove_expired: format!(
+                "WITH v AS (SELECT id FROM {d} WHERE id = $1 FOR UPDATE), \
+                 gone AS (DELETE FROM {a} a USING {d} d \
+                 WHERE a.id IN (SELECT id FROM v) AND d.id = a.id AND {exp} RETURNING a.id), \
                  del AS (DELETE FROM {d} WHERE id IN (SELECT id FROM gone) RETURNING 1) \
-                 SELECT count(*) FROM del"
+                 SELECT count(*) FROM del",
+                exp = expired_sql("d", "a", 2, 3, 4),
+            ),
+            // Metadata only, from a cursor, in ID order: bounded and, over successive calls,
+            // complete.
+            scan_expired: format!(
+                "SELECT d.id, {exp} FROM {d} d JOIN {a} a ON a.id = d.id \
+                 WHERE d.id > $1 ORDER BY d.id LIMIT $5",
+                exp = expired_sql("d", "a", 2, 3, 4),
+            ),
+            // Bounded batch: lock up to $4 candidates (skipping rows a save holds), then delete
+            // each only if the predicate still holds on its newest access row.
+            purge_expired: format!(
+                "WITH victims AS (SELECT d.id FROM {d} d JOIN {a} a ON a.id = d.id \
+                 WHERE {exp} LIMIT $4 FOR UPDATE OF d SKIP LOCKED), \
+                 gone AS (DELETE FROM {a} a USING {d} d \
+                 WHERE a.id IN (SELECT id FROM victims) AND d.id = a.id AND {exp} \
+                 RETURNING a.id), \
+                 del AS (DELETE FROM {d} WHERE id IN (SELECT id FROM gone) RETURNING 1) \
+                 SELECT count(*) FROM del",
+                exp = expired_sql("d", "a", 1, 2, 3),
             ),
             migrate_v1: format!(
                 "CREATE TABLE IF NOT EXISTS {d} (\
                  id text PRIMARY KEY, version bigint NOT NULL, created bigint NOT NULL, \
+                 expiry_kind smallint NOT NULL, expiry_ms bigint NOT NULL, \
                  size integer NOT NULL, bytes bytea NOT NULL); \
                  CREATE TABLE IF NOT EXISTS {a} (\
                  id text PRIMARY KEY, last_accessed bigint NOT NULL) WITH (fillfactor = 70);"
@@ -196,6 +243,48 @@ fn ms(t: Timestamp) -> i64 {
 /// A stored `bigint` time as a [`Timestamp`] (a negative one, written by someone else, is 0).
 fn ts(v: i64) -> Timestamp {
     Timestamp(u64::try_from(v).unwrap_or(0))
+}
+
+fn dur_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The cut-offs as the `$now, $idle, $life` parameters of [`expired_sql`].
+fn cutoff_params(c: &Cutoffs) -> [i64; 3] {
+    [ms(c.now), dur_ms(c.idle_timeout), dur_ms(c.max_lifetime)]
+}
+
+fn expiry_params(e: Expiry) -> (i16, i64) {
+    match e {
+        Expiry::Default => (DEFAULT, 0),
+        Expiry::Idle(d) => (IDLE, dur_ms(d)),
+        Expiry::At(t) => (AT, ms(t)),
+    }
+}
+
+/// Reads the metadata columns (version, created, last accessed, expiry kind and value, size).
+fn meta_from(row: &postgres::Row) -> Result<SessionMeta> {
+    let version: i64 = row.get(0);
+    let kind: i16 = row.get(3);
+    let value: i64 = row.get(4);
+    let expiry = match kind {
+        DEFAULT => Expiry::Default,
+        IDLE => Expiry::Idle(Duration::from_millis(u64::try_from(value).unwrap_or(0))),
+        AT => Expiry::At(ts(value)),
+        _ => {
+            return Err(Error::SessionCorrupt(
+                "unknown expiry kind in the store".into(),
+            ))
+        }
+    };
+    Ok(SessionMeta {
+        version: u64::try_from(version)
+            .map_err(|_| Error::SessionCorrupt("negative record version".into()))?,
+        created: ts(row.get(1)),
+        last_accessed: ts(row.get(2)),
+        expiry,
+        size: u64::try_from(row.get::<_, i32>(5)).unwrap_or(0),
+    })
 }
 
 fn version_param(v: u64) -> Result<i64> {
@@ -219,6 +308,7 @@ impl PgStore {
             pool,
             max_record_size: opts.max_record_size,
             sql: Sql::new(&opts.schema, &opts.table),
+            scan_cursor: Mutex::new(None),
         };
         store.migrate()?;
         Ok(store)
@@ -300,19 +390,17 @@ impl PgStore {
         Ok(rows.first().map_or(0, |r| r.get(0)))
     }
 
-    /// Deletes up to `batch` expired sessions in one statement and returns how many. Each is
-    /// re-checked against its current access time as it is deleted, so a touch that committed
-    /// meanwhile keeps it; rows being saved right now are skipped (a later call gets them).
-    pub fn purge_expired(&self, cutoffs: Cutoffs, batch: usize) -> Result<usize> {
+    /// Deletes up to `batch` expired sessions in one statement and returns how many: a bulk
+    /// alternative to the manager's `gc` for a periodic job. Each is re-checked against its
+    /// newest access time as it is deleted, so a touch that committed meanwhile keeps it; rows
+    /// being saved right now are skipped (a later call gets them).
+    pub fn purge_expired(&self, cutoffs: &Cutoffs, batch: usize) -> Result<usize> {
+        let [now, idle, life] = cutoff_params(cutoffs);
         let limit = i64::try_from(batch).unwrap_or(i64::MAX);
         let rows = self.pool.get()?.query(
             "purge_expired",
             &self.sql.purge_expired,
-            &[
-                &ms(cutoffs.idle_before),
-                &ms(cutoffs.created_before),
-                &limit,
-            ],
+            &[&now, &idle, &life, &limit],
         )?;
         Ok(count(&rows))
     }
@@ -341,8 +429,9 @@ impl Store for PgStore {
         Capabilities::new(true, true, false, true)
     }
 
-    fn load(&self, id: &SessionId) -> Result<Option<StoredSession>> {
-        let limit = i32::try_from(self.max_record_size).unwrap_or(i32::MAX);
+    fn load(&self, id: &SessionId, max_size: usize) -> Result<Option<StoredSession>> {
+        let limit_bytes = max_size.min(self.max_record_size);
+        let limit = i32::try_from(limit_bytes).unwrap_or(i32::MAX);
         let rows = self
             .pool
             .get()?
@@ -350,40 +439,41 @@ impl Store for PgStore {
         let Some(row) = rows.first() else {
             return Ok(None);
         };
-        let size: i32 = row.get(3);
-        let Some(bytes) = row.get::<_, Option<Vec<u8>>>(4) else {
+        let meta = meta_from(row)?;
+        // Larger than the limit: the server sent the size, not the bytes.
+        let Some(bytes) = row.get::<_, Option<Vec<u8>>>(6) else {
             return Err(Error::TooLarge {
-                size: usize::try_from(size).unwrap_or(0),
-                limit: self.max_record_size,
+                size: usize::try_from(meta.size).unwrap_or(usize::MAX),
+                limit: limit_bytes,
             });
         };
-        let version: i64 = row.get(0);
-        Ok(Some(StoredSession {
-            version: u64::try_from(version)
-                .map_err(|_| Error::SessionCorrupt("negative record version".into()))?,
-            created: ts(row.get(1)),
-            last_accessed: ts(row.get(2)),
-            bytes,
-        }))
+        Ok(Some(StoredSession { meta, bytes }))
     }
 
     fn save(&self, id: &SessionId, expected: Option<u64>, new: &StoredSession) -> Result<bool> {
         let size = self.check_size(new.bytes.len())?;
-        let version = version_param(new.version)?;
+        let m = &new.meta;
+        let version = version_param(m.version)?;
+        let (kind, value) = expiry_params(m.expiry);
+        let (created, la) = (ms(m.created), ms(m.last_accessed));
         let mut conn = self.pool.get()?;
-        let rows = match expected {
-            None => conn.query(
-                "save",
-                &self.sql.create,
-                &[
-                    &id.as_str(),
-                    &version,
-                    &ms(new.created),
-                    &size,
-                    &new.bytes,
-                    &ms(new.last_accessed),
-                ],
-            ),
+        let written = match expected {
+            None => conn
+                .query(
+                    "save",
+                    &self.sql.create,
+                    &[
+                        &id.as_str(),
+                        &version,
+                        &created,
+                        &kind,
+                        &value,
+                        &size,
+                        &new.bytes,
+                        &la,
+                    ],
+                )
+                .map(|rows| rows.len() == 1),
             Some(exp) => {
                 let exp = version_param(exp)?;
                 conn.query(
@@ -393,24 +483,33 @@ impl Store for PgStore {
                         &id.as_str(),
                         &exp,
                         &version,
-                        &ms(new.created),
+                        &created,
+                        &kind,
+                        &value,
                         &size,
                         &new.bytes,
-                        &ms(new.last_accessed),
+                        &la,
                     ],
                 )
-                .map(|rows| if count(&rows) == 1 { rows } else { Vec::new() })
+                .map(|rows| count(&rows) == 1)
             }
         };
-        match rows {
-            Ok(rows) => Ok(!rows.is_empty()),
+        match written {
+            Ok(w) => Ok(w),
             Err(f) if f.certainly_not_applied() => Err(f.into()),
-            Err(f) => Err(Error::Backend(format!(
-                "save: outcome unknown, the connection failed while the write was in flight \
-                 (reload before retrying): {}",
+            Err(f) => Err(Error::OutcomeUnknown(format!(
+                "the connection failed while the save was in flight: {}",
                 Error::from(f)
             ))),
         }
+    }
+
+    fn meta(&self, id: &SessionId) -> Result<Option<SessionMeta>> {
+        let rows = self
+            .pool
+            .get()?
+            .query("meta", &self.sql.meta, &[&id.as_str()])?;
+        rows.first().map(meta_from).transpose()
     }
 
     fn touch(
@@ -418,34 +517,35 @@ impl Store for PgStore {
         id: &SessionId,
         at: Timestamp,
         coalesce: Duration,
-        idle_before: Timestamp,
+        cutoffs: &Cutoffs,
     ) -> Result<Touch> {
         let write_below = at.saturating_sub(coalesce);
+        let [now, idle, life] = cutoff_params(cutoffs);
         let rows = self.pool.get()?.query(
             "touch",
             &self.sql.touch,
-            &[&id.as_str(), &ms(at), &ms(write_below), &ms(idle_before)],
+            &[&id.as_str(), &ms(at), &ms(write_below), &now, &idle, &life],
         )?;
         let row = rows
             .first()
             .ok_or_else(|| Error::Backend("touch: no result row".into()))?;
         let stored: Option<i64> = row.get(0);
-        let written: i64 = row.get(1);
+        let expired: Option<bool> = row.get(1);
+        let written: i64 = row.get(2);
         Ok(match stored {
             _ if written == 1 => Touch::Written,
             None => Touch::Missing,
-            Some(la) if ts(la) < idle_before && ts(la) < write_below => Touch::Expired,
-            // Recent enough, or changed by a concurrent touch (which left it newer).
-            Some(_) => Touch::Skipped,
+            Some(la) if ts(la) >= write_below => Touch::Skipped,
+            Some(_) if expired == Some(true) => Touch::Expired,
+            // The snapshot said "write" but the row changed before the update reached it (a
+            // concurrent touch, save or delete): say what happened from its newest state.
+            Some(_) => match self.meta(id)? {
+                None => Touch::Missing,
+                Some(m) if m.last_accessed >= write_below => Touch::Skipped,
+                Some(m) if cutoffs.meta_expired(&m) => Touch::Expired,
+                Some(_) => Touch::Skipped,
+            },
         })
-    }
-
-    fn last_accessed(&self, id: &SessionId) -> Result<Option<Timestamp>> {
-        let rows =
-            self.pool
-                .get()?
-                .query("last_accessed", &self.sql.last_accessed, &[&id.as_str()])?;
-        Ok(rows.first().map(|r| ts(r.get(0))))
     }
 
     fn delete(&self, id: &SessionId) -> Result<bool> {
@@ -456,18 +556,46 @@ impl Store for PgStore {
         Ok(count(&rows) == 1)
     }
 
-    fn list_expired(&self, cutoffs: Cutoffs, limit: usize) -> Result<Vec<SessionId>> {
-        let lim = i64::try_from(limit).unwrap_or(i64::MAX);
+    fn remove_expired(&self, id: &SessionId, cutoffs: &Cutoffs) -> Result<bool> {
+        let [now, idle, life] = cutoff_params(cutoffs);
         let rows = self.pool.get()?.query(
-            "list_expired",
-            &self.sql.list_expired,
-            &[&ms(cutoffs.idle_before), &ms(cutoffs.created_before), &lim],
+            "remove_expired",
+            &self.sql.remove_expired,
+            &[&id.as_str(), &now, &idle, &life],
         )?;
-        // Rows whose ID is not a session ID were written by something else: not ours to touch.
-        Ok(rows
-            .iter()
-            .filter_map(|r| SessionId::parse(r.get::<_, &str>(0)).ok())
-            .collect())
+        Ok(count(&rows) == 1)
+    }
+
+    fn scan_expired(&self, cutoffs: &Cutoffs, budget: usize) -> Result<ExpiredScan> {
+        let [now, idle, life] = cutoff_params(cutoffs);
+        let mut cursor = self.scan_cursor.lock();
+        let after = cursor.clone().unwrap_or_default();
+        let limit = i64::try_from(budget).unwrap_or(i64::MAX);
+        let rows = self.pool.get()?.query(
+            "scan_expired",
+            &self.sql.scan_expired,
+            &[&after, &now, &idle, &life, &limit],
+        )?;
+        let mut scan = ExpiredScan {
+            examined: rows.len(),
+            more: rows.len() == budget && budget > 0,
+            ..ExpiredScan::default()
+        };
+        for row in &rows {
+            let id: &str = row.get(0);
+            match SessionId::parse(id) {
+                Ok(sid) if row.get::<_, bool>(1) => scan.expired.push(sid),
+                Ok(_) => {}
+                // A row no session ID names was written by something else: not ours to delete.
+                Err(_) => scan.unreadable += 1,
+            }
+        }
+        *cursor = match rows.last() {
+            Some(r) if scan.more => Some(r.get::<_, String>(0)),
+            // A full pass: the next one starts from the beginning.
+            _ => None,
+        };
+        Ok(scan)
     }
 }
 
@@ -500,5 +628,6 @@ mod tests {
     fn times_saturate_into_bigint() {
         assert_eq!(ms(Timestamp(u64::MAX)), i64::MAX);
         assert_eq!(ts(-5), Timestamp(0));
+        assert_eq!(dur_ms(Duration::MAX), i64::MAX);
     }
 }
