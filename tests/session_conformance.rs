@@ -494,6 +494,31 @@ pub fn atomic_cas_holds_across_handles<S: Store>(f: Fixture<S>) {
     assert_eq!(v, 1 + wins.into_inner(), "every successful CAS bumped once");
 }
 
+/// A `persistent`, `shared_across_processes` store shows one handle's writes, touches and
+/// deletes to another handle on the same storage.
+pub fn shared_stores_agree_across_handles<S: Store>(f: Fixture<S>) {
+    let caps = f.store.capabilities();
+    let Some(reopen) = &f.reopen else {
+        assert!(
+            !caps.shared_across_processes,
+            "a shared store must give the suite a second handle (reopen)"
+        );
+        return;
+    };
+    assert!(caps.persistent || caps.shared_across_processes);
+    let other = reopen();
+    let i = id();
+    assert!(f.store.save(&i, None, &rec(1, T0, T0, "a")).unwrap());
+    assert_eq!(other.meta(&i).unwrap().unwrap().version, 1);
+    assert_eq!(
+        other.touch(&i, t(5), Duration::ZERO, &never()).unwrap(),
+        Touch::Written
+    );
+    assert_eq!(f.store.last_accessed(&i).unwrap(), Some(t(5)));
+    assert!(other.delete(&i).unwrap());
+    assert!(f.store.load(&i, MAX).unwrap().is_none());
+}
+
 macro_rules! conformance {
     ($name:ident, $factory:expr) => {
         mod $name {
@@ -533,6 +558,10 @@ macro_rules! conformance {
             #[test]
             fn scan_expired_is_bounded_and_complete() {
                 super::scan_expired_is_bounded_and_complete($factory());
+            }
+            #[test]
+            fn shared_stores_agree_across_handles() {
+                super::shared_stores_agree_across_handles($factory());
             }
             #[test]
             fn atomic_cas_holds_across_handles() {

@@ -1,9 +1,14 @@
 //! The storage interface of the session layer, small enough for memcached, Redis or an embedded
 //! key-value store.
 //!
-//! A store keeps, per session ID: an opaque encoded record with its version and creation time
-//! (written only by [`Store::save`], a compare-and-swap on the version), and a last-accessed time
-//! kept apart from the record (written by [`Store::touch`] without rewriting the data).
+//! A store keeps, per session ID: an opaque encoded record (written only by [`Store::save`], a
+//! compare-and-swap on the version) and, beside it, the session's [`SessionMeta`]: version,
+//! creation time, expiry rule and size (from the record's header) and a last-accessed time
+//! written by [`Store::touch`] without rewriting the data. Metadata is readable without
+//! decoding the record, so stores, `gc` and caches can expire and classify sessions cheaply.
+//!
+//! Owns: the trait, its value types and the two built-in stores. May not touch: locks of the
+//! lock table (a store serializes its own operations).
 
 mod file;
 mod memory;
