@@ -131,6 +131,7 @@ pg_conformance!(
     remove_expired_is_a_checked_delete,
     remove_expired_is_atomic_with_touches,
     scan_expired_is_bounded_and_complete,
+    shared_stores_agree_across_handles,
     atomic_cas_holds_across_handles,
     touch_is_monotonic_coalesced_and_leaves_data,
     delete_removes_everything,
@@ -476,11 +477,19 @@ fn lock_modes_exclude_as_documented_and_timeouts_leave_nothing_held() {
     ));
     drop(w);
     drop(b.write_timeout(&key, short).unwrap());
-    // A timed-out upgrade leaves nothing held either.
+    // A timed-out upgrade hands the upgradable hold back, still held.
     let r = a.read(&key).unwrap();
     let u = b.upgradable(&key).unwrap();
-    assert!(matches!(u.upgrade_timeout(short), Err(Error::Timeout)));
+    let Err((Error::Timeout, u)) = u.upgrade_timeout(short) else {
+        panic!("the upgrade should time out while a reader holds the lock");
+    };
+    assert!(matches!(
+        a.upgradable_timeout(&key, short),
+        Err(Error::Timeout)
+    ));
     drop(r);
+    let w = u.upgrade_timeout(short).map_err(|(e, _)| e).unwrap();
+    drop(w);
     drop(a.write_timeout(&key, short).unwrap());
 }
 
@@ -566,8 +575,8 @@ fn sigkill_of_an_exclusive_holder_frees_its_lock() {
 
 // ---- many processes, one database ----
 
-#[test]
-fn four_processes_sharing_only_the_database_count_exactly() {
+/// Runs `PROCESSES` writer children of `role` on one session and checks every count.
+fn processes_count_exactly(role: &str) {
     let url = url_or_skip!();
     let opts = fresh_options();
     let mgr = pg_manager(&url, opts.clone());
@@ -579,7 +588,7 @@ fn four_processes_sharing_only_the_database_count_exactly() {
     let children: Vec<Child> = (0..PROCESSES)
         .map(|k| {
             spawn_child(
-                &format!("writer:{k}"),
+                &format!("{role}:{k}"),
                 &[
                     (SCHEMA_ENV, &opts.schema),
                     (TABLE_ENV, &opts.table),
@@ -601,9 +610,157 @@ fn four_processes_sharing_only_the_database_count_exactly() {
         Some(INCREMENTS * PROCESSES as u64)
     );
     println!(
-        "{PROCESSES} processes x {INCREMENTS} increments, exact, in {:?}",
+        "{role}: {PROCESSES} processes x {INCREMENTS} increments, exact, in {:?}",
         started.elapsed()
     );
+}
+
+/// `SessionManager::postgres`: sessions and advisory locks on the database, no lock table.
+/// `transact` never fails: its final, exclusive attempt cannot conflict.
+#[test]
+fn four_processes_sharing_only_the_database_count_exactly() {
+    processes_count_exactly("writer-pg");
+}
+
+/// A private lock table per process and `PgStore` only: the store's compare-and-set alone keeps
+/// every count exact (conflicts are retried by the caller).
+#[test]
+fn four_processes_with_private_lock_tables_count_exactly_by_cas() {
+    processes_count_exactly("writer-cas");
+}
+
+fn pg_sessions(url: &str, opts: &PgStoreOptions, cfg: SessionConfig) -> SessionManager {
+    SessionManager::postgres_with(url, opts.clone(), cfg).unwrap()
+}
+
+#[test]
+fn managers_sharing_only_the_database_never_both_hold_an_exclusive_session() {
+    let url = url_or_skip!();
+    let opts = fresh_options();
+    let managers = [
+        pg_sessions(&url, &opts, SessionConfig::default()),
+        pg_sessions(&url, &opts, SessionConfig::default()),
+    ];
+    let mut s = managers[0].create().unwrap();
+    s.insert("n", &0u64).unwrap();
+    let id = s.id().to_string();
+    s.commit().unwrap();
+    let inside = AtomicBool::new(false);
+    let per_thread = 40u64;
+    std::thread::scope(|sc| {
+        for t in 0..4usize {
+            let (mgr, id, inside) = (&managers[t % 2], &id, &inside);
+            sc.spawn(move || {
+                for _ in 0..per_thread {
+                    let mut s = mgr.load_exclusive(id).unwrap().unwrap();
+                    assert!(
+                        !inside.swap(true, Ordering::SeqCst),
+                        "two exclusive holders"
+                    );
+                    let n = s.get::<u64>("n").unwrap().unwrap();
+                    std::thread::sleep(Duration::from_micros(200));
+                    s.insert("n", &(n + 1)).unwrap();
+                    inside.store(false, Ordering::SeqCst);
+                    s.commit().unwrap();
+                }
+            });
+        }
+    });
+    let s = managers[1].load(&id).unwrap().unwrap();
+    assert_eq!(s.get::<u64>("n").unwrap(), Some(4 * per_thread));
+    assert_eq!(
+        managers[0].stats().conflicts + managers[1].stats().conflicts,
+        0,
+        "exclusive requests cannot conflict"
+    );
+}
+
+#[test]
+fn optimistic_loads_take_no_lock_and_commits_wait_for_an_exclusive_holder() {
+    let url = url_or_skip!();
+    let opts = fresh_options();
+    let a = pg_sessions(&url, &opts, SessionConfig::default());
+    let b = pg_sessions(&url, &opts, SessionConfig::default());
+    let mut s = a.create().unwrap();
+    s.insert("k", &1).unwrap();
+    let id = s.id().to_string();
+    s.commit().unwrap();
+    let mut held = a.load_exclusive(&id).unwrap().unwrap();
+    // A read-only request goes on while the exclusive request holds the session.
+    let t = Instant::now();
+    let r = b
+        .load_timeout(&id, Duration::from_millis(50))
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.get::<i32>("k").unwrap(), Some(1));
+    r.commit().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2));
+    // A commit with changes waits for it.
+    let mut w = b.load(&id).unwrap().unwrap();
+    w.insert("other", &2).unwrap();
+    assert!(matches!(
+        w.commit_timeout(Duration::from_millis(200)),
+        Err(Error::Timeout)
+    ));
+    // So does another exclusive request.
+    assert!(matches!(
+        b.load_exclusive_timeout(&id, Duration::from_millis(200)),
+        Err(Error::Timeout)
+    ));
+    held.insert("k", &3).unwrap();
+    held.commit().unwrap();
+    let mut w = b.load(&id).unwrap().unwrap();
+    w.insert("other", &2).unwrap();
+    w.commit().unwrap();
+    let s = a.load(&id).unwrap().unwrap();
+    assert_eq!(
+        (s.get::<i32>("k").unwrap(), s.get::<i32>("other").unwrap()),
+        (Some(3), Some(2))
+    );
+}
+
+#[test]
+fn sigkill_of_a_host_holding_an_exclusive_session_frees_it() {
+    let url = url_or_skip!();
+    let opts = fresh_options();
+    let mgr = pg_sessions(&url, &opts, SessionConfig::default());
+    let mut s = mgr.create().unwrap();
+    s.insert("k", &1).unwrap();
+    let id = s.id().to_string();
+    s.commit().unwrap();
+    let mut child = spawn_child(
+        "exclusive-holder",
+        &[
+            (SCHEMA_ENV, &opts.schema),
+            (TABLE_ENV, &opts.table),
+            (SID_ENV, &id),
+        ],
+        Stdio::piped(),
+    );
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let locked = out
+        .lines()
+        .any(|l| l.unwrap().trim_end().ends_with("LOCKED"));
+    assert!(locked, "child did not report its exclusive session");
+    assert!(matches!(
+        mgr.load_exclusive_timeout(&id, Duration::from_millis(200)),
+        Err(Error::Timeout)
+    ));
+    let killed = Instant::now();
+    child.kill().unwrap(); // SIGKILL
+    let s = mgr
+        .load_exclusive_timeout(&id, Duration::from_secs(20))
+        .unwrap()
+        .unwrap();
+    let took = killed.elapsed();
+    child.wait().unwrap();
+    assert_eq!(
+        s.get::<i32>("k").unwrap(),
+        Some(1),
+        "the dead host wrote nothing"
+    );
+    s.commit().unwrap();
+    println!("exclusive session free {took:?} after SIGKILL of the host holding it");
 }
 
 /// Child side of the tests above (does nothing unless started by one of them).
@@ -613,6 +770,11 @@ fn child_role() {
     let Ok(role) = std::env::var(ROLE) else {
         return;
     };
+    let child_options = || PgStoreOptions {
+        schema: std::env::var(SCHEMA_ENV).unwrap(),
+        table: std::env::var(TABLE_ENV).unwrap(),
+        ..PgStoreOptions::default()
+    };
     let url = std::env::var("LOCKTABLE_PG_URL").unwrap();
     let id = std::env::var(SID_ENV).unwrap();
     if role == "holder" {
@@ -620,13 +782,17 @@ fn child_role() {
         let _w = locks.write(&id).unwrap();
         println!("LOCKED");
         std::thread::sleep(Duration::from_secs(120));
-    } else if let Some(k) = role.strip_prefix("writer:") {
-        let opts = PgStoreOptions {
-            schema: std::env::var(SCHEMA_ENV).unwrap(),
-            table: std::env::var(TABLE_ENV).unwrap(),
-            ..PgStoreOptions::default()
+    } else if role == "exclusive-holder" {
+        let mgr = pg_sessions(&url, &child_options(), SessionConfig::default());
+        let _s = mgr.load_exclusive(&id).unwrap().unwrap();
+        println!("LOCKED");
+        std::thread::sleep(Duration::from_secs(120));
+    } else if let Some((kind, k)) = role.split_once(':') {
+        let mgr = match kind {
+            "writer-pg" => pg_sessions(&url, &child_options(), SessionConfig::default()),
+            "writer-cas" => pg_manager(&url, child_options()),
+            _ => panic!("unknown role {role}"),
         };
-        let mgr = pg_manager(&url, opts);
         let own = format!("p{k}");
         let mut conflicts = 0u64;
         let mut done = 0;
@@ -640,13 +806,18 @@ fn child_role() {
             match r {
                 Ok(Some(())) => done += 1,
                 Ok(None) => panic!("session vanished"),
-                // Even the final attempt of `transact` may conflict here: its exclusive lock is
-                // in this process's private table. The CAS wrote nothing; try again.
-                Err(Error::Conflict { .. }) => conflicts += 1,
+                // With private lock tables even the final attempt of `transact` may conflict:
+                // its exclusive lock is in this process's table. The CAS wrote nothing; retry.
+                Err(Error::Conflict { .. }) if kind == "writer-cas" => conflicts += 1,
                 Err(e) => panic!("writer {k}: {e}"),
             }
         }
-        println!("writer {k}: {INCREMENTS} increments, {conflicts} whole-transact conflicts");
+        let st = mgr.stats();
+        println!(
+            "{kind} {k}: {INCREMENTS} increments, {} commit conflicts retried inside transact, \
+             {conflicts} failed transacts retried",
+            st.conflicts
+        );
     } else {
         panic!("unknown role {role}");
     }

@@ -233,7 +233,17 @@ impl Held {
     /// when there is no deadline. On failure, everything this connection holds is released
     /// (if even that fails, the connection is closed, which releases it on the server).
     fn run(&mut self, steps: &[Step], deadline: Option<Instant>) -> Result<()> {
-        let r = match deadline {
+        let r = self.run_keeping(steps, deadline);
+        if r.is_err() {
+            self.release_all();
+        }
+        r
+    }
+
+    /// [`Held::run`] that keeps what was held before on failure. A step that failed took
+    /// nothing: each lock call is the last statement of its round trip.
+    fn run_keeping(&mut self, steps: &[Step], deadline: Option<Instant>) -> Result<()> {
+        match deadline {
             None => {
                 let mut sql = String::from("SET lock_timeout = 0");
                 for &s in steps {
@@ -249,15 +259,15 @@ impl Held {
                 let sql = format!("SET lock_timeout = {ms}; {}", self.sql(s));
                 self.batch(&sql)
             }),
-        };
-        if r.is_err() {
-            self.release_all();
         }
-        r
     }
 
     fn batch(&mut self, sql: &str) -> Result<()> {
-        let conn = self.conn.as_mut().expect("held until drop");
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(Error::Backend(
+                "lock: the connection was already released".into(),
+            ));
+        };
         conn.batch("lock", sql).map_err(lock_error)
     }
 
@@ -297,21 +307,28 @@ pub struct PgUpgradableGuard(Held);
 pub struct PgWriteGuard(Held);
 
 impl PgUpgradableGuard {
-    /// Upgrades to a write lock, waiting for the readers. On an error nothing is held any more.
+    /// Upgrades to a write lock, waiting for the readers. On an error (a dead connection) the
+    /// guard is dropped; its locks died with the connection.
     pub fn upgrade(self) -> Result<PgWriteGuard> {
-        self.upgrade_inner(None)
+        self.upgrade_timeout(Duration::MAX).map_err(|(e, _)| e)
     }
 
-    /// [`PgUpgradableGuard::upgrade`] waiting at most `timeout`; on [`Error::Timeout`] the
-    /// upgradable lock is released too.
-    pub fn upgrade_timeout(self, timeout: Duration) -> Result<PgWriteGuard> {
-        self.upgrade_inner(Some(Instant::now() + timeout))
-    }
-
-    fn upgrade_inner(mut self, deadline: Option<Instant>) -> Result<PgWriteGuard> {
-        self.0
-            .run(&[Step::DataExclusive, Step::DataUnlockShared], deadline)?;
-        Ok(PgWriteGuard(self.0))
+    /// [`PgUpgradableGuard::upgrade`] waiting at most `timeout`. On [`Error::Timeout`] the
+    /// upgradable lock is handed back, still held.
+    pub fn upgrade_timeout(
+        mut self,
+        timeout: Duration,
+    ) -> std::result::Result<PgWriteGuard, (Error, PgUpgradableGuard)> {
+        let deadline = Instant::now().checked_add(timeout);
+        // The exclusive hold on `D` is the last statement of its round trip: if it fails, the
+        // shared release after it never runs and the upgradable hold is intact.
+        match self
+            .0
+            .run_keeping(&[Step::DataExclusive, Step::DataUnlockShared], deadline)
+        {
+            Ok(()) => Ok(PgWriteGuard(self.0)),
+            Err(e) => Err((e, self)),
+        }
     }
 }
 

@@ -50,7 +50,9 @@ struct PoolInner {
 
 #[derive(Default)]
 struct PoolState {
-    idle: Vec<Conn>,
+    /// Boxed so that checking one out or in moves a pointer, and guards stay small.
+    #[allow(clippy::vec_box)]
+    idle: Vec<Box<Conn>>,
     /// Connections open, idle or checked out.
     open: usize,
     /// Bumped when a connection is found dead: older connections are not reused.
@@ -146,11 +148,11 @@ impl PgPool {
                 let generation = st.generation;
                 drop(st);
                 return match self.inner.config.connect(NoTls) {
-                    Ok(client) => Ok(self.wrap(Conn {
+                    Ok(client) => Ok(self.wrap(Box::new(Conn {
                         client,
                         statements: HashMap::new(),
                         generation,
-                    })),
+                    }))),
                     Err(e) => {
                         self.release_slot();
                         Err(backend_error("connect", &e))
@@ -166,7 +168,7 @@ impl PgPool {
         }
     }
 
-    fn wrap(&self, c: Conn) -> PooledConn {
+    fn wrap(&self, c: Box<Conn>) -> PooledConn {
         PooledConn {
             pool: Arc::clone(&self.inner),
             conn: Some(c),
@@ -185,7 +187,8 @@ impl PgPool {
 /// everything it held, advisory locks included).
 pub(crate) struct PooledConn {
     pool: Arc<PoolInner>,
-    conn: Option<Conn>,
+    /// Boxed: guards that hold a connection stay small.
+    conn: Option<Box<Conn>>,
     keep: bool,
 }
 

@@ -10,6 +10,7 @@
 //! - `<table>_access`: `id`, `last_accessed`. The narrow table that touches update, so a touch
 //!   leaves a small dead tuple (a HOT update: no indexed column changes) instead of a copy of the
 //!   record. Its fill factor leaves room on each page for those updates.
+//! - `locktable_lock_secret`: one row per table set with the secret of its advisory-lock keys.
 //! - `locktable_schema`: one row per table set with its schema version. Creation and migration run
 //!   in one transaction under a transaction-scoped advisory lock, so concurrent starters are safe
 //!   and a second start changes nothing.
@@ -84,6 +85,8 @@ pub struct PgStore {
     sql: Sql,
     /// The last ID `scan_expired` examined (the next scan resumes after it).
     scan_cursor: Mutex<Option<String>>,
+    /// Secret of the advisory-lock keys, shared through the database by every host.
+    lock_secret: [u8; 16],
 }
 
 /// The statements, built once from the configured names.
@@ -100,6 +103,7 @@ struct Sql {
     purge_expired: String,
     migrate_v1: String,
     schema_table: String,
+    secret_table: String,
     schema: String,
     set_name: String,
 }
@@ -229,6 +233,7 @@ impl Sql {
                  id text PRIMARY KEY, last_accessed bigint NOT NULL) WITH (fillfactor = 70);"
             ),
             schema_table,
+            secret_table: format!("\"{schema}\".\"locktable_lock_secret\""),
             schema: format!("\"{schema}\""),
             set_name: format!("{schema}.{table}"),
         }
@@ -309,8 +314,10 @@ impl PgStore {
             max_record_size: opts.max_record_size,
             sql: Sql::new(&opts.schema, &opts.table),
             scan_cursor: Mutex::new(None),
+            lock_secret: [0; 16],
         };
-        store.migrate()?;
+        let mut store = store;
+        store.lock_secret = store.migrate()?;
         Ok(store)
     }
 
@@ -319,9 +326,18 @@ impl PgStore {
         &self.pool
     }
 
-    /// Creates the schema, or brings it to [`SCHEMA_VERSION`]; idempotent and safe to run from
-    /// many processes at once.
-    fn migrate(&self) -> Result<()> {
+    /// The secret for [`crate::session::PgLocks`] keys of this table set: 16 random bytes made by
+    /// the first host that created the tables and read from the database by every other, so all
+    /// hosts derive the same keys without configuration. (Session IDs are random and made by the
+    /// server, so the secret only keeps crafted lock IDs of other users of the database from
+    /// aiming at one key.)
+    pub fn lock_secret(&self) -> [u8; 16] {
+        self.lock_secret
+    }
+
+    /// Creates the schema, or brings it to [`SCHEMA_VERSION`], and returns the lock secret;
+    /// idempotent and safe to run from many processes at once.
+    fn migrate(&self) -> Result<[u8; 16]> {
         let mut conn = self.pool.get()?;
         let r = self.migrate_on(&mut conn);
         if let Err(Error::Backend(_)) = &r {
@@ -330,7 +346,7 @@ impl PgStore {
         r
     }
 
-    fn migrate_on(&self, conn: &mut PooledConn) -> Result<()> {
+    fn migrate_on(&self, conn: &mut PooledConn) -> Result<[u8; 16]> {
         let fail = |e: postgres::Error| crate::session::pg_pool::backend_error("migrate", &e);
         let sql = &self.sql;
         let mut tx = conn.client().transaction().map_err(fail)?;
@@ -341,8 +357,9 @@ impl PgStore {
         .map_err(fail)?;
         tx.batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS {}; \
-             CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, version integer NOT NULL);",
-            sql.schema, sql.schema_table
+             CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, version integer NOT NULL); \
+             CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, secret bytea NOT NULL);",
+            sql.schema, sql.schema_table, sql.secret_table
         ))
         .map_err(fail)?;
         let current: i32 = tx
@@ -373,7 +390,28 @@ impl PgStore {
             )
             .map_err(fail)?;
         }
-        tx.commit().map_err(fail)
+        let mut fresh = [0u8; 16];
+        getrandom::fill(&mut fresh).map_err(|e| Error::Random(e.to_string()))?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {} (name, secret) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                sql.secret_table
+            ),
+            &[&sql.set_name, &fresh.as_slice()],
+        )
+        .map_err(fail)?;
+        let stored: Vec<u8> = tx
+            .query_one(
+                &format!("SELECT secret FROM {} WHERE name = $1", sql.secret_table),
+                &[&sql.set_name],
+            )
+            .map_err(fail)?
+            .get(0);
+        let secret = <[u8; 16]>::try_from(stored.as_slice()).map_err(|_| {
+            Error::Backend("migrate: the stored lock secret is not 16 bytes".into())
+        })?;
+        tx.commit().map_err(fail)?;
+        Ok(secret)
     }
 
     /// The schema version of this store's tables (for tests and tools).
