@@ -839,7 +839,8 @@ struct Outcomes {
 /// was reported unknown (nothing lost, nothing applied twice), and work resumed.
 fn increments_survive(url: &str, disrupt: impl FnOnce()) {
     let opts = fresh_options();
-    let mgr = pg_manager(url, opts);
+    // Sessions and advisory locks on the database, as `SessionManager::postgres` sets them up.
+    let mgr = pg_sessions(url, &opts, SessionConfig::default());
     let mut s = mgr.create().unwrap();
     s.persist();
     let id = s.id().to_string();
