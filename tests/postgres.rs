@@ -494,6 +494,29 @@ fn lock_modes_exclude_as_documented_and_timeouts_leave_nothing_held() {
 }
 
 #[test]
+fn a_lock_wait_for_a_free_connection_is_bounded_by_its_timeout() {
+    let url = url_or_skip!();
+    let pool = PgPool::connect_with(
+        &url,
+        PgPoolOptions {
+            max_connections: 1,
+            ..PgPoolOptions::default()
+        },
+    )
+    .unwrap();
+    let locks = PgLocks::with_pool(pool, SECRET);
+    let held = locks.read("pool-a").unwrap();
+    let t = Instant::now();
+    assert!(matches!(
+        locks.write_timeout("pool-b", Duration::from_millis(100)),
+        Err(Error::Timeout)
+    ));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    drop(held);
+    drop(locks.write_timeout("pool-b", Duration::from_millis(100)).unwrap());
+}
+
+#[test]
 fn two_lock_users_never_both_hold_one_exclusive_lock() {
     let url = url_or_skip!();
     let users = [

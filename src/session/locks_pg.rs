@@ -167,7 +167,7 @@ impl PgLocks {
         let keys = self.keys(id)?;
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut held = Held {
-            conn: Some(self.pool.get()?),
+            conn: Some(self.pool.get_until(deadline)?),
             keys,
         };
         held.run(steps, deadline)?;

@@ -28,12 +28,24 @@ pub const DEFAULT_POOL_SIZE: usize = 16;
 
 /// A bounded pool of connections to one PostgreSQL database; cheap to clone.
 ///
+/// Give the store and the locks a pool each: a lock guard keeps its connection until it is
+/// dropped, and the store calls made meanwhile must not wait for it. Connections must not be used
+/// across `fork()`: a child opens its own pool.
+///
 /// ```no_run
-/// use locktable::session::{PgLocks, PgPool, PgStore, PgStoreOptions};
-/// let pool = PgPool::connect("postgres://app@db.internal/app").unwrap();
-/// let store = PgStore::with_pool(pool.clone(), PgStoreOptions::default()).unwrap();
-/// let locks = PgLocks::with_pool(pool, [7; 16]);
-/// # let _ = (store, locks);
+/// use locktable::session::{
+///     PgLocks, PgPool, PgPoolOptions, PgStore, PgStoreOptions, SessionConfig, SessionManager,
+/// };
+/// let url = "postgres://app@db.internal/app";
+/// let store = PgStore::with_pool(PgPool::connect(url).unwrap(), PgStoreOptions::default()).unwrap();
+/// let lock_pool = PgPool::connect_with(
+///     url,
+///     PgPoolOptions { max_connections: 64, ..PgPoolOptions::default() },
+/// )
+/// .unwrap();
+/// let locks = PgLocks::with_pool(lock_pool, store.lock_secret());
+/// let mgr = SessionManager::with_pg(store, locks, SessionConfig::default());
+/// # let _ = mgr;
 /// ```
 #[derive(Clone)]
 pub struct PgPool {
@@ -134,7 +146,18 @@ impl PgPool {
 
     /// A connection for one operation (returned to the pool when dropped).
     pub(crate) fn get(&self) -> Result<PooledConn> {
-        let deadline = Instant::now() + self.inner.checkout_timeout;
+        self.get_until(None)
+    }
+
+    /// [`PgPool::get`] waiting for a free connection until `until` at the latest (then
+    /// [`Error::Timeout`]), and never longer than the pool's checkout timeout (then
+    /// [`Error::Backend`]).
+    pub(crate) fn get_until(&self, until: Option<Instant>) -> Result<PooledConn> {
+        let pool_deadline = Instant::now() + self.inner.checkout_timeout;
+        let (deadline, caller_first) = match until {
+            Some(u) if u < pool_deadline => (u, true),
+            _ => (pool_deadline, false),
+        };
         let mut st = self.inner.state.lock();
         loop {
             while let Some(c) = st.idle.pop() {
@@ -160,6 +183,9 @@ impl PgPool {
                 };
             }
             if self.inner.freed.wait_until(&mut st, deadline).timed_out() {
+                if caller_first {
+                    return Err(Error::Timeout);
+                }
                 return Err(Error::Backend(format!(
                     "no free connection within {:?} (pool of {})",
                     self.inner.checkout_timeout, self.inner.max

@@ -69,16 +69,14 @@ impl Default for PgStoreOptions {
 /// reload before retrying (never replay it blindly). Either way the error is [`Error::Backend`]
 /// and the next call opens a fresh connection.
 ///
+/// Most applications use [`crate::session::SessionManager::postgres`], which pairs it with
+/// advisory locks on the same database. Do not use a store across `fork()`.
+///
 /// ```no_run
-/// use locktable::session::{PgStore, SessionConfig, SessionManager};
-/// use locktable::{LockTable, TableOptions};
+/// use locktable::session::{PgStore, Store};
 /// let store = PgStore::connect("postgres://app@db.internal/app").unwrap();
-/// let table = LockTable::anonymous(&TableOptions::default()).unwrap();
-/// let mgr = SessionManager::new(table, store, SessionConfig::default());
-/// let s = mgr.create().unwrap();
-/// # let _ = s;
+/// assert!(store.capabilities().atomic_cas);
 /// ```
-#[derive(Debug)]
 pub struct PgStore {
     pool: PgPool,
     max_record_size: usize,
@@ -89,6 +87,17 @@ pub struct PgStore {
     lock_secret: [u8; 16],
 }
 
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the lock secret.
+        f.debug_struct("PgStore")
+            .field("tables", &self.sql.set_name)
+            .field("max_record_size", &self.max_record_size)
+            .field("pool", &self.pool)
+            .finish()
+    }
+}
+
 /// The statements, built once from the configured names.
 #[derive(Debug)]
 struct Sql {
@@ -96,6 +105,7 @@ struct Sql {
     create: String,
     update: String,
     meta: String,
+    last_accessed: String,
     touch: String,
     delete: String,
     remove_expired: String,
@@ -174,6 +184,8 @@ impl Sql {
                  SELECT count(*) FROM d"
             ),
             meta: format!("SELECT {cols} FROM {d} d JOIN {a} a ON a.id = d.id WHERE d.id = $1"),
+            // The narrow table only.
+            last_accessed: format!("SELECT last_accessed FROM {a} WHERE id = $1"),
             // Written only if older than the coalescing bound ($3) and not expired, both checked
             // on the access row being updated (so atomically with the write: a concurrent touch
             // makes the server re-check them on the newest row). `cur` is the statement's
@@ -584,6 +596,14 @@ impl Store for PgStore {
                 Some(_) => Touch::Skipped,
             },
         })
+    }
+
+    fn last_accessed(&self, id: &SessionId) -> Result<Option<Timestamp>> {
+        let rows =
+            self.pool
+                .get()?
+                .query("last_accessed", &self.sql.last_accessed, &[&id.as_str()])?;
+        Ok(rows.first().map(|r| ts(r.get(0))))
     }
 
     fn delete(&self, id: &SessionId) -> Result<bool> {
