@@ -731,11 +731,15 @@ fn a_crawler_creates_no_files() {
     let mgr = file_mgr(dir.path(), SessionConfig::default());
     for _ in 0..1000 {
         // What a web app does for a request without a (valid) cookie.
-        let s = match mgr.load("no-cookie").unwrap() {
+        let mut s = match mgr.load("no-cookie").unwrap() {
             Some(s) => s,
             None => mgr.create().unwrap(),
         };
         assert_eq!(s.get::<String>("user").unwrap(), None);
+        // Setting a rule, or a key set and removed again, is no data either.
+        s.set_expiry(Expiry::Idle(Duration::from_secs(600)));
+        s.insert("tmp", &1).unwrap();
+        s.remove("tmp");
         s.commit().unwrap();
     }
     assert_eq!(mgr.stats().data_writes, 0);

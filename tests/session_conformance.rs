@@ -308,8 +308,10 @@ pub fn remove_expired_is_atomic_with_touches<S: Store>(f: Fixture<S>) {
 
 /// `scan_expired` examines at most `budget` entries per call, and successive calls find every
 /// expired session by its own rule.
+/// (A store with `native_expiry` may find nothing: it expires sessions by itself.)
 pub fn scan_expired_is_bounded_and_complete<S: Store>(f: Fixture<S>) {
     let s = &f.store;
+    let native = s.capabilities().native_expiry;
     let now = t(500);
     let mut want = Vec::new();
     for k in 0..12u64 {
@@ -340,6 +342,10 @@ pub fn scan_expired_is_bounded_and_complete<S: Store>(f: Fixture<S>) {
     }
     got.sort();
     got.dedup();
+    if native {
+        assert!(got.iter().all(|i| want.contains(i)), "only expired ones");
+        return;
+    }
     assert_eq!(got, want);
     assert!(calls >= 3, "12 entries need at least 3 calls of 5");
     assert!(s.scan_expired(&never(), 100).unwrap().expired.is_empty());
@@ -421,7 +427,9 @@ pub fn manager_roundtrip_over_store<S: Store + 'static>(f: Fixture<S>) {
     assert!(mgr.load(&ghost).unwrap().is_none());
     clock.advance(Duration::from_secs(61));
     let r = mgr.gc().unwrap();
-    assert_eq!((r.deleted, r.examined), (1, 1));
+    if !mgr.store().capabilities().native_expiry {
+        assert_eq!((r.deleted, r.examined), (1, 1));
+    }
     assert!(mgr.load(&id).unwrap().is_none());
     drop(f._keep);
 }

@@ -103,6 +103,19 @@ fn spawn_worker(dir: &Path, slot: usize) -> Child {
         .unwrap()
 }
 
+/// The live workers of a round; killed when dropped, so that a failing check (a panic) leaves
+/// no worker running on a directory about to be removed.
+struct Workers(Vec<Child>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Fails the test if a worker ended by itself (it only ends on a broken invariant).
 fn check_alive(slot: usize, c: &mut Child) {
     if let Some(st) = c.try_wait().unwrap() {
@@ -150,23 +163,30 @@ fn session_layer_survives_random_kills() {
     let mut kills = 0u64;
     let mut rounds = 0u64;
     while kills < target {
-        let mut workers: Vec<Child> = (0..WORKERS).map(|w| spawn_worker(dir, w)).collect();
+        let mut workers = Workers((0..WORKERS).map(|w| spawn_worker(dir, w)).collect());
         let round_end = (kills + KILLS_PER_ROUND).min(target);
         while kills < round_end {
             std::thread::sleep(Duration::from_millis(5 + rng.below(40)));
             let slot = rng.below(WORKERS as u64) as usize;
-            for (w, c) in workers.iter_mut().enumerate() {
+            for (w, c) in workers.0.iter_mut().enumerate() {
                 check_alive(w, c);
             }
-            kill(&mut workers[slot]);
+            kill(&mut workers.0[slot]);
             kills += 1;
-            workers[slot] = spawn_worker(dir, slot);
+            workers.0[slot] = spawn_worker(dir, slot);
         }
-        for c in &mut workers {
+        for c in &mut workers.0 {
             kill(c);
         }
+        workers.0.clear();
         rounds += 1;
         verify_round(dir, &parent, &shared);
+        if target > 200 && rounds % 40 == 0 {
+            println!(
+                "{kills} kills, {rounds} rounds, {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
     }
     let commits: u64 = shared
         .iter()

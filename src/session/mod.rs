@@ -581,7 +581,10 @@ impl SessionManager {
         let inner = &self.inner;
         inner.check_fork()?;
         let cutoffs = inner.cfg.cutoffs(inner.cfg.clock.now());
-        let scan = inner.store.scan_expired(&cutoffs, inner.cfg.gc_batch)?;
+        // A batch of 0 would never make progress: examine at least one entry.
+        let scan = inner
+            .store
+            .scan_expired(&cutoffs, inner.cfg.gc_batch.max(1))?;
         let mut report = GcReport {
             unreadable: scan.unreadable,
             examined: scan.examined,
@@ -806,9 +809,14 @@ impl Session {
         !self.stored
     }
 
-    /// True when this request changed something (so `commit` will write).
+    /// True when this request changed something (so `commit` will write). A new session is
+    /// dirty only once it holds data (or [`Session::persist`] was called): an expiry rule alone
+    /// does not make a visitor cost a store write.
     pub fn is_dirty(&self) -> bool {
-        !self.delta.is_empty() || self.expiry_changed || (!self.stored && self.persist)
+        if !self.stored {
+            return self.persist || self.delta.values().any(Option::is_some);
+        }
+        !self.delta.is_empty() || self.expiry_changed
     }
 
     /// This session's expiry rule.
