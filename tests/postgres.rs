@@ -513,7 +513,11 @@ fn a_lock_wait_for_a_free_connection_is_bounded_by_its_timeout() {
     ));
     assert!(t.elapsed() < Duration::from_secs(5));
     drop(held);
-    drop(locks.write_timeout("pool-b", Duration::from_millis(100)).unwrap());
+    drop(
+        locks
+            .write_timeout("pool-b", Duration::from_millis(100))
+            .unwrap(),
+    );
 }
 
 #[test]
@@ -740,6 +744,41 @@ fn optimistic_loads_take_no_lock_and_commits_wait_for_an_exclusive_holder() {
         (s.get::<i32>("k").unwrap(), s.get::<i32>("other").unwrap()),
         (Some(3), Some(2))
     );
+}
+
+#[test]
+fn gc_and_expiry_through_the_postgres_manager() {
+    let url = url_or_skip!();
+    let clock = Arc::new(locktable::session::ManualClock::new(T0));
+    let cfg = SessionConfig {
+        clock: clock.clone(),
+        idle_timeout: Duration::from_secs(60),
+        ..SessionConfig::default()
+    };
+    let mgr = pg_sessions(&url, &fresh_options(), cfg);
+    let ids: Vec<String> = (0..3)
+        .map(|k| {
+            let mut s = mgr.create().unwrap();
+            s.insert("k", &k).unwrap();
+            let id = s.id().to_string();
+            s.commit().unwrap();
+            id
+        })
+        .collect();
+    // One session is used at 50 s (its touch is stored); the others idle out at 61 s.
+    clock.advance(Duration::from_secs(50));
+    mgr.load(&ids[0]).unwrap().unwrap().commit().unwrap();
+    clock.advance(Duration::from_secs(11));
+    assert!(mgr.load(&ids[1]).unwrap().is_none(), "expired on sight");
+    let report = mgr.gc().unwrap();
+    assert_eq!(report.deleted, 1, "{report:?}");
+    assert!(mgr.load(&ids[0]).unwrap().is_some());
+    assert!(mgr.load(&ids[2]).unwrap().is_none());
+    assert!(mgr
+        .store()
+        .meta(&SessionId::parse(&ids[2]).unwrap())
+        .unwrap()
+        .is_none());
 }
 
 #[test]
