@@ -231,7 +231,7 @@ impl PooledConn {
     /// Notes a failed call: a connection-level failure (not a statement's error) discards this
     /// connection and every idle one of the same generation.
     fn note_error(&mut self, e: &postgres::Error) {
-        if e.as_db_error().is_some() && !self.conn().client.is_closed() {
+        if is_statement_error(e) && !self.conn().client.is_closed() {
             return;
         }
         self.keep = false;
@@ -334,10 +334,15 @@ impl PgFailure {
     /// that follows the commit at Sync, so a reply the client received means the commit
     /// happened.
     pub(crate) fn certainly_not_applied(&self) -> bool {
-        self.error
-            .as_db_error()
-            .is_some_and(|db| db.parsed_severity() == Some(postgres::error::Severity::Error))
+        is_statement_error(&self.error)
     }
+}
+
+/// An ERROR from the server: the statement failed, the session and connection live on. (A FATAL
+/// or PANIC ends the session; anything else is a client-side or connection failure.)
+fn is_statement_error(e: &postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|db| db.parsed_severity() == Some(postgres::error::Severity::Error))
 }
 
 impl From<PgFailure> for Error {
