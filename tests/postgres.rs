@@ -746,6 +746,66 @@ fn optimistic_loads_take_no_lock_and_commits_wait_for_an_exclusive_holder() {
     );
 }
 
+/// Statements the server logged from connections that asked for `log_statement=all`.
+fn logged_statements(log: &str, from: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap();
+    text[from..]
+        .lines()
+        .filter(|l| l.contains("LOG:  statement: ") || l.contains("LOG:  execute "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A read-only request is one statement (no lock, coalesced touch); a writing one is a lock, a
+/// re-read, the compare-and-set save and an unlock. Counted in the server's statement log, which
+/// only this test's connections write to (they set `log_statement=all` for themselves).
+#[test]
+fn a_read_only_request_is_one_statement() {
+    let url = url_or_skip!();
+    let Ok(dir) = std::env::var("LOCKTABLE_PG_DIR") else {
+        eprintln!("SKIPPED: no LOCKTABLE_PG_DIR (the server log is needed)");
+        return;
+    };
+    let log = format!("{dir}/log");
+    let logging = named(
+        &url,
+        &format!("lt_count_{}&options=-c%20log_statement%3Dall", run_schema()),
+    );
+    let clock = Arc::new(locktable::session::ManualClock::new(T0));
+    let cfg = SessionConfig {
+        clock: clock.clone(),
+        ..SessionConfig::default()
+    };
+    let mgr = pg_sessions(&logging, &fresh_options(), cfg);
+    let mut s = mgr.create().unwrap();
+    s.insert("k", &1).unwrap();
+    let id = s.id().to_string();
+    s.commit().unwrap();
+    // Warm up: statements are prepared once per connection.
+    mgr.load(&id).unwrap().unwrap().commit().unwrap();
+    mgr.transact(&id, |s| s.insert("k", &2)).unwrap().unwrap();
+    let start = std::fs::metadata(&log).unwrap().len() as usize;
+    for _ in 0..10 {
+        let s = mgr.load(&id).unwrap().unwrap();
+        assert_eq!(s.get::<i32>("k").unwrap(), Some(2));
+        s.commit().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let reads = logged_statements(&log, start);
+    assert_eq!(reads.len(), 10, "{reads:#?}");
+    let start = std::fs::metadata(&log).unwrap().len() as usize;
+    let mut s = mgr.load(&id).unwrap().unwrap();
+    s.insert("k", &3).unwrap();
+    s.commit().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let write = logged_statements(&log, start);
+    assert_eq!(
+        write.len(),
+        5,
+        "load, lock, re-read, save, unlock: {write:#?}"
+    );
+}
+
 #[test]
 fn gc_and_expiry_through_the_postgres_manager() {
     let url = url_or_skip!();

@@ -219,19 +219,20 @@ struct Held {
 }
 
 impl Held {
-    fn sql(&self, step: Step) -> String {
+    /// The function call of one step (its keys are integers we format: nothing to escape).
+    fn call(&self, step: Step) -> String {
         let (d, (i1, i2)) = (self.keys.data, self.keys.intent);
         match step {
-            Step::IntentExclusive => format!("SELECT pg_advisory_lock({i1}, {i2})"),
-            Step::DataShared => format!("SELECT pg_advisory_lock_shared({d})"),
-            Step::DataExclusive => format!("SELECT pg_advisory_lock({d})"),
-            Step::DataUnlockShared => format!("SELECT pg_advisory_unlock_shared({d})"),
+            Step::IntentExclusive => format!("pg_advisory_lock({i1}, {i2})"),
+            Step::DataShared => format!("pg_advisory_lock_shared({d})"),
+            Step::DataExclusive => format!("pg_advisory_lock({d})"),
+            Step::DataUnlockShared => format!("pg_advisory_unlock_shared({d})"),
         }
     }
 
-    /// Takes the steps in order, each bounded by what is left of the deadline, in one round trip
-    /// when there is no deadline. On failure, everything this connection holds is released
-    /// (if even that fails, the connection is closed, which releases it on the server).
+    /// Takes the steps in order within the deadline, in one round trip. On failure, everything
+    /// this connection holds is released (if even that fails, the connection is closed, which
+    /// releases it on the server).
     fn run(&mut self, steps: &[Step], deadline: Option<Instant>) -> Result<()> {
         let r = self.run_keeping(steps, deadline);
         if r.is_err() {
@@ -240,26 +241,38 @@ impl Held {
         r
     }
 
-    /// [`Held::run`] that keeps what was held before on failure. A step that failed took
-    /// nothing: each lock call is the last statement of its round trip.
+    /// [`Held::run`] that keeps what was held before on failure: a step that fails takes
+    /// nothing, and the steps after it do not run.
     fn run_keeping(&mut self, steps: &[Step], deadline: Option<Instant>) -> Result<()> {
-        match deadline {
+        let sql = match deadline {
             None => {
                 let mut sql = String::from("SET lock_timeout = 0");
                 for &s in steps {
-                    sql.push_str("; ");
-                    sql.push_str(&self.sql(s));
+                    sql.push_str("; SELECT ");
+                    sql.push_str(&self.call(s));
                 }
-                self.batch(&sql)
+                sql
             }
-            Some(deadline) => steps.iter().try_for_each(|&s| {
+            // One anonymous block, so that all the waits together stay within the time left:
+            // `lock_timeout` is read when a wait starts, so each step gets what the earlier
+            // ones left (at least a millisecond: 0 would mean no limit).
+            Some(deadline) => {
                 let left = deadline.saturating_duration_since(Instant::now());
-                // lock_timeout = 0 would mean "no limit": wait at least a millisecond.
                 let ms = left.as_millis().clamp(1, i32::MAX as u128);
-                let sql = format!("SET lock_timeout = {ms}; {}", self.sql(s));
-                self.batch(&sql)
-            }),
-        }
+                let mut body = String::from("DECLARE t0 timestamptz := clock_timestamp(); BEGIN ");
+                for &s in steps {
+                    body.push_str(&format!(
+                        "PERFORM set_config('lock_timeout', greatest(1, {ms} - \
+                         (extract(epoch FROM clock_timestamp() - t0) * 1000)::bigint)::text, \
+                         false); PERFORM {}; ",
+                        self.call(s)
+                    ));
+                }
+                body.push_str("END");
+                format!("DO $lt${body}$lt$")
+            }
+        };
+        self.batch(&sql)
     }
 
     fn batch(&mut self, sql: &str) -> Result<()> {

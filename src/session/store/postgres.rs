@@ -1,7 +1,8 @@
 //! [`PgStore`]: sessions in PostgreSQL, shared by every host that reaches the database.
 //!
-//! Owns: its two tables and their schema version. It may not take advisory locks (that is
-//! [`crate::session::PgLocks`]) nor interpret records beyond their size.
+//! Owns: its two tables, their schema version and the lock-key secret row. It may not take
+//! advisory locks (that is [`crate::session::PgLocks`]; only the migration takes a
+//! transaction-scoped one) nor interpret records beyond their size.
 //!
 //! Layout, in a configurable schema (default `locktable`) and table name (default `sessions`):
 //! - `<table>`: `id`, `version`, `created`, `expiry_kind`, `expiry_ms`, `size`, `bytes` (the
@@ -16,8 +17,9 @@
 //!   and a second start changes nothing.
 //!
 //! Every operation is one statement, hence one round trip once its prepared statement is cached
-//! on the connection. Server or connection failures become [`Error::Backend`] (the statement
-//! certainly failed, or its outcome is unknown: see [`PgStore`]); the next call reconnects.
+//! on the connection. Server or connection failures become [`Error::Backend`], or
+//! [`Error::OutcomeUnknown`] for a save that may have committed (see [`PgStore`]); the next call
+//! reconnects.
 //! The client is synchronous: never call it on an async runtime's worker thread.
 
 use super::{
@@ -32,8 +34,9 @@ use std::time::Duration;
 /// The schema version this library creates and understands.
 const SCHEMA_VERSION: i32 = 1;
 
-/// Key of the transaction-scoped advisory lock that serializes schema migrations (in the
-/// two-key space, apart from session locks, which use the single-key space and 2 for intent).
+/// Key of the transaction-scoped advisory lock that serializes schema migrations, in the two-key
+/// space (which session intent keys share: a collision, chance 2^-64, would only make a
+/// migration wait for one request).
 const MIGRATION_LOCK: (i32, i32) = (0x6c74_6162, 0x6d69_6772);
 
 /// Settings of a [`PgStore`].
@@ -64,10 +67,10 @@ impl Default for PgStoreOptions {
 /// `UPDATE ... WHERE id = $1 AND version = $2` otherwise), so two hosts can never both win a
 /// version, whatever locks they hold: [`Capabilities::atomic_cas`] is true.
 ///
-/// Failures: a statement the server refused certainly did not apply. A connection that dropped
-/// while a save was in flight leaves its outcome unknown: the error says so, and the caller must
-/// reload before retrying (never replay it blindly). Either way the error is [`Error::Backend`]
-/// and the next call opens a fresh connection.
+/// Failures: a statement the server refused with an ERROR certainly did not apply
+/// ([`Error::Backend`]). A connection that dropped, or a FATAL server error, while a save was in
+/// flight leaves its outcome unknown ([`Error::OutcomeUnknown`]): reload before retrying, never
+/// replay it blindly. The next call opens a fresh connection.
 ///
 /// Most applications use [`crate::session::SessionManager::postgres`], which pairs it with
 /// advisory locks on the same database. Do not use a store across `fork()`.
