@@ -54,6 +54,24 @@ fn pg_url() -> Option<String> {
     }
 }
 
+/// The throwaway server's directory (for its log, or to restart it), like [`pg_url`].
+fn pg_dir() -> Option<String> {
+    match std::env::var("LOCKTABLE_PG_DIR") {
+        Ok(d) if !d.is_empty() => Some(d),
+        _ => {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            assert!(
+                !ci,
+                "LOCKTABLE_PG_DIR is not set but CI=true: start the server with scripts/pg-server"
+            );
+            eprintln!(
+                "SKIPPED: no LOCKTABLE_PG_DIR (the server was not started by scripts/pg-server)"
+            );
+            None
+        }
+    }
+}
+
 macro_rules! url_or_skip {
     () => {
         match pg_url() {
@@ -762,8 +780,7 @@ fn logged_statements(log: &str, from: usize) -> Vec<String> {
 #[test]
 fn a_read_only_request_is_one_statement() {
     let url = url_or_skip!();
-    let Ok(dir) = std::env::var("LOCKTABLE_PG_DIR") else {
-        eprintln!("SKIPPED: no LOCKTABLE_PG_DIR (the server log is needed)");
+    let Some(dir) = pg_dir() else {
         return;
     };
     let log = format!("{dir}/log");
@@ -804,6 +821,34 @@ fn a_read_only_request_is_one_statement() {
         5,
         "load, lock, re-read, save, unlock: {write:#?}"
     );
+}
+
+/// An exclusive request whose lock connection died lost its lock (the server released it): it
+/// cannot commit any more, and another host's exclusive request goes ahead.
+#[test]
+fn an_exclusive_request_whose_connection_died_cannot_commit() {
+    let url = url_or_skip!();
+    let opts = fresh_options();
+    let name = format!("lt_fence_{}", run_schema());
+    let a = pg_sessions(&named(&url, &name), &opts, SessionConfig::default());
+    let b = pg_sessions(&url, &opts, SessionConfig::default());
+    let mut s = a.create().unwrap();
+    s.insert("k", &"first").unwrap();
+    let id = s.id().to_string();
+    s.commit().unwrap();
+    let mut sa = a.load_exclusive(&id).unwrap().unwrap();
+    sa.insert("k", &"from a").unwrap();
+    terminate(&url, &name);
+    let mut sb = b
+        .load_exclusive_timeout(&id, Duration::from_secs(10))
+        .unwrap()
+        .unwrap();
+    sb.insert("k", &"from b").unwrap();
+    sb.commit().unwrap();
+    let r = sa.commit();
+    assert!(matches!(r, Err(Error::Backend(_))), "{r:?}");
+    let s = b.load(&id).unwrap().unwrap();
+    assert_eq!(s.get::<String>("k").unwrap().as_deref(), Some("from b"));
 }
 
 #[test]
@@ -1051,10 +1096,7 @@ fn dropped_connections_give_typed_errors_and_work_resumes() {
 #[ignore = "restarts the shared server: run it alone (scripts/test does)"]
 fn server_restart_gives_typed_errors_and_work_resumes() {
     let url = url_or_skip!();
-    let Ok(dir) = std::env::var("LOCKTABLE_PG_DIR") else {
-        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-        assert!(!ci, "LOCKTABLE_PG_DIR is not set but CI=true");
-        eprintln!("SKIPPED: no LOCKTABLE_PG_DIR (the server was not started by scripts/pg-server)");
+    let Some(dir) = pg_dir() else {
         return;
     };
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg-server");
