@@ -5,8 +5,10 @@
 //! exclusive advisory locks. It may not read or write session data (that is `PgStore`).
 //!
 //! # Keys
-//! A keyed SipHash-1-3 of the ID (the 128-bit secret comes from the configuration, so nobody who
-//! lacks it can aim IDs at one key) gives two keys per ID:
+//! A keyed SipHash-1-3 of the ID gives two keys per ID. The 128-bit secret must be the same on
+//! every host: `SessionManager::postgres` takes it from the database (`PgStore::lock_secret`,
+//! made once per table set), or the application passes its own. Nobody who lacks it can aim IDs
+//! at one key.
 //! - the **data key** `D`, a `bigint` in the one-key space (`pg_advisory_lock(bigint)`);
 //! - the **intent key** `I`, a pair of `int4` in the two-key space
 //!   (`pg_advisory_lock(int4, int4)`). The server keeps the two spaces apart, so an intent key can
@@ -37,9 +39,10 @@
 //! runs `pg_advisory_unlock_all()` on it and returns it to the pool, or closes it if that failed.
 //! If the process or its connection dies, the server ends the session and releases its locks.
 //!
-//! Timeouts use `SET lock_timeout`; a wait that runs out is [`Error::Timeout`] and leaves nothing
-//! held. Like all of this crate's PostgreSQL code, calls block: never call them on an async
-//! runtime's worker thread.
+//! Timeouts use `lock_timeout` (one `DO` block per acquisition, which gives each wait what the
+//! earlier ones left); a wait that runs out is [`Error::Timeout`] and leaves nothing held, except
+//! that a timed-out upgrade hands the upgradable hold back. Like all of this crate's PostgreSQL
+//! code, calls block: never call them on an async runtime's worker thread.
 
 use super::pg_pool::{PgFailure, PgPool, PooledConn};
 use crate::{Error, Result, MAX_ID_LEN};
@@ -165,7 +168,8 @@ impl PgLocks {
 
     fn acquire(&self, id: &str, steps: &[Step], timeout: Option<Duration>) -> Result<Held> {
         let keys = self.keys(id)?;
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A wait too long to represent is no limit at all.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut held = Held {
             conn: Some(self.pool.get_until(deadline)?),
             keys,

@@ -153,7 +153,11 @@ impl PgPool {
     /// [`Error::Timeout`]), and never longer than the pool's checkout timeout (then
     /// [`Error::Backend`]).
     pub(crate) fn get_until(&self, until: Option<Instant>) -> Result<PooledConn> {
-        let pool_deadline = Instant::now() + self.inner.checkout_timeout;
+        let now = Instant::now();
+        // A timeout too long to represent waits a century (as good as forever, without a panic).
+        let pool_deadline = now
+            .checked_add(self.inner.checkout_timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         let (deadline, caller_first) = match until {
             Some(u) if u < pool_deadline => (u, true),
             _ => (pool_deadline, false),
