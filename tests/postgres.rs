@@ -450,6 +450,31 @@ fn server_errors_name_the_operation_and_never_quote_data() {
     }
 }
 
+#[test]
+fn tables_changed_behind_the_stores_back_give_typed_errors_not_panics() {
+    let url = url_or_skip!();
+    let opts = fresh_options();
+    let s = store(&url, opts.clone());
+    let i = sid();
+    assert!(s.save(&i, None, &stored(1, T0, T0, vec![1])).unwrap());
+    assert!(
+        s.load(&i, MAX).unwrap().is_some(),
+        "statement prepared and cached"
+    );
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    c.batch_execute(&format!(
+        "ALTER TABLE \"{}\".\"{}\" ALTER COLUMN size TYPE bigint",
+        opts.schema, opts.table
+    ))
+    .unwrap();
+    for _ in 0..3 {
+        let r = s.load(&i, MAX);
+        assert!(matches!(r, Err(Error::Backend(_))), "{r:?}");
+        let r = s.meta(&i);
+        assert!(matches!(r, Err(Error::Backend(_))), "{r:?}");
+    }
+}
+
 // ---- advisory locks ----
 
 #[test]

@@ -169,6 +169,10 @@ impl PgPool {
                     return Ok(self.wrap(c));
                 }
                 st.open -= 1;
+                // Closing talks to the server: not under the pool's mutex.
+                drop(st);
+                drop(c);
+                st = self.inner.state.lock();
             }
             if st.open < self.inner.max {
                 st.open += 1;
@@ -272,6 +276,9 @@ impl PooledConn {
             .statement(sql)
             .and_then(|s| self.conn().client.query(&s, params));
         r.map_err(|e| {
+            // Prepared again next time: a statement can go stale (its tables were dropped and
+            // created again, or their columns changed).
+            self.conn().statements.remove(sql);
             self.note_error(&e);
             PgFailure::new(op, e)
         })

@@ -282,11 +282,21 @@ fn expiry_params(e: Expiry) -> (i16, i64) {
     }
 }
 
+/// Column `i` of a row of our own statements; a type that differs (tables changed behind this
+/// library's back) is an error, not a panic.
+fn col<'a, T: postgres::types::FromSql<'a>>(row: &'a postgres::Row, i: usize) -> Result<T> {
+    row.try_get(i).map_err(|_| {
+        Error::Backend(format!(
+            "column {i} has an unexpected type (were the tables changed outside this library?)"
+        ))
+    })
+}
+
 /// Reads the metadata columns (version, created, last accessed, expiry kind and value, size).
 fn meta_from(row: &postgres::Row) -> Result<SessionMeta> {
-    let version: i64 = row.get(0);
-    let kind: i16 = row.get(3);
-    let value: i64 = row.get(4);
+    let version: i64 = col(row, 0)?;
+    let kind: i16 = col(row, 3)?;
+    let value: i64 = col(row, 4)?;
     let expiry = match kind {
         DEFAULT => Expiry::Default,
         IDLE => Expiry::Idle(Duration::from_millis(u64::try_from(value).unwrap_or(0))),
@@ -300,10 +310,10 @@ fn meta_from(row: &postgres::Row) -> Result<SessionMeta> {
     Ok(SessionMeta {
         version: u64::try_from(version)
             .map_err(|_| Error::SessionCorrupt("negative record version".into()))?,
-        created: ts(row.get(1)),
-        last_accessed: ts(row.get(2)),
+        created: ts(col(row, 1)?),
+        last_accessed: ts(col(row, 2)?),
         expiry,
-        size: u64::try_from(row.get::<_, i32>(5)).unwrap_or(0),
+        size: u64::try_from(col::<i32>(row, 5)?).unwrap_or(0),
     })
 }
 
@@ -383,7 +393,8 @@ impl PgStore {
                 &[&sql.set_name],
             )
             .map_err(fail)?
-            .map_or(0, |r| r.get(0));
+            .map_or(Ok(0), |r| r.try_get(0))
+            .map_err(fail)?;
         if current > SCHEMA_VERSION {
             return Err(Error::Backend(format!(
                 "migrate: the tables are at schema version {current}, newer than this library's \
@@ -421,7 +432,8 @@ impl PgStore {
                 &[&sql.set_name],
             )
             .map_err(fail)?
-            .get(0);
+            .try_get(0)
+            .map_err(fail)?;
         let secret = <[u8; 16]>::try_from(stored.as_slice()).map_err(|_| {
             Error::Backend("migrate: the stored lock secret is not 16 bytes".into())
         })?;
@@ -440,7 +452,7 @@ impl PgStore {
             ),
             &[&self.sql.set_name],
         )?;
-        Ok(rows.first().map_or(0, |r| r.get(0)))
+        rows.first().map_or(Ok(0), |r| col(r, 0))
     }
 
     /// Deletes up to `batch` expired sessions in one statement and returns how many: a bulk
@@ -474,7 +486,8 @@ impl PgStore {
 
 fn count(rows: &[postgres::Row]) -> usize {
     rows.first()
-        .map_or(0, |r| usize::try_from(r.get::<_, i64>(0)).unwrap_or(0))
+        .and_then(|r| r.try_get::<_, i64>(0).ok())
+        .map_or(0, |n| usize::try_from(n).unwrap_or(0))
 }
 
 impl Store for PgStore {
@@ -494,7 +507,7 @@ impl Store for PgStore {
         };
         let meta = meta_from(row)?;
         // Larger than the limit: the server sent the size, not the bytes.
-        let Some(bytes) = row.get::<_, Option<Vec<u8>>>(6) else {
+        let Some(bytes) = col::<Option<Vec<u8>>>(row, 6)? else {
             return Err(Error::TooLarge {
                 size: usize::try_from(meta.size).unwrap_or(usize::MAX),
                 limit: limit_bytes,
@@ -582,9 +595,9 @@ impl Store for PgStore {
         let row = rows
             .first()
             .ok_or_else(|| Error::Backend("touch: no result row".into()))?;
-        let stored: Option<i64> = row.get(0);
-        let expired: Option<bool> = row.get(1);
-        let written: i64 = row.get(2);
+        let stored: Option<i64> = col(row, 0)?;
+        let expired: Option<bool> = col(row, 1)?;
+        let written: i64 = col(row, 2)?;
         Ok(match stored {
             _ if written == 1 => Touch::Written,
             None => Touch::Missing,
@@ -606,7 +619,7 @@ impl Store for PgStore {
             self.pool
                 .get()?
                 .query("last_accessed", &self.sql.last_accessed, &[&id.as_str()])?;
-        Ok(rows.first().map(|r| ts(r.get(0))))
+        rows.first().map(|r| col(r, 0).map(ts)).transpose()
     }
 
     fn delete(&self, id: &SessionId) -> Result<bool> {
@@ -643,16 +656,16 @@ impl Store for PgStore {
             ..ExpiredScan::default()
         };
         for row in &rows {
-            let id: &str = row.get(0);
+            let id: &str = col(row, 0)?;
             match SessionId::parse(id) {
-                Ok(sid) if row.get::<_, bool>(1) => scan.expired.push(sid),
+                Ok(sid) if col::<bool>(row, 1)? => scan.expired.push(sid),
                 Ok(_) => {}
                 // A row no session ID names was written by something else: not ours to delete.
                 Err(_) => scan.unreadable += 1,
             }
         }
         *cursor = match rows.last() {
-            Some(r) if scan.more => Some(r.get::<_, String>(0)),
+            Some(r) if scan.more => Some(col::<String>(r, 0)?),
             // A full pass: the next one starts from the beginning.
             _ => None,
         };
