@@ -126,6 +126,7 @@ impl PgPool {
         if config.get_application_name().is_none() {
             config.application_name("locktable");
         }
+        apply_liveness_defaults(&mut config);
         let pool = PgPool {
             inner: Arc::new(PoolInner {
                 config,
@@ -213,6 +214,37 @@ impl PgPool {
     fn release_slot(&self) {
         self.inner.state.lock().open -= 1;
         self.inner.freed.notify_one();
+    }
+}
+
+/// Defaults that bound how long a dead peer goes unnoticed, where the URL sets nothing itself:
+/// - client side, TCP keepalives after 30 s idle (every 10 s, 3 probes) and a 30 s
+///   `tcp_user_timeout`, so a call on a connection whose network died fails instead of hanging;
+/// - server side (startup `options`), the same keepalives, so the server ends the session of a
+///   client whose network died, and releases its advisory locks, within about a minute instead of
+///   the system default of two hours.
+///
+/// A server that is alive but stopped (its kernel still answers TCP) is not detected by either:
+/// the call waits. Set `statement_timeout` in the URL's `options` to bound server-side waits.
+fn apply_liveness_defaults(config: &mut postgres::Config) {
+    const IDLE: Duration = Duration::from_secs(30);
+    if config.get_keepalives() && config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60)
+    {
+        config.keepalives_idle(IDLE);
+        if config.get_keepalives_interval().is_none() {
+            config.keepalives_interval(Duration::from_secs(10));
+        }
+        if config.get_keepalives_retries().is_none() {
+            config.keepalives_retries(3);
+        }
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(IDLE);
+    }
+    if config.get_options().is_none() {
+        config.options(
+            "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3",
+        );
     }
 }
 
