@@ -1,11 +1,12 @@
 //! Sessions and locks on a real PostgreSQL server: the store conformance suite on `PgStore`,
-//! cross-process counts, advisory-lock exclusion, a killed lock holder, a restarted server, and
-//! hostile input.
+//! `SessionManager::postgres` across processes and hosts, advisory-lock exclusion, killed lock
+//! holders, dropped connections and a restarted server, statement counts, and hostile input.
 //!
 //! The server comes from `LOCKTABLE_PG_URL` (`eval "$(scripts/pg-server start)"` starts a
 //! throwaway one; `./scripts/test` does it). Without it these tests fail under `CI=true` and are
-//! skipped, loudly, otherwise. The restart test also needs `LOCKTABLE_PG_DIR` (set by the same
-//! script) and the right to run `scripts/pg-server restart`.
+//! skipped, loudly, otherwise. The restart and statement-count tests also need
+//! `LOCKTABLE_PG_DIR` (set by the same script): the restart test runs `scripts/pg-server
+//! restart` and is `#[ignore]`d so that `scripts/test` runs it alone.
 //!
 //! Each test works in its own tables (a fresh schema per test binary run, a fresh table per
 //! test), so tests run in parallel against one server. Child processes are this test binary
