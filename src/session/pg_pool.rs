@@ -228,8 +228,7 @@ impl PgPool {
 /// the call waits. Set `statement_timeout` in the URL's `options` to bound server-side waits.
 fn apply_liveness_defaults(config: &mut postgres::Config) {
     const IDLE: Duration = Duration::from_secs(30);
-    if config.get_keepalives() && config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60)
-    {
+    if config.get_keepalives() && config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
         config.keepalives_idle(IDLE);
         if config.get_keepalives_interval().is_none() {
             config.keepalives_interval(Duration::from_secs(10));
