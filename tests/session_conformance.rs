@@ -23,7 +23,7 @@ pub struct Fixture<S> {
     pub table: LockTable,
     /// Another handle on the same storage, for stores shared between handles.
     pub reopen: Option<Box<dyn Fn() -> Box<dyn Store>>>,
-    _keep: Box<dyn Any>,
+    pub _keep: Box<dyn Any>,
 }
 
 fn memory() -> Fixture<MemoryStore> {

@@ -210,14 +210,14 @@ impl SessionManager {
 
     /// One round: sweep under the gc lock if it is free, else skip.
     fn gc_round(&self, shared: &Shared) -> Result<Round> {
-        let table = &self.inner.table;
-        let lock = match table.try_write(GC_LOCK_ID)? {
+        let locks = &self.inner.locks;
+        let lock = match super::locks::try_write_named(locks, GC_LOCK_ID)? {
             Some(lock) => lock,
             None => {
                 // Busy: maybe by a sweeper that died holding it. `try_write` does not wait, so
                 // it never runs the waiters' liveness check: release dead processes' holds here.
-                table.reap()?;
-                match table.try_write(GC_LOCK_ID)? {
+                super::locks::reap_dead(locks)?;
+                match super::locks::try_write_named(locks, GC_LOCK_ID)? {
                     Some(lock) => lock,
                     None => return Ok(Round::Skipped),
                 }

@@ -62,18 +62,28 @@
 mod gc;
 mod id;
 mod locks;
+#[cfg(feature = "postgres")]
+mod locks_pg;
+#[cfg(feature = "postgres")]
+mod pg_pool;
 pub mod record;
 mod store;
 
 pub use gc::{GcHandle, GcStats, GC_LOCK_ID};
 pub use id::{SessionId, ID_BYTES, ID_LEN};
 pub use locks::session_lock_id;
+#[cfg(feature = "postgres")]
+pub use locks_pg::{PgLockKeys, PgLocks, PgReadGuard, PgUpgradableGuard, PgWriteGuard};
+#[cfg(feature = "postgres")]
+pub use pg_pool::{PgPool, PgPoolOptions, DEFAULT_POOL_SIZE};
 pub use store::{
     Capabilities, Clock, Cutoffs, ExpiredScan, Expiry, FileStore, ManualClock, MemoryStore,
     SessionMeta, Store, StoredSession, SystemClock, Timestamp, Touch,
 };
+#[cfg(feature = "postgres")]
+pub use store::{PgStore, PgStoreOptions};
 
-use crate::{Error, LockTable, Result, TableOptions, UpgradableReadGuard, WriteGuard};
+use crate::{Error, LockTable, Result, TableOptions};
 use locks::Deadline;
 use record::{Record, RecordBody};
 use serde::de::DeserializeOwned;
@@ -242,7 +252,7 @@ pub struct GcReport {
 
 #[derive(Debug)]
 struct Inner {
-    table: LockTable,
+    locks: locks::Locks,
     store: Box<dyn Store>,
     cfg: SessionConfig,
     counters: Counters,
@@ -284,10 +294,60 @@ impl SessionManager {
     /// same lock table for exclusive requests to exclude each other (commits stay safe either
     /// way when the store's [`Capabilities::atomic_cas`] holds).
     pub fn new(table: LockTable, store: impl Store + 'static, cfg: SessionConfig) -> Self {
+        Self::with_locks(locks::Locks::Table(table), Box::new(store), cfg)
+    }
+
+    /// Sessions and locks on one PostgreSQL database, shared by every host that uses the same
+    /// `url`, with the default [`PgStoreOptions`] and [`SessionConfig`].
+    ///
+    /// Loads of optimistic requests take no lock (one query each: the store's compare-and-set
+    /// guards commits); commits, exclusive requests, `cycle_id`, `invalidate` and `delete` take
+    /// advisory locks. Calls block: never make them on an async runtime's worker thread.
+    ///
+    /// ```no_run
+    /// let mgr = locktable::session::SessionManager::postgres("postgres://app@db/app").unwrap();
+    /// # let _ = mgr;
+    /// ```
+    #[cfg(feature = "postgres")]
+    pub fn postgres(url: &str) -> Result<SessionManager> {
+        Self::postgres_with(url, PgStoreOptions::default(), SessionConfig::default())
+    }
+
+    /// [`SessionManager::postgres`] with explicit options. The store and the locks get separate
+    /// pools: an exclusive request keeps a lock connection for its whole life and must never wait
+    /// for it to do its store calls. The lock keys' secret is generated once per table set and
+    /// kept in the database, so every host derives the same keys.
+    #[cfg(feature = "postgres")]
+    pub fn postgres_with(
+        url: &str,
+        opts: PgStoreOptions,
+        cfg: SessionConfig,
+    ) -> Result<SessionManager> {
+        let store = PgStore::with_pool(PgPool::connect(url)?, opts)?;
+        let lock_pool = PgPool::connect_with(
+            url,
+            PgPoolOptions {
+                max_connections: 4 * DEFAULT_POOL_SIZE,
+                ..PgPoolOptions::default()
+            },
+        )?;
+        let locks = PgLocks::with_pool(lock_pool, store.lock_secret());
+        Ok(Self::with_pg(store, locks, cfg))
+    }
+
+    /// A manager over a [`PgStore`] and [`PgLocks`] built by the caller. Give them separate
+    /// pools (see [`SessionManager::postgres_with`]) and the same secret on every host
+    /// ([`PgStore::lock_secret`]).
+    #[cfg(feature = "postgres")]
+    pub fn with_pg(store: PgStore, locks: PgLocks, cfg: SessionConfig) -> SessionManager {
+        Self::with_locks(locks::Locks::Pg(locks), Box::new(store), cfg)
+    }
+
+    fn with_locks(locks: locks::Locks, store: Box<dyn Store>, cfg: SessionConfig) -> Self {
         SessionManager {
             inner: Arc::new(Inner {
-                table,
-                store: Box::new(store),
+                locks,
+                store,
                 cfg,
                 counters: Counters::default(),
                 fork_epoch: crate::fork::epoch(),
@@ -382,7 +442,7 @@ impl SessionManager {
             return Ok(None);
         };
         let (loaded, hold) = if exclusive {
-            let g = locks::upgradable(&inner.table, &id, d)?;
+            let g = locks::upgradable(&inner.locks, &id, d)?;
             let died = g.previous_owner_died();
             let loaded = inner.read_validated(&id, died);
             if loaded.is_err() {
@@ -393,7 +453,7 @@ impl SessionManager {
                 (loaded?, Some(g))
             }
         } else {
-            let g = locks::read(&inner.table, &id, d)?;
+            let g = locks::read(&inner.locks, &id, d)?;
             let died = g.previous_owner_died();
             let loaded = inner.read_validated(&id, died);
             drop(g);
@@ -502,7 +562,7 @@ impl SessionManager {
         let Ok(id) = SessionId::parse(id) else {
             return Ok(false);
         };
-        let _w = locks::write(&inner.table, &id, Deadline::after(timeout))?;
+        let _w = locks::write(&inner.locks, &id, Deadline::after(timeout))?;
         let now = inner.cfg.clock.now();
         if inner.store.remove_expired(&id, &inner.cfg.cutoffs(now))? {
             bump(&inner.counters.expired_removed);
@@ -552,6 +612,16 @@ impl SessionManager {
 }
 
 impl Inner {
+    /// The lock table, for unit tests of a manager built on one.
+    #[cfg(test)]
+    fn table(&self) -> &LockTable {
+        match &self.locks {
+            locks::Locks::Table(t) => t,
+            #[cfg(feature = "postgres")]
+            locks::Locks::Pg(_) => panic!("this manager has no lock table"),
+        }
+    }
+
     /// Refuses a forked child's inherited copy of the manager.
     fn check_fork(&self) -> Result<()> {
         if crate::fork::epoch() != self.fork_epoch {
@@ -596,7 +666,7 @@ impl Inner {
                 if self.cfg.on_corrupt == CorruptPolicy::Invalidate || owner_died =>
             {
                 tracing::warn!(session = ?id, reason = %m, "corrupt session record invalidated");
-                let _w = locks::write(&self.table, id, d)?;
+                let _w = locks::write(&self.locks, id, d)?;
                 // Re-check under the write lock: a concurrent commit may have repaired it.
                 if let Err(Error::SessionCorrupt(_)) = self.read_validated(id, false) {
                     self.store.delete(id)?;
@@ -631,7 +701,7 @@ impl Inner {
     /// Deletes a record whose header is unreadable, re-checked under the session's write lock
     /// (taken only if free). `None`: busy; `Some(false)`: not corrupt after all.
     fn remove_if_corrupt(&self, id: &SessionId) -> Result<Option<bool>> {
-        let Some(_w) = locks::try_write(&self.table, id)? else {
+        let Some(_w) = locks::try_write(&self.locks, id)? else {
             return Ok(None);
         };
         match self.store.meta(id) {
@@ -675,7 +745,7 @@ pub struct Session {
     delta: BTreeMap<String, Option<Value>>,
     /// Keys read with `get_for_update`: checked for conflicts like written ones.
     reads: BTreeSet<String>,
-    exclusive: Option<UpgradableReadGuard<'static>>,
+    exclusive: Option<locks::UpgradableHold>,
     finished: bool,
     /// A commit was attempted (and failed): dropping it is no silent loss.
     commit_tried: bool,
@@ -687,7 +757,7 @@ impl Session {
         id: SessionId,
         loaded: Loaded,
         now: Timestamp,
-        exclusive: Option<UpgradableReadGuard<'static>>,
+        exclusive: Option<locks::UpgradableHold>,
     ) -> Session {
         Session {
             mgr,
@@ -848,19 +918,19 @@ impl Session {
     }
 
     /// Takes the write lock: upgrades the exclusive hold or takes a fresh one.
-    fn write_lock(&mut self, d: Deadline) -> Result<WriteGuard<'static>> {
+    fn write_lock(&mut self, d: Deadline) -> Result<locks::WriteHold<'static>> {
         match self.exclusive.take() {
             Some(u) => locks::upgrade(u, d).map_err(|(e, u)| {
                 self.exclusive = Some(u);
                 e
             }),
-            None => locks::write(&self.mgr.table, &self.id, d),
+            None => locks::write(&self.mgr.locks, &self.id, d),
         }
     }
 
     /// Re-reads the latest record under a write lock; `SessionGone` if absent or expired (an
     /// expired one is deleted on the spot).
-    fn latest(&self, w: &WriteGuard<'_>) -> Result<Loaded> {
+    fn latest(&self, w: &locks::WriteHold<'_>) -> Result<Loaded> {
         let died = w.previous_owner_died();
         let r = self.mgr.read_validated(&self.id, died);
         let latest = match r {
@@ -1084,7 +1154,7 @@ impl Session {
         for _ in 0..4 {
             let new_id = SessionId::generate()?;
             let new_guard = if was_exclusive {
-                Some(locks::upgradable(&self.mgr.table, &new_id, d)?)
+                Some(locks::upgradable(&self.mgr.locks, &new_id, d)?)
             } else {
                 None
             };

@@ -170,7 +170,7 @@ fn exclusive_requests_do_not_block_readers_and_never_conflict() {
     let key = session_lock_id(&SessionId::parse(&id).unwrap());
     assert!(mgr
         .inner
-        .table
+        .table()
         .upgradable_read_timeout(&key, Duration::from_millis(20))
         .is_err());
     // An optimistic commit waits for the exclusive request to finish.
@@ -371,7 +371,12 @@ fn cycle_id_moves_data_and_kills_the_old_id() {
     let mut ex = mgr.load_exclusive(&new_id).unwrap().unwrap();
     ex.cycle_id().unwrap();
     let key = session_lock_id(ex.id());
-    assert!(mgr.inner.table.try_upgradable_read(&key).unwrap().is_none());
+    assert!(mgr
+        .inner
+        .table()
+        .try_upgradable_read(&key)
+        .unwrap()
+        .is_none());
     ex.insert("c", &3).unwrap();
     let newest = ex.id().to_string();
     ex.commit().unwrap();

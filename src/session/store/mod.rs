@@ -12,7 +12,11 @@
 
 mod file;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 
+#[cfg(feature = "postgres")]
+pub use self::postgres::{PgStore, PgStoreOptions};
 pub use file::FileStore;
 pub use memory::MemoryStore;
 
