@@ -547,3 +547,99 @@ pub fn for_store<S: super::Store + 'static>(store: &S, bytes: usize) -> Option<S
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::{SessionConfig, SessionManager};
+
+    fn mgr(dir: &Path) -> SessionManager {
+        let cfg = SessionConfig {
+            fsync: false,
+            ..SessionConfig::default()
+        };
+        SessionManager::new_embedded(dir, cfg).unwrap()
+    }
+
+    fn stored(mgr: &SessionManager, n: u64) -> SessionId {
+        let mut s = mgr.create().unwrap();
+        s.insert("n", &n).unwrap();
+        let id = s.id().clone();
+        s.commit().unwrap();
+        id
+    }
+
+    fn read(mgr: &SessionManager, id: &SessionId) -> Option<u64> {
+        let s = mgr.load(id.as_str()).unwrap()?;
+        let n = s.get("n").unwrap();
+        s.commit().unwrap();
+        n
+    }
+
+    #[test]
+    fn a_writer_killed_mid_write_leaves_its_bucket_uncached_until_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = mgr(dir.path());
+        let id = stored(&m, 1);
+        assert_eq!(read(&m, &id), Some(1));
+        assert_eq!(read(&m, &id), Some(1));
+        let hits = m.stats().cache_hits;
+        assert_eq!(hits, 1);
+        // Another "process" (a second mapping) begins a write and dies: no `end`.
+        let other = Versions::open(&dir.path().join("sessions")).unwrap();
+        let b = other.bucket(&id);
+        versions::begin(other.word(b));
+        for _ in 0..3 {
+            assert_eq!(read(&m, &id), Some(1));
+        }
+        assert_eq!(m.stats().cache_hits, hits, "a copy validated under an odd word");
+        // The next write of the bucket completes the word: caching resumes.
+        let mut s = m.load(id.as_str()).unwrap().unwrap();
+        s.insert("n", &2u64).unwrap();
+        s.commit().unwrap();
+        assert_eq!(read(&m, &id), Some(2));
+        assert_eq!(read(&m, &id), Some(2));
+        assert_eq!(m.stats().cache_hits, hits + 1);
+    }
+
+    #[test]
+    fn a_write_of_another_session_in_the_bucket_is_a_false_invalidation_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = mgr(dir.path());
+        let id = stored(&m, 1);
+        let v = Versions::open(&dir.path().join("sessions")).unwrap();
+        let alias = loop {
+            let other = stored(&m, 5);
+            if v.bucket(&other) == v.bucket(&id) {
+                break other;
+            }
+            m.delete(other.as_str()).unwrap();
+        };
+        assert_eq!(read(&m, &id), Some(1));
+        assert_eq!(read(&m, &alias), Some(5));
+        let hits = m.stats().cache_hits;
+        assert_eq!(read(&m, &id), Some(1));
+        assert_eq!(m.stats().cache_hits, hits + 1);
+        assert!(m.delete(alias.as_str()).unwrap());
+        // The alias's delete moved the shared word: a miss, and the right answer.
+        assert_eq!(read(&m, &id), Some(1));
+        assert_eq!(m.stats().cache_hits, hits + 1);
+        assert_eq!(read(&m, &alias), None);
+        assert_eq!(read(&m, &id), Some(1));
+        assert_eq!(m.stats().cache_hits, hits + 2);
+    }
+
+    #[test]
+    fn the_counter_file_is_created_once_and_rejected_when_foreign() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Versions::open(dir.path()).unwrap();
+        let b = Versions::open(dir.path()).unwrap();
+        let id = SessionId::generate().unwrap();
+        assert_eq!(a.bucket(&id), b.bucket(&id), "one key for every opener");
+        let (_, after) = a.write(&id, Duration::from_secs(1), || Ok(())).unwrap();
+        assert!(b.is_current(b.bucket(&id), after));
+        let bad = tempfile::tempdir().unwrap();
+        std::fs::write(bad.path().join(VERSIONS_FILE), vec![0u8; file_len(BUCKETS)]).unwrap();
+        assert!(matches!(Versions::open(bad.path()), Err(Error::Corrupt(_))));
+    }
+}
