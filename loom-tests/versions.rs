@@ -219,7 +219,10 @@ fn a_reused_bucket_after_a_delete_never_revives_the_old_copy() {
         let fresh = fill(&b, 1).filter(|&(_, v)| v != 0);
         deleter.join().unwrap();
         creator.join().unwrap();
-        assert!(!check_hit(&b, 0, cached), "a deleted session's copy validated");
+        assert!(
+            !check_hit(&b, 0, cached),
+            "a deleted session's copy validated"
+        );
         check_hit(&b, 1, fresh);
     });
 }

@@ -592,7 +592,11 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(read(&m, &id), Some(1));
         }
-        assert_eq!(m.stats().cache_hits, hits, "a copy validated under an odd word");
+        assert_eq!(
+            m.stats().cache_hits,
+            hits,
+            "a copy validated under an odd word"
+        );
         // The next write of the bucket completes the word: caching resumes.
         let mut s = m.load(id.as_str()).unwrap().unwrap();
         s.insert("n", &2u64).unwrap();

@@ -230,6 +230,7 @@ fn run_system(cfg: &DemoConfig, system: System, dir: &Path) -> Result<SystemRepo
         first.data_writes = s.data_writes - before.data_writes;
         first.touches = s.touches_written - before.touches_written;
         first.conflicts = s.conflicts - before.conflicts;
+        first.cache = super::worker::cache_counts(&s, &before);
     }
     // Lost updates: compare counters with the increments reported as successful.
     let finals: Vec<BTreeMap<String, u64>> = ids
@@ -274,6 +275,9 @@ fn run_system(cfg: &DemoConfig, system: System, dir: &Path) -> Result<SystemRepo
         data_writes: results.iter().map(|r| r.data_writes).sum(),
         touches: results.iter().map(|r| r.touches).sum(),
         conflicts: results.iter().map(|r| r.conflicts).sum(),
+        cache: results
+            .iter()
+            .fold((0, 0), |(h, l), r| (h + r.cache.0, l + r.cache.1)),
         lost_updates: lost,
     })
 }
