@@ -510,15 +510,6 @@ impl SessionCache {
             }
         }
     }
-
-    /// Number of cached entries (current or not yet replaced).
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap().map.len())
-            .sum()
-    }
 }
 
 /// The cache for `store` with a budget of `bytes` (`0`: off): counters in the root of a
