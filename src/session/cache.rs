@@ -34,7 +34,7 @@ use serde_json::Value;
 use siphasher::sip::SipHasher13;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::hash::Hasher;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -127,9 +127,18 @@ impl Versions {
 
     /// The bucket of `id` (keyed by the file's key, the same in every process).
     pub fn bucket(&self, id: &SessionId) -> usize {
+        self.bucket_of(self.hash(id))
+    }
+
+    /// The keyed 64-bit hash of `id`: its bucket's bits, and the cache map's key.
+    fn hash(&self, id: &SessionId) -> u64 {
         let mut h = SipHasher13::new_with_keys(self.key[0], self.key[1]);
         h.write(id.as_str().as_bytes());
-        (h.finish() as usize) & self.mask
+        h.finish()
+    }
+
+    fn bucket_of(&self, hash: u64) -> usize {
+        (hash as usize) & self.mask
     }
 
     fn word(&self, bucket: usize) -> &AtomicU64 {
@@ -342,10 +351,11 @@ pub struct Cached {
     pub expiry: Expiry,
     /// The data, shared with the sessions built from it (copied on their first write).
     pub data: Arc<BTreeMap<String, Value>>,
+    /// The session (the map's key is its hash; two IDs with one hash replace each other).
+    id: SessionId,
     /// A lower bound of the stored last-accessed time (touches do not invalidate; every touch
     /// this process writes or sees skipped raises it).
     last_accessed: std::sync::atomic::AtomicU64,
-    bucket: usize,
     stamp: u64,
     size: usize,
     referenced: AtomicBool,
@@ -369,11 +379,31 @@ pub struct Fill {
     pub size: usize,
 }
 
+/// The map's hasher: its keys are keyed SipHashes already.
+#[derive(Default)]
+struct AlreadyHashed(u64);
+
+impl Hasher for AlreadyHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used (the key is a u64); fold anything else in all the same.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 #[derive(Default)]
 struct Shard {
-    map: HashMap<SessionId, Arc<Cached>>,
+    /// Keyed by the ID's keyed SipHash (computed once per lookup for the bucket anyway).
+    map: HashMap<u64, Arc<Cached>, BuildHasherDefault<AlreadyHashed>>,
     /// The clock hand's queue: exactly the keys of `map`.
-    clock: VecDeque<SessionId>,
+    clock: VecDeque<u64>,
     bytes: usize,
 }
 
@@ -427,10 +457,11 @@ impl SessionCache {
 
     /// The current decoded copy of `id`, if this process has one.
     pub fn get(&self, id: &SessionId) -> Option<Arc<Cached>> {
-        let bucket = self.versions.bucket(id);
-        let e = self.shard(bucket).map.get(id).cloned();
+        let hash = self.versions.hash(id);
+        let bucket = self.versions.bucket_of(hash);
+        let e = self.shard(bucket).map.get(&hash).cloned();
         match e {
-            Some(e) if self.versions.is_current(bucket, e.stamp) => {
+            Some(e) if e.id == *id && self.versions.is_current(bucket, e.stamp) => {
                 e.referenced.store(true, Ordering::Relaxed);
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 Some(e)
@@ -454,20 +485,21 @@ impl SessionCache {
         if fill.size > self.shard_bytes {
             return;
         }
+        let hash = self.versions.hash(id);
         let entry = Arc::new(Cached {
             version: fill.version,
             created: fill.created,
             expiry: fill.expiry,
             data: fill.data,
+            id: id.clone(),
             last_accessed: fill.last_accessed.0.into(),
-            bucket,
             stamp,
             size: fill.size,
             referenced: AtomicBool::new(false),
         });
         let mut shard = self.shard(bucket);
-        match shard.map.get(id) {
-            Some(old) if old.stamp >= stamp => {
+        match shard.map.get(&hash) {
+            Some(old) if old.id == *id && old.stamp >= stamp => {
                 old.last_accessed
                     .fetch_max(fill.last_accessed.0, Ordering::Relaxed);
                 return;
@@ -476,25 +508,25 @@ impl SessionCache {
                 let old_size = old.size;
                 shard.bytes -= old_size;
             }
-            None => shard.clock.push_back(id.clone()),
+            None => shard.clock.push_back(hash),
         }
         shard.bytes += entry.size;
-        shard.map.insert(id.clone(), entry);
+        shard.map.insert(hash, entry);
         self.evict(&mut shard);
     }
 
     /// Second-chance clock: drops unreferenced entries until the shard fits its budget.
     fn evict(&self, shard: &mut Shard) {
         while shard.bytes > self.shard_bytes {
-            let Some(id) = shard.clock.pop_front() else {
+            let Some(key) = shard.clock.pop_front() else {
                 return;
             };
-            let Some(e) = shard.map.get(&id) else {
+            let Some(e) = shard.map.get(&key) else {
                 continue;
             };
             if e.referenced.swap(false, Ordering::Relaxed) {
-                shard.clock.push_back(id);
-            } else if let Some(e) = shard.map.remove(&id) {
+                shard.clock.push_back(key);
+            } else if let Some(e) = shard.map.remove(&key) {
                 shard.bytes -= e.size;
             }
         }
@@ -503,9 +535,9 @@ impl SessionCache {
     /// This process stored (or saw stored) an access of `id` at `at`: the stored time is at
     /// least `at` now, and stays so (stores never move it backwards).
     pub fn note_access(&self, id: &SessionId, at: Timestamp) {
-        let bucket = self.versions.bucket(id);
-        if let Some(e) = self.shard(bucket).map.get(id) {
-            if e.bucket == bucket {
+        let hash = self.versions.hash(id);
+        if let Some(e) = self.shard(self.versions.bucket_of(hash)).map.get(&hash) {
+            if e.id == *id {
                 e.last_accessed.fetch_max(at.0, Ordering::Relaxed);
             }
         }
