@@ -342,5 +342,9 @@ mod tests {
         assert!(lt.data_writes * 4 <= lt.requests + 4, "{text}");
         assert_eq!(bk.data_writes, bk.requests);
         assert!(lt.p50 > Duration::ZERO);
+        // The hit rate of the session cache is reported (the baseline has none).
+        assert!(text.contains("cache hit rate"), "{text}");
+        assert!(lt.cache.1 > 0 && lt.cache.0 <= lt.cache.1, "{text}");
+        assert_eq!(bk.cache, (0, 0));
     }
 }
