@@ -55,6 +55,10 @@
 //! - Nothing revived: a session seen expired is deleted at once; touches and commits re-check
 //!   expiry atomically with their write.
 //! - A visitor costs nothing until a commit stores data: [`SessionManager::create`] is lazy.
+//! - A hot session is read without the store: each manager caches decoded sessions
+//!   ([`SessionConfig::cache_bytes`]) and uses a copy only while a change counter shared by
+//!   every process on the store says that no write of it began since the copy was read, so a
+//!   commit in any process is seen by the very next load in every other one.
 //!
 //! Owns: the request cycle (load, merge, commit, touch, expiry, gc) over a [`Store`] and the
 //! lock table; takes its locks only through `locks.rs`. May not touch: lock-table internals.
