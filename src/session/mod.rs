@@ -364,7 +364,14 @@ impl SessionManager {
             size: 0,
         };
         bump(&inner.counters.loads);
-        let mut s = Session::new(Arc::clone(inner), SessionId::generate()?, loaded, now, None);
+        let mut s = Session::new(
+            Arc::clone(inner),
+            SessionId::generate()?,
+            loaded,
+            None,
+            now,
+            None,
+        );
         s.stored = false;
         Ok(s)
     }
@@ -443,7 +450,14 @@ impl SessionManager {
             return Ok(None);
         }
         bump(&inner.counters.loads);
-        Ok(Some(Session::new(Arc::clone(inner), id, loaded, now, hold)))
+        Ok(Some(Session::new(
+            Arc::clone(inner),
+            id,
+            loaded,
+            None,
+            now,
+            hold,
+        )))
     }
 
     /// Runs `f` on the session and commits, re-running it on fresh data after a conflict.
@@ -599,7 +613,7 @@ impl Inner {
             return None;
         }
         bump(&self.counters.loads);
-        let mut s = Session::new(
+        Some(Session::new(
             Arc::clone(self),
             id.clone(),
             Loaded {
@@ -612,11 +626,10 @@ impl Inner {
                 last_accessed: la,
                 size: 0,
             },
+            Some(Arc::clone(&c.data)),
             now,
             None,
-        );
-        s.data = Arc::clone(&c.data);
-        Some(s)
+        ))
     }
 
     /// Caches a record read (validated) after `stamp` was taken.
@@ -789,10 +802,12 @@ pub struct Session {
 }
 
 impl Session {
+    /// `shared`: the data of a cache hit (then `loaded`'s body is empty and ignored).
     fn new(
         mgr: Arc<Inner>,
         id: SessionId,
         loaded: Loaded,
+        shared: Option<Arc<BTreeMap<String, Value>>>,
         now: Timestamp,
         exclusive: Option<UpgradableReadGuard<'static>>,
     ) -> Session {
@@ -807,7 +822,7 @@ impl Session {
             accessed: now.max(loaded.last_accessed),
             expiry: loaded.record.expiry,
             expiry_changed: false,
-            data: Arc::new(loaded.record.body.data),
+            data: shared.unwrap_or_else(|| Arc::new(loaded.record.body.data)),
             delta: BTreeMap::new(),
             reads: BTreeSet::new(),
             exclusive,
