@@ -322,7 +322,10 @@ impl SessionManager {
         &self.inner.cfg
     }
 
-    /// The store.
+    /// The store. Writes made directly through it bypass the session cache's change counters:
+    /// managers that hold a decoded copy of that session keep answering loads from it until the
+    /// session's next write through a manager (commits are unaffected: they always re-read the
+    /// store). Set [`SessionConfig::cache_bytes`] to `0` where other writers use the store.
     pub fn store(&self) -> &dyn Store {
         &*self.inner.store
     }
