@@ -174,22 +174,40 @@ fn touches_keep_a_cached_session_alive_without_invalidating_it() {
 #[test]
 fn the_cache_is_bounded_and_can_be_turned_off() {
     let dir = tempfile::tempdir().unwrap();
+    // 64 KiB in 16 shards: 4 KiB each. Records of at least 650 bytes: at most 6 per shard,
+    // so at most 96 of the 200 sessions can be cached at any time.
     let small = SessionConfig {
-        cache_bytes: 16 * 1024,
+        cache_bytes: 64 * 1024,
         ..config()
     };
     let mgr = SessionManager::new_embedded(dir.path(), small).unwrap();
-    let ids: Vec<String> = (0..200).map(|n| new_session(&mgr, n)).collect();
-    for (n, id) in ids.iter().enumerate() {
-        assert_eq!(read_n(&mgr, id), Some(n as u64));
-    }
-    // Everything read again: most entries were evicted (16 KiB holds far fewer than 200).
-    let before = mgr.stats();
-    for (n, id) in ids.iter().enumerate() {
-        assert_eq!(read_n(&mgr, id), Some(n as u64));
+    let pad = "x".repeat(600);
+    let ids: Vec<String> = (0..200)
+        .map(|n| {
+            let mut s = mgr.create().unwrap();
+            s.insert("n", &n).unwrap();
+            s.insert("pad", &pad).unwrap();
+            let id = s.id().to_string();
+            s.commit().unwrap();
+            id
+        })
+        .collect();
+    for _ in 0..2 {
+        for (n, id) in ids.iter().enumerate() {
+            assert_eq!(read_n(&mgr, id), Some(n as u64));
+        }
     }
     let st = mgr.stats();
-    assert!(st.cache_misses - before.cache_misses > 100, "{st:?}");
+    assert_eq!(st.cache_hits + st.cache_misses, 400);
+    assert!(
+        st.cache_hits <= 96,
+        "more cached than the bound allows: {st:?}"
+    );
+    // A small hot set still hits.
+    assert_eq!(read_n(&mgr, &ids[7]), Some(7));
+    let hits = mgr.stats().cache_hits;
+    assert_eq!(read_n(&mgr, &ids[7]), Some(7));
+    assert_eq!(mgr.stats().cache_hits, hits + 1);
 
     let off = SessionConfig {
         cache_bytes: 0,
