@@ -100,9 +100,22 @@ struct Ours {
 impl Ours {
     /// Opens `dir` as the embedded default and creates the hot session in it.
     fn create(dir: &Path) -> Ours {
-        let mgr = SessionManager::open(dir).expect("open session dir");
+        Self::create_with(dir, SessionConfig::default())
+    }
+
+    /// Like [`Ours::create`] with `cfg` (the uncached variant sets `cache_bytes: 0`).
+    fn create_with(dir: &Path, cfg: SessionConfig) -> Ours {
+        let mgr = SessionManager::new_embedded(dir, cfg).expect("open session dir");
         let id = create_session(&mgr);
         Ours { mgr, id }
+    }
+}
+
+/// The configuration of the uncached variant: every load reads the store and decodes.
+fn uncached() -> SessionConfig {
+    SessionConfig {
+        cache_bytes: 0,
+        ..SessionConfig::default()
     }
 }
 
@@ -451,8 +464,13 @@ fn child_main(spec: &str) {
             .expect("child stdout");
     };
     let (worker, ours): (Box<dyn Request>, Option<SessionManager>) = match kind {
-        "locktable" => {
-            let mgr = SessionManager::open(&path).expect("child open session dir");
+        "locktable" | "locktable_uncached" => {
+            let cfg = if kind == "locktable" {
+                SessionConfig::default()
+            } else {
+                uncached()
+            };
+            let mgr = SessionManager::new_embedded(&path, cfg).expect("child open session dir");
             let id = parts.next().expect("child spec: id").to_owned();
             (
                 Box::new(Ours {
@@ -482,15 +500,15 @@ fn child_main(spec: &str) {
         requests += n;
         say(&format!("done {ns}"));
     }
-    let (data_writes, touches) = match &ours {
+    let (data_writes, touches, hits) = match &ours {
         Some(m) => {
             let s = m.stats();
-            (s.data_writes, s.touches_written)
+            (s.data_writes, s.touches_written, s.cache_hits)
         }
-        None => (requests, 0),
+        None => (requests, 0, 0),
     };
     say(&format!(
-        "requests {requests} data_writes {data_writes} touches {touches}"
+        "requests {requests} data_writes {data_writes} touches {touches} cache_hits {hits}"
     ));
 }
 
@@ -514,6 +532,38 @@ fn count_writes() -> Vec<WriteCount> {
     const N: u64 = 1000;
     let mut out = Vec::new();
     let interval = SessionConfig::default().effective_touch_interval();
+
+    // 0. The cache on (the default): the embedded manager's own counters, since the cache works
+    // with the `FileStore` itself, not with the counting wrapper of the scenarios below.
+    {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ours = Ours::create(dir.path());
+        let probe = FileStore::open(dir.path().join("sessions")).expect("store");
+        let path = probe.path_of(&SessionId::parse(&ours.id).expect("id"));
+        let before = ours.mgr.stats();
+        let file_before = file_state(&path);
+        for _ in 0..N {
+            ours.request();
+        }
+        let after = ours.mgr.stats();
+        assert_eq!(
+            file_state(&path),
+            file_before,
+            "a read-only request changed the session file"
+        );
+        println!(
+            "\nCache on, 1,000 reads, 1 thread: {} store reads (cache misses), {} hits",
+            after.cache_misses - before.cache_misses,
+            after.cache_hits - before.cache_hits
+        );
+        out.push(WriteCount {
+            what: "locktable (cache on), 1,000 reads, 1 thread, last touch < interval ago",
+            requests: N,
+            data_writes: after.data_writes - before.data_writes,
+            touch_calls: 0,
+            touches: after.touches_written - before.touches_written,
+        });
+    }
 
     // 1. Steady state: the session was touched less than one interval ago.
     {
@@ -647,6 +697,8 @@ fn stage_breakdown() {
     const N: u32 = 20_000;
     let dir = tempfile::tempdir().expect("tempdir");
     let ours = Ours::create(dir.path());
+    let cold_dir = tempfile::tempdir().expect("tempdir");
+    let cold = Ours::create_with(cold_dir.path(), uncached());
     let sid = SessionId::parse(&ours.id).expect("id");
     let table =
         LockTable::open(dir.path().join("locks.table"), &TableOptions::default()).expect("table");
@@ -695,8 +747,12 @@ fn stage_breakdown() {
             }),
         ),
         (
-            "locktable: whole request (load + get + commit)",
+            "locktable: whole request (load + get + commit), cache hit",
             time_per_op(N, || ours.request()),
+        ),
+        (
+            "locktable: whole request, cache off (cache_bytes: 0)",
+            time_per_op(N, || cold.request()),
         ),
     ];
     let bdir = tempfile::tempdir().expect("tempdir");
@@ -729,7 +785,12 @@ fn stage_breakdown() {
 
 // ---------- criterion ----------
 
-fn bench_hot_session(c: &mut Criterion, ours: &Ours, base: &Baseline, our_dir: &Path) {
+fn bench_hot_session(
+    c: &mut Criterion,
+    (ours, our_dir): (&Ours, &Path),
+    (cold, cold_dir): (&Ours, &Path),
+    base: &Baseline,
+) {
     let mut g = c.benchmark_group("hot_session_read");
     for n in [1usize, 2, 4] {
         g.throughput(Throughput::Elements(n as u64));
@@ -737,16 +798,24 @@ fn bench_hot_session(c: &mut Criterion, ours: &Ours, base: &Baseline, our_dir: &
         g.bench_function(BenchmarkId::new("locktable", &id), |b| {
             b.iter_custom(|iters| run_threads(ours, n, iters))
         });
+        g.bench_function(BenchmarkId::new("locktable_uncached", &id), |b| {
+            b.iter_custom(|iters| run_threads(cold, n, iters))
+        });
         g.bench_function(BenchmarkId::new("flock_rewrite", &id), |b| {
             b.iter_custom(|iters| run_threads(base, n, iters))
         });
     }
     g.throughput(Throughput::Elements(2));
-    let specs: [(&str, &dyn Request, String); 2] = [
+    let specs: [(&str, &dyn Request, String); 3] = [
         (
             "locktable",
             ours,
             format!("locktable\n{}\n{}", our_dir.display(), ours.id),
+        ),
+        (
+            "locktable_uncached",
+            cold,
+            format!("locktable_uncached\n{}\n{}", cold_dir.display(), cold.id),
         ),
         (
             "flock_rewrite",
@@ -806,20 +875,29 @@ fn main() {
 
     let our_dir = tempfile::tempdir().expect("tempdir");
     let base_dir = tempfile::tempdir().expect("tempdir");
+    let cold_dir = tempfile::tempdir().expect("tempdir");
     let ours = Ours::create(our_dir.path());
+    let cold = Ours::create_with(cold_dir.path(), uncached());
     let base = Baseline::create(base_dir.path());
     let stats_before = ours.mgr.stats();
 
-    bench_hot_session(&mut c, &ours, &base, our_dir.path());
+    bench_hot_session(
+        &mut c,
+        (&ours, our_dir.path()),
+        (&cold, cold_dir.path()),
+        &base,
+    );
 
     // Whole-run totals of this process (the 2-process children print their own above).
     let s = ours.mgr.stats();
     println!(
-        "\nThis process, whole criterion run: locktable {} requests, {} data writes, {} touches; \
-         flock_rewrite {} requests, {} whole-file writes",
+        "\nThis process, whole criterion run: locktable {} requests, {} data writes, {} touches, \
+         {} cache hits, {} misses; flock_rewrite {} requests, {} whole-file writes",
         s.loads - stats_before.loads,
         s.data_writes - stats_before.data_writes,
         s.touches_written - stats_before.touches_written,
+        s.cache_hits - stats_before.cache_hits,
+        s.cache_misses - stats_before.cache_misses,
         base.writes.load(Ordering::Relaxed),
         base.writes.load(Ordering::Relaxed),
     );

@@ -17,6 +17,9 @@ use locktable::model::{reset_logical_clock, Key, Model, ModelFail, ModelWait};
 use loom::cell::UnsafeCell;
 use loom::thread;
 
+// The session cache's change counters (a separate file: the lock-core models live here).
+mod versions;
+
 const SLOT: usize = 0;
 const SLOTS: u32 = 1;
 

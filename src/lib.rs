@@ -32,6 +32,11 @@ mod lockword;
 mod recovery;
 mod region;
 mod sync;
+// The session cache's change-counter protocol (public to the loom models).
+#[cfg(locktable_loom)]
+pub mod versions;
+#[cfg(not(locktable_loom))]
+mod versions;
 
 #[cfg(locktable_loom)]
 pub mod model;

@@ -766,7 +766,9 @@ fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         if e.file_type().unwrap().is_dir() {
             out.extend(walk_files(&e.path()));
-        } else if e.file_name() != ".locks" {
+        } else if e.file_name() != ".locks" && e.file_name() != ".versions" {
+            // The store's two fixed files (ID locks, the cache's change counters) are not
+            // per visitor.
             out.push(e.path());
         }
     }

@@ -55,10 +55,15 @@
 //! - Nothing revived: a session seen expired is deleted at once; touches and commits re-check
 //!   expiry atomically with their write.
 //! - A visitor costs nothing until a commit stores data: [`SessionManager::create`] is lazy.
+//! - A hot session is read without the store: each manager caches decoded sessions
+//!   ([`SessionConfig::cache_bytes`]) and uses a copy only while a change counter shared by
+//!   every process on the store says that no write of it began since the copy was read, so a
+//!   commit in any process is seen by the very next load in every other one.
 //!
 //! Owns: the request cycle (load, merge, commit, touch, expiry, gc) over a [`Store`] and the
 //! lock table; takes its locks only through `locks.rs`. May not touch: lock-table internals.
 
+mod cache;
 mod gc;
 mod id;
 mod locks;
@@ -144,6 +149,12 @@ pub struct SessionConfig {
     /// Longest wait for a lock in any one call (load, commit, transact, delete, ...), after
     /// which the call fails with [`Error::Timeout`]. Default 5 seconds.
     pub lock_timeout: Duration,
+    /// Bytes (of encoded records) of decoded sessions each manager keeps to answer loads of
+    /// unchanged sessions without reading the store; `0` turns the cache off. Default 64 MiB.
+    /// Validated across processes by change counters in `<store root>/.versions` (a
+    /// [`FileStore`]) or in memory (a store private to the process); for any other store the
+    /// cache stays off. See [`ManagerStats::cache_hits`].
+    pub cache_bytes: usize,
 }
 
 impl Default for SessionConfig {
@@ -160,6 +171,7 @@ impl Default for SessionConfig {
             clock: Arc::new(SystemClock),
             fsync: true,
             lock_timeout: Duration::from_secs(5),
+            cache_bytes: 64 << 20,
         }
     }
 }
@@ -210,6 +222,10 @@ pub struct ManagerStats {
     pub dirty_dropped: u64,
     /// Sessions a request found expired and deleted on the spot.
     pub expired_removed: u64,
+    /// `load`s answered from the cache of decoded sessions (no store read, no decode).
+    pub cache_hits: u64,
+    /// `load`s that looked in the cache and read the store.
+    pub cache_misses: u64,
 }
 
 #[derive(Debug, Default)]
@@ -256,6 +272,8 @@ struct Inner {
     store: Box<dyn Store>,
     cfg: SessionConfig,
     counters: Counters,
+    /// Decoded sessions of this process, validated by shared change counters (`None`: off).
+    cache: Option<cache::SessionCache>,
     /// The fork epoch this manager was made in: a forked child's copy refuses to act.
     fork_epoch: u64,
 }
@@ -270,6 +288,8 @@ pub struct SessionManager {
 struct Loaded {
     record: Record,
     last_accessed: Timestamp,
+    /// Encoded size (what the cache's byte bound counts).
+    size: usize,
 }
 
 impl SessionManager {
@@ -294,7 +314,8 @@ impl SessionManager {
     /// same lock table for exclusive requests to exclude each other (commits stay safe either
     /// way when the store's [`Capabilities::atomic_cas`] holds).
     pub fn new(table: LockTable, store: impl Store + 'static, cfg: SessionConfig) -> Self {
-        Self::with_locks(locks::Locks::Table(table), Box::new(store), cfg)
+        let cache = cache::for_store(&store, cfg.cache_bytes);
+        Self::with_locks(locks::Locks::Table(table), Box::new(store), cache, cfg)
     }
 
     /// Sessions and locks on one PostgreSQL database, shared by every host that uses the same
@@ -340,16 +361,24 @@ impl SessionManager {
     /// ([`PgStore::lock_secret`]).
     #[cfg(feature = "postgres")]
     pub fn with_pg(store: PgStore, locks: PgLocks, cfg: SessionConfig) -> SessionManager {
-        Self::with_locks(locks::Locks::Pg(locks), Box::new(store), cfg)
+        // No session cache: its change counters live beside a file store's files, and several
+        // hosts share no memory.
+        Self::with_locks(locks::Locks::Pg(locks), Box::new(store), None, cfg)
     }
 
-    fn with_locks(locks: locks::Locks, store: Box<dyn Store>, cfg: SessionConfig) -> Self {
+    fn with_locks(
+        locks: locks::Locks,
+        store: Box<dyn Store>,
+        cache: Option<cache::SessionCache>,
+        cfg: SessionConfig,
+    ) -> Self {
         SessionManager {
             inner: Arc::new(Inner {
                 locks,
                 store,
                 cfg,
                 counters: Counters::default(),
+                cache,
                 fork_epoch: crate::fork::epoch(),
             }),
         }
@@ -360,7 +389,10 @@ impl SessionManager {
         &self.inner.cfg
     }
 
-    /// The store.
+    /// The store. Writes made directly through it bypass the session cache's change counters:
+    /// managers that hold a decoded copy of that session keep answering loads from it until the
+    /// session's next write through a manager (commits are unaffected: they always re-read the
+    /// store). Set [`SessionConfig::cache_bytes`] to `0` where other writers use the store.
     pub fn store(&self) -> &dyn Store {
         &*self.inner.store
     }
@@ -379,6 +411,8 @@ impl SessionManager {
             owner_died_seen: g(&c.owner_died_seen),
             dirty_dropped: g(&c.dirty_dropped),
             expired_removed: g(&c.expired_removed),
+            cache_hits: self.inner.cache.as_ref().map_or(0, |c| c.hit_counts().0),
+            cache_misses: self.inner.cache.as_ref().map_or(0, |c| c.hit_counts().1),
         }
     }
 
@@ -397,9 +431,17 @@ impl SessionManager {
                 body: RecordBody::default(),
             },
             last_accessed: now,
+            size: 0,
         };
         bump(&inner.counters.loads);
-        let mut s = Session::new(Arc::clone(inner), SessionId::generate()?, loaded, now, None);
+        let mut s = Session::new(
+            Arc::clone(inner),
+            SessionId::generate()?,
+            loaded,
+            None,
+            now,
+            None,
+        );
         s.stored = false;
         Ok(s)
     }
@@ -441,6 +483,11 @@ impl SessionManager {
         let Ok(id) = SessionId::parse(id) else {
             return Ok(None);
         };
+        if !exclusive {
+            if let Some(s) = inner.load_cached(&id) {
+                return Ok(Some(s));
+            }
+        }
         let (loaded, hold) = if exclusive {
             let g = locks::upgradable(&inner.locks, &id, d)?;
             let died = g.previous_owner_died();
@@ -455,8 +502,12 @@ impl SessionManager {
         } else {
             let g = locks::read(&inner.locks, &id, d)?;
             let died = g.previous_owner_died();
+            let stamp = inner.cache.as_ref().and_then(|c| c.fill_stamp(&id));
             let loaded = inner.read_validated(&id, died);
             drop(g);
+            if let (Some(stamp), Ok(Some(l))) = (stamp, &loaded) {
+                inner.cache_fill(&id, stamp, l);
+            }
             (inner.handle_corrupt(&id, loaded, died, d)?, None)
         };
         let Some(loaded) = loaded else {
@@ -469,7 +520,14 @@ impl SessionManager {
             return Ok(None);
         }
         bump(&inner.counters.loads);
-        Ok(Some(Session::new(Arc::clone(inner), id, loaded, now, hold)))
+        Ok(Some(Session::new(
+            Arc::clone(inner),
+            id,
+            loaded,
+            None,
+            now,
+            hold,
+        )))
     }
 
     /// Runs `f` on the session and commits, re-running it on fresh data after a conflict.
@@ -564,11 +622,13 @@ impl SessionManager {
         };
         let _w = locks::write(&inner.locks, &id, Deadline::after(timeout))?;
         let now = inner.cfg.clock.now();
-        if inner.store.remove_expired(&id, &inner.cfg.cutoffs(now))? {
-            bump(&inner.counters.expired_removed);
-            return Ok(false);
-        }
-        inner.store.delete(&id)
+        inner.changing(&id, || {
+            if inner.store.remove_expired(&id, &inner.cfg.cutoffs(now))? {
+                bump(&inner.counters.expired_removed);
+                return Ok(false);
+            }
+            inner.store.delete(&id)
+        })
     }
 
     /// Examines up to `gc_batch` entries of the store, reading metadata only, and deletes the
@@ -593,7 +653,7 @@ impl SessionManager {
             ..GcReport::default()
         };
         for id in &scan.expired {
-            match inner.store.remove_expired(id, &cutoffs) {
+            match inner.changing(id, || inner.store.remove_expired(id, &cutoffs)) {
                 Ok(true) => report.deleted += 1,
                 Ok(false) => report.live += 1,
                 Err(e) => inner.skip_unreadable(id, &e, &mut report),
@@ -619,6 +679,74 @@ impl Inner {
             locks::Locks::Table(t) => t,
             #[cfg(feature = "postgres")]
             locks::Locks::Pg(_) => panic!("this manager has no lock table"),
+        }
+    }
+
+    /// A cache hit: the current decoded copy of `id`, alive by its cached times at this load's
+    /// time (which proves it alive by the stored ones, see DESIGN.md section 11). `None`: read
+    /// the store.
+    fn load_cached(self: &Arc<Self>, id: &SessionId) -> Option<Session> {
+        let c = self.cache.as_ref()?.get(id)?;
+        let now = self.cfg.clock.now();
+        let la = c.last_accessed();
+        if self.cfg.cutoffs(now).expired(c.created, la, c.expiry) {
+            return None;
+        }
+        bump(&self.counters.loads);
+        Some(Session::new(
+            Arc::clone(self),
+            id.clone(),
+            Loaded {
+                record: Record {
+                    version: c.version,
+                    created: c.created.0,
+                    expiry: c.expiry,
+                    body: RecordBody::default(),
+                },
+                last_accessed: la,
+                size: 0,
+            },
+            Some(Arc::clone(&c.data)),
+            now,
+            None,
+        ))
+    }
+
+    /// Caches a record read (validated) after `stamp` was taken.
+    fn cache_fill(&self, id: &SessionId, stamp: (usize, u64), l: &Loaded) {
+        if let Some(c) = &self.cache {
+            let fill = cache::Fill {
+                version: l.record.version,
+                created: Timestamp(l.record.created),
+                expiry: l.record.expiry,
+                data: Arc::new(l.record.body.data.clone()),
+                last_accessed: l.last_accessed,
+                size: l.size,
+            };
+            c.insert(id, stamp, fill);
+        }
+    }
+
+    /// Runs a store write that changes what a load of `id` returns, inside its bucket's write
+    /// section of the cache's change counters (so every process's copy of `id` is dropped).
+    fn changing<R>(&self, id: &SessionId, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        match &self.cache {
+            Some(c) => Ok(c.versions().write(id, self.cfg.lock_timeout, f)?.0),
+            None => f(),
+        }
+    }
+
+    /// Raises the cached copy's last-accessed time (a lower bound of the stored one) to `at`, or
+    /// (`None`: the store skipped a touch as recent) to the stored time, so that later requests
+    /// coalesce their touches without asking the store.
+    fn note_access(&self, id: &SessionId, at: Option<Timestamp>) {
+        let Some(c) = &self.cache else { return };
+        let at = match at {
+            Some(t) => Some(t),
+            None => self.store.last_accessed(id).ok().flatten(),
+        };
+        if let Some(t) = at {
+            c.note_access(id, t);
         }
     }
 
@@ -650,6 +778,7 @@ impl Inner {
         Ok(Some(Loaded {
             record,
             last_accessed: m.last_accessed,
+            size: st.bytes.len(),
         }))
     }
 
@@ -669,7 +798,7 @@ impl Inner {
                 let _w = locks::write(&self.locks, id, d)?;
                 // Re-check under the write lock: a concurrent commit may have repaired it.
                 if let Err(Error::SessionCorrupt(_)) = self.read_validated(id, false) {
-                    self.store.delete(id)?;
+                    self.changing(id, || self.store.delete(id))?;
                     bump(&self.counters.corrupt_invalidated);
                 }
                 Ok(None)
@@ -691,7 +820,7 @@ impl Inner {
     /// re-checks with the same `now`, atomically), so that no later clock step revives it.
     /// Best effort: a failure is logged and gc collects the session later.
     fn remove_seen_expired(&self, id: &SessionId, now: Timestamp) {
-        match self.store.remove_expired(id, &self.cfg.cutoffs(now)) {
+        match self.changing(id, || self.store.remove_expired(id, &self.cfg.cutoffs(now))) {
             Ok(true) => bump(&self.counters.expired_removed),
             Ok(false) => {}
             Err(e) => tracing::warn!(session = ?id, error = %e, "expired session not deleted"),
@@ -707,7 +836,7 @@ impl Inner {
         match self.store.meta(id) {
             Err(Error::SessionCorrupt(m)) => {
                 tracing::warn!(session = ?id, reason = %m, "gc: corrupt session record deleted");
-                self.store.delete(id)?;
+                self.changing(id, || self.store.delete(id))?;
                 Ok(Some(true))
             }
             Err(e) => Err(e),
@@ -741,7 +870,8 @@ pub struct Session {
     accessed: Timestamp,
     expiry: Expiry,
     expiry_changed: bool,
-    data: BTreeMap<String, Value>,
+    /// Shared with the cache entry it came from (copied on this request's first write).
+    data: Arc<BTreeMap<String, Value>>,
     delta: BTreeMap<String, Option<Value>>,
     /// Keys read with `get_for_update`: checked for conflicts like written ones.
     reads: BTreeSet<String>,
@@ -752,10 +882,12 @@ pub struct Session {
 }
 
 impl Session {
+    /// `shared`: the data of a cache hit (then `loaded`'s body is empty and ignored).
     fn new(
         mgr: Arc<Inner>,
         id: SessionId,
         loaded: Loaded,
+        shared: Option<Arc<BTreeMap<String, Value>>>,
         now: Timestamp,
         exclusive: Option<locks::UpgradableHold>,
     ) -> Session {
@@ -770,7 +902,7 @@ impl Session {
             accessed: now.max(loaded.last_accessed),
             expiry: loaded.record.expiry,
             expiry_changed: false,
-            data: loaded.record.body.data,
+            data: shared.unwrap_or_else(|| Arc::new(loaded.record.body.data)),
             delta: BTreeMap::new(),
             reads: BTreeSet::new(),
             exclusive,
@@ -887,7 +1019,7 @@ impl Session {
         if size > limit {
             return Err(Error::TooLarge { size, limit });
         }
-        self.data.insert(key.clone(), v.clone());
+        Arc::make_mut(&mut self.data).insert(key.clone(), v.clone());
         self.delta.insert(key, Some(v));
         Ok(())
     }
@@ -895,7 +1027,8 @@ impl Session {
     /// Removes a key (a tombstone at commit); returns whether it was present. Removing an absent
     /// key changes nothing.
     pub fn remove(&mut self, key: &str) -> bool {
-        if self.data.remove(key).is_some() {
+        if self.data.contains_key(key) {
+            Arc::make_mut(&mut self.data).remove(key);
             self.delta.insert(key.to_owned(), None);
             true
         } else {
@@ -936,7 +1069,8 @@ impl Session {
         let latest = match r {
             Err(Error::SessionCorrupt(m)) => {
                 if self.mgr.cfg.on_corrupt == CorruptPolicy::Invalidate || died {
-                    self.mgr.store.delete(&self.id)?;
+                    self.mgr
+                        .changing(&self.id, || self.mgr.store.delete(&self.id))?;
                     bump(&self.mgr.counters.corrupt_invalidated);
                     return Err(Error::SessionGone);
                 }
@@ -1019,11 +1153,10 @@ impl Session {
         record.version = new_version;
         let la = latest.last_accessed.max(self.accessed);
         let stored = self.stored_session(&record, la)?;
-        if !self
-            .mgr
-            .store
-            .save(&self.id, Some(latest_version), &stored)?
-        {
+        let saved = self.mgr.changing(&self.id, || {
+            self.mgr.store.save(&self.id, Some(latest_version), &stored)
+        })?;
+        if !saved {
             // Deleted meanwhile by a request or gc that saw it expired, or written by someone
             // without the shared lock table (the store's CAS caught it).
             if self.mgr.store.meta(&self.id)?.is_none() {
@@ -1122,8 +1255,14 @@ impl Session {
             .store
             .touch(&self.id, self.accessed, interval, &cutoffs)?
         {
-            Touch::Written => bump(&c.touches_written),
-            Touch::Skipped => bump(&c.touches_skipped),
+            Touch::Written => {
+                bump(&c.touches_written);
+                self.mgr.note_access(&self.id, Some(self.accessed));
+            }
+            Touch::Skipped => {
+                bump(&c.touches_skipped);
+                self.mgr.note_access(&self.id, None);
+            }
             Touch::Missing | Touch::Expired => {}
         }
         Ok(())
@@ -1160,7 +1299,8 @@ impl Session {
             };
             if self.mgr.store.save(&new_id, None, &stored)? {
                 bump(&self.mgr.counters.data_writes);
-                self.mgr.store.delete(&self.id)?;
+                self.mgr
+                    .changing(&self.id, || self.mgr.store.delete(&self.id))?;
                 drop(w);
                 self.id = new_id;
                 self.exclusive = new_guard;
@@ -1189,7 +1329,10 @@ impl Session {
             return Ok(());
         }
         let _w = self.write_lock(Deadline::after(timeout))?;
-        if self.mgr.store.delete(&self.id)? {
+        if self
+            .mgr
+            .changing(&self.id, || self.mgr.store.delete(&self.id))?
+        {
             Ok(())
         } else {
             Err(Error::SessionGone)

@@ -230,6 +230,7 @@ fn run_system(cfg: &DemoConfig, system: System, dir: &Path) -> Result<SystemRepo
         first.data_writes = s.data_writes - before.data_writes;
         first.touches = s.touches_written - before.touches_written;
         first.conflicts = s.conflicts - before.conflicts;
+        first.cache = super::worker::cache_counts(&s, &before);
     }
     // Lost updates: compare counters with the increments reported as successful.
     let finals: Vec<BTreeMap<String, u64>> = ids
@@ -274,6 +275,9 @@ fn run_system(cfg: &DemoConfig, system: System, dir: &Path) -> Result<SystemRepo
         data_writes: results.iter().map(|r| r.data_writes).sum(),
         touches: results.iter().map(|r| r.touches).sum(),
         conflicts: results.iter().map(|r| r.conflicts).sum(),
+        cache: results
+            .iter()
+            .fold((0, 0), |(h, l), r| (h + r.cache.0, l + r.cache.1)),
         lost_updates: lost,
     })
 }
@@ -338,5 +342,9 @@ mod tests {
         assert!(lt.data_writes * 4 <= lt.requests + 4, "{text}");
         assert_eq!(bk.data_writes, bk.requests);
         assert!(lt.p50 > Duration::ZERO);
+        // The hit rate of the session cache is reported (the baseline has none).
+        assert!(text.contains("cache hit rate"), "{text}");
+        assert!(lt.cache.1 > 0 && lt.cache.0 <= lt.cache.1, "{text}");
+        assert_eq!(bk.cache, (0, 0));
     }
 }

@@ -45,6 +45,8 @@ pub(super) struct SystemReport {
     pub(super) touches: u64,
     /// Commits that had to be retried (conflicts).
     pub(super) conflicts: u64,
+    /// Loads answered from the session cache, and loads that looked in it (0 when off).
+    pub(super) cache: (u64, u64),
     /// Increments reported successful but missing from the final data.
     pub(super) lost_updates: u64,
 }
@@ -97,6 +99,13 @@ impl fmt::Display for DemoReport {
             (
                 "touches / 1k requests",
                 Box::new(|r| format!("{:.1}", r.per_1k(r.touches))),
+            ),
+            (
+                "cache hit rate",
+                Box::new(|r| match r.cache {
+                    (_, 0) => "n/a".to_owned(),
+                    (h, l) => format!("{:.1}%", h as f64 * 100.0 / l as f64),
+                }),
             ),
             ("conflicts retried", Box::new(|r| r.conflicts.to_string())),
             ("lost updates", Box::new(|r| r.lost_updates.to_string())),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use locktable::session::{SessionConfig, SessionManager};
+use locktable::session::{ManagerStats, SessionConfig, SessionManager};
 use locktable::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +27,9 @@ pub(super) struct WorkerResult {
     pub(super) data_writes: u64,
     pub(super) touches: u64,
     pub(super) conflicts: u64,
+    /// Loads answered from the session cache, and loads that looked in it.
+    #[serde(default)]
+    pub(super) cache: (u64, u64),
     pub(super) latency: Histogram,
 }
 
@@ -174,17 +177,18 @@ pub(super) fn run_worker(
             last_progress = Instant::now();
         }
     }
-    let (data_writes, touches, conflicts) = match (mgr, before) {
-        _ if shared_mgr => (0, 0, 0),
+    let (data_writes, touches, conflicts, cache) = match (mgr, before) {
+        _ if shared_mgr => (0, 0, 0, (0, 0)),
         (Some(m), Some(b)) => {
             let s = m.stats();
             (
                 s.data_writes - b.data_writes,
                 s.touches_written - b.touches_written,
                 s.conflicts - b.conflicts,
+                cache_counts(&s, &b),
             )
         }
-        _ => (beaker_writes, 0, 0),
+        _ => (beaker_writes, 0, 0, (0, 0)),
     };
     Ok(WorkerResult {
         requests: shared.requests.load(Ordering::Relaxed),
@@ -192,8 +196,15 @@ pub(super) fn run_worker(
         data_writes,
         touches,
         conflicts,
+        cache,
         latency,
     })
+}
+
+/// (hits, lookups) of the session cache between two snapshots of a manager's counters.
+pub(super) fn cache_counts(now: &ManagerStats, before: &ManagerStats) -> (u64, u64) {
+    let hits = now.cache_hits - before.cache_hits;
+    (hits, hits + now.cache_misses - before.cache_misses)
 }
 
 fn reading_request(a: &WorkerArgs, mgr: Option<&SessionManager>, id: &str) -> Result<()> {
