@@ -119,3 +119,45 @@ fn a_live_holder_is_not_swept_by_the_watcher() {
     assert!(matches!(r, Err(locktable::Error::Timeout)), "{r:?}");
     assert!(table.try_read(ID).unwrap().is_none());
 }
+
+#[test]
+fn a_forked_child_neither_inherits_nor_disturbs_the_watcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("table");
+    let table = LockTable::open(&path, &TableOptions::default().poll_interval(POLL)).unwrap();
+    let mut holder = Holder::spawn("write", &path);
+    // A wait that sleeps starts the watcher, which now watches the holder.
+    let r = table.write_timeout(ID, Duration::from_millis(100));
+    assert!(matches!(r, Err(locktable::Error::Timeout)), "{r:?}");
+    let copy = table.clone();
+    // SAFETY: the child only checks its inert handle (an atomic load and a
+    // unit error), drops it (which, in a child, neither detaches nor
+    // signals the parent's watcher; glibc's malloc is fork-safe) and exits
+    // with `_exit`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let inert = matches!(copy.try_read(ID), Err(locktable::Error::ForkedChild));
+        drop(copy);
+        // SAFETY: ends the child without running the parent's atexit code.
+        unsafe { libc::_exit(if inert { 0 } else { 1 }) };
+    }
+    drop(copy);
+    let mut st = 0;
+    // SAFETY: waits for our own child; `st` is a valid out-pointer.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut st, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+        "child: {st}"
+    );
+    // The parent's watcher still notices the holder's death at once.
+    let t = table.clone();
+    let waiter =
+        std::thread::spawn(move || t.write_timeout(ID, LIMIT).map(|g| g.previous_owner_died()));
+    std::thread::sleep(Duration::from_millis(100));
+    holder.0.kill().unwrap();
+    assert!(
+        waiter.join().unwrap().unwrap(),
+        "the dead writer is reported"
+    );
+}
