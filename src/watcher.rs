@@ -230,8 +230,8 @@ struct Due {
     index: u32,
     id: Identity,
     at: Instant,
-    /// 0: right after the pidfd was opened (the process may have died
-    /// before it); n > 0: the n-th probe after an exit event.
+    /// 0: right after the watch was set up (the process may have died
+    /// before its pidfd existed); n > 0: the n-th probe after an exit event.
     attempt: u32,
 }
 
@@ -267,7 +267,7 @@ fn run<R: Reaper>(epoll: Epoll, shared: Arc<Shared>, reaper: Weak<R>) {
                 shared.drain();
                 let pending = std::mem::take(&mut shared.requests.lock().pending);
                 for (index, id) in pending {
-                    w.open(&epoll, &shared, index, id);
+                    w.open(&epoll, index, id);
                 }
             } else if let Some((id, _fd)) = w.pidfds.remove(&(token as u32)) {
                 // The process exited: probe now (dropping the pidfd closed it
@@ -290,8 +290,9 @@ impl Watches {
     /// Starts watching record `index` as `id`, replacing an older watch of
     /// the record, and schedules the first lease probe: the process may
     /// have died before its pidfd existed (then `pidfd_open` fails, or
-    /// names a zombie that is readable at once, or a reused pid).
-    fn open(&mut self, epoll: &Epoll, shared: &Shared, index: u32, id: Identity) {
+    /// names a zombie that is readable at once, or a reused pid). Alive at
+    /// that probe: the watch stays (or, without a pidfd, the poll covers).
+    fn open(&mut self, epoll: &Epoll, index: u32, id: Identity) {
         self.pidfds.remove(&index);
         let watched = pidfd_open(id.pid).and_then(|fd| {
             epoll.add(fd.as_raw_fd(), index as u64)?;
@@ -301,26 +302,22 @@ impl Watches {
             Ok(fd) => {
                 self.pidfds.insert(index, (id, fd));
             }
-            // Already gone (ESRCH): the probes after an exit apply. Any
-            // other error (no pidfd_open, descriptor limit): nothing to
-            // watch; forget the request so a later park may ask again, and
-            // the poll covers meanwhile.
-            Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
-                forget(shared, index, id);
-                return;
-            }
+            // Any other error than "no such process" (no pidfd_open, a
+            // descriptor limit): this incarnation is not watched, and it
+            // stays "asked" so parking waiters do not retry the syscall; the
+            // poll covers it (a new owner of the record is asked afresh).
+            Err(e) if e.raw_os_error() != Some(libc::ESRCH) => return,
+            // ESRCH: the pid is gone, so if it was the owner's, its files
+            // were closed long ago and the single probe below decides. If
+            // the lease is still held, the pid was not the owner's (another
+            // pid namespace): the poll covers it, as above.
             Err(_) => {}
         }
-        let attempt = if self.pidfds.contains_key(&index) {
-            0
-        } else {
-            1
-        };
         self.due.push(Due {
             index,
             id,
             at: Instant::now(),
-            attempt,
+            attempt: 0,
         });
     }
 
