@@ -139,16 +139,31 @@ fn with_sets<T>(f: impl FnOnce(&mut [Set]) -> T) -> T {
     })
 }
 
-/// The cached hint for `id` in table `table`, if any.
+/// Where `id` of table `table` belongs in the cache: computed once per
+/// acquisition and reused by the refill and the eviction, so a miss hashes
+/// the ID for the cache only once. `None`: the ID is too long to cache.
+#[derive(Clone, Copy)]
+pub(crate) struct Key {
+    table: u64,
+    set: usize,
+    fp: u64,
+}
+
 #[inline]
-pub(crate) fn get(table: u64, id: &[u8]) -> Option<Hint> {
+pub(crate) fn key(table: u64, id: &[u8]) -> Option<Key> {
     if id.len() > MAX_CACHED_ID {
         return None;
     }
-    let (i, fp) = locate(table, id);
+    let (set, fp) = locate(table, id);
+    Some(Key { table, set, fp })
+}
+
+/// The cached hint for `id` (whose key is `k`), if any.
+#[inline]
+pub(crate) fn get(k: &Key, id: &[u8]) -> Option<Hint> {
     with_sets(|sets| {
-        let set = &sets[i];
-        way_of(set, fp, table, id).map(|w| {
+        let set = &sets[k.set];
+        way_of(set, k.fp, k.table, id).map(|w| {
             let e = &set.ways[w];
             Hint {
                 slot: e.slot,
@@ -161,23 +176,19 @@ pub(crate) fn get(table: u64, id: &[u8]) -> Option<Hint> {
 
 /// Remembers where `id` lives (in place if it is cached already).
 #[inline]
-pub(crate) fn put(table: u64, id: &[u8], hint: Hint) {
-    if id.len() > MAX_CACHED_ID {
-        return;
-    }
-    let (i, fp) = locate(table, id);
+pub(crate) fn put(k: &Key, id: &[u8], hint: Hint) {
     with_sets(|sets| {
-        let set = &mut sets[i];
-        let w = way_of(set, fp, table, id)
+        let set = &mut sets[k.set];
+        let w = way_of(set, k.fp, k.table, id)
             .or_else(|| set.fps.iter().position(|&f| f == 0))
             .unwrap_or_else(|| {
                 let w = set.next as usize;
                 set.next = ((w + 1) % WAYS) as u8;
                 w
             });
-        set.fps[w] = fp;
+        set.fps[w] = k.fp;
         let e = &mut set.ways[w];
-        e.table = table;
+        e.table = k.table;
         e.len = id.len() as u8;
         e.id[..id.len()].copy_from_slice(id);
         e.slot = hint.slot;
@@ -188,14 +199,10 @@ pub(crate) fn put(table: u64, id: &[u8], hint: Hint) {
 
 /// Forgets `id` (its slot turned out to be stale).
 #[inline]
-pub(crate) fn evict(table: u64, id: &[u8]) {
-    if id.len() > MAX_CACHED_ID {
-        return;
-    }
-    let (i, fp) = locate(table, id);
+pub(crate) fn evict(k: &Key, id: &[u8]) {
     with_sets(|sets| {
-        let set = &mut sets[i];
-        if let Some(w) = way_of(set, fp, table, id) {
+        let set = &mut sets[k.set];
+        if let Some(w) = way_of(set, k.fp, k.table, id) {
             set.fps[w] = 0;
             set.ways[w].table = 0;
         }
@@ -205,6 +212,20 @@ pub(crate) fn evict(table: u64, id: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn get(table: u64, id: &[u8]) -> Option<Hint> {
+        key(table, id).and_then(|k| super::get(&k, id))
+    }
+    fn put(table: u64, id: &[u8], hint: Hint) {
+        if let Some(k) = key(table, id) {
+            super::put(&k, id, hint)
+        }
+    }
+    fn evict(table: u64, id: &[u8]) {
+        if let Some(k) = key(table, id) {
+            super::evict(&k, id)
+        }
+    }
 
     #[test]
     fn hits_only_for_the_same_table_and_id() {

@@ -599,7 +599,8 @@ impl LockTable {
                 r
             }
         };
-        if let Some(hint) = lookup_cache::get(inner.uid, id) {
+        let key = lookup_cache::key(inner.uid, id);
+        if let Some(hint) = key.as_ref().and_then(|k| lookup_cache::get(k, id)) {
             // A cheap early look at the tag; `op` re-checks it after the
             // hold is announced, which is what makes the hint safe.
             let ident = Ident {
@@ -610,7 +611,11 @@ impl LockTable {
             #[cfg(test)]
             tests::hooks::after_lookup(inner, hint.slot, id);
             match same_id.then(|| attempt(hint.slot, ident)) {
-                Some(Err(Fail::Stale)) | None => lookup_cache::evict(inner.uid, id),
+                Some(Err(Fail::Stale)) | None => {
+                    if let Some(k) = &key {
+                        lookup_cache::evict(k, id)
+                    }
+                }
                 Some(other) => return Self::outcome(hint.slot, other),
             }
         }
@@ -643,7 +648,9 @@ impl LockTable {
                         gen: ident.gen,
                         tag: ident.tag,
                     };
-                    lookup_cache::put(inner.uid, id, hint);
+                    if let Some(k) = &key {
+                        lookup_cache::put(k, id, hint);
+                    }
                     return Self::outcome(slot, other);
                 }
             }
