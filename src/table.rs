@@ -92,7 +92,10 @@ impl TableOptions {
         self
     }
     /// How long a waiter waits before checking that the holders it waits
-    /// for are alive. Default 20 ms; at least 1 ms.
+    /// for are alive. Default 20 ms; at least 1 ms. This is the fallback:
+    /// a holder's death is normally noticed when the kernel reports its
+    /// exit to the handle's watcher thread (started when a waiter first
+    /// sleeps), whatever the interval.
     pub fn poll_interval(mut self, d: Duration) -> Self {
         self.poll_interval = d.max(Duration::from_millis(1));
         self
