@@ -14,9 +14,11 @@
 //! Scenarios (criterion groups):
 //! - `uncontended_read`, `uncontended_write`: one thread, acquire + release,
 //!   always the same ID.
-//! - `uncontended_read_256ids`: one thread reading 256 IDs in turn, so
+//! - `uncontended_read_256ids`: one thread reading 256 IDs in turn (they
+//!   fit this crate's per-thread lookup cache of 512 IDs, mostly).
+//! - `uncontended_read_2048ids`: one thread reading 2048 IDs in turn, so
 //!   per-thread caches of recent lookups miss (this crate pays the keyed
-//!   hash and the slot lookup on every operation).
+//!   hash and the slot lookup on every operation: the cost of a new ID).
 //! - `same_id_2threads`: two threads reading one ID; `iter_custom`, threads
 //!   released together by a `Barrier`, reported as ns per operation per thread.
 //! - `distinct_ids/<mech>/<n>`: n threads, each on its own ID, ns per
@@ -80,9 +82,14 @@ fn many_ids_base(threads: &[usize]) -> usize {
     threads.iter().copied().max().unwrap_or(1) + 1
 }
 
+/// How many IDs `uncontended_read_2048ids` cycles through: four times the
+/// per-thread lookup cache (512), so every operation misses it and pays the
+/// keyed hash and the bucket scan: the cost of a new ID.
+const MISS_IDS: usize = 2048;
+
 /// The most IDs any scenario uses.
 fn id_count(threads: &[usize]) -> usize {
-    many_ids_base(threads) + MANY_IDS
+    many_ids_base(threads) + MISS_IDS
 }
 
 /// One thread's (or process's) handle on the lock for one ID.
@@ -102,16 +109,16 @@ trait Mechanism: Sync {
     fn child_spec(&self) -> Option<String>;
 }
 
-/// Workers for `MANY_IDS` IDs, used in turn.
+/// Workers for `count` IDs, used in turn.
 struct Cycle<W> {
     workers: Vec<W>,
     next: usize,
 }
 
 impl<W: Worker> Cycle<W> {
-    fn new<M: Mechanism<W = W>>(mech: &M, first_id: usize) -> Self {
+    fn new<M: Mechanism<W = W>>(mech: &M, first_id: usize, count: usize) -> Self {
         Cycle {
-            workers: (first_id..first_id + MANY_IDS)
+            workers: (first_id..first_id + count)
                 .map(|i| mech.worker(i))
                 .collect(),
             next: 0,
@@ -120,7 +127,7 @@ impl<W: Worker> Cycle<W> {
     #[inline]
     fn read_cycle(&mut self) {
         self.workers[self.next].read_cycle();
-        self.next = (self.next + 1) % MANY_IDS;
+        self.next = (self.next + 1) % self.workers.len();
     }
 }
 
@@ -640,9 +647,18 @@ fn bench_mechanism<M: Mechanism>(c: &mut Criterion, name: &str, mech: &M, thread
     }
     c.benchmark_group("uncontended_read_256ids")
         .bench_function(name, |b| {
-            let mut w = Cycle::new(mech, many_ids_base(threads));
+            let mut w = Cycle::new(mech, many_ids_base(threads), MANY_IDS);
             b.iter(|| w.read_cycle())
         });
+    // Not for the flock anchors: one descriptor per ID would pass the
+    // descriptor limit, and they cost the same per ID anyway.
+    if !name.contains("flock") {
+        c.benchmark_group("uncontended_read_2048ids")
+            .bench_function(name, |b| {
+                let mut w = Cycle::new(mech, many_ids_base(threads), MISS_IDS);
+                b.iter(|| w.read_cycle())
+            });
+    }
     {
         let mut w = mech.worker(0);
         c.benchmark_group("uncontended_write")

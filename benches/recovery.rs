@@ -6,9 +6,15 @@
 //! takes the lock (write or read), reports ready and sleeps; the parent
 //! starts a writer that blocks on the same ID, lets it go to sleep, sends
 //! SIGKILL, and measures from `kill()` to the moment the writer holds the
-//! lock. The writer learns of the death by its liveness poll
-//! (`TableOptions::poll_interval`), so the expected figure is about half
-//! the poll interval on average and one interval at worst.
+//! lock. The waiter's attachment watches the holder's pidfd (its watcher
+//! thread starts when the waiter first sleeps), so the death is noticed
+//! when the kernel reports the exit; the rows with a 10 s poll interval
+//! show that the figure does not come from the liveness poll.
+//!
+//! A "big" holder first touches `LOCKTABLE_BIG_MB` MiB (default 1024) of
+//! private memory, which the kernel tears down before it closes the
+//! holder's files (the OFD lease) and before the pidfd reports the exit;
+//! `LOCKTABLE_BIG_KILLS` (default 20) kills of it, 0 to skip.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -20,6 +26,13 @@ const CHILD_ENV: &str = "LOCKTABLE_RECOVERY_BENCH_CHILD";
 
 fn child(spec: &str) {
     let (mode, path) = spec.split_once(':').expect("mode:path");
+    let (mode, resident_mb) = match mode.split_once('+') {
+        Some((m, mb)) => (m, mb.parse::<usize>().expect("MiB")),
+        None => (mode, 0),
+    };
+    // Resident, not just reserved: one write per page.
+    let ballast: Vec<u8> = vec![1u8; resident_mb << 20];
+    std::hint::black_box(&ballast);
     let t = LockTable::open(path, &TableOptions::default()).expect("child open");
     let _held: Box<dyn std::any::Any> = match mode {
         "write" => Box::new(t.write("victim").expect("child write").into_owned()),
@@ -54,8 +67,9 @@ fn measure(mode: &str, path: &std::path::Path, poll: Duration, kills: usize) -> 
             drop(g);
             at
         });
-        // Let the waiter finish spinning and go to sleep on the futex.
-        std::thread::sleep(Duration::from_millis(3));
+        // Let the waiter finish spinning and go to sleep on the futex (its
+        // watcher then watches the holder).
+        std::thread::sleep(Duration::from_millis(5));
         let killed_at = Instant::now();
         c.kill().expect("kill");
         let acquired_at = waiter.join().expect("waiter thread");
@@ -77,28 +91,45 @@ fn main() {
         return;
     }
     // `cargo bench` passes "--bench"; a filter argument, if any, is ignored.
-    let kills: usize = std::env::var("LOCKTABLE_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let kills: usize = env_or("LOCKTABLE_KILLS", 100);
     let dir = tempfile::tempdir().expect("tempdir");
-    println!("SIGKILL of a holder -> waiting writer in another process holds the lock ({kills} kills each)");
+    let big_mb: usize = env_or("LOCKTABLE_BIG_MB", 1024);
+    let big_kills: usize = env_or("LOCKTABLE_BIG_KILLS", 20);
+    println!("SIGKILL of a holder -> waiting writer in another process holds the lock");
     println!(
-        "{:<8} {:>10} {:>10} {:>10} {:>10}",
-        "holder", "poll", "median", "p99", "worst"
+        "{:<16} {:>7} {:>6} {:>10} {:>10} {:>10}",
+        "holder", "poll", "kills", "median", "p99", "worst"
     );
-    for poll_ms in [20u64, 5] {
+    let mut rows: Vec<(String, u64, usize)> = Vec::new();
+    for poll_ms in [20u64, 10_000] {
         for mode in ["write", "read"] {
-            let path = dir.path().join(format!("t-{mode}-{poll_ms}"));
-            let v = measure(mode, &path, Duration::from_millis(poll_ms), kills);
-            let (med, p99, worst) = summary(v);
-            println!(
-                "{mode:<8} {:>8}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms",
-                poll_ms,
-                med.as_secs_f64() * 1e3,
-                p99.as_secs_f64() * 1e3,
-                worst.as_secs_f64() * 1e3
-            );
+            rows.push((mode.to_string(), poll_ms, kills));
         }
     }
+    if big_kills > 0 {
+        rows.push((format!("write+{big_mb}"), 20, big_kills));
+    }
+    for (mode, poll_ms, n) in rows {
+        let path = dir.path().join(format!("t-{mode}-{poll_ms}"));
+        let v = measure(&mode, &path, Duration::from_millis(poll_ms), n);
+        let (med, p99, worst) = summary(v);
+        let label = match mode.split_once('+') {
+            Some((m, mb)) => format!("{m} {mb} MiB"),
+            None => mode.clone(),
+        };
+        println!(
+            "{label:<16} {:>5}ms {n:>6} {:>8.3}ms {:>8.3}ms {:>8.3}ms",
+            poll_ms,
+            med.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
+            worst.as_secs_f64() * 1e3
+        );
+    }
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

@@ -34,12 +34,12 @@ use crate::sync::{self, Ordering};
 pub(crate) struct Tag(pub(crate) u64, pub(crate) u64);
 
 #[cfg(not(locktable_loom))]
+#[inline]
 pub(crate) fn tag_of(key: [u64; 2], id: &[u8]) -> Tag {
-    use siphasher::sip128::{Hasher128, SipHasher13};
-    use std::hash::Hasher;
-    let mut h = SipHasher13::new_with_keys(key[0], key[1]);
-    h.write(id);
-    let v = h.finish128();
+    // The one-shot form: the same SipHash-1-3-128 value as streaming the ID
+    // through `Hasher::write` (tags are stored in table files, so the value
+    // must never change), without the streaming tail buffer.
+    let v = siphasher::sip128::SipHasher13::new_with_keys(key[0], key[1]).hash(id);
     Tag(v.h1, v.h2)
 }
 
@@ -423,5 +423,22 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(a, c);
         assert_eq!(a, tag_of([1, 2], b"session-1"));
+    }
+
+    /// Tags live in table files shared with other processes and builds:
+    /// the one-shot hash must equal the streaming one for every ID length.
+    #[test]
+    fn the_tag_is_the_streamed_siphash_13_128_of_the_id() {
+        use siphasher::sip128::{Hasher128, SipHasher13};
+        use std::hash::Hasher;
+        let key = [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210];
+        let bytes: Vec<u8> = (0..=255u8).map(|b| b.wrapping_mul(37) ^ 0x5a).collect();
+        for len in 0..=bytes.len() {
+            let id = &bytes[..len];
+            let mut h = SipHasher13::new_with_keys(key[0], key[1]);
+            h.write(id);
+            let v = h.finish128();
+            assert_eq!(tag_of(key, id), Tag(v.h1, v.h2), "length {len}");
+        }
     }
 }

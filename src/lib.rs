@@ -57,6 +57,8 @@ pub mod session;
 mod stats;
 #[cfg(not(locktable_loom))]
 mod table;
+#[cfg(not(locktable_loom))]
+mod watcher;
 
 #[cfg(all(feature = "axum", not(locktable_loom)))]
 pub mod asynclock;

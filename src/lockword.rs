@@ -180,6 +180,10 @@ pub(crate) trait Host {
         }
         any
     }
+    /// Called by a waiter about to sleep: asks for the holders named by
+    /// `slot` to be watched, so their death is noticed by an event rather
+    /// than at the next poll (see `watcher`). The default watches nothing.
+    fn watch_holders(&self, _slot: SlotRef<'_>) {}
 }
 
 /// Why an attempt did not take the lock.
@@ -979,6 +983,7 @@ impl<'h, 'a> Waiting<'h, 'a> {
             timeout = Some(timeout.map_or(until_poll, |t| t.min(until_poll)));
         }
         if timeout != Some(Duration::ZERO) {
+            self.host.watch_holders(self.slot);
             sync::futex_wait(s.seq, seen, timeout);
         }
         if let Some(p) = poll {

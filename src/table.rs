@@ -11,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use memmap2::MmapOptions;
@@ -31,6 +31,7 @@ use crate::region::{MappedRegion, Region};
 use crate::registry;
 use crate::stats::{self, TableStats};
 use crate::sync::Ordering;
+use crate::watcher::{Identity, Probe, Reaper, Watcher};
 
 /// Longest accepted ID, in bytes.
 pub const MAX_ID_LEN: usize = 256;
@@ -91,7 +92,10 @@ impl TableOptions {
         self
     }
     /// How long a waiter waits before checking that the holders it waits
-    /// for are alive. Default 20 ms; at least 1 ms.
+    /// for are alive. Default 20 ms; at least 1 ms. This is the fallback:
+    /// a holder's death is normally noticed when the kernel reports its
+    /// exit to the handle's watcher thread (started when a waiter first
+    /// sleeps), whatever the interval.
     pub fn poll_interval(mut self, d: Duration) -> Self {
         self.poll_interval = d.max(Duration::from_millis(1));
         self
@@ -142,6 +146,12 @@ pub(crate) struct Inner {
     path: Option<PathBuf>,
     /// Identity of this attachment in the per-thread lookup cache.
     uid: u64,
+    /// This attachment, for the watcher thread (which must not keep it
+    /// alive).
+    self_ref: Weak<Inner>,
+    /// The death watcher, started by the first waiter that sleeps; `None`
+    /// inside: it could not start (the poll remains).
+    watcher: OnceLock<Option<Watcher>>,
 }
 
 impl Inner {
@@ -197,11 +207,54 @@ impl Host for Inner {
     fn recover_process(&self, p: u32) -> bool {
         matches!(self.reap(p), Ok(Some(_)))
     }
+    fn watch_holders(&self, slot: SlotRef<'_>) {
+        let watcher = self
+            .watcher
+            .get_or_init(|| Watcher::start(self.self_ref.clone()).ok());
+        if let Some(w) = watcher {
+            let me = self.me;
+            let named = slot.named_processes();
+            w.watch(self, named.into_iter().filter(|&p| p != me));
+        }
+    }
+}
+
+impl Reaper for Inner {
+    fn identity(&self, index: u32) -> Option<Identity> {
+        if index >= self.region.geometry().max_processes {
+            return None;
+        }
+        let rec = self.region.record(index as usize);
+        // Acquire: pairs with attach's Release store of LIVE, after which
+        // pid and attach time are the new owner's.
+        if rec.state.load(Ordering::Acquire) != registry::RECORD_LIVE {
+            return None;
+        }
+        Some(Identity {
+            pid: rec.pid.load(Ordering::Relaxed),
+            attached_ms: rec.attached_ms.load(Ordering::Relaxed),
+        })
+    }
+    fn probe_and_reap(&self, index: u32) -> Probe {
+        match self.reap(index) {
+            Ok(Some(_)) => Probe::Gone,
+            // Nothing released: alive, or already reaped or detached.
+            Ok(None) if self.lease_held_by_other(index) => Probe::Alive,
+            Ok(None) => Probe::Gone,
+            // The probe itself failed: leave it to the poll.
+            Err(_) => Probe::Gone,
+        }
+    }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         if !self.forked() {
+            // The child's copy of a watcher has no thread; only the parent
+            // signals its own.
+            if let Some(Some(w)) = self.watcher.get() {
+                w.stop();
+            }
             registry::detach(&self.region, &self.file, self.me);
         }
     }
@@ -450,7 +503,7 @@ impl LockTable {
         drop(init);
         let fork_epoch = file.epoch();
         let table = LockTable {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|self_ref| Inner {
                 region,
                 file,
                 me,
@@ -460,6 +513,8 @@ impl LockTable {
                 fork_epoch,
                 path,
                 uid: lookup_cache::new_table_uid(),
+                self_ref: self_ref.clone(),
+                watcher: OnceLock::new(),
             }),
         };
         // Recovery also runs on attach: free the records of dead processes.
@@ -547,7 +602,8 @@ impl LockTable {
                 r
             }
         };
-        if let Some(hint) = lookup_cache::get(inner.uid, id) {
+        let key = lookup_cache::key(inner.uid, id);
+        if let Some(hint) = key.as_ref().and_then(|k| lookup_cache::get(k, id)) {
             // A cheap early look at the tag; `op` re-checks it after the
             // hold is announced, which is what makes the hint safe.
             let ident = Ident {
@@ -558,7 +614,11 @@ impl LockTable {
             #[cfg(test)]
             tests::hooks::after_lookup(inner, hint.slot, id);
             match same_id.then(|| attempt(hint.slot, ident)) {
-                Some(Err(Fail::Stale)) | None => lookup_cache::evict(inner.uid, id),
+                Some(Err(Fail::Stale)) | None => {
+                    if let Some(k) = &key {
+                        lookup_cache::evict(k, id)
+                    }
+                }
                 Some(other) => return Self::outcome(hint.slot, other),
             }
         }
@@ -591,7 +651,9 @@ impl LockTable {
                         gen: ident.gen,
                         tag: ident.tag,
                     };
-                    lookup_cache::put(inner.uid, id, hint);
+                    if let Some(k) = &key {
+                        lookup_cache::put(k, id, hint);
+                    }
                     return Self::outcome(slot, other);
                 }
             }
