@@ -130,6 +130,11 @@ pub enum Error {
         "this SessionManager was inherited across fork(); open the SessionManager again in the child"
     )]
     ForkedSessionManager,
+    /// The session store or lock server failed or could not be reached (a dropped connection, a
+    /// restarted or overloaded server, a full connection pool). The message names the operation
+    /// and the kind of failure, never session data or IDs. Later calls reconnect by themselves.
+    #[error("backend unavailable: {0}")]
+    Backend(String),
 }
 
 #[cfg(all(test, not(locktable_loom)))]

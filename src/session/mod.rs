@@ -68,10 +68,16 @@ mod store;
 pub use gc::{GcHandle, GcStats, GC_LOCK_ID};
 pub use id::{SessionId, ID_BYTES, ID_LEN};
 pub use locks::session_lock_id;
+#[cfg(feature = "memcached")]
+pub use store::MemcachedStore;
+#[cfg(feature = "redis")]
+pub use store::RedisStore;
 pub use store::{
     Capabilities, Clock, Cutoffs, ExpiredScan, Expiry, FileStore, ManualClock, MemoryStore,
     SessionMeta, Store, StoredSession, SystemClock, Timestamp, Touch,
 };
+#[cfg(feature = "lmdb")]
+pub use store::{KvOptions, KvStore};
 
 use crate::{Error, LockTable, Result, TableOptions, UpgradableReadGuard, WriteGuard};
 use locks::Deadline;
