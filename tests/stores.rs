@@ -324,6 +324,19 @@ fn child_role() {
             last = now;
             s.commit().unwrap();
         }
+    } else if role == "kv-writer" {
+        // Increments until killed; after each commit, the count it knows is committed.
+        let mgr = SessionManager::open_kv(&dir).unwrap();
+        for k in 1.. {
+            mgr.transact(&id, |s| {
+                let v = s.get::<u64>("n")?.unwrap_or(0);
+                s.insert("n", &(v + 1))
+            })
+            .unwrap()
+            .expect("the session exists");
+            std::fs::write(dir.join("acked.tmp"), format!("{k}")).unwrap();
+            std::fs::rename(dir.join("acked.tmp"), dir.join("acked")).unwrap();
+        }
     } else {
         panic!("unknown role {role:?}");
     }
@@ -344,4 +357,430 @@ fn backend_errors_are_typed_when_nothing_listens() {
         MemcachedStore::open("http://example.invalid"),
         Err(Error::Backend(_))
     ));
+}
+
+// ---- a server killed mid-run ----
+
+/// A private server on a free port, killed and restarted by the test (the shared one serves
+/// the other tests meanwhile).
+struct PrivateServer {
+    bin: String,
+    args: Vec<String>,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+impl PrivateServer {
+    fn start(bin: String, args: Vec<String>, dir: tempfile::TempDir) -> PrivateServer {
+        let mut s = PrivateServer {
+            bin,
+            args,
+            child: None,
+            _dir: dir,
+        };
+        s.restart();
+        s
+    }
+
+    fn restart(&mut self) {
+        assert!(self.child.is_none());
+        self.child = Some(
+            Command::new(&self.bin)
+                .args(&self.args)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    /// SIGKILL: no clean shutdown.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Retries `open` until the server answers (it was just started).
+fn wait_for<T>(mut open: impl FnMut() -> locktable::Result<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match open() {
+            Ok(v) => return v,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("the server did not come up: {e}"),
+        }
+    }
+}
+
+/// What the workers saw.
+#[derive(Debug, Default)]
+struct Outcomes {
+    ok: u64,
+    ok_after_restart: u64,
+    gone: u64,
+    unknown: u64,
+    backend: u64,
+    slowest: Duration,
+}
+
+/// Four threads increment one counter with `transact` while `outage` kills and restarts the
+/// server. Every error must be typed (`Backend`, `OutcomeUnknown`), every call bounded.
+fn hammer_through_an_outage(mgr: &SessionManager, id: &str, outage: impl FnOnce()) -> Outcomes {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let restarted = std::sync::atomic::AtomicBool::new(false);
+    let out = parking_lot::Mutex::new(Outcomes::default());
+    std::thread::scope(|sc| {
+        for _ in 0..4 {
+            sc.spawn(|| {
+                while !stop.load(Ordering::SeqCst) {
+                    let after = restarted.load(Ordering::SeqCst);
+                    let t = std::time::Instant::now();
+                    let r = mgr.transact(id, |s| {
+                        let n = s.get::<u64>("n")?.unwrap_or(0);
+                        s.insert("n", &(n + 1))
+                    });
+                    let took = t.elapsed();
+                    let failed = !matches!(r, Ok(Some(())));
+                    let mut o = out.lock();
+                    o.slowest = o.slowest.max(took);
+                    match r {
+                        Ok(Some(())) => {
+                            o.ok += 1;
+                            if after {
+                                o.ok_after_restart += 1;
+                            }
+                        }
+                        Ok(None) => o.gone += 1,
+                        Err(Error::OutcomeUnknown(_)) => o.unknown += 1,
+                        Err(Error::Backend(m)) => {
+                            assert!(!m.contains(id), "an error message leaks the session ID");
+                            o.backend += 1
+                        }
+                        Err(e) => panic!("untyped or unexpected error: {e:?}"),
+                    }
+                    drop(o);
+                    if failed {
+                        // The server is down: do not spin.
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        outage();
+        restarted.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(700));
+        stop.store(true, Ordering::SeqCst);
+    });
+    out.into_inner()
+}
+
+fn counter(mgr: &SessionManager, id: &str) -> Option<u64> {
+    mgr.load(id)
+        .unwrap()
+        .map(|s| s.get::<u64>("n").unwrap().unwrap_or(0))
+}
+
+#[test]
+fn redis_killed_mid_run_gives_typed_errors_and_applies_nothing_twice() {
+    let Some(bin) = required_env("LOCKTABLE_REDIS_SERVER") else {
+        return;
+    };
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    // Every acknowledged write is in the append-only file before the reply, so it survives
+    // the kill: what the counter holds afterwards can be compared with what was acknowledged.
+    let args: Vec<String> = [
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut server = PrivateServer::start(bin, args, dir);
+    let url = format!("redis://127.0.0.1:{port}/");
+    let store = wait_for(|| RedisStore::open(&url)).with_timeout(Duration::from_millis(300));
+    let table = LockTable::anonymous(&TableOptions::default()).unwrap();
+    let mgr = SessionManager::new(table, store, SessionConfig::default());
+    let mut s = mgr.create().unwrap();
+    s.insert("n", &0u64).unwrap();
+    let id = s.id().to_string();
+    s.commit().unwrap();
+    let o = hammer_through_an_outage(&mgr, &id, || {
+        server.kill();
+        std::thread::sleep(Duration::from_millis(300));
+        server.restart();
+        wait_for(|| RedisStore::open(&url));
+    });
+    eprintln!("{o:?}");
+    assert!(o.backend + o.unknown > 0, "the outage was not seen: {o:?}");
+    assert!(
+        o.ok_after_restart > 0,
+        "no recovery after the restart: {o:?}"
+    );
+    assert_eq!(
+        o.gone, 0,
+        "the session survived in the append-only file: {o:?}"
+    );
+    assert!(o.slowest < Duration::from_secs(10), "a call hung: {o:?}");
+    let n = counter(&mgr, &id).expect("the session survives the restart");
+    assert!(
+        o.ok <= n && n <= o.ok + o.unknown,
+        "acknowledged {} (+{} unknown) but the counter is {n}: {o:?}",
+        o.ok,
+        o.unknown
+    );
+}
+
+#[test]
+fn memcached_killed_mid_run_gives_typed_errors_and_the_session_is_gone_whole() {
+    let Some(bin) = required_env("LOCKTABLE_MEMCACHED_SERVER") else {
+        return;
+    };
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let args: Vec<String> = [
+        "-l",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        "0",
+        "-m",
+        "16",
+        "-u",
+        &user,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut server = PrivateServer::start(bin, args, dir);
+    let url = format!("memcached://127.0.0.1:{port}");
+    let store = wait_for(|| MemcachedStore::open(&url)).with_timeout(Duration::from_millis(300));
+    let table = LockTable::anonymous(&TableOptions::default()).unwrap();
+    let mgr = SessionManager::new(table, store, SessionConfig::default());
+    let mut s = mgr.create().unwrap();
+    s.insert("n", &0u64).unwrap();
+    let id = s.id().to_string();
+    s.commit().unwrap();
+    let o = hammer_through_an_outage(&mgr, &id, || {
+        server.kill();
+        std::thread::sleep(Duration::from_millis(300));
+        server.restart();
+        wait_for(|| MemcachedStore::open(&url));
+    });
+    eprintln!("{o:?}");
+    assert!(o.backend + o.unknown > 0, "the outage was not seen: {o:?}");
+    assert!(o.ok > 0, "nothing worked before the kill: {o:?}");
+    assert!(o.slowest < Duration::from_secs(10), "a call hung: {o:?}");
+    // memcached keeps nothing across a restart: the session is gone, whole (no error, no half).
+    assert_eq!(counter(&mgr, &id), None);
+    assert!(
+        o.gone > 0,
+        "after the restart, transact must say the session is gone: {o:?}"
+    );
+    // And the store reconnected: a new session works.
+    let mut s = mgr.create().unwrap();
+    s.insert("n", &1u64).unwrap();
+    let id = s.id().to_string();
+    s.commit().unwrap();
+    assert_eq!(counter(&mgr, &id), Some(1));
+}
+
+// ---- memcached: an evicted half means the whole session is gone ----
+
+/// One text-protocol exchange with the shared memcached server (the test's view of its items).
+fn memcached_raw(url: &str, cmd: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("memcached://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out);
+        if n == 0
+            || text.ends_with("END\r\n")
+            || text.ends_with("DELETED\r\n")
+            || text.ends_with("NOT_FOUND\r\n")
+        {
+            return text.into_owned();
+        }
+    }
+}
+
+#[test]
+fn memcached_session_missing_either_half_is_gone_everywhere() {
+    let Some(url) = required_env("LOCKTABLE_MEMCACHED_URL") else {
+        return;
+    };
+    let prefix = unique_prefix("evict");
+    let table = LockTable::anonymous(&TableOptions::default()).unwrap();
+    let mgr = SessionManager::new(
+        table,
+        memcached_store(&url, &prefix),
+        SessionConfig::default(),
+    );
+    let new_session = || {
+        let mut s = mgr.create().unwrap();
+        s.insert("k", &1).unwrap();
+        let id = s.id().to_string();
+        s.commit().unwrap();
+        id
+    };
+    // The record item evicted, the metadata left: gone, and the metadata goes too.
+    let id = new_session();
+    let meta = memcached_raw(&url, &format!("get {prefix}m:{id}"));
+    let nonce = meta
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .nth(5)
+        .unwrap()
+        .to_owned();
+    let deleted = memcached_raw(&url, &format!("delete {prefix}d:{id}:{nonce}"));
+    assert_eq!(deleted, "DELETED\r\n");
+    let sid = locktable::session::SessionId::parse(&id).unwrap();
+    assert_eq!(mgr.store().meta(&sid).unwrap(), None);
+    assert!(mgr.load(&id).unwrap().is_none());
+    assert_eq!(
+        memcached_raw(&url, &format!("get {prefix}m:{id}")),
+        "END\r\n",
+        "the orphaned metadata is expired"
+    );
+    assert_eq!(mgr.transact(&id, |s| s.insert("k", &2)).unwrap(), None);
+    // The metadata evicted, the record left: gone.
+    let id = new_session();
+    memcached_raw(&url, &format!("delete {prefix}m:{id}"));
+    assert!(mgr.load(&id).unwrap().is_none());
+    let sid = locktable::session::SessionId::parse(&id).unwrap();
+    assert_eq!(mgr.store().meta(&sid).unwrap(), None);
+    assert_eq!(
+        mgr.store()
+            .touch(
+                &sid,
+                locktable::session::Timestamp(u64::MAX / 2),
+                Duration::ZERO,
+                &mgr.config().cutoffs(locktable::session::Timestamp(0))
+            )
+            .unwrap(),
+        locktable::session::Touch::Missing
+    );
+}
+
+// ---- Redis: the native TTL follows the session ----
+
+#[test]
+fn redis_ttl_follows_the_sessions_expiry() {
+    let Some(url) = required_env("LOCKTABLE_REDIS_URL") else {
+        return;
+    };
+    let prefix = unique_prefix("ttl");
+    let cfg = SessionConfig {
+        idle_timeout: Duration::from_secs(600),
+        ..SessionConfig::default()
+    };
+    let store = redis_store(&url, &prefix).with_rule_of(&cfg);
+    let table = LockTable::anonymous(&TableOptions::default()).unwrap();
+    let mgr = SessionManager::new(table, store, cfg);
+    let mut s = mgr.create().unwrap();
+    s.insert("k", &1).unwrap();
+    let id = s.id().to_string();
+    s.commit().unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut c = client.get_connection().unwrap();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(format!("{prefix}{id}"))
+        .query(&mut c)
+        .unwrap();
+    // Idle timeout (600 s) plus the 60 s grace, less the time since the save.
+    assert!((650_000..=660_000).contains(&pttl), "{pttl}");
+    // A session with a fixed end gets a TTL to that end.
+    let mut s = mgr.load(&id).unwrap().unwrap();
+    let at = locktable::session::Timestamp(s.created().0 + 10_000);
+    s.set_expiry(locktable::session::Expiry::At(at));
+    s.commit().unwrap();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(format!("{prefix}{id}"))
+        .query(&mut c)
+        .unwrap();
+    assert!((60_000..=70_000).contains(&pttl), "{pttl}");
+}
+
+// ---- LMDB: a process killed mid-write ----
+
+#[test]
+fn kv_writer_killed_mid_run_loses_nothing_acknowledged_and_blocks_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let mgr = SessionManager::open_kv(dir.path()).unwrap();
+    let mut s = mgr.create().unwrap();
+    s.insert("n", &0u64).unwrap();
+    let id = s.id().to_string();
+    s.commit().unwrap();
+    let mut child = spawn_child("kv-writer", "kv", dir.path(), &id);
+    // Let it commit a while, then kill it, most likely inside a write transaction.
+    let acked = dir.path().join("acked");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&acked)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        < 50
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let acked: u64 = std::fs::read_to_string(&acked)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let n = counter(&mgr, &id).expect("the session survives");
+    // The acknowledgement is written after the commit: the counter may be one ahead.
+    assert!(acked <= n && n <= acked + 1, "acked {acked}, counter {n}");
+    // LMDB's writer lock was recovered: writes go on.
+    let r = mgr
+        .transact_timeout(&id, Duration::from_secs(5), |s| {
+            let v = s.get::<u64>("n")?.unwrap_or(0);
+            s.insert("n", &(v + 1))
+        })
+        .unwrap();
+    assert_eq!(r, Some(()));
+    assert_eq!(counter(&mgr, &id), Some(n + 1));
 }
