@@ -288,6 +288,21 @@ fn four_processes_transact_on_memcached() {
     }
 }
 
+/// Increments until killed; after each commit, writes the count it knows is committed.
+fn kv_writer(dir: &Path, id: &str) {
+    let mgr = SessionManager::open_kv(dir).unwrap();
+    for k in 1.. {
+        mgr.transact(id, |s| {
+            let v = s.get::<u64>("n")?.unwrap_or(0);
+            s.insert("n", &(v + 1))
+        })
+        .unwrap()
+        .expect("the session exists");
+        std::fs::write(dir.join("acked.tmp"), format!("{k}")).unwrap();
+        std::fs::rename(dir.join("acked.tmp"), dir.join("acked")).unwrap();
+    }
+}
+
 /// Child side of the tests above (does nothing unless started by a parent).
 #[test]
 #[ignore = "child process of the multi-process tests"]
@@ -301,6 +316,9 @@ fn child_role() {
         return;
     };
     let dir = PathBuf::from(dir);
+    if role == "kv-writer" {
+        return kv_writer(&dir, &id);
+    }
     let mgr = manager(&spec, &dir);
     if let Some(k) = role.strip_prefix("writer:") {
         let own = format!("p{k}");
@@ -323,19 +341,6 @@ fn child_role() {
             assert!(now >= last, "shared counter went backwards");
             last = now;
             s.commit().unwrap();
-        }
-    } else if role == "kv-writer" {
-        // Increments until killed; after each commit, the count it knows is committed.
-        let mgr = SessionManager::open_kv(&dir).unwrap();
-        for k in 1.. {
-            mgr.transact(&id, |s| {
-                let v = s.get::<u64>("n")?.unwrap_or(0);
-                s.insert("n", &(v + 1))
-            })
-            .unwrap()
-            .expect("the session exists");
-            std::fs::write(dir.join("acked.tmp"), format!("{k}")).unwrap();
-            std::fs::rename(dir.join("acked.tmp"), dir.join("acked")).unwrap();
         }
     } else {
         panic!("unknown role {role:?}");

@@ -248,7 +248,7 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl RedisStore {
-    /// A store on the server at `url` (`redis://host:port/db`, `redis+unix:///path`), with the
+    /// A store on the server at `url` (`redis://host:port/db`), with the
     /// default key prefix `locktable:session:`. Connects once to check the server.
     pub fn open(url: &str) -> Result<RedisStore> {
         let client = redis::Client::open(url)
