@@ -117,9 +117,9 @@ fn memcached_fixture() -> Option<Fixture<MemcachedStore>> {
     })
 }
 
-conformance!(kv_store, kv_fixture);
-conformance!(redis_store_conformance, redis_fixture);
-conformance!(memcached_store_conformance, memcached_fixture);
+conformance!(lmdb_kv_suite, kv_fixture);
+conformance!(redis_suite, redis_fixture);
+conformance!(memcached_suite, memcached_fixture);
 
 #[test]
 fn capabilities_say_what_each_store_is() {
