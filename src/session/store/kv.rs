@@ -217,19 +217,28 @@ impl Shared {
                 builder.flags(heed::EnvFlags::NO_SYNC);
             }
         }
-        // SAFETY: the files are LMDB's own, used only through LMDB with its locking on; this
-        // process opens each directory once (`OPEN`, and heed refuses a second open), and the
-        // environment is never used in a forked child (`check_fork`).
-        let env = match unsafe { builder.open(&dir) } {
-            Ok(env) => env,
-            Err(heed::Error::EnvAlreadyOpened) => {
-                return Err(Error::Io(std::io::Error::other(
-                    "lmdb open: this directory's environment is still open in this process \
-                     (inherited across fork(), or closing): open the KvStore before forking \
-                     only in the process that uses it",
-                )))
+        let mut tries = 0;
+        let env = loop {
+            // SAFETY: the files are LMDB's own, used only through LMDB with its locking on;
+            // this process opens each directory once (`OPEN`, and heed refuses a second open),
+            // and the environment is never used in a forked child (`check_fork`).
+            match unsafe { builder.open(&dir) } {
+                Ok(env) => break env,
+                // The last store of this directory may be closing its environment right now:
+                // that takes microseconds, so wait a little before calling it a conflict.
+                Err(heed::Error::EnvAlreadyOpened) if tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(heed::Error::EnvAlreadyOpened) => {
+                    return Err(Error::Io(std::io::Error::other(
+                        "lmdb open: this directory's environment is still open in this process \
+                         (inherited across fork()?): open the KvStore after forking, in the \
+                         process that uses it",
+                    )))
+                }
+                Err(e) => return Err(lmdb("open")(e)),
             }
-            Err(e) => return Err(lmdb("open")(e)),
         };
         let mut wtxn = env.write_txn().map_err(lmdb("open"))?;
         let meta = env
@@ -467,6 +476,25 @@ impl Store for KvStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// heed refuses a second environment on one path in a process: stores of one directory,
+    /// opened and dropped by several threads at once, share one and never get that refusal.
+    /// (The window in which a drop is still closing the environment is too short for this test
+    /// to hit reliably; the retry in `Shared::open` covers it.)
+    #[test]
+    fn stores_of_one_directory_open_and_close_concurrently() {
+        let dir = tempfile::tempdir().unwrap();
+        std::thread::scope(|sc| {
+            for _ in 0..4 {
+                sc.spawn(|| {
+                    for _ in 0..50 {
+                        let s = KvStore::open(dir.path()).unwrap();
+                        assert!(s.meta(&SessionId::generate().unwrap()).unwrap().is_none());
+                    }
+                });
+            }
+        });
+    }
 
     #[test]
     fn metadata_round_trips_for_every_expiry_rule() {
