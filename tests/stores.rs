@@ -789,3 +789,121 @@ fn kv_writer_killed_mid_run_loses_nothing_acknowledged_and_blocks_nobody() {
     assert_eq!(r, Some(()));
     assert_eq!(counter(&mgr, &id), Some(n + 1));
 }
+
+// ---- hostile or damaged server data ----
+
+/// Garbage in a session's Redis hash: every call gives `SessionCorrupt` (never a panic), the
+/// manager treats the session as absent, and gc deletes it.
+#[test]
+fn redis_garbage_metadata_is_corrupt_and_collected() {
+    let Some(url) = required_env("LOCKTABLE_REDIS_URL") else {
+        return;
+    };
+    let prefix = unique_prefix("junk");
+    let store = redis_store(&url, &prefix);
+    let id = locktable::session::SessionId::generate().unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut c = client.get_connection().unwrap();
+    let key = format!("{prefix}{}", id.as_str());
+    for fields in [
+        vec![
+            ("v", "1"),
+            ("c", "x"),
+            ("la", "1"),
+            ("e", "d"),
+            ("n", "1"),
+            ("d", "z"),
+        ],
+        vec![
+            ("v", "1"),
+            ("c", "1"),
+            ("la", "1"),
+            ("e", "q7"),
+            ("n", "1"),
+            ("d", "z"),
+        ],
+        vec![("v", "1")],
+    ] {
+        let _: () = redis::cmd("DEL").arg(&key).query(&mut c).unwrap();
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(&key);
+        for (f, v) in &fields {
+            cmd.arg(f).arg(v);
+        }
+        let _: () = cmd.query(&mut c).unwrap();
+        let corrupt = |r: String| assert!(r.contains("SessionCorrupt"), "{fields:?}: {r}");
+        corrupt(format!("{:?}", store.load(&id, 1 << 20)));
+        corrupt(format!("{:?}", store.meta(&id)));
+        let cut = SessionConfig::default().cutoffs(locktable::session::Timestamp(10));
+        corrupt(format!(
+            "{:?}",
+            store.touch(&id, locktable::session::Timestamp(5), Duration::ZERO, &cut)
+        ));
+        corrupt(format!("{:?}", store.remove_expired(&id, &cut)));
+    }
+    // The manager: absent to a request, deleted by gc.
+    let table = LockTable::anonymous(&TableOptions::default()).unwrap();
+    let mgr = SessionManager::new(table, store, SessionConfig::default());
+    assert!(mgr.load(id.as_str()).unwrap().is_none());
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("v")
+        .arg("junk")
+        .query(&mut c)
+        .unwrap();
+    let r = mgr.gc().unwrap();
+    assert_eq!(r.corrupt, 1, "{r:?}");
+    let exists: i64 = redis::cmd("EXISTS").arg(&key).query(&mut c).unwrap();
+    assert_eq!(exists, 0);
+}
+
+/// Garbage in a memcached metadata item: `SessionCorrupt`, never a panic; the manager treats
+/// the session as absent and deletes it.
+#[test]
+fn memcached_garbage_metadata_is_corrupt() {
+    let Some(url) = required_env("LOCKTABLE_MEMCACHED_URL") else {
+        return;
+    };
+    let prefix = unique_prefix("junk");
+    let store = memcached_store(&url, &prefix);
+    let id = locktable::session::SessionId::generate().unwrap();
+    for junk in [
+        "",
+        "1 2 3",
+        "1 2 3 d 4 nothex 5",
+        "1 2 3 zz 4 00 5",
+        "a b c d e f g",
+    ] {
+        let set = memcached_raw_store(&url, &format!("{prefix}m:{}", id.as_str()), junk);
+        assert_eq!(set, "STORED\r\n");
+        let corrupt = |r: String| assert!(r.contains("SessionCorrupt"), "{junk:?}: {r}");
+        corrupt(format!("{:?}", store.load(&id, 1 << 20)));
+        corrupt(format!("{:?}", store.meta(&id)));
+        let cut = SessionConfig::default().cutoffs(locktable::session::Timestamp(10));
+        corrupt(format!(
+            "{:?}",
+            store.touch(&id, locktable::session::Timestamp(5), Duration::ZERO, &cut)
+        ));
+    }
+    let table = LockTable::anonymous(&TableOptions::default()).unwrap();
+    let mgr = SessionManager::new(table, store, SessionConfig::default());
+    assert!(mgr.load(id.as_str()).unwrap().is_none());
+    assert_eq!(
+        memcached_raw(&url, &format!("get {prefix}m:{}", id.as_str())),
+        "END\r\n",
+        "the corrupt session was invalidated"
+    );
+}
+
+/// `set key 0 60 <len>` of `value` on the shared memcached server.
+fn memcached_raw_store(url: &str, key: &str, value: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("memcached://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(format!("set {key} 0 60 {}\r\n{value}\r\n", value.len()).as_bytes())
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}

@@ -496,6 +496,53 @@ mod tests {
         });
     }
 
+    /// Damaged metadata is `SessionCorrupt` for readers, offered to gc as corrupt, never
+    /// matched by a save, and deletable.
+    #[test]
+    fn corrupt_metadata_is_reported_and_deletable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(dir.path()).unwrap();
+        let id = SessionId::generate().unwrap();
+        let mut wtxn = store.shared.env.write_txn().unwrap();
+        store
+            .shared
+            .meta
+            .put(&mut wtxn, id.as_str().as_bytes(), b"junk")
+            .unwrap();
+        wtxn.commit().unwrap();
+        let cut = Cutoffs {
+            now: Timestamp(10),
+            idle_timeout: Duration::from_secs(1),
+            max_lifetime: Duration::from_secs(1),
+        };
+        assert!(matches!(
+            store.load(&id, 1 << 20),
+            Err(Error::SessionCorrupt(_))
+        ));
+        assert!(matches!(store.meta(&id), Err(Error::SessionCorrupt(_))));
+        assert!(matches!(
+            store.touch(&id, Timestamp(5), Duration::ZERO, &cut),
+            Err(Error::SessionCorrupt(_))
+        ));
+        assert_eq!(
+            store.scan_expired(&cut, 10).unwrap().corrupt,
+            vec![id.clone()]
+        );
+        let rec = StoredSession {
+            meta: SessionMeta {
+                version: 1,
+                created: Timestamp(1),
+                last_accessed: Timestamp(1),
+                expiry: Expiry::Default,
+                size: 1,
+            },
+            bytes: vec![b'x'],
+        };
+        assert!(!store.save(&id, None, &rec).unwrap());
+        assert!(store.delete(&id).unwrap());
+        assert!(store.meta(&id).unwrap().is_none());
+    }
+
     #[test]
     fn metadata_round_trips_for_every_expiry_rule() {
         for expiry in [

@@ -739,12 +739,19 @@ impl Store for MemcachedStore {
     }
 
     fn delete(&self, id: &SessionId) -> Result<bool> {
-        let Some((a, _)) = self.anchor(id)? else {
-            return Ok(false);
+        // A corrupt metadata item must be deletable too (the manager deletes corrupt
+        // sessions): its record, if any, is then unreachable and expires by itself.
+        let nonce = match self.anchor(id) {
+            Ok(Some((a, _))) => Some(a.nonce),
+            Ok(None) => return Ok(false),
+            Err(Error::SessionCorrupt(_)) => None,
+            Err(e) => return Err(e),
         };
         let key = self.meta_key(id);
         let existed = self.with_conn("delete", |c| c.delete(&key))?;
-        self.drop_record(id, a.nonce);
+        if let Some(nonce) = nonce {
+            self.drop_record(id, nonce);
+        }
         Ok(existed)
     }
 
