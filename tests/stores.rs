@@ -884,6 +884,9 @@ fn memcached_garbage_metadata_is_corrupt() {
             "{:?}",
             store.touch(&id, locktable::session::Timestamp(5), Duration::ZERO, &cut)
         ));
+        // A save never matches unreadable metadata.
+        let rec = memcached_any_record();
+        assert!(!store.save(&id, None, &rec).unwrap(), "{junk:?}");
     }
     let table = LockTable::anonymous(&TableOptions::default()).unwrap();
     let mgr = SessionManager::new(table, store, SessionConfig::default());
@@ -893,6 +896,20 @@ fn memcached_garbage_metadata_is_corrupt() {
         "END\r\n",
         "the corrupt session was invalidated"
     );
+}
+
+fn memcached_any_record() -> locktable::session::StoredSession {
+    let r = locktable::session::record::Record {
+        version: 1,
+        created: 1,
+        expiry: Default::default(),
+        body: Default::default(),
+    };
+    locktable::session::StoredSession::from_record(
+        locktable::session::record::encode(&r, 1 << 20).unwrap(),
+        locktable::session::Timestamp(1),
+    )
+    .unwrap()
 }
 
 /// `set key 0 60 <len>` of `value` on the shared memcached server.

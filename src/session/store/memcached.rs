@@ -600,7 +600,12 @@ impl Store for MemcachedStore {
                 limit: self.max_item,
             });
         }
-        let mut current = self.anchor(id)?;
+        let mut current = match self.anchor(id) {
+            Ok(c) => c,
+            // Unreadable metadata never matches: delete the session first.
+            Err(Error::SessionCorrupt(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
         if current.map(|(a, _)| a.meta.version) != expected {
             return Ok(false);
         }
