@@ -147,8 +147,9 @@ fn max_version_record_does_not_panic_on_commit() {
 }
 
 // =============================================================================================
-// The five cases of the hardening review, each reproduced deterministically before its fix
-// (the old code's results are quoted in each comment), and item 3's open points.
+// The five cases of the hardening review and item 3's open points. Each test below was run, in
+// an old-API version, against the code before the fix and failed there (results quoted in the
+// comments), except where a comment says otherwise.
 // =============================================================================================
 
 use locktable::session::{Expiry, GcReport, Session, Store};
@@ -426,7 +427,10 @@ fn exclusive_requests_in_opposite_order_time_out_instead_of_hanging() {
 // reported a plain I/O error, inviting a retry that applied the change twice. Fix: the store
 // reports Error::OutcomeUnknown (FileStore maps every failure after its rename to it), and
 // transact returns it without re-running `f`. Here a store that applies the write and then
-// reports the unknown outcome stands in for the failing fsync.
+// reports the unknown outcome stands in for the failing fsync; FileStore's own mapping is tested
+// in src/session/store/file.rs (a_failed_directory_fsync_after_the_rename_is_an_unknown_outcome).
+// Before the fix the same store could only return a plain error (Error::Io), which this test
+// tells apart.
 #[derive(Debug, Default)]
 struct UnsureStore {
     inner: MemoryStore,
@@ -518,7 +522,10 @@ fn invalidate_after_another_request_cycled_the_id_says_so() {
 
 // Item 3.3. A record over the limit after the limit was lowered: reported as TooLarge by load
 // (never handed out, never "repaired"), deletable, never deleted by gc while live, and
-// collected by gc once expired (gc reads its header, not its body).
+// collected by gc once expired (gc reads its header, not its body). Note: with the manager's
+// limit lowered, as here, this test already passed on the code before the fix; the case that
+// failed was a limit of the store's own (FileStore's hidden 16 MiB: see case 2 above, whose gc
+// deleted the live session as corrupt).
 #[test]
 fn a_record_over_a_lowered_limit_is_reported_deletable_and_collected() {
     let dir = tempfile::tempdir().unwrap();

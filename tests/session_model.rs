@@ -13,7 +13,8 @@
 //! read-only requests on shared counters; every counter equals its number of successful commits.
 
 use locktable::session::{
-    record, ManualClock, MemoryStore, Session, SessionConfig, SessionId, SessionManager, Timestamp,
+    record, Expiry, ManualClock, MemoryStore, Session, SessionConfig, SessionId, SessionManager,
+    Timestamp,
 };
 use locktable::{Error, LockTable, TableOptions};
 use proptest::prelude::*;
@@ -39,6 +40,8 @@ enum Op {
     End(usize),
     Cycle(usize),
     Advance(u64),
+    /// `Session::set_expiry` with one of the rules of `rule()`.
+    SetExpiry(usize, usize),
     Gc,
     Create,
 }
@@ -58,12 +61,25 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (1u64..40_000).prop_map(Op::Advance),
         1 => Just(Op::Gc),
         1 => Just(Op::Create),
+        2 => (0..CLIENTS, 0..4usize).prop_map(|(c, e)| Op::SetExpiry(c, e)),
     ]
 }
 
 /// The sequential reference of one session.
+/// The expiry rules the model uses: the default, a short and a long idle timeout, and a fixed
+/// time (relative to the clock when the rule is set).
+fn rule(e: usize, now: Timestamp) -> Expiry {
+    match e {
+        0 => Expiry::Default,
+        1 => Expiry::Idle(Duration::from_millis(20_000)),
+        2 => Expiry::Idle(Duration::from_millis(150_000)),
+        _ => Expiry::At(now.saturating_add(Duration::from_millis(50_000))),
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Reference {
+    expiry: Expiry,
     id: String,
     gen: u64,
     deleted: bool,
@@ -76,7 +92,13 @@ struct Reference {
 
 impl Reference {
     fn expired(&self, now: Timestamp) -> bool {
-        now.0.saturating_sub(self.la.0) > IDLE_MS || now.0.saturating_sub(self.created.0) > LIFE_MS
+        let idle = now.0.saturating_sub(self.la.0);
+        let age = now.0.saturating_sub(self.created.0);
+        match self.expiry {
+            Expiry::Default => idle > IDLE_MS || age > LIFE_MS,
+            Expiry::Idle(d) => u128::from(idle) > d.as_millis() || age > LIFE_MS,
+            Expiry::At(t) => now > t,
+        }
     }
     fn alive(&self, now: Timestamp) -> bool {
         !self.deleted && !self.expired(now)
@@ -96,6 +118,9 @@ impl Reference {
 }
 
 struct Request {
+    /// The rule this request holds (loaded, or set by it) and whether it set one.
+    expiry: Expiry,
+    expiry_changed: bool,
     /// Keys read with `get_for_update`.
     reads: std::collections::BTreeSet<String>,
     session: Session,
@@ -136,6 +161,7 @@ impl Harness {
             deleted: false,
             version: 1,
             created: T0,
+            expiry: Expiry::Default,
             la: T0,
             data: BTreeMap::new(),
             changed: BTreeMap::new(),
@@ -176,6 +202,8 @@ impl Harness {
                         delta: BTreeMap::new(),
                         reads: Default::default(),
                         accessed: now.max(self.r.la),
+                        expiry: self.r.expiry,
+                        expiry_changed: false,
                     });
                 }
             }
@@ -220,11 +248,11 @@ impl Harness {
                 };
                 let qid = q.session.id().to_string();
                 let got = q.session.commit();
-                if !q.delta.is_empty() {
+                if !q.delta.is_empty() || q.expiry_changed {
                     // A request of a replaced, expired session deletes it when it sees it.
                     self.zombies.retain(|z| *z != qid);
                 }
-                if q.delta.is_empty() {
+                if q.delta.is_empty() && !q.expiry_changed {
                     assert!(got.is_ok(), "read-only commit: {got:?}");
                     self.r.record_access(q.gen, q.accessed, now);
                 } else if q.gen != self.r.gen || !self.r.alive(now) {
@@ -255,6 +283,9 @@ impl Harness {
                         };
                         self.r.changed.insert(k.clone(), self.r.version);
                     }
+                    if q.expiry_changed {
+                        self.r.expiry = q.expiry;
+                    }
                     self.r.la = self.r.la.max(q.accessed);
                 }
             }
@@ -283,6 +314,17 @@ impl Harness {
                 }
             }
             Op::Advance(ms) => self.clock.advance(Duration::from_millis(ms)),
+            Op::SetExpiry(c, e) => {
+                if let Some(q) = &mut self.clients[c] {
+                    let e = rule(e, now);
+                    q.session.set_expiry(e);
+                    if e != q.expiry {
+                        q.expiry = e;
+                        q.expiry_changed = true;
+                    }
+                    assert_eq!(q.session.expiry(), q.expiry);
+                }
+            }
             Op::Gc => {
                 let report = self.mgr.gc().unwrap();
                 let expected = !self.r.deleted && self.r.expired(now);
@@ -307,6 +349,7 @@ impl Harness {
                     deleted: false,
                     version: 1,
                     created: now,
+                    expiry: Expiry::Default,
                     la: now,
                     data: BTreeMap::new(),
                     changed: BTreeMap::new(),
