@@ -17,6 +17,12 @@
 //! finish). Throughput is set to the number of threads, so criterion's `thrpt` is requests per
 //! second in total.
 //!
+//! Group `huge_session`: `<store>/whole_record`, one request on a session of 1,000 keys of
+//! 10 KB (10 MB): `transact` that reads one key and writes one other, one thread. Today's path
+//! reads, checks and parses the whole record and writes it whole; it is the baseline of the
+//! per-key design (DESIGN.md, "Huge sessions, read by key"). memcached is left out: one item
+//! holds at most 1 MiB by default.
+//!
 //! Before the criterion results, a plain loop of 1,000 read requests per store (with a clock
 //! that moves one second per request, so that touches are due) counts the stored writes per
 //! 1,000 read requests: data writes and touches, by the manager's counters.
@@ -203,5 +209,45 @@ fn main() {
         mgr.delete(&id).unwrap();
     }
     g.finish();
+    huge_session(&mut c);
     c.final_summary();
+}
+
+const HUGE_KEYS: usize = 1000;
+const HUGE_VALUE: usize = 10 * 1024;
+
+fn huge_session(c: &mut Criterion) {
+    let mut g = c.benchmark_group("huge_session");
+    g.throughput(Throughput::Elements(1));
+    let cfg = || SessionConfig {
+        max_record_size: 16 << 20,
+        ..SessionConfig::default()
+    };
+    for store in ["memory", "file", "kv", "redis"] {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(mgr) = open(store, dir.path(), cfg()) else {
+            continue;
+        };
+        let mut s = mgr.create().unwrap();
+        let value = "v".repeat(HUGE_VALUE);
+        for k in 0..HUGE_KEYS {
+            s.insert(format!("k{k}"), &value).unwrap();
+        }
+        let id = s.id().to_string();
+        s.commit().unwrap();
+        g.bench_function(BenchmarkId::new(store, "whole_record"), |b| {
+            b.iter(|| {
+                let done = mgr
+                    .transact(&id, |s| {
+                        black_box(s.get::<String>("k7")?);
+                        let n = s.get::<u64>("counter")?.unwrap_or(0);
+                        s.insert("counter", &(n + 1))
+                    })
+                    .unwrap();
+                assert!(done.is_some());
+            })
+        });
+        mgr.delete(&id).unwrap();
+    }
+    g.finish();
 }
