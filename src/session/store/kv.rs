@@ -19,6 +19,9 @@
 //! committed state (LMDB never overwrites live pages; its writer mutex is robust, so the next
 //! writer recovers it). The expiry scan walks `meta` from a cursor (the last ID examined), in key
 //! order, within one read snapshot per call.
+//!
+//! May not touch: the lock table, the record format (it stores the bytes it is given), or any
+//! file of its directory except through LMDB.
 
 use super::{
     Capabilities, Cutoffs, ExpiredScan, Expiry, SessionMeta, Store, StoredSession, Timestamp, Touch,

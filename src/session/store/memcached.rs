@@ -38,6 +38,8 @@
 //! is dropped, every reply is checked against the command sent, and a `cas` whose reply was lost
 //! is reported as [`Error::OutcomeUnknown`]. The protocol subset (`gets`, `set`, `add`, `cas`,
 //! `touch`, `delete`) is small, and this adds no dependency.
+//!
+//! May not touch: keys outside its prefix (it never flushes), the lock table, the record format.
 
 use super::native_ttl::{expiry_text, parse_expiry_text, TtlRule};
 use super::{

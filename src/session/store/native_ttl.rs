@@ -3,7 +3,7 @@
 //!
 //! Owns: the rule that turns a session's metadata into a server TTL, and the text form of an
 //! expiry rule in the servers' metadata (`d`, `i<ms>`, `a<ms>`, as in the record header). It
-//! writes nothing.
+//! writes nothing. May not touch: any server (the stores send what it computes).
 //!
 //! The TTL is a backstop, never the judge: the manager decides expiry by the metadata
 //! ([`Cutoffs`]), atomically with touches and deletes. The server may only drop a session the

@@ -24,6 +24,8 @@
 //! unreachable server gives [`Error::Backend`]; a save whose reply was lost gives
 //! [`Error::OutcomeUnknown`] unless its retry settles it (the retry is the same
 //! compare-and-swap, so it cannot apply the change twice).
+//!
+//! May not touch: keys outside its prefix, the lock table, the record format.
 
 use super::native_ttl::{expiry_text, parse_expiry_text, TtlRule};
 use super::{

@@ -2,7 +2,8 @@
 //! the same one.
 //!
 //! Owns: parsing the option and opening a manager on it. Stores behind a cargo feature the
-//! binary was built without are refused with a message naming the feature.
+//! binary was built without are refused with a message naming the feature. May not touch: the
+//! library's internals (public API only, like the rest of the demo).
 
 use std::path::{Path, PathBuf};
 
