@@ -266,6 +266,18 @@ impl Conn {
         }
     }
 
+    /// `version`: a round trip that touches no item.
+    fn version(&mut self) -> McResult<()> {
+        self.send("version", None)?;
+        let line = self.line()?;
+        if line.starts_with("VERSION ") {
+            Ok(())
+        } else {
+            Err(Self::error_line(&line)
+                .unwrap_or_else(|| Failure::Lost("unexpected reply to version".into())))
+        }
+    }
+
     /// `touch key exptime`: whether the item exists.
     fn touch(&mut self, key: &str, exptime: i64) -> McResult<bool> {
         self.send(&format!("touch {key} {exptime}"), None)?;
@@ -388,7 +400,7 @@ impl MemcachedStore {
             max_item: DEFAULT_MAX_ITEM,
             rule: TtlRule::new(d.idle_timeout, d.max_lifetime, Duration::from_secs(60)),
         };
-        store.with_conn("open", |c| c.touch("lt:ping", 1).map(|_| ()))?;
+        store.with_conn("open", |c| c.version())?;
         Ok(store)
     }
 
