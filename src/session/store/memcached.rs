@@ -479,8 +479,9 @@ impl MemcachedStore {
         }
     }
 
-    /// Runs `f` on a connection; one that errs is dropped. Returns the failure and whether the
-    /// connection came from the pool.
+    /// Runs `f` once on a connection (an idle one, else a new one); one that errs is dropped,
+    /// never reused. A `Lost` failure on a pooled connection says so in its text (`pooled: `),
+    /// for [`MemcachedStore::with_conn`]'s retry.
     fn run<T>(&self, f: &mut dyn FnMut(&mut Conn) -> McResult<T>) -> McResult<T> {
         self.check_prefix()
             .map_err(|_| Failure::Refused("bad key prefix".into()))?;

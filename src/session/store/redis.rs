@@ -167,9 +167,9 @@ struct ScanState {
 /// ```
 pub struct RedisStore {
     client: redis::Client,
-    pool: Mutex<Vec<Connection>>,
-    /// The fork epoch of the pooled connections (a forked child must not share sockets).
-    pool_epoch: Mutex<u64>,
+    /// Idle connections, with the fork epoch they belong to (a forked child must not share
+    /// the parent's sockets).
+    pool: Mutex<(u64, Vec<Connection>)>,
     prefix: String,
     timeout: Duration,
     rule: TtlRule,
@@ -258,8 +258,7 @@ impl RedisStore {
         let d = SessionConfig::default();
         let store = RedisStore {
             client,
-            pool: Mutex::new(Vec::new()),
-            pool_epoch: Mutex::new(crate::fork::epoch()),
+            pool: Mutex::new((crate::fork::epoch(), Vec::new())),
             prefix: "locktable:session:".to_owned(),
             timeout: Duration::from_secs(2),
             rule: TtlRule::new(d.idle_timeout, d.max_lifetime, Duration::from_secs(60)),
@@ -319,33 +318,29 @@ impl RedisStore {
         Ok(c)
     }
 
-    /// A pooled connection (if any) and whether it came from the pool.
+    /// An idle connection, if any.
     fn take(&self) -> Option<Connection> {
-        let epoch = crate::fork::epoch();
-        let mut pe = self.pool_epoch.lock();
         let mut pool = self.pool.lock();
-        if *pe != epoch {
+        let epoch = crate::fork::epoch();
+        if pool.0 != epoch {
             // Inherited across fork(): these sockets are the parent's. Forget them without
             // closing anything the parent uses (dropping closes only this process's copy).
-            pool.clear();
-            *pe = epoch;
+            pool.1.clear();
+            pool.0 = epoch;
         }
-        pool.pop()
+        pool.1.pop()
     }
 
     fn give_back(&self, c: Connection) {
-        if *self.pool_epoch.lock() != crate::fork::epoch() {
-            return;
-        }
         let mut pool = self.pool.lock();
-        if pool.len() < POOL_MAX_IDLE {
-            pool.push(c);
+        if pool.0 == crate::fork::epoch() && pool.1.len() < POOL_MAX_IDLE {
+            pool.1.push(c);
         }
     }
 
-    /// Runs `f` on a connection. A connection that errs is dropped; a call that failed on a
-    /// pooled connection before anything could be applied, or whose effect `f` can repeat
-    /// safely, is retried once on a fresh one. Errors are classified for the caller.
+    /// Runs `f` once on a connection (an idle one, else a new one). A connection that errs is
+    /// dropped, never reused. The error comes classified, with whether the connection came from
+    /// the pool (a failure there may only mean the pooled connection was stale).
     fn run<T>(
         &self,
         f: &mut dyn FnMut(&mut Connection) -> RedisResult<T>,
