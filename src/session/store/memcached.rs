@@ -496,7 +496,12 @@ impl MemcachedStore {
             }
             // A pooled connection may be stale (a restarted server): one more try on a fresh
             // one, for callers whose operation is safe to repeat.
-            Err(Failure::Lost(w)) if pooled => Err(Failure::Lost(format!("pooled: {w}"))),
+            Err(Failure::Lost(w)) if pooled => {
+                // An idle connection died: most likely the server restarted, and the other idle
+                // connections are dead too. Drop them all, so that a retry connects afresh.
+                self.pool.lock().1.clear();
+                Err(Failure::Lost(format!("pooled: {w}")))
+            }
             Err(e) => Err(e),
         }
     }

@@ -357,7 +357,16 @@ impl RedisStore {
                 self.give_back(conn);
                 Ok(v)
             }
-            Err(e) => Err((classify(&e), pooled)),
+            Err(e) => {
+                let failure = classify(&e);
+                if pooled && matches!(failure, Failure::Lost(_)) {
+                    // A connection that was idle in the pool died: most likely the server
+                    // restarted, and every other idle connection is dead too. Drop them all, so
+                    // that the caller's retry gets a fresh connection.
+                    self.pool.lock().1.clear();
+                }
+                Err((failure, pooled))
+            }
         }
     }
 
