@@ -133,7 +133,7 @@ pub enum Error {
     /// The session store or lock server failed or could not be reached (a dropped connection, a
     /// restarted or overloaded server, a full connection pool). The message names the operation
     /// and the kind of failure, never session data or IDs. Later calls reconnect by themselves.
-    #[error("session store or lock server failed: {0}")]
+    #[error("session store or lock server failed or unavailable: {0}")]
     Backend(String),
 }
 

@@ -1,7 +1,10 @@
 //! Conformance suite for [`Store`] implementations.
 //!
 //! Every check is generic over a store factory; the `conformance!` macro instantiates the whole
-//! suite for one backend, so adding a backend is one line at the bottom of this file. A backend
+//! suite for one backend, so adding a backend is one line at the bottom of this file. Another
+//! test file reuses the suite by including this one (`#[macro_use] #[path =
+//! "session_conformance.rs"] mod conformance;` and `use conformance::*;`), with factories that
+//! may return `Option<Fixture<_>>` (`None`: no server, the test is skipped). A backend
 //! whose data is shared between handles (files, a server) also gives `reopen`, a second handle
 //! on the same storage, so that the suite can check its [`Capabilities::atomic_cas`] claim.
 
@@ -24,6 +27,25 @@ pub struct Fixture<S> {
     /// Another handle on the same storage, for stores shared between handles.
     pub reopen: Option<Box<dyn Fn() -> Box<dyn Store>>>,
     pub _keep: Box<dyn Any>,
+}
+
+/// What a factory gives the `conformance!` macro: a fixture, or `None` when the store's server
+/// is not available (the factory has said so, loudly, or failed under CI).
+pub trait MaybeFixture<S> {
+    /// The fixture, if any.
+    fn fixture(self) -> Option<Fixture<S>>;
+}
+
+impl<S> MaybeFixture<S> for Fixture<S> {
+    fn fixture(self) -> Option<Fixture<S>> {
+        Some(self)
+    }
+}
+
+impl<S> MaybeFixture<S> for Option<Fixture<S>> {
+    fn fixture(self) -> Option<Fixture<S>> {
+        self
+    }
 }
 
 fn memory() -> Fixture<MemoryStore> {
@@ -533,71 +555,105 @@ macro_rules! conformance {
             use super::*;
             #[test]
             fn load_absent() {
-                super::load_absent($factory());
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::load_absent(f);
+                }
             }
             #[test]
             fn save_is_compare_and_swap() {
-                super::save_is_compare_and_swap($factory());
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::save_is_compare_and_swap(f);
+                }
             }
             #[test]
             fn save_keeps_the_newer_access_time() {
-                super::save_keeps_the_newer_access_time($factory());
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::save_keeps_the_newer_access_time(f);
+                }
             }
             #[test]
             fn touch_does_not_revive_an_expired_session() {
-                super::touch_does_not_revive_an_expired_session($factory());
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::touch_does_not_revive_an_expired_session(f);
+                }
             }
             #[test]
             fn meta_is_kept_beside_the_record() {
-                super::meta_is_kept_beside_the_record($factory());
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::meta_is_kept_beside_the_record(f);
+                }
             }
             #[test]
             fn load_reports_records_over_the_limit() {
-                super::load_reports_records_over_the_limit($factory());
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::load_reports_records_over_the_limit(f);
+                }
             }
             #[test]
             fn remove_expired_is_a_checked_delete() {
-                super::remove_expired_is_a_checked_delete($factory());
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::remove_expired_is_a_checked_delete(f);
+                }
             }
             #[test]
             fn remove_expired_is_atomic_with_touches() {
-                super::remove_expired_is_atomic_with_touches($factory());
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::remove_expired_is_atomic_with_touches(f);
+                }
             }
             #[test]
             fn scan_expired_is_bounded_and_complete() {
-                super::scan_expired_is_bounded_and_complete($factory());
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::scan_expired_is_bounded_and_complete(f);
+                }
             }
             #[test]
             fn shared_stores_agree_across_handles() {
-                super::shared_stores_agree_across_handles($factory());
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::shared_stores_agree_across_handles(f);
+                }
             }
             #[test]
             fn atomic_cas_holds_across_handles() {
-                super::atomic_cas_holds_across_handles($factory());
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::atomic_cas_holds_across_handles(f);
+                }
             }
             #[test]
             fn touch_is_monotonic_coalesced_and_leaves_data() {
-                super::touch_is_monotonic_coalesced_and_leaves_data($factory());
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::touch_is_monotonic_coalesced_and_leaves_data(f);
+                }
             }
             #[test]
             fn delete_removes_everything() {
-                super::delete_removes_everything($factory());
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::delete_removes_everything(f);
+                }
             }
             #[test]
             fn concurrent_cas_has_one_winner_per_version() {
-                super::concurrent_cas_has_one_winner_per_version($factory());
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::concurrent_cas_has_one_winner_per_version(f);
+                }
             }
             #[test]
             fn concurrent_touches_keep_the_maximum() {
-                super::concurrent_touches_keep_the_maximum($factory());
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::concurrent_touches_keep_the_maximum(f);
+                }
             }
             #[test]
             fn thousand_concurrent_reads_store_one_touch() {
-                super::thousand_concurrent_reads_store_one_touch($factory());
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::thousand_concurrent_reads_store_one_touch(f);
+                }
             }
             #[test]
             fn manager_roundtrip_over_store() {
-                super::manager_roundtrip_over_store($factory());
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::manager_roundtrip_over_store(f);
+                }
             }
         }
     };

@@ -81,10 +81,16 @@ pub use locks::session_lock_id;
 pub use locks_pg::{PgLockKeys, PgLocks, PgReadGuard, PgUpgradableGuard, PgWriteGuard};
 #[cfg(feature = "postgres")]
 pub use pg_pool::{PgPool, PgPoolOptions, DEFAULT_POOL_SIZE};
+#[cfg(feature = "memcached")]
+pub use store::MemcachedStore;
+#[cfg(feature = "redis")]
+pub use store::RedisStore;
 pub use store::{
     Capabilities, Clock, Cutoffs, ExpiredScan, Expiry, FileStore, ManualClock, MemoryStore,
     SessionMeta, Store, StoredSession, SystemClock, Timestamp, Touch,
 };
+#[cfg(feature = "lmdb")]
+pub use store::{KvOptions, KvStore};
 #[cfg(feature = "postgres")]
 pub use store::{PgStore, PgStoreOptions};
 
@@ -307,6 +313,40 @@ impl SessionManager {
         let store = FileStore::open(dir.join("sessions"))?
             .with_fsync(cfg.fsync)
             .with_lock_timeout(cfg.lock_timeout);
+        Ok(SessionManager::new(table, store, cfg))
+    }
+
+    /// Like [`SessionManager::open`], with sessions in a [`KvStore`] (LMDB) in `dir/sessions.kv`
+    /// instead of one file per session: every process that opens `dir` shares locks and data,
+    /// and a read-only request reads a memory map instead of opening a file.
+    ///
+    /// ```
+    /// use locktable::session::SessionManager;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let mgr = SessionManager::open_kv(dir.path()).unwrap();
+    /// let mut s = mgr.create().unwrap();
+    /// s.insert("user", &"ann").unwrap();
+    /// let cookie = s.id().to_string();
+    /// s.commit().unwrap();
+    /// assert!(mgr.load(&cookie).unwrap().is_some());
+    /// ```
+    #[cfg(feature = "lmdb")]
+    pub fn open_kv(dir: impl AsRef<Path>) -> Result<SessionManager> {
+        Self::new_kv(dir, SessionConfig::default())
+    }
+
+    /// Like [`SessionManager::open_kv`] with a custom configuration ([`SessionConfig::fsync`]
+    /// applies to the key-value store's commits).
+    #[cfg(feature = "lmdb")]
+    pub fn new_kv(dir: impl AsRef<Path>, cfg: SessionConfig) -> Result<SessionManager> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir)?;
+        let table = LockTable::open(dir.join("locks.table"), &TableOptions::default())?;
+        let opts = KvOptions {
+            fsync: cfg.fsync,
+            ..KvOptions::default()
+        };
+        let store = KvStore::open_with(dir.join("sessions.kv"), &opts)?;
         Ok(SessionManager::new(table, store, cfg))
     }
 

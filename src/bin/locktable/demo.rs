@@ -23,6 +23,7 @@ mod baseline;
 mod driver;
 mod histogram;
 mod report;
+mod store;
 mod worker;
 
 use std::io::Write as _;
@@ -30,6 +31,7 @@ use std::time::Duration;
 
 use crate::common::{CliResult, Failure, EXIT_ERROR, EXIT_USAGE};
 use driver::{run_demo, DemoConfig, WorkerMode};
+use store::StoreSpec;
 
 #[derive(clap::Args)]
 pub(crate) struct DemoArgs {
@@ -53,6 +55,10 @@ pub(crate) struct DemoArgs {
     /// the baseline never fsyncs, as Beaker does not.
     #[arg(long)]
     fsync: bool,
+    /// Session store of the locktable side: memory, file[:DIR], kv[:DIR] (LMDB),
+    /// redis://HOST:PORT/ or memcached://HOST:PORT. Without DIR, a temporary directory.
+    #[arg(long, default_value = "file")]
+    store: String,
 }
 
 pub(crate) fn run(args: &DemoArgs) -> CliResult<()> {
@@ -66,7 +72,9 @@ pub(crate) fn run(args: &DemoArgs) -> CliResult<()> {
         ));
     }
     let fail = |e: &dyn std::fmt::Display| Failure::new(EXIT_ERROR, format!("demo: {e}"));
-    let mode = if args.threads {
+    let store = StoreSpec::parse(&args.store).map_err(|e| Failure::new(EXIT_USAGE, e))?;
+    // The memory store lives in one process: its workers are threads.
+    let mode = if args.threads || !store.shared_across_processes() {
         WorkerMode::Threads
     } else {
         WorkerMode::Processes {
@@ -81,6 +89,7 @@ pub(crate) fn run(args: &DemoArgs) -> CliResult<()> {
         fsync: args.fsync,
         progress: true,
         mode,
+        store,
         ..DemoConfig::default()
     };
     let report = run_demo(&cfg).map_err(|e| fail(&e))?;

@@ -11,14 +11,28 @@
 //! lock table (a store serializes its own operations).
 
 mod file;
+#[cfg(feature = "lmdb")]
+mod kv;
+#[cfg(feature = "memcached")]
+mod memcached;
 mod memory;
+#[cfg(any(feature = "redis", feature = "memcached"))]
+mod native_ttl;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "redis")]
+mod redis;
 
 #[cfg(feature = "postgres")]
 pub use self::postgres::{PgStore, PgStoreOptions};
 pub use file::FileStore;
+#[cfg(feature = "lmdb")]
+pub use kv::{KvOptions, KvStore};
+#[cfg(feature = "memcached")]
+pub use memcached::MemcachedStore;
 pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use redis::RedisStore;
 
 use super::id::SessionId;
 use crate::Result;

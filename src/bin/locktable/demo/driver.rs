@@ -11,12 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use locktable::session::{SessionId, SessionManager};
+use locktable::session::SessionId;
 use locktable::{Error, Result};
 
 use super::baseline::{beaker_load, beaker_path, BeakerFile};
 use super::histogram::Histogram;
 use super::report::{DemoReport, System, SystemReport};
+use super::store::{run_prefix, StoreSpec};
 use super::worker::{
     demo_session_config, own_key, run_worker, WorkerArgs, WorkerResult, SHARED_KEY,
     WORKER_SUBCOMMAND,
@@ -58,6 +59,8 @@ pub(super) struct DemoConfig {
     pub(super) fsync: bool,
     /// Working directory (default: a fresh directory under the system temp dir, removed after).
     pub(super) dir: Option<PathBuf>,
+    /// The session store of the locktable side (default: the file store).
+    pub(super) store: StoreSpec,
 }
 
 impl Default for DemoConfig {
@@ -73,6 +76,7 @@ impl Default for DemoConfig {
             mode: WorkerMode::Threads,
             fsync: false,
             dir: None,
+            store: StoreSpec::File(None),
         }
     }
 }
@@ -120,30 +124,32 @@ pub(super) fn run_demo(cfg: &DemoConfig) -> Result<DemoReport> {
     };
     Ok(DemoReport {
         summary: format!(
-            "{} worker {mode} x (1 writing + {} reading requests per page), {} sessions, {:.1} s per system, {} µs work per request\nlocktable saves: atomic rename{}",
+            "{} worker {mode} x (1 writing + {} reading requests per page), {} sessions, {:.1} s per system, {} µs work per request\nlocktable store: {}",
             cfg.workers,
             cfg.readers_per_page,
             cfg.sessions,
             cfg.duration.as_secs_f64(),
             cfg.work.as_micros(),
-            if cfg.fsync {
-                " + fsync of file and directory (durable; the baseline does not fsync)"
-            } else {
-                ", no fsync (like the baseline; --fsync for durable saves)"
-            }
+            cfg.store.describe(cfg.fsync),
         ),
         runs,
     })
 }
 
 fn run_system(cfg: &DemoConfig, system: System, dir: &Path) -> Result<SystemReport> {
-    fs::create_dir_all(dir)?;
     let sessions = cfg.sessions.max(1);
+    let prefix = run_prefix()?;
+    let dir = match system {
+        System::LockTable => cfg.store.system_dir(dir),
+        System::FlockRewrite => dir.to_path_buf(),
+    };
+    let dir = dir.as_path();
+    fs::create_dir_all(dir)?;
     let mgr = match system {
-        System::LockTable => Some(SessionManager::new_embedded(
-            dir,
-            demo_session_config(cfg.fsync),
-        )?),
+        System::LockTable => Some(
+            cfg.store
+                .open(dir, demo_session_config(cfg.fsync), &prefix)?,
+        ),
         System::FlockRewrite => None,
     };
     let mut ids = Vec::new();
@@ -175,6 +181,8 @@ fn run_system(cfg: &DemoConfig, system: System, dir: &Path) -> Result<SystemRepo
             work: cfg.work,
             readers: cfg.readers_per_page,
             ids: ids.clone(),
+            store: cfg.store.clone(),
+            prefix: prefix.clone(),
         })
         .collect();
     let before = mgr.as_ref().map(|m| m.stats()).unwrap_or_default();
@@ -250,6 +258,12 @@ fn run_system(cfg: &DemoConfig, system: System, dir: &Path) -> Result<SystemRepo
             }
         })
         .collect::<Result<_>>()?;
+    if let Some(m) = &mgr {
+        // Leave nothing behind on a server or in a directory named with --store.
+        for id in &ids {
+            m.delete(id)?;
+        }
+    }
     let mut lost = 0u64;
     for (s_idx, fin) in finals.iter().enumerate() {
         let mut shared_expected = 0;

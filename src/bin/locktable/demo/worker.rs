@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::baseline::{beaker_load, beaker_path, beaker_save, now_ms};
 use super::histogram::Histogram;
 use super::report::System;
+use super::store::StoreSpec;
 
 /// The hidden subcommand under which the binary runs a worker process.
 pub(super) const WORKER_SUBCOMMAND: &str = "__demo-worker";
@@ -44,6 +45,9 @@ pub(super) struct WorkerArgs {
     pub(super) work: Duration,
     pub(super) readers: usize,
     pub(super) ids: Vec<String>,
+    /// The locktable side's store, and the key prefix of this run on a server.
+    pub(super) store: StoreSpec,
+    pub(super) prefix: String,
 }
 
 impl WorkerArgs {
@@ -57,16 +61,18 @@ impl WorkerArgs {
             self.work.as_micros().to_string(),
             self.readers.to_string(),
             self.ids.join(","),
+            self.store.to_arg(),
+            self.prefix.clone(),
         ]
     }
     fn from_args(args: &[String]) -> Result<WorkerArgs> {
         let bad = || {
             Error::Io(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                "usage: <system> <fsync 0|1> <dir> <index> <duration_ms> <work_us> <readers> <ids,...>",
+                "usage: <system> <fsync 0|1> <dir> <index> <duration_ms> <work_us> <readers> <ids,...> <store> <prefix>",
             ))
         };
-        let [system, fsync, dir, index, duration, work, readers, ids] = args else {
+        let [system, fsync, dir, index, duration, work, readers, ids, store, prefix] = args else {
             return Err(bad());
         };
         let num = |s: &String| s.parse::<u64>().map_err(|_| bad());
@@ -83,6 +89,8 @@ impl WorkerArgs {
             work: Duration::from_micros(num(work)?),
             readers: num(readers)? as usize,
             ids: ids.split(',').map(str::to_owned).collect(),
+            store: StoreSpec::parse(store).map_err(|_| bad())?,
+            prefix: prefix.clone(),
         })
     }
 }
@@ -114,7 +122,9 @@ pub(super) fn run_worker(
     let mgr = match (a.system, mgr) {
         (System::LockTable, Some(m)) => Some(m),
         (System::LockTable, None) => {
-            own_mgr = SessionManager::new_embedded(&a.dir, demo_session_config(a.fsync))?;
+            own_mgr = a
+                .store
+                .open(&a.dir, demo_session_config(a.fsync), &a.prefix)?;
             Some(&own_mgr)
         }
         (System::FlockRewrite, _) => None,
@@ -289,6 +299,8 @@ mod tests {
             work: Duration::from_micros(250),
             readers: 2,
             ids: vec!["a".into(), "b".into()],
+            store: StoreSpec::Kv(Some("/tmp/kv".into())),
+            prefix: "p:".into(),
         };
         let b = WorkerArgs::from_args(&a.to_args()).unwrap();
         assert_eq!(b.to_args(), a.to_args());
