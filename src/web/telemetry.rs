@@ -22,7 +22,8 @@ pub struct WebStats {
     /// Requests that looked at their session at all (the others did no store I/O and took no
     /// lock).
     pub sessions_used: u64,
-    /// Sessions loaded from the store (optimistic or exclusive).
+    /// Sessions loaded (optimistic, exclusive or read-only), from the store or from the
+    /// manager's cache of decoded sessions.
     pub loads: u64,
     /// New sessions stored (at the end of the first request that wrote something).
     pub created: u64,
