@@ -10,7 +10,7 @@ use axum::Router;
 use http::{once, Resp};
 use hyper::{Method, StatusCode};
 use locktable::session::{
-    Capabilities, Cutoffs, ExpiredScan, FileStore, ManualClock, SessionConfig, SessionId,
+    Capabilities, Cutoffs, ExpiredScan, Expiry, FileStore, ManualClock, SessionConfig, SessionId,
     SessionManager, SessionMeta, Store, StoredSession, Timestamp, Touch,
 };
 use locktable::web::{
@@ -583,6 +583,41 @@ async fn reads_of_a_hot_session_hand_nothing_to_the_blocking_pool_and_stay_curre
         (end.touches, end.blocking_tasks),
         (mid.touches, mid.blocking_tasks)
     );
+}
+
+// A session with a short idle expiry has a shorter touch interval (a 60th of its idle time)
+// than the manager's default. The layer decided "no touch due" by the default interval, so it
+// ended such a read inline on a runtime worker while the manager wrote the access time there,
+// and did not refresh the cookie. The session's own rule now decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_touch_due_by_a_sessions_own_expiry_runs_off_the_worker_and_refreshes_the_cookie() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000_000_000)));
+    let mut s = Setup::new(dir.path());
+    s.session.clock = clock.clone();
+    let srv = s.start().await;
+    let cookie = srv.new_session().await;
+    let id = &cookie[cookie.len() - 32..];
+    let mut session = srv.mgr.load(id).unwrap().unwrap();
+    session.set_expiry(Expiry::Idle(Duration::from_secs(120))); // touch interval 2 s
+    session.commit().unwrap();
+    for path in ["/lazy-get/a", "/get/a"] {
+        clock.advance(Duration::from_secs(5));
+        let (writes, before) = (srv.writes(), srv.layer.stats());
+        let r = srv.get(path, Some(&cookie)).await;
+        assert_eq!(r.body, "1", "{path}");
+        let after = srv.layer.stats();
+        assert_eq!(srv.writes(), writes + 1, "{path}: one touch");
+        assert_eq!(
+            after.blocking_tasks,
+            before.blocking_tasks + 2 - u64::from(path == "/get/a"),
+            "{path}: the load and the touch (one job for a read-only flight) off the worker"
+        );
+        assert!(
+            r.set_cookie().is_some(),
+            "{path}: the touch refreshes the cookie"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
