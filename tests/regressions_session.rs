@@ -834,6 +834,8 @@ fn a_forked_childs_inherited_manager_refuses_every_call() {
         let all = [
             forked(mgr.gc().map(|_| ())),
             forked(mgr.load(&id).map(|_| ())),
+            // Cached by the load above, inherited by the child: still refused.
+            forked(mgr.try_load_cached(&id).map(|_| ())),
             forked(mgr.load_exclusive(&id).map(|_| ())),
             forked(mgr.create().map(|_| ())),
             forked(mgr.delete(&id).map(|_| ())),

@@ -10,7 +10,7 @@ use axum::Router;
 use http::{once, Resp};
 use hyper::{Method, StatusCode};
 use locktable::session::{
-    Capabilities, Cutoffs, ExpiredScan, FileStore, ManualClock, SessionConfig, SessionId,
+    Capabilities, Cutoffs, ExpiredScan, Expiry, FileStore, ManualClock, SessionConfig, SessionId,
     SessionManager, SessionMeta, Store, StoredSession, Timestamp, Touch,
 };
 use locktable::web::{
@@ -93,6 +93,10 @@ impl Store for CountingStore {
 // ---------------------------------------------------------------- the app under test
 
 async fn read(s: ReadOnlySession, Path(key): Path<String>) -> Result<String, WebError> {
+    Ok(s.get::<u64>(&key).await?.unwrap_or(0).to_string())
+}
+
+async fn lazy_read(s: LazySession, Path(key): Path<String>) -> Result<String, WebError> {
     Ok(s.get::<u64>(&key).await?.unwrap_or(0).to_string())
 }
 
@@ -184,6 +188,7 @@ async fn untouched(_s: LazySession) -> &'static str {
 fn app(layer: SessionLayer) -> Router {
     Router::new()
         .route("/get/{key}", get(read))
+        .route("/lazy-get/{key}", get(lazy_read))
         .route("/incr/{key}", post(incr))
         .route("/set/{key}/{value}", post(set))
         .route("/excl/{ms}", post(exclusive))
@@ -217,6 +222,9 @@ struct Setup {
     cookies: Option<CookieConfig>,
     web: WebConfig,
     session: SessionConfig,
+    /// A plain `FileStore`, so the manager's session cache is on (a counting store turns it
+    /// off); the store call counters then stay at 0.
+    cached: bool,
 }
 
 impl Setup {
@@ -230,6 +238,7 @@ impl Setup {
                 fsync: false,
                 ..SessionConfig::default()
             },
+            cached: false,
         }
     }
 
@@ -244,7 +253,11 @@ impl Setup {
                 .with_fsync(false),
             calls: Arc::clone(&calls),
         };
-        let mgr = SessionManager::new(table, store, self.session.clone());
+        let mgr = if self.cached {
+            SessionManager::new(table, store.inner, self.session.clone())
+        } else {
+            SessionManager::new(table, store, self.session.clone())
+        };
         let cookies = self
             .cookies
             .clone()
@@ -518,6 +531,93 @@ async fn a_touch_is_written_once_per_interval_and_refreshes_the_cookie() {
     srv.get("/get/a", Some(&cookie)).await;
     assert_eq!(srv.writes(), writes + 1);
     assert_eq!(srv.layer.stats().touches, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_a_hot_session_hand_nothing_to_the_blocking_pool_and_stay_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000_000_000)));
+    let mut s = Setup::new(dir.path());
+    s.session.clock = clock.clone();
+    s.cached = true;
+    let srv = s.start().await;
+    let cookie = srv.new_session().await;
+    // The first read misses the cache: loaded on the blocking pool, which fills the cache.
+    assert_eq!(srv.get("/get/a", Some(&cookie)).await.body, "1");
+    let (before, hits) = (srv.layer.stats(), srv.mgr.stats().cache_hits);
+    for path in ["/get/a", "/lazy-get/a"] {
+        for _ in 0..5 {
+            let r = srv.get(path, Some(&cookie)).await;
+            assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "1"), "{path}");
+            assert!(
+                r.set_cookie().is_none(),
+                "coalesced touch: nothing to refresh"
+            );
+        }
+    }
+    let after = srv.layer.stats();
+    assert_eq!(after.blocking_tasks, before.blocking_tasks, "no hand-off");
+    assert_eq!(after.loads, before.loads + 10);
+    assert_eq!(after.touches_skipped, before.touches_skipped + 10);
+    assert_eq!(srv.mgr.stats().cache_hits, hits + 10);
+
+    // A commit changes the session: the next reads see it (the cached copy is dropped).
+    assert_eq!(srv.post("/incr/a", Some(&cookie)).await.body, "2");
+    assert_eq!(srv.get("/get/a", Some(&cookie)).await.body, "2");
+    assert_eq!(srv.get("/lazy-get/a", Some(&cookie)).await.body, "2");
+
+    // A due touch on a cache hit is still written (on the blocking pool), once, and refreshes
+    // the cookie; the reads after it hand off nothing again.
+    clock.advance(Duration::from_secs(31));
+    let before = srv.layer.stats();
+    let r = srv.get("/get/a", Some(&cookie)).await;
+    assert_eq!(r.body, "2");
+    assert!(r.set_cookie().unwrap().contains("Max-Age=1800"));
+    let mid = srv.layer.stats();
+    assert_eq!(mid.touches, before.touches + 1);
+    assert_eq!(mid.blocking_tasks, before.blocking_tasks + 1);
+    assert_eq!(srv.get("/lazy-get/a", Some(&cookie)).await.body, "2");
+    assert_eq!(srv.get("/get/a", Some(&cookie)).await.body, "2");
+    let end = srv.layer.stats();
+    assert_eq!(
+        (end.touches, end.blocking_tasks),
+        (mid.touches, mid.blocking_tasks)
+    );
+}
+
+// A session with a short idle expiry has a shorter touch interval (a 60th of its idle time)
+// than the manager's default. The layer decided "no touch due" by the default interval, so it
+// ended such a read inline on a runtime worker while the manager wrote the access time there,
+// and did not refresh the cookie. The session's own rule now decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_touch_due_by_a_sessions_own_expiry_runs_off_the_worker_and_refreshes_the_cookie() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000_000_000)));
+    let mut s = Setup::new(dir.path());
+    s.session.clock = clock.clone();
+    let srv = s.start().await;
+    let cookie = srv.new_session().await;
+    let id = &cookie[cookie.len() - 32..];
+    let mut session = srv.mgr.load(id).unwrap().unwrap();
+    session.set_expiry(Expiry::Idle(Duration::from_secs(120))); // touch interval 2 s
+    session.commit().unwrap();
+    for path in ["/lazy-get/a", "/get/a"] {
+        clock.advance(Duration::from_secs(5));
+        let (writes, before) = (srv.writes(), srv.layer.stats());
+        let r = srv.get(path, Some(&cookie)).await;
+        assert_eq!(r.body, "1", "{path}");
+        let after = srv.layer.stats();
+        assert_eq!(srv.writes(), writes + 1, "{path}: one touch");
+        assert_eq!(
+            after.blocking_tasks,
+            before.blocking_tasks + 2 - u64::from(path == "/get/a"),
+            "{path}: the load and the touch (one job for a read-only flight) off the worker"
+        );
+        assert!(
+            r.set_cookie().is_some(),
+            "{path}: the touch refreshes the cookie"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -455,8 +455,10 @@ impl SessionCache {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The current decoded copy of `id`, if this process has one.
-    pub fn get(&self, id: &SessionId) -> Option<Arc<Cached>> {
+    /// The current decoded copy of `id`, if this process has one. `count_miss`: a miss is
+    /// counted only where the caller then reads the store (a non-blocking probe that falls
+    /// back to a load would otherwise count it twice).
+    pub fn get(&self, id: &SessionId, count_miss: bool) -> Option<Arc<Cached>> {
         let hash = self.versions.hash(id);
         let bucket = self.versions.bucket_of(hash);
         let e = self.shard(bucket).map.get(&hash).cloned();
@@ -467,7 +469,9 @@ impl SessionCache {
                 Some(e)
             }
             _ => {
-                self.misses.fetch_add(1, Ordering::Relaxed);
+                if count_miss {
+                    self.misses.fetch_add(1, Ordering::Relaxed);
+                }
                 None
             }
         }

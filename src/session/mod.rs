@@ -502,6 +502,44 @@ impl SessionManager {
         self.load_with(id, false, Deadline::after(timeout))
     }
 
+    /// [`SessionManager::load`] answered only from this process's cache of decoded sessions:
+    /// `Ok(Some(session))` exactly as `load` would return it, or `Ok(None)` when the session
+    /// is not cached here (not cached yet, changed since, found expired by its cached times,
+    /// malformed ID, or no cache): then call [`load`](Self::load), which decides.
+    ///
+    /// **It never blocks**: no store I/O, no session lock, no wait (only a short in-memory
+    /// critical section of the cache), so an async caller may run it on a runtime worker and
+    /// go to a blocking thread only when it returns `Ok(None)`. Everything `load` guarantees
+    /// holds for what it returns: the copy is the current one (no write of the session
+    /// anywhere since it was cached), expiry is re-checked at this call, a forked child's
+    /// copy of the manager is refused ([`Error::ForkedSessionManager`]) and it counts as a
+    /// load and a cache hit. A `None` is not a cache miss (the `load` that follows counts it).
+    ///
+    /// Ending the returned session may still write its access time (see
+    /// [`Session::access_write_due`]).
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let mgr = locktable::session::SessionManager::open(dir.path()).unwrap();
+    /// # let mut s = mgr.create().unwrap();
+    /// # s.insert("n", &1u64).unwrap();
+    /// # let cookie = s.id().to_string();
+    /// # s.commit().unwrap();
+    /// let session = match mgr.try_load_cached(&cookie)? {
+    ///     Some(s) => Some(s),
+    ///     None => mgr.load(&cookie)?, // may wait: off an async runtime's workers
+    /// };
+    /// assert_eq!(session.unwrap().get::<u64>("n")?, Some(1));
+    /// # Ok::<(), locktable::Error>(())
+    /// ```
+    pub fn try_load_cached(&self, id: &str) -> Result<Option<Session>> {
+        self.inner.check_fork()?;
+        let Ok(id) = SessionId::parse(id) else {
+            return Ok(None);
+        };
+        Ok(self.inner.load_cached(&id, false))
+    }
+
     /// Loads a session for an exclusive request: the session's upgradable lock is held until
     /// the session is committed, invalidated or dropped.
     ///
@@ -524,7 +562,7 @@ impl SessionManager {
             return Ok(None);
         };
         if !exclusive {
-            if let Some(s) = inner.load_cached(&id) {
+            if let Some(s) = inner.load_cached(&id, true) {
                 return Ok(Some(s));
             }
         }
@@ -725,8 +763,8 @@ impl Inner {
     /// A cache hit: the current decoded copy of `id`, alive by its cached times at this load's
     /// time (which proves it alive by the stored ones, see DESIGN.md section 11). `None`: read
     /// the store.
-    fn load_cached(self: &Arc<Self>, id: &SessionId) -> Option<Session> {
-        let c = self.cache.as_ref()?.get(id)?;
+    fn load_cached(self: &Arc<Self>, id: &SessionId, count_miss: bool) -> Option<Session> {
+        let c = self.cache.as_ref()?.get(id, count_miss)?;
         let now = self.cfg.clock.now();
         let la = c.last_accessed();
         if self.cfg.cutoffs(now).expired(c.created, la, c.expiry) {
@@ -1269,17 +1307,25 @@ impl Session {
     /// Records this request's access time unless the stored one is recent enough, or the
     /// session expired (by its stored times) while the request ran: an access is stored only
     /// while the session is alive, so a session once seen expired stays expired.
+    /// Whether ending this session without changes (a `commit` of no changes, or a drop) may
+    /// write its access time. `false` guarantees that such an end does no store I/O and takes
+    /// no lock (the touch is coalesced away), so it may run on an async runtime's worker.
+    pub fn access_write_due(&self) -> bool {
+        let interval = self.mgr.cfg.touch_interval_for(self.expiry);
+        self.stored && self.stored_last_accessed < self.accessed.saturating_sub(interval)
+    }
+
     fn record_access(&self) -> Result<()> {
         if !self.stored {
             return Ok(());
         }
         let c = &self.mgr.counters;
         let cfg = &self.mgr.cfg;
-        let interval = cfg.touch_interval_for(self.expiry);
-        if self.stored_last_accessed >= self.accessed.saturating_sub(interval) {
+        if !self.access_write_due() {
             bump(&c.touches_skipped);
             return Ok(());
         }
+        let interval = cfg.touch_interval_for(self.expiry);
         let cutoffs = cfg.cutoffs(cfg.clock.now());
         if cutoffs.expired(self.created, self.stored_last_accessed, self.expiry) {
             // Maybe only our snapshot is stale: ask the store (cheap, metadata only).

@@ -504,3 +504,47 @@ fn sessions_move_between_threads_and_managers_are_shared() {
     s.commit().unwrap();
     assert_eq!(get(&mgr, &id, "a"), Some(2));
 }
+
+#[test]
+fn try_load_cached_answers_only_from_the_cache_with_every_guarantee_of_load() {
+    let (mgr, clock) = setup(|c| c.touch_interval = Some(Duration::from_secs(30)));
+    let id = new_session(&mgr, &[("a", 1)]);
+    assert!(mgr.try_load_cached("not an id").unwrap().is_none());
+    // Not cached yet: "ask load", and no miss counted (the load that follows counts it).
+    assert!(mgr.try_load_cached(&id).unwrap().is_none());
+    assert_eq!(mgr.stats().cache_misses, 0);
+    drop(mgr.load(&id).unwrap().unwrap());
+    let st = mgr.stats();
+    assert_eq!(st.cache_misses, 1);
+    let s = mgr.try_load_cached(&id).unwrap().unwrap();
+    assert_eq!(s.get::<i64>("a").unwrap(), Some(1));
+    assert!(
+        !s.access_write_due(),
+        "just accessed: the touch is coalesced"
+    );
+    s.commit().unwrap();
+    let st2 = mgr.stats();
+    assert_eq!(
+        (st2.cache_hits, st2.cache_misses, st2.loads),
+        (st.cache_hits + 1, 1, st.loads + 1)
+    );
+    // A commit drops the cached copy: not served until a load has read the new record.
+    let mut w = mgr.load(&id).unwrap().unwrap();
+    w.insert("a", &2).unwrap();
+    w.commit().unwrap();
+    assert!(mgr.try_load_cached(&id).unwrap().is_none());
+    assert_eq!(get(&mgr, &id, "a"), Some(2));
+    let s = mgr.try_load_cached(&id).unwrap().unwrap();
+    assert_eq!(s.get::<i64>("a").unwrap(), Some(2));
+    drop(s);
+    // Past the touch interval the caller is told that ending it writes the access time.
+    clock.advance(Duration::from_secs(31));
+    let s = mgr.try_load_cached(&id).unwrap().unwrap();
+    assert!(s.access_write_due());
+    s.commit().unwrap();
+    assert_eq!(mgr.stats().touches_written, 1);
+    // Expiry is re-checked at the call: an idle session is never served from the cache.
+    clock.advance(Duration::from_secs(3600));
+    assert!(mgr.try_load_cached(&id).unwrap().is_none());
+    assert!(mgr.load(&id).unwrap().is_none());
+}

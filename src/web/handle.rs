@@ -8,9 +8,13 @@
 //! Rules that matter:
 //! - Nothing happens until a handler asks: a request that never reads or writes its session
 //!   verifies no cookie, takes no lock and does no store I/O.
-//! - Every call that may wait for a lock or touch the store runs on tokio's blocking pool. The
-//!   end of a read-only request runs inline only when the access-time write is known to be
-//!   coalesced away (no I/O at all).
+//! - Every call that may wait for a lock or touch the store runs on tokio's blocking pool. Two
+//!   things run inline on the runtime worker because they provably never block: a load
+//!   answered from the manager's cache of decoded sessions
+//!   ([`SessionManager::try_load_cached`]; only a miss goes to the blocking pool), and the end
+//!   of a read-only request whose access-time write is coalesced away
+//!   ([`Session::access_write_due`] is false). So a read of a hot session, the common case,
+//!   makes no thread hand-off at all.
 //! - A `Session` is never dropped on a runtime worker while it may still write an access
 //!   time: leftovers (a cancelled request) are finished on the blocking pool.
 //! - Read-only views load a snapshot that requests arriving together share (a "flight"); a
@@ -60,9 +64,6 @@ enum State {
 #[derive(Debug)]
 struct LoadedState {
     session: Session,
-    /// A moment not earlier than the manager's own load time: the end-of-request touch is
-    /// skipped (no I/O) when the stored access time is within the touch interval of this.
-    loaded_at: Timestamp,
     /// `cycle_id` ran: the client needs the new ID.
     reissue: bool,
     _reader: Option<ReaderToken>,
@@ -213,6 +214,7 @@ impl SessionHandle {
         deadline: Option<Duration>,
         f: impl FnOnce() -> crate::Result<T> + Send + 'static,
     ) -> Result<T, WebError> {
+        bump(&self.shared().stats.blocking_tasks);
         let task = tokio::task::spawn_blocking(f);
         let joined = match deadline {
             None => task.await,
@@ -281,28 +283,35 @@ impl SessionHandle {
             return Ok(());
         }
         let exclusive = mode == Mode::Exclusive;
-        let mgr = sh.mgr.clone();
-        let tag = sh.hasher.tag(&id);
-        let span = tracing::debug_span!("session.load", sid = %tag, exclusive);
-        let clock = mgr.config().clock.clone();
-        let loaded = self
-            .blocking(Some(sh.cfg.lock_timeout), move || {
-                let _e = span.entered();
-                let s = if exclusive {
-                    mgr.load_exclusive(id.as_str())?
-                } else {
-                    mgr.load(id.as_str())?
-                };
-                Ok(s.map(|s| (s, clock.now())))
-            })
-            .await?;
+        let cached = if exclusive {
+            None
+        } else {
+            self.try_cached(&id)?
+        };
+        let loaded = match cached {
+            Some(session) => Some(session),
+            None => {
+                let mgr = sh.mgr.clone();
+                let span =
+                    tracing::debug_span!("session.load", sid = %sh.hasher.tag(&id), exclusive);
+                self.blocking(Some(sh.cfg.lock_timeout), move || {
+                    let _e = span.entered();
+                    if exclusive {
+                        mgr.load_exclusive(id.as_str())
+                    } else {
+                        mgr.load(id.as_str())
+                    }
+                })
+                .await?
+            }
+        };
         match loaded {
-            Some((session, loaded_at)) => {
+            Some(session) => {
                 bump(&sh.stats.loads);
                 if seen_version.is_some_and(|v| v != session.version()) {
                     // The handler read an older snapshot: what it writes may rest on stale
                     // data. Refuse, as a commit conflict would (the session drops off-worker).
-                    leave_off_worker(session);
+                    leave_off_worker(sh, session);
                     *state = State::Finished;
                     return Err(self.err(Error::Conflict {
                         key: "(read before the last commit)".into(),
@@ -316,7 +325,6 @@ impl SessionHandle {
                 });
                 *state = State::Loaded(Box::new(LoadedState {
                     session,
-                    loaded_at,
                     reissue: false,
                     _reader: reader,
                 }));
@@ -329,11 +337,45 @@ impl SessionHandle {
         Ok(())
     }
 
-    /// A read-only snapshot of session `id`: joins a load of it that is queued but has not
-    /// started reading, or starts one. The load also ends the access (coalesced touch) on the
-    /// blocking pool, so a read-only request holds no session at all.
+    /// Session `id` from the manager's cache of decoded sessions, inline: never blocks (no
+    /// store I/O, no lock). `None`: not cached, load it on the blocking pool.
+    fn try_cached(&self, id: &SessionId) -> Result<Option<Session>, WebError> {
+        let sh = self.shared();
+        let _e =
+            tracing::debug_span!("session.load", sid = %sh.hasher.tag(id), cached = true).entered();
+        sh.mgr.try_load_cached(id.as_str()).map_err(|e| self.err(e))
+    }
+
+    /// A read-only snapshot of session `id`. From the manager's cache when it has the current
+    /// copy (inline, see [`Self::try_cached`]); otherwise joins a load of it that is queued but
+    /// has not started reading, or starts one. The access is ended (coalesced touch) right
+    /// away, inline when no write is due and on the blocking pool otherwise, so a read-only
+    /// request holds no session at all.
     async fn snapshot(&self, id: SessionId) -> Result<Option<Arc<Snapshot>>, WebError> {
         let sh = Arc::clone(&self.0.shared);
+        if let Some(session) = self.try_cached(&id)? {
+            bump(&sh.stats.loads);
+            let snap = match snapshot_of(&session) {
+                Ok(snap) => snap,
+                Err(e) => {
+                    leave_off_worker(&sh, session);
+                    return Err(self.err(e));
+                }
+            };
+            if snap.touched {
+                // Once per touch interval: the access-time write goes to the blocking pool.
+                let sh2 = Arc::clone(&sh);
+                self.blocking(None, move || {
+                    end_snapshot_access(&sh2, session, true);
+                    Ok(())
+                })
+                .await?;
+            } else {
+                // No write due: ending the access does no I/O and takes no lock.
+                end_snapshot_access(&sh, session, false);
+            }
+            return Ok(Some(Arc::new(snap)));
+        }
         let mut rx = {
             let mut flights = sh.flights.lock();
             match flights.get(&id) {
@@ -346,6 +388,7 @@ impl SessionHandle {
                     let span = tracing::debug_span!("session.load", sid = %sh.hasher.tag(&id), shared = true);
                     // Detached: every request of the flight waits on the channel with its own
                     // deadline; a dropped request leaves the load to finish for the others.
+                    bump(&sh.stats.blocking_tasks);
                     drop(tokio::task::spawn_blocking(move || {
                         let _e = span.entered();
                         sh2.flights.lock().remove(&id);
@@ -628,7 +671,7 @@ impl SessionHandle {
             State::Absent(_) if failed => Ok(None),
             State::Loaded(l) if failed && l.session.is_dirty() => {
                 tracing::debug!("handler failed: the request's session changes are dropped");
-                leave_off_worker(l.session);
+                leave_off_worker(self.shared(), l.session);
                 Ok(None)
             }
             // The transaction's commit extended the session: refresh the cookie's lifetime.
@@ -689,7 +732,6 @@ impl SessionHandle {
 
     async fn end_loaded(&self, l: LoadedState) -> Result<Option<HeaderValue>, WebError> {
         let sh = self.shared();
-        let cfg = sh.mgr.config();
         let created = l.session.created();
         let tag = sh.hasher.tag(l.session.id());
         let id = l.session.id().clone();
@@ -718,10 +760,8 @@ impl SessionHandle {
                 }
             };
         }
-        let interval = cfg.effective_touch_interval();
-        let needs_touch = l.session.last_accessed() < l.loaded_at.saturating_sub(interval);
-        if !needs_touch {
-            // Provably no I/O: the manager skips the touch by the same comparison.
+        if !l.session.access_write_due() {
+            // Provably no I/O: the manager coalesces this touch away.
             bump(&sh.stats.touches_skipped);
             let _ = l.session.commit();
             return Ok(reissue
@@ -762,6 +802,7 @@ impl Drop for RequestSession {
         if let State::Loaded(l) = st {
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
+                    bump(&self.shared.stats.blocking_tasks);
                     rt.spawn_blocking(move || drop(l));
                 }
                 Err(_) => drop(l),
@@ -788,9 +829,12 @@ fn create_with(
 }
 
 /// Ends a session on the blocking pool: dropping it may write an access time and release a lock.
-fn leave_off_worker(session: Session) {
+fn leave_off_worker(sh: &Shared, session: Session) {
     match tokio::runtime::Handle::try_current() {
-        Ok(rt) => drop(rt.spawn_blocking(move || drop(session))),
+        Ok(rt) => {
+            bump(&sh.stats.blocking_tasks);
+            drop(rt.spawn_blocking(move || drop(session)))
+        }
         Err(_) => drop(session),
     }
 }
@@ -802,31 +846,39 @@ fn load_snapshot(sh: &Shared, id: &SessionId) -> crate::Result<Option<Arc<Snapsh
         return Ok(None);
     };
     bump(&sh.stats.loads);
-    let cfg = sh.mgr.config();
-    let loaded_at = cfg.clock.now();
+    let snap = snapshot_of(&session)?;
+    end_snapshot_access(sh, session, snap.touched);
+    Ok(Some(Arc::new(snap)))
+}
+
+/// A copy of a loaded session's data; `touched` when ending it will write the access time.
+fn snapshot_of(session: &Session) -> crate::Result<Snapshot> {
     let mut data = BTreeMap::new();
     for key in session.keys() {
         if let Some(v) = session.get::<Value>(key)? {
             data.insert(key.to_owned(), v);
         }
     }
-    let touched =
-        session.last_accessed() < loaded_at.saturating_sub(cfg.effective_touch_interval());
-    let snap = Snapshot {
-        id: id.clone(),
+    Ok(Snapshot {
+        id: session.id().clone(),
         version: session.version(),
         created: session.created(),
         data,
-        touched,
-    };
+        touched: session.access_write_due(),
+    })
+}
+
+/// Ends a snapshot's access. With `touched` false this does no I/O and takes no lock (the
+/// manager coalesces the touch away), so it may run on a runtime worker.
+fn end_snapshot_access(sh: &Shared, session: Session, touched: bool) {
     if touched {
         bump(&sh.stats.touches);
-        let _s = tracing::debug_span!("session.touch", sid = %sh.hasher.tag(id)).entered();
+        let _s =
+            tracing::debug_span!("session.touch", sid = %sh.hasher.tag(session.id())).entered();
         // A failed access-time write does not fail a read-only request.
         let _ = session.commit();
     } else {
         bump(&sh.stats.touches_skipped);
         let _ = session.commit();
     }
-    Ok(Some(Arc::new(snap)))
 }

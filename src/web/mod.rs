@@ -45,7 +45,11 @@
 //!
 //! # Waiting
 //! Loads, commits, touches and lock waits run on tokio's blocking pool, never on a runtime
-//! worker. A load that waits for a lock longer than [`WebConfig::lock_timeout`] is answered
+//! worker. The exception never blocks: a session that the manager's cache of decoded sessions
+//! can answer ([`SessionManager::try_load_cached`](crate::session::SessionManager::try_load_cached):
+//! no store I/O, no lock) is read inline, and a read-only request whose access-time write is
+//! coalesced away ends inline, so a read of a hot session hands nothing to another thread
+//! ([`WebStats::blocking_tasks`] counts the hand-offs). A load that waits for a lock longer than [`WebConfig::lock_timeout`] is answered
 //! `503 Service Unavailable` with `Retry-After`. A request dropped while it waits (the client
 //! went away) never keeps a lock: the abandoned load is released as soon as it completes.
 //! Commits are not cut short by the layer (a commit abandoned by the layer could still land

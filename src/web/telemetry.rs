@@ -22,7 +22,8 @@ pub struct WebStats {
     /// Requests that looked at their session at all (the others did no store I/O and took no
     /// lock).
     pub sessions_used: u64,
-    /// Sessions loaded from the store (optimistic or exclusive).
+    /// Sessions loaded (optimistic, exclusive or read-only), from the store or from the
+    /// manager's cache of decoded sessions.
     pub loads: u64,
     /// New sessions stored (at the end of the first request that wrote something).
     pub created: u64,
@@ -54,6 +55,10 @@ pub struct WebStats {
     pub max_concurrent_readers: u64,
     /// Most store updates (data writes and touches) that one request caused.
     pub max_writes_per_request: u64,
+    /// Jobs handed to tokio's blocking pool (loads the session cache could not answer,
+    /// commits, due touches, lock waits, cleanups). A read of a cached session whose touch is
+    /// coalesced away hands off nothing.
+    pub blocking_tasks: u64,
 }
 
 #[derive(Debug, Default)]
@@ -75,6 +80,7 @@ pub(crate) struct Counters {
     pub gc_deleted: AtomicU64,
     pub max_concurrent_readers: AtomicU64,
     pub max_writes_per_request: AtomicU64,
+    pub blocking_tasks: AtomicU64,
 }
 
 /// Relaxed everywhere: the counters are statistics, read without ordering against anything.
@@ -103,6 +109,7 @@ impl Counters {
             gc_deleted: g(&self.gc_deleted),
             max_concurrent_readers: g(&self.max_concurrent_readers),
             max_writes_per_request: g(&self.max_writes_per_request),
+            blocking_tasks: g(&self.blocking_tasks),
         }
     }
 }
