@@ -8,7 +8,7 @@
 //! Without it a test fails under `CI=true` and is skipped, loudly, otherwise.
 #![allow(dead_code, unused_imports)] // parts are unused with some features off
 
-use locktable::cache::{Cache, CacheConfig, IdKey};
+use locktable::cache::{Cache, CacheConfig, CreationLock, IdKey};
 use locktable::session::Store;
 use locktable::{Error, LockTable, TableOptions};
 use std::path::Path;
@@ -54,15 +54,26 @@ fn unique(tag: &str) -> String {
 /// 8 threads, each with its own handle on the lock table file and one shared store, released
 /// together on a key whose value has just expired (stale grace 0: nobody may serve it).
 fn one_creation_for_eight_threads(store: Arc<dyn Store>, dir: &Path) {
+    let table = || -> Arc<dyn CreationLock> {
+        Arc::new(LockTable::open(dir.join("locks.table"), &TableOptions::default()).unwrap())
+    };
+    one_creation_for_eight_claimers(store, table);
+}
+
+/// The same with each thread's creation lock from `claim_lock` (its own handle, as its own
+/// process or host would have).
+fn one_creation_for_eight_claimers(
+    store: Arc<dyn Store>,
+    claim_lock: impl Fn() -> Arc<dyn CreationLock>,
+) {
     let key = IdKey::generate().unwrap();
     let handle = |store: Arc<dyn Store>| {
-        let table = LockTable::open(dir.join("locks.table"), &TableOptions::default()).unwrap();
         let cfg = CacheConfig {
             stale_grace: Duration::ZERO,
             wait_timeout: Duration::from_secs(30),
             ..CacheConfig::default()
         };
-        Cache::new(Arc::new(table), store, key.clone(), cfg)
+        Cache::new(claim_lock(), store, key.clone(), cfg)
     };
     let region = handle(store.clone()).region("r");
     region.set("k", &"old".to_owned(), Duration::ZERO).unwrap();
@@ -158,4 +169,28 @@ fn postgres_one_creation_for_eight_threads() {
     )
     .unwrap();
     one_creation_for_eight_threads(Arc::new(store), dir.path());
+}
+
+/// Several hosts: each thread's claim is a PostgreSQL advisory lock through its own pool, and the
+/// threads share nothing but the database (no lock-table file).
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_advisory_claim_one_creation_for_eight_hosts() {
+    let Some(url) = required_env("LOCKTABLE_PG_URL") else {
+        return;
+    };
+    let store = locktable::session::PgStore::with_pool(
+        locktable::session::PgPool::connect(&url).unwrap(),
+        locktable::session::PgStoreOptions {
+            schema: "locktable_cachestores".into(),
+            table: unique("t"),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let secret = store.lock_secret();
+    let claim_lock = || -> Arc<dyn CreationLock> {
+        Arc::new(locktable::session::PgLocks::connect(&url, secret).unwrap())
+    };
+    one_creation_for_eight_claimers(Arc::new(store), claim_lock);
 }

@@ -91,3 +91,19 @@ impl CreationLock for LockTable {
         Ok(Claim::new(g.into_owned(), died))
     }
 }
+
+/// The claim as a PostgreSQL exclusive advisory lock (on a keyed hash of the claim's name), for
+/// caches that several hosts share through one database: the server queues the waiters, bounds
+/// the wait with `lock_timeout`, and releases the claim when the creator's connection dies. A
+/// database has no "previous owner died" state (a dead client's statements committed whole or
+/// not at all), so the flag is always `false`.
+#[cfg(feature = "postgres")]
+impl CreationLock for crate::session::PgLocks {
+    fn try_claim(&self, name: &str) -> Result<Option<Claim>> {
+        Ok(self.try_write(name)?.map(|g| Claim::new(g, false)))
+    }
+
+    fn claim_timeout(&self, name: &str, timeout: Duration) -> Result<Claim> {
+        Ok(Claim::new(self.write_timeout(name, timeout)?, false))
+    }
+}
