@@ -56,7 +56,8 @@ pub(crate) struct DemoArgs {
     #[arg(long)]
     fsync: bool,
     /// Session store of the locktable side: memory, file[:DIR], kv[:DIR] (LMDB),
-    /// redis://HOST:PORT/ or memcached://HOST:PORT. Without DIR, a temporary directory.
+    /// redis://HOST:PORT/, memcached://HOST:PORT or postgres://USER@HOST:PORT/DB (sessions and
+    /// locks on the server, workers sharing nothing else). Without DIR, a temporary directory.
     #[arg(long, default_value = "file")]
     store: String,
 }

@@ -23,10 +23,14 @@ pub(crate) enum StoreSpec {
     Redis(String),
     /// `memcached://...`: a memcached server.
     Memcached(String),
+    /// `postgres://...` or `postgresql://...`: sessions and locks both on a PostgreSQL server;
+    /// workers share nothing else (no lock table, no directory), as separate hosts would.
+    Postgres(String),
 }
 
 impl StoreSpec {
-    /// Parses `memory`, `file[:DIR]`, `kv[:DIR]`, `redis://..`, `memcached://..`.
+    /// Parses `memory`, `file[:DIR]`, `kv[:DIR]`, `redis://..`, `memcached://..`,
+    /// `postgres://..` (or `postgresql://..`).
     pub(crate) fn parse(s: &str) -> std::result::Result<StoreSpec, String> {
         let dir = |d: &str| (!d.is_empty()).then(|| PathBuf::from(d));
         if s == "memory" {
@@ -43,10 +47,12 @@ impl StoreSpec {
             Ok(StoreSpec::Redis(s.to_owned()))
         } else if s.starts_with("memcached://") {
             Ok(StoreSpec::Memcached(s.to_owned()))
+        } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(StoreSpec::Postgres(s.to_owned()))
         } else {
             Err(format!(
-                "--store {s:?}: want memory, file[:DIR], kv[:DIR], redis://HOST:PORT/ or \
-                 memcached://HOST:PORT"
+                "--store {s:?}: want memory, file[:DIR], kv[:DIR], redis://HOST:PORT/, \
+                 memcached://HOST:PORT or postgres://USER@HOST:PORT/DB"
             ))
         }
     }
@@ -61,7 +67,7 @@ impl StoreSpec {
             StoreSpec::Memory => "memory".into(),
             StoreSpec::File(d) => with_dir("file", d),
             StoreSpec::Kv(d) => with_dir("kv", d),
-            StoreSpec::Redis(u) | StoreSpec::Memcached(u) => u.clone(),
+            StoreSpec::Redis(u) | StoreSpec::Memcached(u) | StoreSpec::Postgres(u) => u.clone(),
         }
     }
 
@@ -92,6 +98,11 @@ impl StoreSpec {
             StoreSpec::Kv(_) => format!("kv (LMDB), one write transaction per save, {sync}"),
             StoreSpec::Redis(u) => format!("redis at {u}, Lua compare-and-swap"),
             StoreSpec::Memcached(u) => format!("memcached at {u}, gets/cas"),
+            StoreSpec::Postgres(u) => format!(
+                "postgres at {}, version compare-and-set + advisory locks; \
+                 workers share nothing else (no lock table, no directory)",
+                without_password(u)
+            ),
         }
     }
 
@@ -116,11 +127,34 @@ impl StoreSpec {
             StoreSpec::Kv(_) => open_kv(dir, cfg),
             StoreSpec::Redis(url) => open_redis(url, dir, cfg, prefix),
             StoreSpec::Memcached(url) => open_memcached(url, dir, cfg, prefix),
+            // No `dir`, no lock table: the server holds the records and the locks, so each
+            // worker process is a host of its own. The random session IDs keep runs apart.
+            StoreSpec::Postgres(url) => open_postgres(url, cfg),
         }
     }
 }
 
-#[cfg(not(all(feature = "lmdb", feature = "redis", feature = "memcached")))]
+/// `url` with any password replaced by `***`, for printing.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => match rest[..at].split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(not(all(
+    feature = "lmdb",
+    feature = "redis",
+    feature = "memcached",
+    feature = "postgres"
+)))]
 fn without(feature: &str) -> Error {
     Error::Backend(format!(
         "this locktable binary was built without the `{feature}` feature \
@@ -176,6 +210,16 @@ fn open_memcached(_: &str, dir: &Path, _: SessionConfig, _: &str) -> Result<Sess
     Err(without("memcached"))
 }
 
+#[cfg(feature = "postgres")]
+fn open_postgres(url: &str, cfg: SessionConfig) -> Result<SessionManager> {
+    SessionManager::postgres_with(url, locktable::session::PgStoreOptions::default(), cfg)
+}
+
+#[cfg(not(feature = "postgres"))]
+fn open_postgres(_: &str, _: SessionConfig) -> Result<SessionManager> {
+    Err(without("postgres"))
+}
+
 /// A key prefix of this demo run: runs on one server never see each other's sessions.
 pub(crate) fn run_prefix() -> Result<String> {
     let mut r = [0u8; 6];
@@ -198,18 +242,33 @@ mod tests {
             "kv:/tmp/y",
             "redis://127.0.0.1:6379/",
             "memcached://127.0.0.1:11211",
+            "postgres://u@127.0.0.1:5432/db",
+            "postgresql://u@127.0.0.1/db",
         ] {
             let spec = StoreSpec::parse(s).unwrap();
             assert_eq!(StoreSpec::parse(&spec.to_arg()).unwrap(), spec, "{s}");
         }
         assert_eq!(StoreSpec::parse("file:").unwrap(), StoreSpec::File(None));
-        for bad in ["", "mem", "postgres://x", "kv/tmp"] {
+        for bad in ["", "mem", "postgres:x", "pg://x", "kv/tmp"] {
             assert!(StoreSpec::parse(bad).is_err(), "{bad}");
         }
         assert!(!StoreSpec::Memory.shared_across_processes());
         assert_eq!(
             StoreSpec::Kv(Some("/d".into())).system_dir(Path::new("/x")),
             PathBuf::from("/d")
+        );
+    }
+
+    #[test]
+    fn a_postgres_password_is_never_printed() {
+        let d = StoreSpec::parse("postgres://app:s3cret@db:5432/app")
+            .unwrap()
+            .describe(false);
+        assert!(!d.contains("s3cret"), "{d}");
+        assert!(d.contains("postgres://app:***@db:5432/app"), "{d}");
+        assert_eq!(
+            without_password("postgresql://app@db:5432/x"),
+            "postgresql://app@db:5432/x"
         );
     }
 }

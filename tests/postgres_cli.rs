@@ -1,0 +1,95 @@
+//! `locktable demo --store postgres://...`: worker processes that share nothing but the
+//! PostgreSQL server (no lock table, no directory) print the usual report, with no lost update.
+//!
+//! The server comes from `LOCKTABLE_PG_URL` (`eval "$(scripts/pg-server start)"`; `./scripts/test`
+//! does it): unset, this fails under `CI=true` and is skipped, loudly, otherwise.
+
+use std::process::Command;
+
+fn pg_url() -> Option<String> {
+    match std::env::var("LOCKTABLE_PG_URL") {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            assert!(
+                !ci,
+                "LOCKTABLE_PG_URL is not set but CI=true (eval \"$(scripts/pg-server start)\")"
+            );
+            eprintln!("SKIPPED: no LOCKTABLE_PG_URL (eval \"$(scripts/pg-server start)\" first)");
+            None
+        }
+    }
+}
+
+/// The first number of a row of the report table.
+fn row(report: &str, name: &str) -> f64 {
+    let line = report
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("no {name:?} row in {report}"));
+    line[name.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| panic!("{name}: {line:?}"))
+}
+
+#[test]
+fn demo_on_postgres_loses_nothing_beside_the_baseline() {
+    let Some(url) = pg_url() else { return };
+    let o = Command::new(env!("CARGO_BIN_EXE_locktable"))
+        .args([
+            "demo",
+            "--store",
+            &url,
+            "--compare",
+            "--secs",
+            "1",
+            "--workers",
+            "3",
+        ])
+        .output()
+        .expect("run locktable");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{}\n{out}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("3 worker processes"), "{out}");
+    let header = out.lines().nth(1).unwrap_or_default();
+    assert!(header.contains("postgres at"), "{out}");
+    assert!(header.contains("no lock table"), "{out}");
+    let requests = out
+        .lines()
+        .find(|l| l.starts_with("requests/s"))
+        .expect("requests row");
+    let per_system: Vec<f64> = requests["requests/s".len()..]
+        .split_whitespace()
+        .map(|x| x.parse().expect("a number"))
+        .collect();
+    assert!(per_system.len() == 2 && per_system[0] > 0.0, "{out}");
+    // The lost-updates row's first column is the PostgreSQL side.
+    assert_eq!(row(&out, "lost updates"), 0.0, "{out}");
+    // 1 writing + 4 reading requests per page: reads write no data.
+    assert!(row(&out, "data writes / 1k requests") <= 250.0, "{out}");
+}
+
+#[test]
+fn an_unreachable_postgres_server_is_a_clear_error_not_a_panic() {
+    // Port 1 on loopback: nothing listens there, so the connection is refused at once.
+    let o = Command::new(env!("CARGO_BIN_EXE_locktable"))
+        .args([
+            "demo",
+            "--store",
+            "postgres://nobody@127.0.0.1:1/none",
+            "--secs",
+            "0.2",
+        ])
+        .output()
+        .expect("run locktable");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("locktable: demo:"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
