@@ -109,7 +109,7 @@ fn demo_on_file_is_the_default() {
 
 #[test]
 fn demo_refuses_an_unknown_store_with_a_usage_error() {
-    let o = locktable(&["demo", "--store", "postgres://x"]);
+    let o = locktable(&["demo", "--store", "mongodb://x"]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
