@@ -290,7 +290,7 @@ impl PthreadMech {
             .expect("create mapping file");
         let map = map_shared(&path, len);
         let mut attr = std::mem::MaybeUninit::<libc::pthread_rwlockattr_t>::uninit();
-        // SAFETY: `attr` is writable storage for one attribute object;
+        // `attr` is writable storage for one attribute object;
         // pthread_rwlockattr_init initialises it before anything reads it,
         // and we check its result before using the object. The rwlocks are
         // initialised at offsets i * PTHREAD_STRIDE (i < count), which lie
@@ -299,6 +299,7 @@ impl PthreadMech {
         // alignment), and are not in use by anyone yet (the file is new and
         // no child has been started). The mapping outlives every pointer
         // into it: workers hold an `Arc` of it.
+        // SAFETY: sound for the reasons just given.
         unsafe {
             let a = attr.as_mut_ptr();
             assert_eq!(libc::pthread_rwlockattr_init(a), 0);
@@ -327,19 +328,21 @@ struct PthreadWorker {
     lock: *mut libc::pthread_rwlock_t,
 }
 
-// SAFETY: the pointer targets a process-shared rwlock inside a mapping that
+// the pointer targets a process-shared rwlock inside a mapping that
 // the worker keeps alive through its `Arc`; pthread rwlocks are designed to
 // be locked and unlocked from any thread (a worker releases on the thread
 // that acquired, within one call), so moving the worker to another thread
 // is sound.
+// SAFETY: sound for the reasons just given.
 unsafe impl Send for PthreadWorker {}
 
 impl Worker for PthreadWorker {
     #[inline]
     fn read_cycle(&mut self) {
-        // SAFETY: `lock` points to an initialised process-shared rwlock in a
+        // `lock` points to an initialised process-shared rwlock in a
         // live mapping (see `PthreadWorker`); we release the hold we just
         // took, on the same thread, and never hold it across calls.
+        // SAFETY: sound for the reasons just given.
         unsafe {
             let rc = libc::pthread_rwlock_rdlock(black_box(self.lock));
             debug_assert_eq!(rc, 0);
@@ -385,10 +388,11 @@ impl Drop for PthreadMech {
         // locks are unheld. The `Arc` count tells us nobody kept one.
         if Arc::strong_count(&self.map) == 1 {
             for i in 0..self.count {
-                // SAFETY: the lock at this offset was initialised in `new`,
+                // the lock at this offset was initialised in `new`,
                 // nothing holds or uses it any more (no other `Arc` of the
                 // mapping exists and all child processes have exited), and it
                 // is destroyed exactly once.
+                // SAFETY: sound for the reasons just given.
                 unsafe {
                     libc::pthread_rwlock_destroy(self.map.as_mut_ptr().add(i * PTHREAD_STRIDE)
                         as *mut libc::pthread_rwlock_t);
@@ -420,8 +424,9 @@ impl LockFiles {
 }
 
 fn flock(fd: i32, op: i32) {
-    // SAFETY: flock only reads its integer arguments; an invalid descriptor
+    // flock only reads its integer arguments; an invalid descriptor
     // would give EBADF (checked below), never undefined behaviour.
+    // SAFETY: sound for the reasons just given.
     let rc = unsafe { libc::flock(fd, op) };
     if rc != 0 {
         panic!("flock: {}", std::io::Error::last_os_error());
@@ -476,9 +481,10 @@ impl OpenFlockWorker {
     }
     #[inline]
     fn cycle(&mut self, op: i32) {
-        // SAFETY: `self.0` is a valid NUL-terminated path that outlives the
+        // `self.0` is a valid NUL-terminated path that outlives the
         // call; open returns a new descriptor (checked) that only this
         // function uses and closes exactly once.
+        // SAFETY: sound for the reasons just given.
         unsafe {
             let fd = libc::open(
                 self.0.as_ptr(),

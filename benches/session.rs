@@ -296,8 +296,9 @@ fn overwrite_in_place(path: &Path, snapshot: &BeakerFile) {
 fn flock(f: &File, op: libc::c_int) {
     use std::os::fd::AsRawFd;
     loop {
-        // SAFETY: `f` is an open file borrowed for the whole call, so the descriptor is valid;
+        // `f` is an open file borrowed for the whole call, so the descriptor is valid;
         // flock takes no pointers and has no other memory effects.
+        // SAFETY: sound for the reasons just given.
         let r = unsafe { libc::flock(f.as_raw_fd(), op) };
         if r == 0 {
             return;

@@ -49,14 +49,16 @@ impl Shared {
 }
 
 fn unsafe_read(p: *const u64) -> u64 {
-    // SAFETY: called only while holding a read, upgradable or write lock on
+    // called only while holding a read, upgradable or write lock on
     // SLOT; loom's UnsafeCell checks that no write overlaps this read.
+    // SAFETY: sound for the reasons just given.
     unsafe { *p }
 }
 
 fn unsafe_bump(p: *mut u64) {
-    // SAFETY: called only while holding the write lock on SLOT; loom's
+    // called only while holding the write lock on SLOT; loom's
     // UnsafeCell checks that no other access overlaps this write.
+    // SAFETY: sound for the reasons just given.
     unsafe { *p += 1 }
 }
 

@@ -144,8 +144,9 @@ impl Watcher {
 impl Shared {
     fn notify(&self) {
         let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to a descriptor we own. A
+        // writes 8 bytes from a live u64 to a descriptor we own. A
         // full counter (EAGAIN) already means "pending", so errors are moot.
+        // SAFETY: sound for the reasons just given.
         unsafe {
             libc::write(
                 self.eventfd.as_raw_fd(),

@@ -76,8 +76,9 @@ impl Check {
             .write(true)
             .open(dir.join("check"))
             .unwrap();
-        // SAFETY: the file is ours for the test, and every process accesses
+        // the file is ours for the test, and every process accesses
         // its words only atomically (see `word`).
+        // SAFETY: sound for the reasons just given.
         let map = unsafe { MmapMut::map_mut(&f) }.unwrap();
         Check { map }
     }

@@ -130,10 +130,11 @@ fn a_forked_child_neither_inherits_nor_disturbs_the_watcher() {
     let r = table.write_timeout(ID, Duration::from_millis(100));
     assert!(matches!(r, Err(locktable::Error::Timeout)), "{r:?}");
     let copy = table.clone();
-    // SAFETY: the child only checks its inert handle (an atomic load and a
+    // the child only checks its inert handle (an atomic load and a
     // unit error), drops it (which, in a child, neither detaches nor
     // signals the parent's watcher; glibc's malloc is fork-safe) and exits
     // with `_exit`.
+    // SAFETY: sound for the reasons just given.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {

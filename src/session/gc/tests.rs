@@ -332,8 +332,9 @@ fn dropping_a_handle_copied_into_a_forked_child_returns_at_once() {
         let _ = release_rx.recv();
     });
     locked_rx.recv().unwrap();
-    // SAFETY: the child only reads an atomic, drops the handle (an atomic load and a
+    // the child only reads an atomic, drops the handle (an atomic load and a
     // decrement, no allocation, no lock) and calls _exit.
+    // SAFETY: sound for the reasons just given.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {

@@ -213,18 +213,20 @@ impl Shared {
             .max_dbs(2)
             .max_readers(opts.max_readers);
         if !opts.fsync {
-            // SAFETY: NO_SYNC only gives up durability against power loss (LMDB still writes
+            // NO_SYNC only gives up durability against power loss (LMDB still writes
             // copy-on-write pages and a meta page, so no crash of a process tears anything);
             // it is not one of the flags that break LMDB's locking (NO_LOCK).
+            // SAFETY: sound for the reasons just given.
             unsafe {
                 builder.flags(heed::EnvFlags::NO_SYNC);
             }
         }
         let mut tries = 0;
         let env = loop {
-            // SAFETY: the files are LMDB's own, used only through LMDB with its locking on;
+            // the files are LMDB's own, used only through LMDB with its locking on;
             // this process opens each directory once (`OPEN`, and heed refuses a second open),
             // and the environment is never used in a forked child (`check_fork`).
+            // SAFETY: sound for the reasons just given.
             match unsafe { builder.open(&dir) } {
                 Ok(env) => break env,
                 // The last store of this directory may be closing its environment right now:
