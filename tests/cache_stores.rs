@@ -5,7 +5,7 @@
 //! Each test needs its store's feature (`lmdb`, `redis`, `memcached`, `postgres`); the server
 //! stores take their server from `LOCKTABLE_REDIS_URL`, `LOCKTABLE_MEMCACHED_URL` (`eval
 //! "$(scripts/services start)"`) or `LOCKTABLE_PG_URL` (`eval "$(scripts/pg-server start)"`).
-//! Without it a test fails under `CI=true` and is skipped, loudly, otherwise.
+//! Without it a test fails, saying how to start the server.
 #![allow(dead_code, unused_imports)] // parts are unused with some features off
 
 use locktable::cache::{Cache, CacheConfig, CreationLock, IdKey};
@@ -18,21 +18,12 @@ use std::time::Duration;
 
 const THREADS: usize = 8;
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// The value of `var`, or `None` after a loud SKIPPED line; a failure under `CI=true`.
+/// The value of `var`; a test failure when it is unset (the test command starts the servers).
 fn required_env(var: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(v) if !v.is_empty() => Some(v),
         _ => {
-            assert!(
-                !ci(),
-                "{var} is not set but CI=true: these tests need a real server"
-            );
-            eprintln!("SKIPPED: no {var} (scripts/services or scripts/pg-server start it)");
-            None
+            panic!("{var} is not set: these tests need a real server");
         }
     }
 }
