@@ -429,15 +429,14 @@ impl MemcachedStore {
     /// The expiry rule the native TTL assumes at a save (see
     /// `RedisStore::with_rule_of`, which this mirrors).
     pub fn with_rule_of(mut self, cfg: &SessionConfig) -> Self {
-        self.rule = TtlRule::new(cfg.idle_timeout, cfg.max_lifetime, self.rule.grace());
+        self.rule = self.rule.of_config(cfg);
         self
     }
 
     /// Extra time the server keeps a session after the manager would find it expired
     /// (default 60 s).
     pub fn with_native_grace(mut self, d: Duration) -> Self {
-        let c = self.rule.cutoffs(Timestamp(0));
-        self.rule = TtlRule::new(c.idle_timeout, c.max_lifetime, d);
+        self.rule = self.rule.with_grace(d);
         self
     }
 

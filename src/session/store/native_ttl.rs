@@ -41,6 +41,17 @@ impl TtlRule {
         }
     }
 
+    /// The manager's rule (`idle_timeout`, `max_lifetime`) with this rule's grace.
+    pub(super) fn of_config(&self, cfg: &crate::session::SessionConfig) -> TtlRule {
+        TtlRule::new(cfg.idle_timeout, cfg.max_lifetime, self.grace)
+    }
+
+    /// This rule with another grace.
+    pub(super) fn with_grace(&self, grace: Duration) -> TtlRule {
+        let c = self.cutoffs(Timestamp(0));
+        TtlRule::new(c.idle_timeout, c.max_lifetime, grace)
+    }
+
     /// Raises the assumed rule to the manager's, if larger.
     pub(super) fn learn(&self, c: &Cutoffs) {
         // Relaxed: each value is an independent upper bound read on its own; no other memory

@@ -287,15 +287,14 @@ impl RedisStore {
     /// raises what it assumes; give it the manager's configuration so that even a session saved
     /// before any touch keeps a TTL long enough.
     pub fn with_rule_of(mut self, cfg: &SessionConfig) -> Self {
-        self.rule = TtlRule::new(cfg.idle_timeout, cfg.max_lifetime, self.rule.grace());
+        self.rule = self.rule.of_config(cfg);
         self
     }
 
     /// Extra time the server keeps a session after the manager would find it expired (default
     /// 60 s), so clock differences between hosts never lose a live session.
     pub fn with_native_grace(mut self, d: Duration) -> Self {
-        let c = self.rule.cutoffs(Timestamp(0));
-        self.rule = TtlRule::new(c.idle_timeout, c.max_lifetime, d);
+        self.rule = self.rule.with_grace(d);
         self
     }
 
