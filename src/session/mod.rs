@@ -86,8 +86,8 @@ pub use store::MemcachedStore;
 #[cfg(feature = "redis")]
 pub use store::RedisStore;
 pub use store::{
-    Capabilities, Clock, Cutoffs, ExpiredScan, Expiry, FileStore, ManualClock, MemoryStore,
-    SessionMeta, Store, StoredSession, SystemClock, Timestamp, Touch,
+    Capabilities, ChangedValue, Clock, Cutoffs, ExpiredScan, Expiry, FileStore, ManualClock,
+    MemoryStore, SessionMeta, Store, StoredHead, StoredSession, SystemClock, Timestamp, Touch,
 };
 #[cfg(feature = "lmdb")]
 pub use store::{KvOptions, KvStore};
@@ -96,7 +96,7 @@ pub use store::{PgStore, PgStoreOptions};
 
 use crate::{Error, LockTable, Result, TableOptions};
 use locks::Deadline;
-use record::{Record, RecordBody};
+use record::{Head, KeyState, Record, RecordBody};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -161,6 +161,12 @@ pub struct SessionConfig {
     /// [`FileStore`]) or in memory (a store private to the process); for any other store the
     /// cache stays off. See [`ManagerStats::cache_hits`].
     pub cache_bytes: usize,
+    /// Sessions whose stored size exceeds this many bytes are loaded **by key** from a store
+    /// that keeps values per key ([`Capabilities::per_key`]): a load reads the session's head
+    /// only, and [`Session::get`] reads a value on its first use. Smaller sessions (and every
+    /// session of other stores) are loaded whole. Default 256 KiB; `u64::MAX` loads every
+    /// session whole (no `get` can then fail with a conflict, see [`Session::get`]).
+    pub lazy_above: u64,
 }
 
 impl Default for SessionConfig {
@@ -178,6 +184,7 @@ impl Default for SessionConfig {
             fsync: true,
             lock_timeout: Duration::from_secs(5),
             cache_bytes: 64 << 20,
+            lazy_above: 256 << 10,
         }
     }
 }
@@ -282,6 +289,9 @@ struct Inner {
     cache: Option<cache::SessionCache>,
     /// The fork epoch this manager was made in: a forked child's copy refuses to act.
     fork_epoch: u64,
+    /// The store keeps values per key ([`Capabilities::per_key`]): loads may read heads only,
+    /// commits write deltas.
+    per_key: bool,
 }
 
 /// Entry point of the session layer; cheap to clone and share between threads.
@@ -292,10 +302,13 @@ pub struct SessionManager {
 
 /// A record as read from the store, validated.
 struct Loaded {
+    /// The record; for a session loaded by key (`head` set), its body is empty.
     record: Record,
     last_accessed: Timestamp,
     /// Encoded size (what the cache's byte bound counts).
     size: usize,
+    /// The head of a session loaded by key: its values are read on first use.
+    head: Option<Arc<Head>>,
 }
 
 impl SessionManager {
@@ -415,6 +428,7 @@ impl SessionManager {
         SessionManager {
             inner: Arc::new(Inner {
                 locks,
+                per_key: store.capabilities().per_key,
                 store,
                 cfg,
                 counters: Counters::default(),
@@ -472,6 +486,7 @@ impl SessionManager {
             },
             last_accessed: now,
             size: 0,
+            head: None,
         };
         bump(&inner.counters.loads);
         let mut s = Session::new(
@@ -569,7 +584,7 @@ impl SessionManager {
         let (loaded, hold) = if exclusive {
             let g = locks::upgradable(&inner.locks, &id, d)?;
             let died = g.previous_owner_died();
-            let loaded = inner.read_validated(&id, died);
+            let loaded = inner.read_for_load(&id, died);
             if loaded.is_err() {
                 // The corruption policy may need the write lock: let go first.
                 drop(g);
@@ -581,10 +596,13 @@ impl SessionManager {
             let g = locks::read(&inner.locks, &id, d)?;
             let died = g.previous_owner_died();
             let stamp = inner.cache.as_ref().and_then(|c| c.fill_stamp(&id));
-            let loaded = inner.read_validated(&id, died);
+            let loaded = inner.read_for_load(&id, died);
             drop(g);
             if let (Some(stamp), Ok(Some(l))) = (stamp, &loaded) {
-                inner.cache_fill(&id, stamp, l);
+                // Only whole sessions: a copy loaded by key lacks its values.
+                if l.head.is_none() {
+                    inner.cache_fill(&id, stamp, l);
+                }
             }
             (inner.handle_corrupt(&id, loaded, died, d)?, None)
         };
@@ -660,6 +678,12 @@ impl SessionManager {
             };
             let r = match f(&mut s) {
                 Ok(r) => r,
+                // A value of the loaded version was gone (another commit replaced it): run
+                // `f` again on fresh data, as after a conflicting commit.
+                Err(Error::Conflict { .. }) if s.saw_stale_value() && !exclusive => {
+                    s.discard();
+                    continue;
+                }
                 Err(e) => {
                     s.discard();
                     return Err(e);
@@ -783,6 +807,7 @@ impl Inner {
                 },
                 last_accessed: la,
                 size: 0,
+                head: None,
             },
             Some(Arc::clone(&c.data)),
             now,
@@ -857,7 +882,60 @@ impl Inner {
             record,
             last_accessed: m.last_accessed,
             size: st.bytes.len(),
+            head: None,
         }))
+    }
+
+    /// What a load reads: the whole record, or on a per-key store the head, with the values
+    /// when the session is at most [`SessionConfig::lazy_above`] bytes (then it is whole).
+    fn read_for_load(&self, id: &SessionId, owner_died: bool) -> Result<Option<Loaded>> {
+        if !self.per_key {
+            return self.read_validated(id, owner_died);
+        }
+        if owner_died {
+            bump(&self.counters.owner_died_seen);
+        }
+        let Some((st, head)) = self.read_head(id, self.cfg.lazy_above)? else {
+            return Ok(None);
+        };
+        let size = usize::try_from(st.meta.size).unwrap_or(usize::MAX);
+        let record = match &st.values {
+            Some(values) => record::join(&head, &values.iter().cloned().collect())?,
+            None => Record {
+                version: head.version,
+                created: head.created,
+                expiry: head.expiry,
+                body: RecordBody::default(),
+            },
+        };
+        Ok(Some(Loaded {
+            record,
+            last_accessed: st.meta.last_accessed,
+            size,
+            head: st.values.is_none().then(|| Arc::new(head)),
+        }))
+    }
+
+    /// Reads and validates a session's head (and values, when the store gives them).
+    fn read_head(&self, id: &SessionId, values_up_to: u64) -> Result<Option<(StoredHead, Head)>> {
+        let max = self.cfg.max_record_size;
+        let Some(st) = self.store.load_head(id, max, values_up_to)? else {
+            return Ok(None);
+        };
+        if st.meta.size > max as u64 {
+            return Err(Error::TooLarge {
+                size: usize::try_from(st.meta.size).unwrap_or(usize::MAX),
+                limit: max,
+            });
+        }
+        let head = record::decode_head(&st.head, max)?;
+        let m = &st.meta;
+        if head.version != m.version || head.created != m.created.0 || head.expiry != m.expiry {
+            return Err(Error::SessionCorrupt(
+                "store metadata disagrees with the head".into(),
+            ));
+        }
+        Ok(Some((st, head)))
     }
 
     /// Applies the corruption policy to the result of [`Inner::read_validated`] (no lock held).
@@ -957,6 +1035,18 @@ pub struct Session {
     finished: bool,
     /// A commit was attempted (and failed): dropping it is no silent loss.
     commit_tried: bool,
+    /// Loaded by key: the head, and the values read so far.
+    lazy: Option<Lazy>,
+    /// A value of the loaded version was gone when `get` asked for it (see [`Session::get`]).
+    stale: std::sync::atomic::AtomicBool,
+}
+
+/// The by-key part of a session loaded by key.
+#[derive(Debug)]
+struct Lazy {
+    head: Arc<Head>,
+    /// Values read so far (all of the loaded version).
+    fetched: parking_lot::Mutex<BTreeMap<String, Arc<Value>>>,
 }
 
 impl Session {
@@ -986,6 +1076,11 @@ impl Session {
             exclusive,
             finished: false,
             commit_tried: false,
+            lazy: loaded.head.map(|head| Lazy {
+                head,
+                fetched: Default::default(),
+            }),
+            stale: Default::default(),
         }
     }
 
@@ -1065,11 +1160,88 @@ impl Session {
     }
 
     /// Reads a value; `Ok(None)` if absent, [`Error::Serialize`] if it has another type.
+    ///
+    /// A session loaded **by key** (a large session on a store that keeps values per key, see
+    /// [`SessionConfig::lazy_above`]) reads each value from the store on its first `get`, at the
+    /// version this request loaded. If another commit replaced that value since (the store no
+    /// longer has it), the `get` fails with [`Error::Conflict`] for its key: a request never
+    /// sees values of two versions. [`SessionManager::transact`] then runs its function again on
+    /// fresh data, and [`Session::commit`] of such a session fails with the same conflict.
+    ///
+    /// ```
+    /// use locktable::session::{SessionConfig, SessionManager};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// // Every session loaded by key (the default loads only big ones that way).
+    /// let cfg = SessionConfig { lazy_above: 0, ..SessionConfig::default() };
+    /// let mgr = SessionManager::new_kv(dir.path(), cfg).unwrap();
+    /// let mut s = mgr.create().unwrap();
+    /// s.insert("big", &"x".repeat(10_000)).unwrap();
+    /// s.insert("small", &1).unwrap();
+    /// let cookie = s.id().to_string();
+    /// s.commit().unwrap();
+    /// // This load reads the head only; the get reads one value.
+    /// let s = mgr.load(&cookie).unwrap().unwrap();
+    /// assert_eq!(s.get::<u32>("small").unwrap(), Some(1));
+    /// assert_eq!(s.keys().collect::<Vec<_>>(), ["big", "small"]);
+    /// ```
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
-        match self.data.get(key) {
-            None => Ok(None),
-            Some(v) => Ok(Some(T::deserialize(v)?)),
+        if let Some(v) = self.data.get(key) {
+            return Ok(Some(T::deserialize(v)?));
         }
+        match self.lazy_value(key)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(T::deserialize(&*v)?)),
+        }
+    }
+
+    /// The loaded version's value of a key this request did not write, read on first use
+    /// (sessions loaded by key only).
+    fn lazy_value(&self, key: &str) -> Result<Option<Arc<Value>>> {
+        let Some(lazy) = &self.lazy else {
+            return Ok(None);
+        };
+        if self.delta.contains_key(key) {
+            // Written by this request: `data` has it, or it was removed.
+            return Ok(None);
+        }
+        let Some(state) = lazy.head.keys.get(key).filter(|k| k.size.is_some()) else {
+            return Ok(None);
+        };
+        if let Some(v) = lazy.fetched.lock().get(key) {
+            return Ok(Some(Arc::clone(v)));
+        }
+        self.mgr.check_fork()?;
+        let read = self
+            .mgr
+            .store
+            .load_values(&self.id, self.base_version, &[key])?;
+        let Some(bytes) = read.and_then(|mut v| v.pop()) else {
+            // The session moved on (or is gone): this version's value may no longer exist.
+            self.stale.store(true, Ordering::Relaxed);
+            bump(&self.mgr.counters.conflicts);
+            return Err(Error::Conflict {
+                key: key.to_owned(),
+            });
+        };
+        let bytes = bytes
+            .ok_or_else(|| Error::SessionCorrupt("a live key's stored value is missing".into()))?;
+        let v = Arc::new(record::decode_value(key, state, &bytes)?);
+        lazy.fetched.lock().insert(key.to_owned(), Arc::clone(&v));
+        Ok(Some(v))
+    }
+
+    /// True when a [`Session::get`] of this session found its loaded version's value gone.
+    fn saw_stale_value(&self) -> bool {
+        self.stale.load(Ordering::Relaxed)
+    }
+
+    /// True when `key` holds a value in this request's view.
+    fn contains(&self, key: &str) -> bool {
+        self.data.contains_key(key)
+            || self.lazy.as_ref().is_some_and(|l| {
+                !self.delta.contains_key(key)
+                    && l.head.keys.get(key).is_some_and(|k| k.size.is_some())
+            })
     }
 
     /// Reads a value and makes the key part of the commit's conflict check: the commit fails
@@ -1105,7 +1277,7 @@ impl Session {
     /// Removes a key (a tombstone at commit); returns whether it was present. Removing an absent
     /// key changes nothing.
     pub fn remove(&mut self, key: &str) -> bool {
-        if self.data.contains_key(key) {
+        if self.contains(key) {
             Arc::make_mut(&mut self.data).remove(key);
             self.delta.insert(key.to_owned(), None);
             true
@@ -1114,9 +1286,16 @@ impl Session {
         }
     }
 
-    /// The keys present, in order.
+    /// The keys present, in order (for a session loaded by key, from its head: no value is
+    /// read).
     pub fn keys(&self) -> impl Iterator<Item = &str> + '_ {
-        self.data.keys().map(String::as_str)
+        let mut keys: Vec<&str> = self.data.keys().map(String::as_str).collect();
+        if let Some(l) = &self.lazy {
+            keys.extend(l.head.live_keys().filter(|k| !self.delta.contains_key(*k)));
+            keys.sort_unstable();
+            keys.dedup();
+        }
+        keys.into_iter()
     }
 
     fn check_open(&self) -> Result<()> {
@@ -1144,6 +1323,30 @@ impl Session {
     fn latest(&self, w: &locks::WriteHold<'_>) -> Result<Loaded> {
         let died = w.previous_owner_died();
         let r = self.mgr.read_validated(&self.id, died);
+        let latest = self.present_or_gone(r, died)?;
+        self.alive_or_gone(
+            Timestamp(latest.record.created),
+            latest.last_accessed,
+            latest.record.expiry,
+        )?;
+        Ok(latest)
+    }
+
+    /// [`Session::latest`] of the head only (a commit by key needs no value).
+    fn latest_head(&self, w: &locks::WriteHold<'_>) -> Result<(SessionMeta, Head)> {
+        let died = w.previous_owner_died();
+        if died {
+            bump(&self.mgr.counters.owner_died_seen);
+        }
+        let r = self.mgr.read_head(&self.id, 0);
+        let (st, head) = self.present_or_gone(r, died)?;
+        self.alive_or_gone(st.meta.created, st.meta.last_accessed, st.meta.expiry)?;
+        Ok((st.meta, head))
+    }
+
+    /// A read under the write lock: a corrupt session is handled by the policy (and gone when
+    /// invalidated), an absent one is gone.
+    fn present_or_gone<T>(&self, r: Result<Option<T>>, died: bool) -> Result<T> {
         let latest = match r {
             Err(Error::SessionCorrupt(m)) => {
                 if self.mgr.cfg.on_corrupt == CorruptPolicy::Invalidate || died {
@@ -1156,17 +1359,18 @@ impl Session {
             }
             other => other?,
         };
-        let Some(latest) = latest else {
-            return Err(Error::SessionGone);
-        };
-        // Strict: the session must still be alive by its stored times. This request's own
-        // access has not been stored yet and does not revive a session that expired meanwhile.
+        latest.ok_or(Error::SessionGone)
+    }
+
+    /// Strict: the session must still be alive by its stored times. This request's own access
+    /// has not been stored yet and does not revive a session that expired meanwhile.
+    fn alive_or_gone(&self, created: Timestamp, la: Timestamp, expiry: Expiry) -> Result<()> {
         let now = self.mgr.cfg.clock.now();
-        if self.mgr.is_expired(&latest, now) {
+        if self.mgr.cfg.cutoffs(now).expired(created, la, expiry) {
             self.mgr.remove_seen_expired(&self.id, now);
             return Err(Error::SessionGone);
         }
-        Ok(latest)
+        Ok(())
     }
 
     /// Ends the request: writes this request's changes (if any) as one delta, or else records
@@ -1195,14 +1399,23 @@ impl Session {
             self.exclusive = None;
             return self.record_access();
         }
+        if self.saw_stale_value() {
+            // A `get` of this request failed: what it decided may rest on a missing value.
+            let key = self.delta.keys().next().cloned().unwrap_or_default();
+            return Err(Error::Conflict { key });
+        }
         if !self.stored {
             return self.commit_new();
         }
         let w = self.write_lock(d)?;
+        if self.mgr.per_key {
+            return self.commit_by_key(w);
+        }
         let latest = self.latest(&w)?;
         let latest_version = latest.record.version;
         let mut record = latest.record;
-        if let Some(key) = self.first_conflict(&record.body) {
+        let body = &record.body;
+        if let Some(key) = self.first_conflict(|k| body.changed.get(k).copied(), body.floor) {
             bump(&self.mgr.counters.conflicts);
             return Err(Error::Conflict { key });
         }
@@ -1234,6 +1447,11 @@ impl Session {
         let saved = self.mgr.changing(&self.id, || {
             self.mgr.store.save(&self.id, Some(latest_version), &stored)
         })?;
+        self.saved(saved, first_key, w)
+    }
+
+    /// The end of a commit's compare-and-swap.
+    fn saved(&mut self, saved: bool, first_key: String, w: locks::WriteHold<'_>) -> Result<()> {
         if !saved {
             // Deleted meanwhile by a request or gc that saw it expired, or written by someone
             // without the shared lock table (the store's CAS caught it).
@@ -1249,13 +1467,84 @@ impl Session {
         Ok(())
     }
 
+    /// A commit on a store that keeps values per key: the delta is merged into the latest
+    /// head (the same rules as a whole record's merge), and only the changed values are
+    /// written, with the head, in one compare-and-swap.
+    fn commit_by_key(&mut self, w: locks::WriteHold<'_>) -> Result<()> {
+        let (meta, mut head) = self.latest_head(&w)?;
+        let latest_version = head.version;
+        let keys = &head.keys;
+        if let Some(key) = self.first_conflict(|k| keys.get(k).map(|s| s.changed), head.floor) {
+            bump(&self.mgr.counters.conflicts);
+            return Err(Error::Conflict { key });
+        }
+        let new_version = head
+            .version
+            .checked_add(1)
+            .ok_or_else(|| Error::SessionCorrupt("record version at its maximum".into()))?;
+        let first_key = self.delta.keys().next().cloned().unwrap_or_default();
+        let mut changed = Vec::with_capacity(self.delta.len());
+        for (key, v) in std::mem::take(&mut self.delta) {
+            let bytes = v
+                .map(|v| record::encode_value(&key, new_version, &v))
+                .transpose()?;
+            let size = bytes.as_ref().map(|b| b.len() as u64);
+            head.keys.insert(
+                key.clone(),
+                KeyState {
+                    changed: new_version,
+                    size,
+                },
+            );
+            changed.push((key, bytes));
+        }
+        if self.expiry_changed {
+            head.expiry = self.expiry;
+        }
+        prune_head_tombstones(&mut head, self.mgr.cfg.max_tombstones);
+        head.version = new_version;
+        let la = meta.last_accessed.max(self.accessed);
+        let new = self.stored_head(&head, la)?;
+        let saved = self.mgr.changing(&self.id, || {
+            self.mgr
+                .store
+                .save_delta(&self.id, Some(latest_version), &new, &changed)
+        })?;
+        self.saved(saved, first_key, w)
+    }
+
+    /// An encoded head with its metadata; [`Error::TooLarge`] when head and values together
+    /// exceed [`SessionConfig::max_record_size`].
+    fn stored_head(&self, head: &Head, la: Timestamp) -> Result<StoredHead> {
+        let bytes = record::encode_head(head)?;
+        let size = (bytes.len() as u64).saturating_add(head.values_size());
+        let limit = self.mgr.cfg.max_record_size;
+        if size > limit as u64 {
+            return Err(Error::TooLarge {
+                size: usize::try_from(size).unwrap_or(usize::MAX),
+                limit,
+            });
+        }
+        Ok(StoredHead {
+            meta: SessionMeta {
+                version: head.version,
+                created: Timestamp(head.created),
+                last_accessed: la,
+                expiry: head.expiry,
+                size,
+            },
+            head: bytes,
+            values: None,
+        })
+    }
+
     /// The first key this request wrote or read for update that another commit changed since
-    /// this request's load.
-    fn first_conflict(&self, latest: &RecordBody) -> Option<String> {
+    /// this request's load, by the latest change versions (`changed`) and tombstone floor.
+    fn first_conflict(&self, changed: impl Fn(&str) -> Option<u64>, floor: u64) -> Option<String> {
         let base = self.base_version;
-        let changed_since = |key: &str| match latest.changed.get(key) {
-            Some(&v) => v > base,
-            None => latest.floor > base,
+        let changed_since = |key: &str| match changed(key) {
+            Some(v) => v > base,
+            None => floor > base,
         };
         self.delta
             .keys()
@@ -1278,8 +1567,16 @@ impl Session {
                 record.body.data.insert(key, v);
             }
         }
-        let stored = self.stored_session(&record, self.accessed)?;
-        if !self.mgr.store.save(&self.id, None, &stored)? {
+        let saved = if self.mgr.per_key {
+            let (head, values) = record::split(&record)?;
+            let new = self.stored_head(&head, self.accessed)?;
+            let values: Vec<ChangedValue> = values.into_iter().map(|(k, v)| (k, Some(v))).collect();
+            self.mgr.store.save_delta(&self.id, None, &new, &values)?
+        } else {
+            let stored = self.stored_session(&record, self.accessed)?;
+            self.mgr.store.save(&self.id, None, &stored)?
+        };
+        if !saved {
             return Err(Error::Random(
                 "a generated session ID was already taken".into(),
             ));
@@ -1447,6 +1744,25 @@ fn encoded_len(v: &Value) -> Result<usize> {
     let mut c = Count(0);
     serde_json::to_writer(&mut c, v)?;
     Ok(c.0)
+}
+
+/// [`prune_tombstones`] of a head.
+fn prune_head_tombstones(head: &mut Head, max: usize) {
+    let mut tombs: Vec<(u64, String)> = head
+        .keys
+        .iter()
+        .filter(|(_, s)| s.size.is_none())
+        .map(|(k, s)| (s.changed, k.clone()))
+        .collect();
+    if tombs.len() <= max {
+        return;
+    }
+    tombs.sort();
+    let excess = tombs.len() - max;
+    for (v, k) in tombs.into_iter().take(excess) {
+        head.keys.remove(&k);
+        head.floor = head.floor.max(v);
+    }
 }
 
 /// Keeps at most `max` tombstones, folding the oldest into `floor`.

@@ -20,6 +20,11 @@ use std::time::Duration;
 
 const MAGIC: &str = "LTS2";
 const MAGIC_V1: &str = "LTS1";
+/// The head of a session stored by key (see [`Head`]): the record's header fields, then a body
+/// with each key's change version and value size instead of the values.
+const MAGIC_HEAD: &str = "LTH1";
+/// One value of a session stored by key (see [`encode_value`]).
+const MAGIC_VALUE: &str = "LTV1";
 /// Longest header line accepted, newline included: reading this many bytes of a record always
 /// gives its whole header.
 pub const MAX_HEADER_LEN: usize = 128;
@@ -117,6 +122,7 @@ impl Default for Crc32 {
 
 /// The header fields before the checksum, as text (the checksum covers them).
 fn fields(magic: &str, h: &Header, body_len: usize) -> String {
+    debug_assert!(magic != MAGIC_VALUE);
     if magic == MAGIC_V1 {
         return format!("{MAGIC_V1} {} {} {body_len}", h.version, h.created);
     }
@@ -125,7 +131,7 @@ fn fields(magic: &str, h: &Header, body_len: usize) -> String {
         Expiry::Idle(d) => format!("i{}", d.as_millis().min(u64::MAX as u128)),
         Expiry::At(t) => format!("a{}", t.0),
     };
-    format!("{MAGIC} {} {} {expiry} {body_len}", h.version, h.created)
+    format!("{magic} {} {} {expiry} {body_len}", h.version, h.created)
 }
 
 fn parse_expiry(p: &str) -> Option<Expiry> {
@@ -223,6 +229,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed<'_>> {
     let magic = match parts.next() {
         Some(MAGIC) => MAGIC,
         Some(MAGIC_V1) => MAGIC_V1,
+        Some(MAGIC_HEAD) => MAGIC_HEAD,
         _ => return Err(corrupt("unknown record format")),
     };
     let num = |p: Option<&str>, what: &str| -> Result<u64> {
@@ -231,7 +238,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed<'_>> {
     };
     let version = num(parts.next(), "bad version")?;
     let created = num(parts.next(), "bad creation time")?;
-    let expiry = if magic == MAGIC {
+    let expiry = if magic != MAGIC_V1 {
         parts
             .next()
             .and_then(parse_expiry)
@@ -262,13 +269,15 @@ fn parse(bytes: &[u8]) -> Result<Parsed<'_>> {
     })
 }
 
-/// Reads only the header (no checksum check); for stores that need the version or creation time.
+/// Reads only the header (no checksum check) of a record or a head; for stores that need the
+/// version or creation time.
 pub fn peek_header(bytes: &[u8]) -> Result<Header> {
     parse(bytes).map(|p| p.header)
 }
 
-/// Decodes and fully validates a record: size limit, header, length, checksum, JSON.
-pub fn decode(bytes: &[u8], max_size: usize) -> Result<Record> {
+/// Parses and checks size limit, header, length and checksum; `head`: a head is expected, else
+/// a record.
+fn checked(bytes: &[u8], max_size: usize, head: bool) -> Result<Parsed<'_>> {
     if bytes.len() > max_size {
         return Err(Error::TooLarge {
             size: bytes.len(),
@@ -276,12 +285,30 @@ pub fn decode(bytes: &[u8], max_size: usize) -> Result<Record> {
         });
     }
     let p = parse(bytes)?;
+    if (p.magic == MAGIC_HEAD) != head {
+        return Err(corrupt(if head {
+            "a whole record where a head was expected"
+        } else {
+            "a head where a whole record was expected"
+        }));
+    }
     if p.body.len() != p.len {
         return Err(corrupt("length mismatch (torn or truncated record)"));
     }
     if checksum(p.magic, &p.header, p.body) != p.crc {
         return Err(corrupt("checksum mismatch"));
     }
+    Ok(p)
+}
+
+/// True when `bytes` start like a head (stored by key), not a whole record.
+pub fn is_head(bytes: &[u8]) -> bool {
+    bytes.starts_with(MAGIC_HEAD.as_bytes())
+}
+
+/// Decodes and fully validates a record: size limit, header, length, checksum, JSON.
+pub fn decode(bytes: &[u8], max_size: usize) -> Result<Record> {
+    let p = checked(bytes, max_size, false)?;
     let body: RecordBody =
         serde_json::from_slice(p.body).map_err(|e| corrupt(&format!("bad body: {e}")))?;
     if body.data.keys().any(|k| !body.changed.contains_key(k)) {
@@ -294,6 +321,206 @@ pub fn decode(bytes: &[u8], max_size: usize) -> Result<Record> {
         version: p.header.version,
         created: p.header.created,
         expiry: p.header.expiry,
+        body,
+    })
+}
+
+/// What one key's entry in a [`Head`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyState {
+    /// The version at which the key was last inserted or removed.
+    #[serde(rename = "c")]
+    pub changed: u64,
+    /// Size of the stored value ([`encode_value`]); `None` for a removed key (a tombstone).
+    #[serde(rename = "n", default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+/// The part of a session record that conflicts and expiry need, without the values: what a
+/// store that keeps a session's values one per key stores beside them (see
+/// [`Store::load_head`](super::Store::load_head)).
+///
+/// ```text
+/// LTH1 <version> <created_ms> <expiry> <body_len> <crc32_hex>\n{"keys":{"<key>":{"c":3,"n":120},...},"floor":0}
+/// ```
+/// A key with a size is live; one without is a tombstone. The values are stored apart, each
+/// one tagged with the version that wrote it (its key's `changed`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Head {
+    /// Record version.
+    pub version: u64,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created: u64,
+    /// The session's expiry rule.
+    pub expiry: Expiry,
+    /// Every key's change version, and the size of each live key's stored value.
+    pub keys: BTreeMap<String, KeyState>,
+    /// As [`RecordBody::floor`].
+    pub floor: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HeadBody {
+    keys: BTreeMap<String, KeyState>,
+    #[serde(default)]
+    floor: u64,
+}
+
+impl Head {
+    /// Sum of the sizes of the live keys' stored values.
+    pub fn values_size(&self) -> u64 {
+        self.keys
+            .values()
+            .filter_map(|k| k.size)
+            .fold(0u64, u64::saturating_add)
+    }
+
+    /// The live keys, in order.
+    pub fn live_keys(&self) -> impl Iterator<Item = &str> + '_ {
+        self.keys
+            .iter()
+            .filter(|(_, k)| k.size.is_some())
+            .map(|(k, _)| k.as_str())
+    }
+}
+
+/// Encodes a head (the checksum covers header fields and body, as for a record).
+pub fn encode_head(head: &Head) -> Result<Vec<u8>> {
+    let body = serde_json::to_vec(&HeadBody {
+        keys: head.keys.clone(),
+        floor: head.floor,
+    })?;
+    let h = Header {
+        version: head.version,
+        created: head.created,
+        expiry: head.expiry,
+    };
+    let crc = checksum(MAGIC_HEAD, &h, &body);
+    let mut out = format!("{} {crc:08x}\n", fields(MAGIC_HEAD, &h, body.len())).into_bytes();
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Decodes and fully validates a head (size limit, header, length, checksum, JSON).
+pub fn decode_head(bytes: &[u8], max_size: usize) -> Result<Head> {
+    let p = checked(bytes, max_size, true)?;
+    let body: HeadBody =
+        serde_json::from_slice(p.body).map_err(|e| corrupt(&format!("bad head: {e}")))?;
+    Ok(Head {
+        version: p.header.version,
+        created: p.header.created,
+        expiry: p.header.expiry,
+        keys: body.keys,
+        floor: body.floor,
+    })
+}
+
+/// The CRC of a value: its tag, its key and its JSON, so that a value read under another key
+/// or of another version is detected.
+fn value_crc(key: &str, tag: u64, json: &[u8]) -> u32 {
+    let mut c = Crc32::new();
+    c.update(format!("{MAGIC_VALUE} {tag} {}\0", key.len()).as_bytes());
+    c.update(key.as_bytes());
+    c.update(json);
+    c.finish()
+}
+
+/// Encodes one value of a session stored by key: `LTV1 <tag> <crc32_hex>\n<JSON>`, where the
+/// tag is the version that wrote it and the CRC covers tag, key and JSON.
+/// [`Error::TooDeep`] if the value nests deeper than [`MAX_DEPTH`].
+pub fn encode_value(key: &str, tag: u64, value: &Value) -> Result<Vec<u8>> {
+    check_depth(value)?;
+    let json = serde_json::to_vec(value)?;
+    let mut out = format!("{MAGIC_VALUE} {tag} {:08x}\n", value_crc(key, tag, &json)).into_bytes();
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+/// Decodes one stored value of `key` and checks it against its head entry: the size, the tag
+/// (the version that wrote it must be the key's `changed`), the CRC (which covers the key), the
+/// JSON and the nesting depth. Anything else is [`Error::SessionCorrupt`].
+pub fn decode_value(key: &str, state: &KeyState, bytes: &[u8]) -> Result<Value> {
+    if state.size != Some(bytes.len() as u64) {
+        return Err(corrupt("stored value's size disagrees with its head"));
+    }
+    let nl = bytes
+        .iter()
+        .take(64)
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| corrupt("value without a header line"))?;
+    let line = std::str::from_utf8(&bytes[..nl]).map_err(|_| corrupt("bad value header"))?;
+    let mut parts = line.split(' ');
+    let (Some(MAGIC_VALUE), Some(tag), Some(crc), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(corrupt("bad value header"));
+    };
+    let tag: u64 = tag.parse().map_err(|_| corrupt("bad value tag"))?;
+    let crc = u32::from_str_radix(crc, 16)
+        .ok()
+        .filter(|_| crc.len() == 8)
+        .ok_or_else(|| corrupt("bad value checksum field"))?;
+    if tag != state.changed {
+        return Err(corrupt(
+            "stored value of another version than its head says",
+        ));
+    }
+    let json = &bytes[nl + 1..];
+    if value_crc(key, tag, json) != crc {
+        return Err(corrupt("value checksum mismatch"));
+    }
+    let v: Value = serde_json::from_slice(json).map_err(|e| corrupt(&format!("bad value: {e}")))?;
+    if depth(&v) > MAX_DEPTH {
+        return Err(corrupt("value nested deeper than the limit"));
+    }
+    Ok(v)
+}
+
+/// Splits a record into its head and its stored values (key, [`encode_value`] bytes).
+pub fn split(record: &Record) -> Result<(Head, Vec<(String, Vec<u8>)>)> {
+    let mut keys = BTreeMap::new();
+    let mut values = Vec::with_capacity(record.body.data.len());
+    for (k, &changed) in &record.body.changed {
+        let size = match record.body.data.get(k) {
+            Some(v) => {
+                let bytes = encode_value(k, changed, v)?;
+                let n = bytes.len() as u64;
+                values.push((k.clone(), bytes));
+                Some(n)
+            }
+            None => None,
+        };
+        keys.insert(k.clone(), KeyState { changed, size });
+    }
+    let head = Head {
+        version: record.version,
+        created: record.created,
+        expiry: record.expiry,
+        keys,
+        floor: record.body.floor,
+    };
+    Ok((head, values))
+}
+
+/// Joins a head and its stored values (every live key's, validated) into a record.
+pub fn join(head: &Head, values: &BTreeMap<String, Vec<u8>>) -> Result<Record> {
+    let mut body = RecordBody {
+        floor: head.floor,
+        ..RecordBody::default()
+    };
+    for (k, state) in &head.keys {
+        body.changed.insert(k.clone(), state.changed);
+        if state.size.is_some() {
+            let bytes = values
+                .get(k)
+                .ok_or_else(|| corrupt("a live key's stored value is missing"))?;
+            body.data.insert(k.clone(), decode_value(k, state, bytes)?);
+        }
+    }
+    Ok(Record {
+        version: head.version,
+        created: head.created,
+        expiry: head.expiry,
         body,
     })
 }

@@ -10,7 +10,17 @@
 //! - `meta`: 41 bytes per session, version, creation and last-accessed times, expiry rule and
 //!   record size (little-endian). Metadata, touches and the expiry scan read only this, never
 //!   the record.
-//! - `data`: the encoded record.
+//! - `data`: the encoded record, or for a session stored **by key** its head
+//!   ([`record::Head`]: versions and sizes of the keys, no values).
+//! - `values`: the values of sessions stored by key, one entry per key, keyed `ID \0 key`
+//!   (`ID \1` and a 128-bit SipHash of the key for a key too long for an LMDB key; the value's
+//!   CRC covers its key, so a hash collision reads as corrupt, never as another key's value).
+//!
+//! A session saved whole ([`Store::save`]) is one record; [`Store::save_delta`] stores it by
+//! key (converting a whole one in the same transaction) and writes only the changed values and
+//! the head. [`Store::load_head`] and [`Store::load_values`] read in one read transaction each
+//! (a snapshot: head and values agree), and `load` of a session stored by key joins it into a
+//! whole record. `meta.size` is the stored size: the record's, or the head's plus the values'.
 //!
 //! `save` checks the version and writes record and metadata in **one write transaction**: the
 //! compare-and-swap is atomic against every process on the directory, whatever lock table each
@@ -24,9 +34,11 @@
 //! file of its directory except through LMDB.
 
 use super::{
-    Capabilities, Cutoffs, ExpiredScan, Expiry, SessionMeta, Store, StoredSession, Timestamp, Touch,
+    record_of_split, split_record, Capabilities, ChangedValue, Cutoffs, ExpiredScan, Expiry,
+    SessionMeta, Store, StoredHead, StoredSession, Timestamp, Touch,
 };
 use crate::session::id::SessionId;
+use crate::session::record;
 use crate::{Error, Result};
 use heed::types::Bytes;
 use heed::{Database, Env, EnvOpenOptions, WithoutTls};
@@ -38,6 +50,9 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 const META_LEN: usize = 41;
+/// Longest key of a session kept inline in its value's LMDB key (LMDB's limit is 511 bytes,
+/// with the ID and a separator in front).
+const MAX_INLINE_KEY: usize = 400;
 
 /// Settings of a [`KvStore`], fixed when its environment is opened.
 #[derive(Debug, Clone)]
@@ -92,6 +107,7 @@ struct Shared {
     env: Env<WithoutTls>,
     meta: Raw,
     data: Raw,
+    values: Raw,
     dir: PathBuf,
     /// The fork epoch the environment was opened in: LMDB forbids using it after `fork()`.
     fork_epoch: u64,
@@ -210,7 +226,7 @@ impl Shared {
         let mut builder = EnvOpenOptions::new().read_txn_without_tls();
         builder
             .map_size(opts.map_size)
-            .max_dbs(2)
+            .max_dbs(3)
             .max_readers(opts.max_readers);
         if !opts.fsync {
             // NO_SYNC only gives up durability against power loss (LMDB still writes
@@ -252,6 +268,9 @@ impl Shared {
         let data = env
             .create_database(&mut wtxn, Some("data"))
             .map_err(lmdb("open"))?;
+        let values = env
+            .create_database(&mut wtxn, Some("values"))
+            .map_err(lmdb("open"))?;
         wtxn.commit().map_err(lmdb("open"))?;
         // Reader slots of processes that died with a read transaction open are reclaimed now
         // (LMDB also does it when the reader table fills up).
@@ -260,6 +279,7 @@ impl Shared {
             env,
             meta,
             data,
+            values,
             dir,
             fork_epoch: crate::fork::epoch(),
         })
@@ -307,20 +327,34 @@ impl KvStore {
         let key = id.as_str().as_bytes();
         let had_meta = self.shared.meta.delete(wtxn, key).map_err(lmdb("delete"))?;
         let had_data = self.shared.data.delete(wtxn, key).map_err(lmdb("delete"))?;
+        self.remove_values_in(wtxn, id)?;
         Ok(had_meta || had_data)
     }
-}
 
-impl Store for KvStore {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new(true, true, false, true)
+    /// Deletes every stored value of `id` (`ID \0 ...` and `ID \1 ...`).
+    fn remove_values_in(&self, wtxn: &mut heed::RwTxn<'_>, id: &SessionId) -> Result<()> {
+        let (mut lo, mut hi) = (
+            id.as_str().as_bytes().to_vec(),
+            id.as_str().as_bytes().to_vec(),
+        );
+        lo.push(0);
+        hi.push(2);
+        let range = (Bound::Included(&lo[..]), Bound::Excluded(&hi[..]));
+        self.shared
+            .values
+            .delete_range(wtxn, &range)
+            .map_err(lmdb("delete"))?;
+        Ok(())
     }
 
-    fn load(&self, id: &SessionId, max_size: usize) -> Result<Option<StoredSession>> {
-        self.check_fork()?;
-        // One snapshot: metadata and record agree.
-        let rtxn = self.shared.env.read_txn().map_err(lmdb("read"))?;
-        let Some(meta) = self.meta_in(&rtxn, id)? else {
+    /// The record or head of `id` and its metadata, checked against `max_size`, in `txn`.
+    fn entry_in<'t>(
+        &self,
+        txn: &'t heed::RoTxn<'_, WithoutTls>,
+        id: &SessionId,
+        max_size: usize,
+    ) -> Result<Option<(SessionMeta, &'t [u8])>> {
+        let Some(meta) = self.meta_in(txn, id)? else {
             return Ok(None);
         };
         if meta.size > max_size as u64 {
@@ -332,20 +366,198 @@ impl Store for KvStore {
         let Some(bytes) = self
             .shared
             .data
-            .get(&rtxn, id.as_str().as_bytes())
+            .get(txn, id.as_str().as_bytes())
             .map_err(lmdb("read"))?
         else {
             return Err(Error::SessionCorrupt("kv metadata without a record".into()));
         };
-        if bytes.len() as u64 != meta.size {
+        if !record::is_head(bytes) && bytes.len() as u64 != meta.size {
             return Err(Error::SessionCorrupt(
                 "kv record size disagrees with its metadata".into(),
             ));
+        }
+        Ok(Some((meta, bytes)))
+    }
+
+    /// The stored values of the live keys of a session stored by key (`head`), in `txn`.
+    fn values_in(
+        &self,
+        txn: &heed::RoTxn<'_, WithoutTls>,
+        id: &SessionId,
+        head: &[u8],
+    ) -> Result<std::collections::BTreeMap<String, Vec<u8>>> {
+        let head = record::decode_head(head, usize::MAX)?;
+        let mut out = std::collections::BTreeMap::new();
+        for k in head.live_keys() {
+            if let Some(v) = self.value_in(txn, id, k)? {
+                out.insert(k.to_owned(), v.to_vec());
+            }
+        }
+        Ok(out)
+    }
+
+    fn value_in<'t>(
+        &self,
+        txn: &'t heed::RoTxn<'_, WithoutTls>,
+        id: &SessionId,
+        key: &str,
+    ) -> Result<Option<&'t [u8]>> {
+        self.shared
+            .values
+            .get(txn, &value_key(id, key))
+            .map_err(lmdb("read"))
+    }
+}
+
+/// The LMDB key of one value of a session stored by key.
+fn value_key(id: &SessionId, key: &str) -> Vec<u8> {
+    let mut k = id.as_str().as_bytes().to_vec();
+    if key.len() <= MAX_INLINE_KEY {
+        k.push(0);
+        k.extend_from_slice(key.as_bytes());
+    } else {
+        let mut h = siphasher::sip128::SipHasher13::new_with_keys(0x6c74_7376, 0x6b76_6b65_79);
+        std::hash::Hasher::write(&mut h, key.as_bytes());
+        k.push(1);
+        k.extend_from_slice(&siphasher::sip128::Hasher128::finish128(&h).as_bytes());
+    }
+    k
+}
+
+impl Store for KvStore {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(true, true, false, true).with_per_key(true)
+    }
+
+    fn load(&self, id: &SessionId, max_size: usize) -> Result<Option<StoredSession>> {
+        self.check_fork()?;
+        // One snapshot: metadata, record (or head) and values agree.
+        let rtxn = self.shared.env.read_txn().map_err(lmdb("read"))?;
+        let Some((meta, bytes)) = self.entry_in(&rtxn, id, max_size)? else {
+            return Ok(None);
+        };
+        if record::is_head(bytes) {
+            let values = self.values_in(&rtxn, id, bytes)?;
+            return record_of_split(meta, bytes, &values).map(Some);
         }
         Ok(Some(StoredSession {
             meta,
             bytes: bytes.to_vec(),
         }))
+    }
+
+    fn load_head(
+        &self,
+        id: &SessionId,
+        max_size: usize,
+        values_up_to: u64,
+    ) -> Result<Option<StoredHead>> {
+        self.check_fork()?;
+        let rtxn = self.shared.env.read_txn().map_err(lmdb("read"))?;
+        let Some((meta, bytes)) = self.entry_in(&rtxn, id, max_size)? else {
+            return Ok(None);
+        };
+        if !record::is_head(bytes) {
+            let (head, values) = split_record(bytes)?;
+            return Ok(Some(StoredHead {
+                meta,
+                head,
+                values: Some(values),
+            }));
+        }
+        let values = if meta.size <= values_up_to {
+            Some(self.values_in(&rtxn, id, bytes)?.into_iter().collect())
+        } else {
+            None
+        };
+        Ok(Some(StoredHead {
+            meta,
+            head: bytes.to_vec(),
+            values,
+        }))
+    }
+
+    fn load_values(
+        &self,
+        id: &SessionId,
+        version: u64,
+        keys: &[&str],
+    ) -> Result<Option<Vec<Option<Vec<u8>>>>> {
+        self.check_fork()?;
+        let rtxn = self.shared.env.read_txn().map_err(lmdb("read"))?;
+        let Some((meta, bytes)) = self.entry_in(&rtxn, id, usize::MAX)? else {
+            return Ok(None);
+        };
+        if meta.version != version {
+            return Ok(None);
+        }
+        if !record::is_head(bytes) {
+            // Saved whole (a copy by `cycle_id`, or an older layout): split it.
+            let values: std::collections::BTreeMap<_, _> =
+                split_record(bytes)?.1.into_iter().collect();
+            return Ok(Some(keys.iter().map(|k| values.get(*k).cloned()).collect()));
+        }
+        let out = keys
+            .iter()
+            .map(|k| Ok(self.value_in(&rtxn, id, k)?.map(<[u8]>::to_vec)))
+            .collect::<Result<_>>()?;
+        Ok(Some(out))
+    }
+
+    fn save_delta(
+        &self,
+        id: &SessionId,
+        expected: Option<u64>,
+        new: &StoredHead,
+        changed: &[ChangedValue],
+    ) -> Result<bool> {
+        self.write("save", |wtxn| {
+            let current = match self.meta_in(wtxn, id) {
+                Ok(m) => m,
+                Err(Error::SessionCorrupt(_)) => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            if current.map(|m| m.version) != expected {
+                return Ok(false);
+            }
+            let key = id.as_str().as_bytes();
+            if current.is_some() {
+                let whole = match self.shared.data.get(wtxn, key).map_err(lmdb("save"))? {
+                    Some(b) if !record::is_head(b) => Some(b.to_vec()),
+                    _ => None,
+                };
+                if let Some(whole) = whole {
+                    // Stored whole so far: from now on by key, every value written once.
+                    for (k, v) in split_record(&whole)?.1 {
+                        self.shared
+                            .values
+                            .put(wtxn, &value_key(id, &k), &v)
+                            .map_err(lmdb("save"))?;
+                    }
+                }
+            }
+            for (k, v) in changed {
+                let vk = value_key(id, k);
+                match v {
+                    Some(v) => self.shared.values.put(wtxn, &vk, v),
+                    None => self.shared.values.delete(wtxn, &vk).map(|_| ()),
+                }
+                .map_err(lmdb("save"))?;
+            }
+            let mut meta = new.meta;
+            if let Some(c) = current {
+                meta.last_accessed = meta.last_accessed.max(c.last_accessed);
+            }
+            self.shared
+                .data
+                .put(wtxn, key, &new.head)
+                .map_err(lmdb("save"))?;
+            self.shared
+                .meta
+                .put(wtxn, key, &encode_meta(&meta))
+                .map_err(lmdb("save"))?;
+            Ok(true)
+        })
     }
 
     fn save(&self, id: &SessionId, expected: Option<u64>, new: &StoredSession) -> Result<bool> {
@@ -365,6 +577,8 @@ impl Store for KvStore {
                 meta.last_accessed = meta.last_accessed.max(c.last_accessed);
             }
             let key = id.as_str().as_bytes();
+            // Saved whole: any values it had by key are dropped.
+            self.remove_values_in(wtxn, id)?;
             self.shared
                 .data
                 .put(wtxn, key, &new.bytes)

@@ -207,6 +207,11 @@ pub struct Capabilities {
     /// [`Store::save`]'s compare-and-swap is atomic on its own, against every other user of the
     /// same storage, whatever lock table they use.
     pub atomic_cas: bool,
+    /// The store keeps a session's values one per key beside its head, so that
+    /// [`Store::load_head`], [`Store::load_values`] and [`Store::save_delta`] read and write
+    /// about the keys asked for, not the whole session. Without it those methods are the
+    /// default ones (whole records underneath) and the manager uses `load` and `save`.
+    pub per_key: bool,
 }
 
 impl Capabilities {
@@ -222,8 +227,58 @@ impl Capabilities {
             shared_across_processes,
             native_expiry,
             atomic_cas,
+            per_key: false,
         }
     }
+
+    /// The same set, saying whether the store keeps values per key ([`Capabilities::per_key`]).
+    pub fn with_per_key(mut self, yes: bool) -> Self {
+        self.per_key = yes;
+        self
+    }
+}
+
+/// A session's head as a store hands it over ([`Store::load_head`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredHead {
+    /// Version, times, expiry as for a record; `size` is the session's stored size (head plus
+    /// every value, or the whole record), what [`SessionConfig::max_record_size`] limits.
+    ///
+    /// [`SessionConfig::max_record_size`]: crate::session::SessionConfig::max_record_size
+    pub meta: SessionMeta,
+    /// The encoded head ([`super::record::encode_head`]).
+    pub head: Vec<u8>,
+    /// Every live key's stored value ([`super::record::encode_value`]), read in the same
+    /// snapshot as the head; `None` when the store left them to [`Store::load_values`].
+    pub values: Option<Vec<(String, Vec<u8>)>>,
+}
+
+/// One key of a [`Store::save_delta`]: its new stored value, or `None` for a removal.
+pub type ChangedValue = (String, Option<Vec<u8>>);
+
+/// The whole record of a session stored by key, rebuilt from its head and values (for
+/// [`Store::load`] of a per-key store). `meta.size` becomes the record's length.
+pub fn record_of_split(
+    mut meta: SessionMeta,
+    head: &[u8],
+    values: &std::collections::BTreeMap<String, Vec<u8>>,
+) -> Result<StoredSession> {
+    let head = super::record::decode_head(head, usize::MAX)?;
+    if head.version != meta.version {
+        return Err(crate::Error::SessionCorrupt(
+            "stored head disagrees with its metadata".into(),
+        ));
+    }
+    let bytes = super::record::encode(&super::record::join(&head, values)?, usize::MAX)?;
+    meta.size = bytes.len() as u64;
+    Ok(StoredSession { meta, bytes })
+}
+
+/// A whole record split into its encoded head and its stored values (for a per-key store that
+/// holds a session saved whole and is asked for its head, or to change it by key).
+pub fn split_record(bytes: &[u8]) -> Result<(Vec<u8>, Vec<(String, Vec<u8>)>)> {
+    let (head, values) = super::record::split(&super::record::decode(bytes, usize::MAX)?)?;
+    Ok((super::record::encode_head(&head)?, values))
 }
 
 /// Outcome of [`Store::touch`].
@@ -348,5 +403,94 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Housekeeping (e.g. leftover temporary files); returns how many items were removed.
     fn cleanup(&self) -> Result<usize> {
         Ok(0)
+    }
+
+    /// The session's head: what conflicts and expiry need, without the values, and with them
+    /// (`values`) when the store read them anyway or the session's stored size is at most
+    /// `values_up_to`. [`Error::TooLarge`](crate::Error::TooLarge) when the session's stored
+    /// size (head plus values) exceeds `max_size`, as for `load`.
+    ///
+    /// The default reads the whole record with `load` and splits it (values included): right
+    /// for any store, cheap only for small sessions. A store that keeps values per key
+    /// ([`Capabilities::per_key`]) reads the head alone.
+    fn load_head(
+        &self,
+        id: &SessionId,
+        max_size: usize,
+        values_up_to: u64,
+    ) -> Result<Option<StoredHead>> {
+        let _ = values_up_to;
+        let Some(st) = self.load(id, max_size)? else {
+            return Ok(None);
+        };
+        let (head, values) = split_record(&st.bytes)?;
+        Ok(Some(StoredHead {
+            meta: st.meta,
+            head,
+            values: Some(values),
+        }))
+    }
+
+    /// The stored values of `keys` at head version `version` (`None` for a key without a live
+    /// value), or `Ok(None)` when the session is no longer at that version (or gone): a caller
+    /// never mixes versions. Head check and reads are one atomic step.
+    ///
+    /// The default reads the whole record with `load`.
+    fn load_values(
+        &self,
+        id: &SessionId,
+        version: u64,
+        keys: &[&str],
+    ) -> Result<Option<Vec<Option<Vec<u8>>>>> {
+        let Some(st) = self.load(id, usize::MAX)? else {
+            return Ok(None);
+        };
+        if st.meta.version != version {
+            return Ok(None);
+        }
+        let record = super::record::decode(&st.bytes, usize::MAX)?;
+        let value = |k: &str| -> Result<Option<Vec<u8>>> {
+            match (record.body.data.get(k), record.body.changed.get(k)) {
+                (Some(v), Some(&tag)) => super::record::encode_value(k, tag, v).map(Some),
+                _ => Ok(None),
+            }
+        };
+        keys.iter()
+            .map(|k| value(k))
+            .collect::<Result<_>>()
+            .map(Some)
+    }
+
+    /// Compare-and-swap of a session by key: like `save` (same `expected` rule, same
+    /// last-accessed maximum, `OutcomeUnknown` and `TooLarge` alike), writing the new head
+    /// (`new.values` is ignored) and only the `changed` values (`None`: the key's value is
+    /// deleted), atomically. `new.meta.size` is the session's new stored size.
+    ///
+    /// The default reads the current record with `load`, applies the change and writes the
+    /// whole record with `save` (whose compare-and-swap still guards it).
+    fn save_delta(
+        &self,
+        id: &SessionId,
+        expected: Option<u64>,
+        new: &StoredHead,
+        changed: &[ChangedValue],
+    ) -> Result<bool> {
+        let mut values = std::collections::BTreeMap::new();
+        if let Some(v) = expected {
+            match self.load(id, usize::MAX)? {
+                Some(cur) if cur.meta.version == v => {
+                    values.extend(split_record(&cur.bytes)?.1);
+                }
+                _ => return Ok(false),
+            }
+        }
+        for (k, v) in changed {
+            match v {
+                Some(bytes) => values.insert(k.clone(), bytes.clone()),
+                None => values.remove(k),
+            };
+        }
+        let whole = record_of_split(new.meta, &new.head, &values)?;
+        self.save(id, expected, &whole)
     }
 }
