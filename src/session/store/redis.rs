@@ -12,6 +12,14 @@
 //! key, so expiry, eviction and deletion take metadata and record together: a session is
 //! present whole or not at all.
 //!
+//! A session stored **by key** ([`Store::save_delta`]) has, instead of `d`, the field `h` (its
+//! head: versions and sizes of the keys) and one field `k:<key>` per value; `n` is then the
+//! head's size plus the values'. `load_head` reads `h` (and every `k:` field when the session is
+//! small enough), `load_values` checks the version and reads the asked fields in one script,
+//! and `save_delta` checks the version and writes the head and the changed fields in one script
+//! (a session still saved whole is converted first, by the same compare-and-swap). A whole
+//! `save` replaces the hash.
+//!
 //! Native expiry: every save and every written touch sets `PEXPIRE` to the session's remaining
 //! life plus a grace (see `native_ttl.rs`), so Redis drops a session only after the manager
 //! would find it expired. The touch script re-checks expiry by the stored metadata before it
@@ -29,7 +37,8 @@
 
 use super::native_ttl::{expiry_text, parse_expiry_text, TtlRule};
 use super::{
-    Capabilities, Cutoffs, ExpiredScan, SessionMeta, Store, StoredSession, Timestamp, Touch,
+    record_of_split, split_record, Capabilities, ChangedValue, Cutoffs, ExpiredScan, SessionMeta,
+    Store, StoredHead, StoredSession, Timestamp, Touch,
 };
 use crate::session::id::SessionId;
 use crate::session::SessionConfig;
@@ -45,14 +54,77 @@ const POOL_MAX_IDLE: usize = 16;
 /// Redis's own arithmetic.
 const TTL_MAX_MS: u64 = 1_000_000_000_000_000;
 
+/// `load` and `load_head`: ARGV = max size, size up to which the values of a session stored by
+/// key come along. Replies `whole` + meta + record, or `head` + meta + head + (key, value)*.
 const LOAD: &str = r"
 local m = redis.call('HMGET', KEYS[1], 'v', 'c', 'la', 'e', 'n')
 if not m[1] then return false end
 if not (m[2] and m[3] and m[4] and m[5] and tonumber(m[5])) then return {'corrupt'} end
 if tonumber(m[5]) > tonumber(ARGV[1]) then return {'big', m[1], m[2], m[3], m[4], m[5]} end
 local d = redis.call('HGET', KEYS[1], 'd')
-if not d then return {'corrupt'} end
-return {'ok', m[1], m[2], m[3], m[4], m[5], d}
+if d then return {'whole', m[1], m[2], m[3], m[4], m[5], d} end
+local h = redis.call('HGET', KEYS[1], 'h')
+if not h then return {'corrupt'} end
+local out = {'head', m[1], m[2], m[3], m[4], m[5], h}
+if tonumber(m[5]) <= tonumber(ARGV[2]) then
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    if string.sub(all[i], 1, 2) == 'k:' then
+      out[#out + 1] = string.sub(all[i], 3)
+      out[#out + 1] = all[i + 1]
+    end
+  end
+end
+return out
+";
+
+/// ARGV = version, keys. Replies nil (another version or gone), `whole` + record, or `vals` +
+/// one value (nil when absent) per key.
+const LOAD_VALUES: &str = r"
+local v = redis.call('HGET', KEYS[1], 'v')
+if v ~= ARGV[1] then return false end
+local d = redis.call('HGET', KEYS[1], 'd')
+if d then return {'whole', d} end
+if #ARGV == 1 then return {'vals'} end
+local fields = {}
+for i = 2, #ARGV do fields[#fields + 1] = 'k:' .. ARGV[i] end
+local vals = redis.call('HMGET', KEYS[1], unpack(fields))
+local out = {'vals'}
+for i = 1, #fields do out[#out + 1] = vals[i] end
+return out
+";
+
+/// ARGV = expected version ('' = absent), version, created, last accessed, expiry, size, head,
+/// ttl, mode ('full': drop a whole record `d` too), then (key, value) pairs, '' = removed.
+/// Replies 1 (written), 0 (the version did not match), 2 (saved whole: convert, mode 'full').
+const SAVE_DELTA: &str = r"
+local cur = redis.call('HGET', KEYS[1], 'v')
+if ARGV[1] == '' then
+  if cur then return 0 end
+elseif cur ~= ARGV[1] then
+  return 0
+end
+if ARGV[9] ~= 'full' and cur and redis.call('HEXISTS', KEYS[1], 'd') == 1 then return 2 end
+local la = ARGV[4]
+local later = 0
+if cur then
+  local old = redis.call('HGET', KEYS[1], 'la')
+  if old and tonumber(old) and tonumber(old) > tonumber(la) then
+    later = tonumber(old) - tonumber(la)
+    la = old
+  end
+end
+redis.call('HDEL', KEYS[1], 'd')
+for i = 10, #ARGV, 2 do
+  if ARGV[i + 1] == '' then
+    redis.call('HDEL', KEYS[1], 'k:' .. ARGV[i])
+  else
+    redis.call('HSET', KEYS[1], 'k:' .. ARGV[i], ARGV[i + 1])
+  end
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'c', ARGV[3], 'la', la, 'e', ARGV[5], 'n', ARGV[6], 'h', ARGV[7])
+redis.call('PEXPIRE', KEYS[1], string.format('%d', math.min(tonumber(ARGV[8]) + later, 1e15)))
+return 1
 ";
 
 const SAVE: &str = r"
@@ -70,6 +142,8 @@ if cur then
     later = tonumber(old) - tonumber(la)
     la = old
   end
+  -- A session stored by key has other fields: a whole save replaces them all.
+  redis.call('DEL', KEYS[1])
 end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'c', ARGV[3], 'la', la, 'e', ARGV[5], 'n', ARGV[6], 'd', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], string.format('%d', math.min(tonumber(ARGV[8]) + later, 1e15)))
@@ -126,7 +200,9 @@ return 0
 
 struct Scripts {
     load: Script,
+    load_values: Script,
     save: Script,
+    save_delta: Script,
     touch: Script,
     remove_expired: Script,
 }
@@ -135,7 +211,9 @@ impl Scripts {
     fn new() -> Scripts {
         Scripts {
             load: Script::new(LOAD),
+            load_values: Script::new(LOAD_VALUES),
             save: Script::new(SAVE),
+            save_delta: Script::new(SAVE_DELTA),
             touch: Script::new(&format!("{EXPIRES_AT}{TOUCH}")),
             remove_expired: Script::new(&format!("{EXPIRES_AT}{REMOVE_EXPIRED}")),
         }
@@ -451,6 +529,127 @@ impl RedisStore {
     }
 }
 
+/// A session as the load script returns it.
+enum Entry {
+    Whole(StoredSession),
+    Head(StoredHead),
+}
+
+/// What one run of the `save_delta` script did.
+enum DeltaSaved {
+    Written,
+    Mismatch,
+    /// The session is stored whole: run again with every value (`full`).
+    StoredWhole,
+}
+
+impl RedisStore {
+    fn load_entry(
+        &self,
+        id: &SessionId,
+        max_size: usize,
+        values_up_to: u64,
+    ) -> Result<Option<Entry>> {
+        let key = self.key(id);
+        let reply: Option<Vec<Vec<u8>>> = self.with_conn("load", |c| {
+            self.scripts
+                .load
+                .key(&key)
+                .arg(max_size)
+                .arg(values_up_to)
+                .invoke(c)
+        })?;
+        let Some(mut reply) = reply else {
+            return Ok(None);
+        };
+        let corrupt = || Error::SessionCorrupt("redis session metadata unreadable".into());
+        match reply.first().map(Vec::as_slice) {
+            Some(b"whole") if reply.len() == 7 => {
+                let meta = parse_meta(&reply[1..6])?;
+                let bytes = reply.pop().unwrap_or_default();
+                if bytes.len() as u64 != meta.size {
+                    return Err(Error::SessionCorrupt(
+                        "redis record size disagrees with its metadata".into(),
+                    ));
+                }
+                Ok(Some(Entry::Whole(StoredSession { meta, bytes })))
+            }
+            Some(b"head") if reply.len() >= 7 && reply.len() % 2 == 1 => {
+                let meta = parse_meta(&reply[1..6])?;
+                let rest = reply.split_off(6);
+                let mut rest = rest.into_iter();
+                let head = rest.next().ok_or_else(corrupt)?;
+                let mut values = Vec::new();
+                while let (Some(k), Some(v)) = (rest.next(), rest.next()) {
+                    let k = String::from_utf8(k).map_err(|_| corrupt())?;
+                    values.push((k, v));
+                }
+                let values = (meta.size <= values_up_to).then_some(values);
+                Ok(Some(Entry::Head(StoredHead { meta, head, values })))
+            }
+            Some(b"big") if reply.len() == 6 => {
+                let meta = parse_meta(&reply[1..6])?;
+                Err(Error::TooLarge {
+                    size: usize::try_from(meta.size).unwrap_or(usize::MAX),
+                    limit: max_size,
+                })
+            }
+            _ => Err(corrupt()),
+        }
+    }
+
+    /// One run of the `save_delta` script, with `save`'s handling of a lost reply.
+    fn save_delta_once(
+        &self,
+        id: &SessionId,
+        expected: Option<u64>,
+        new: &StoredHead,
+        changed: &[ChangedValue],
+        full: bool,
+    ) -> Result<DeltaSaved> {
+        let key = self.key(id);
+        let m = &new.meta;
+        let ttl = ms(self.rule.ttl_at_save(m)).min(TTL_MAX_MS);
+        let expected = expected.map(|v| v.to_string()).unwrap_or_default();
+        let mut attempt = |c: &mut Connection| -> RedisResult<i64> {
+            let mut call = self.scripts.save_delta.key(&key);
+            call.arg(&expected)
+                .arg(m.version)
+                .arg(m.created.0)
+                .arg(m.last_accessed.0)
+                .arg(expiry_text(m.expiry))
+                .arg(m.size)
+                .arg(&new.head)
+                .arg(ttl)
+                .arg(if full { "full" } else { "" });
+            for (k, v) in changed {
+                call.arg(k).arg(v.as_deref().unwrap_or_default());
+            }
+            call.invoke(c)
+        };
+        let outcome = |n: i64| match n {
+            1 => DeltaSaved::Written,
+            2 => DeltaSaved::StoredWhole,
+            _ => DeltaSaved::Mismatch,
+        };
+        match self.run(&mut attempt) {
+            Ok(n) => Ok(outcome(n)),
+            Err((Failure::Unreached(w) | Failure::Refused(w), _)) => Err(backend("save", &w)),
+            Err((Failure::Lost(w), _)) => match self.run(&mut attempt) {
+                // As in `save`: the retry is the same compare-and-swap.
+                Ok(1) => Ok(DeltaSaved::Written),
+                Ok(2) => Ok(DeltaSaved::StoredWhole),
+                Ok(_) => Err(Error::OutcomeUnknown(format!(
+                    "redis save: {w}; the session changed since, maybe by this save"
+                ))),
+                Err((Failure::Refused(w2) | Failure::Unreached(w2) | Failure::Lost(w2), _)) => {
+                    Err(Error::OutcomeUnknown(format!("redis save: {w}, then {w2}")))
+                }
+            },
+        }
+    }
+}
+
 /// `prefix` with the glob characters of `SCAN MATCH` escaped.
 fn glob_escape(prefix: &str) -> String {
     let mut s = String::with_capacity(prefix.len());
@@ -465,38 +664,101 @@ fn glob_escape(prefix: &str) -> String {
 
 impl Store for RedisStore {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(true, true, true, true)
+        Capabilities::new(true, true, true, true).with_per_key(true)
     }
 
     fn load(&self, id: &SessionId, max_size: usize) -> Result<Option<StoredSession>> {
+        match self.load_entry(id, max_size, u64::MAX)? {
+            None => Ok(None),
+            Some(Entry::Whole(st)) => Ok(Some(st)),
+            Some(Entry::Head(st)) => {
+                let values = st.values.unwrap_or_default().into_iter().collect();
+                record_of_split(st.meta, &st.head, &values).map(Some)
+            }
+        }
+    }
+
+    fn load_head(
+        &self,
+        id: &SessionId,
+        max_size: usize,
+        values_up_to: u64,
+    ) -> Result<Option<StoredHead>> {
+        match self.load_entry(id, max_size, values_up_to)? {
+            None => Ok(None),
+            Some(Entry::Head(st)) => Ok(Some(st)),
+            Some(Entry::Whole(st)) => {
+                let (head, values) = split_record(&st.bytes)?;
+                Ok(Some(StoredHead {
+                    meta: st.meta,
+                    head,
+                    values: Some(values),
+                }))
+            }
+        }
+    }
+
+    fn load_values(
+        &self,
+        id: &SessionId,
+        version: u64,
+        keys: &[&str],
+    ) -> Result<Option<Vec<Option<Vec<u8>>>>> {
         let key = self.key(id);
-        let reply: Option<Vec<Vec<u8>>> = self.with_conn("load", |c| {
-            self.scripts.load.key(&key).arg(max_size).invoke(c)
+        let reply: Option<Vec<Option<Vec<u8>>>> = self.with_conn("load_values", |c| {
+            let mut call = self.scripts.load_values.key(&key);
+            call.arg(version);
+            for k in keys {
+                call.arg(*k);
+            }
+            call.invoke(c)
         })?;
-        let Some(reply) = reply else {
+        let Some(mut reply) = reply else {
             return Ok(None);
         };
-        match reply.first().map(Vec::as_slice) {
-            Some(b"ok") if reply.len() == 7 => {
-                let meta = parse_meta(&reply[1..6])?;
-                let bytes = reply.into_iter().nth(6).unwrap_or_default();
-                if bytes.len() as u64 != meta.size {
-                    return Err(Error::SessionCorrupt(
-                        "redis record size disagrees with its metadata".into(),
-                    ));
+        let corrupt = || Error::SessionCorrupt("redis values reply unreadable".into());
+        match reply.first().cloned().flatten().as_deref() {
+            Some(b"vals") if reply.len() == keys.len() + 1 => Ok(Some(reply.split_off(1))),
+            Some(b"whole") if reply.len() == 2 => {
+                let whole = reply.pop().flatten().ok_or_else(corrupt)?;
+                let values: std::collections::BTreeMap<_, _> =
+                    split_record(&whole)?.1.into_iter().collect();
+                Ok(Some(keys.iter().map(|k| values.get(*k).cloned()).collect()))
+            }
+            _ => Err(corrupt()),
+        }
+    }
+
+    fn save_delta(
+        &self,
+        id: &SessionId,
+        expected: Option<u64>,
+        new: &StoredHead,
+        changed: &[ChangedValue],
+    ) -> Result<bool> {
+        match self.save_delta_once(id, expected, new, changed, false)? {
+            DeltaSaved::Written => Ok(true),
+            DeltaSaved::Mismatch => Ok(false),
+            DeltaSaved::StoredWhole => {
+                // Convert: every value of the whole record, then the change, in one script
+                // whose compare-and-swap fails if the session moved on meanwhile.
+                let Some(cur) = self.load(id, usize::MAX)? else {
+                    return Ok(false);
+                };
+                if Some(cur.meta.version) != expected {
+                    return Ok(false);
                 }
-                Ok(Some(StoredSession { meta, bytes }))
+                let mut all: std::collections::BTreeMap<String, Option<Vec<u8>>> =
+                    split_record(&cur.bytes)?
+                        .1
+                        .into_iter()
+                        .map(|(k, v)| (k, Some(v)))
+                        .collect();
+                all.extend(changed.iter().cloned());
+                let all: Vec<ChangedValue> = all.into_iter().collect();
+                let r = self.save_delta_once(id, expected, new, &all, true)?;
+                Ok(matches!(r, DeltaSaved::Written))
             }
-            Some(b"big") if reply.len() == 6 => {
-                let meta = parse_meta(&reply[1..6])?;
-                Err(Error::TooLarge {
-                    size: usize::try_from(meta.size).unwrap_or(usize::MAX),
-                    limit: max_size,
-                })
-            }
-            _ => Err(Error::SessionCorrupt(
-                "redis session metadata unreadable".into(),
-            )),
         }
     }
 
