@@ -9,8 +9,8 @@
 //! on the same storage, so that the suite can check its [`Capabilities::atomic_cas`] claim.
 
 use locktable::session::{
-    record, Cutoffs, Expiry, FileStore, ManualClock, MemoryStore, SessionConfig, SessionId,
-    SessionManager, Store, StoredSession, Timestamp, Touch,
+    record, ChangedValue, Cutoffs, Expiry, FileStore, ManualClock, MemoryStore, SessionConfig,
+    SessionId, SessionManager, SessionMeta, Store, StoredHead, StoredSession, Timestamp, Touch,
 };
 use locktable::{Error, LockTable, TableOptions};
 use std::any::Any;
@@ -549,6 +549,385 @@ pub fn shared_stores_agree_across_handles<S: Store>(f: Fixture<S>) {
     assert!(f.store.load(&i, MAX).unwrap().is_none());
 }
 
+// ---- Sessions stored by key (`per_key`; every other store runs the default methods) ----
+
+/// A record of `n` keys `k0..` whose values are `"<note>-<i>"`, split into head and values.
+fn split_rec(version: u64, n: usize, note: &str) -> (StoredHead, Vec<ChangedValue>) {
+    let mut body = record::RecordBody::default();
+    for i in 0..n {
+        body.data
+            .insert(format!("k{i}"), format!("{note}-{i}").into());
+        body.changed.insert(format!("k{i}"), version);
+    }
+    let r = record::Record {
+        version,
+        created: T0.0,
+        expiry: Expiry::Default,
+        body,
+    };
+    let (head, values) = record::split(&r).unwrap();
+    (
+        stored_head(&head),
+        values.into_iter().map(|(k, v)| (k, Some(v))).collect(),
+    )
+}
+
+fn stored_head(head: &record::Head) -> StoredHead {
+    let bytes = record::encode_head(head).unwrap();
+    StoredHead {
+        meta: SessionMeta {
+            version: head.version,
+            created: Timestamp(head.created),
+            last_accessed: T0,
+            expiry: head.expiry,
+            size: bytes.len() as u64 + head.values_size(),
+        },
+        head: bytes,
+        values: None,
+    }
+}
+
+fn value_of(key: &str, head: &record::Head, bytes: &[u8]) -> serde_json::Value {
+    record::decode_value(key, &head.keys[key], bytes).unwrap()
+}
+
+/// `save_delta` of a new session, then `load_head` (values only when asked, on a per-key
+/// store), `load_values` at the version, and a whole `load` that agrees.
+pub fn by_key_head_values_and_whole_agree<S: Store>(f: Fixture<S>) {
+    let s = &f.store;
+    let per_key = s.capabilities().per_key;
+    let i = id();
+    let (head, values) = split_rec(1, 5, "a");
+    assert!(s.save_delta(&i, None, &head, &values).unwrap());
+    assert!(
+        !s.save_delta(&i, None, &head, &values).unwrap(),
+        "create over existing"
+    );
+    let got = s.load_head(&i, MAX, 0).unwrap().unwrap();
+    let h = record::decode_head(&got.head, MAX).unwrap();
+    assert_eq!((h.version, h.keys.len()), (1, 5));
+    assert_eq!(
+        got.values.is_none(),
+        per_key,
+        "values left out exactly when per_key"
+    );
+    if per_key {
+        assert_eq!(
+            got.meta.size, head.meta.size,
+            "stored size: head plus values"
+        );
+    }
+    let all = s.load_head(&i, MAX, u64::MAX).unwrap().unwrap();
+    assert_eq!(all.values.as_ref().map(Vec::len), Some(5));
+    let v = s.load_values(&i, 1, &["k3", "nope"]).unwrap().unwrap();
+    assert_eq!(value_of("k3", &h, v[0].as_deref().unwrap()), "a-3");
+    assert!(v[1].is_none());
+    assert!(
+        s.load_values(&i, 2, &["k3"]).unwrap().is_none(),
+        "other version"
+    );
+    assert!(
+        s.load_values(&id(), 1, &["k3"]).unwrap().is_none(),
+        "absent"
+    );
+    let whole = s.load(&i, MAX).unwrap().unwrap();
+    let r = record::decode(&whole.bytes, MAX).unwrap();
+    assert_eq!(r.body.data["k4"], "a-4");
+    assert_eq!(whole.meta.version, 1);
+}
+
+/// `save_delta` is a compare-and-swap that writes the head and the changed values only: an
+/// unchanged value keeps its bytes, a removed one is gone, and the old version is unreadable.
+pub fn by_key_save_delta_writes_only_the_change<S: Store>(f: Fixture<S>) {
+    let s = &f.store;
+    let i = id();
+    let (head, values) = split_rec(1, 3, "a");
+    assert!(s.save_delta(&i, None, &head, &values).unwrap());
+    let before = s.load_values(&i, 1, &["k0"]).unwrap().unwrap();
+    let mut h = record::decode_head(&head.head, MAX).unwrap();
+    h.version = 2;
+    let v2 = record::encode_value("k1", 2, &"b".into()).unwrap();
+    h.keys.insert(
+        "k1".into(),
+        record::KeyState {
+            changed: 2,
+            size: Some(v2.len() as u64),
+        },
+    );
+    h.keys.insert(
+        "k2".into(),
+        record::KeyState {
+            changed: 2,
+            size: None,
+        },
+    );
+    let new = stored_head(&h);
+    let delta = vec![("k1".to_owned(), Some(v2)), ("k2".to_owned(), None)];
+    assert!(
+        !s.save_delta(&i, Some(7), &new, &delta).unwrap(),
+        "wrong version"
+    );
+    assert!(
+        !s.save_delta(&id(), Some(1), &new, &delta).unwrap(),
+        "absent"
+    );
+    assert!(s.save_delta(&i, Some(1), &new, &delta).unwrap());
+    let v = s.load_values(&i, 2, &["k0", "k1", "k2"]).unwrap().unwrap();
+    assert_eq!(v[0], before[0], "unchanged value");
+    assert_eq!(value_of("k1", &h, v[1].as_deref().unwrap()), "b");
+    assert!(v[2].is_none(), "removed value");
+    assert!(s.load_values(&i, 1, &["k0"]).unwrap().is_none());
+    let r = record::decode(&s.load(&i, MAX).unwrap().unwrap().bytes, MAX).unwrap();
+    assert_eq!(r.body.data.len(), 2);
+    assert_eq!(r.body.changed["k2"], 2, "tombstone kept");
+    // A whole save replaces everything; a delta after it sees the whole record's values.
+    assert!(s.save(&i, Some(2), &rec(3, T0, T0, "w")).unwrap());
+    assert!(s.load_values(&i, 3, &["k0"]).unwrap().unwrap()[0].is_none());
+    let h3 = record::decode_head(&s.load_head(&i, MAX, 0).unwrap().unwrap().head, MAX).unwrap();
+    let mut h4 = h3.clone();
+    h4.version = 4;
+    let v4 = record::encode_value("x", 4, &1.into()).unwrap();
+    h4.keys.insert(
+        "x".into(),
+        record::KeyState {
+            changed: 4,
+            size: Some(v4.len() as u64),
+        },
+    );
+    assert!(s
+        .save_delta(&i, Some(3), &stored_head(&h4), &[("x".into(), Some(v4))])
+        .unwrap());
+    let r = record::decode(&s.load(&i, MAX).unwrap().unwrap().bytes, MAX).unwrap();
+    assert_eq!(
+        (r.body.data["note"].as_str(), r.body.data["x"].as_i64()),
+        (Some("w"), Some(1))
+    );
+}
+
+/// Head and values are limited together: a session stored by key over the reader's limit is
+/// `TooLarge` for `load_head`, deletable, and its metadata readable.
+pub fn by_key_sizes_count_head_and_values<S: Store>(f: Fixture<S>) {
+    let s = &f.store;
+    let i = id();
+    let (head, values) = split_rec(1, 20, &"x".repeat(100));
+    assert!(s.save_delta(&i, None, &head, &values).unwrap());
+    let size = s.meta(&i).unwrap().unwrap().size as usize;
+    assert!(size > 2000);
+    assert!(matches!(
+        s.load_head(&i, 2000, 0),
+        Err(Error::TooLarge { limit: 2000, .. })
+    ));
+    assert!(s.load_head(&i, size.max(MAX), 0).unwrap().is_some());
+    assert!(s.delete(&i).unwrap());
+    assert!(s.load_head(&i, MAX, 0).unwrap().is_none());
+    assert!(s.load_values(&i, 1, &["k0"]).unwrap().is_none());
+}
+
+/// A manager that loads every session by key (`lazy_above: 0`).
+fn lazy_manager<S: Store + 'static>(f: Fixture<S>, clock: Arc<ManualClock>) -> SessionManager {
+    let cfg = SessionConfig {
+        clock,
+        idle_timeout: Duration::from_secs(60),
+        lazy_above: 0,
+        ..SessionConfig::default()
+    };
+    SessionManager::new(f.table.clone(), f.store, cfg)
+}
+
+fn keys_n(mgr: &SessionManager, n: usize) -> String {
+    let mut s = mgr.create().unwrap();
+    for k in 0..n {
+        s.insert(format!("k{k}"), &k).unwrap();
+    }
+    let id = s.id().to_string();
+    s.commit().unwrap();
+    id
+}
+
+/// Through the manager: a lazy `get` of one key, keys from the head, a removal, a one-key
+/// commit, and expiry, on every store.
+pub fn by_key_manager_get_remove_commit_expire<S: Store + 'static>(f: Fixture<S>) {
+    let clock = Arc::new(ManualClock::new(T0));
+    let keep = f._keep;
+    let f = Fixture {
+        _keep: Box::new(()),
+        ..f
+    };
+    let mgr = lazy_manager(f, clock.clone());
+    let id = keys_n(&mgr, 10);
+    let mut s = mgr.load(&id).unwrap().unwrap();
+    assert_eq!(s.get::<usize>("k7").unwrap(), Some(7));
+    assert_eq!(s.get::<usize>("k7").unwrap(), Some(7), "read once, kept");
+    assert_eq!(s.get::<usize>("absent").unwrap(), None);
+    assert_eq!(s.keys().count(), 10);
+    assert!(s.remove("k3"));
+    assert!(!s.remove("k3"));
+    assert_eq!(s.get::<usize>("k3").unwrap(), None);
+    s.insert("k8", &80).unwrap();
+    s.insert("new", &1).unwrap();
+    assert_eq!(s.get::<usize>("k8").unwrap(), Some(80));
+    assert_eq!(s.keys().count(), 10);
+    s.commit().unwrap();
+    let s = mgr.load(&id).unwrap().unwrap();
+    assert_eq!(s.version(), 2);
+    assert_eq!(s.get::<usize>("k3").unwrap(), None);
+    assert_eq!(s.get::<usize>("k8").unwrap(), Some(80));
+    assert_eq!(
+        s.get::<usize>("k9").unwrap(),
+        Some(9),
+        "untouched value kept"
+    );
+    assert_eq!(s.get::<usize>("new").unwrap(), Some(1));
+    s.commit().unwrap();
+    // A request that loaded before the removal and writes the removed key conflicts.
+    let mut old = mgr.load(&id).unwrap().unwrap();
+    mgr.transact(&id, |s| {
+        s.remove("k9");
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+    old.insert("k9", &99).unwrap();
+    assert!(matches!(old.commit(), Err(Error::Conflict { key }) if key == "k9"));
+    // Expiry: gone for a load, and a lazy get of a session that expired and was collected
+    // meanwhile conflicts (its values are gone), and `transact` then says the session is gone.
+    let s = mgr.load(&id).unwrap().unwrap();
+    clock.advance(Duration::from_secs(61));
+    mgr.gc().unwrap();
+    let gone = mgr
+        .store()
+        .meta(&SessionId::parse(&id).unwrap())
+        .unwrap()
+        .is_none();
+    if gone && mgr.store().capabilities().per_key {
+        assert!(matches!(s.get::<usize>("k0"), Err(Error::Conflict { .. })));
+    }
+    drop(s);
+    assert!(mgr.load(&id).unwrap().is_none());
+    assert_eq!(mgr.transact(&id, |s| s.get::<usize>("k0")).unwrap(), None);
+    drop(keep);
+}
+
+/// A value replaced by another commit between a lazy load and its `get`: on a per-key store
+/// the `get` fails with `Conflict` (a request never mixes versions) and `transact` runs again
+/// and succeeds; on a whole-record store the `get` sees the loaded snapshot.
+pub fn by_key_value_replaced_before_a_lazy_get<S: Store + 'static>(f: Fixture<S>) {
+    let per_key = f.store.capabilities().per_key;
+    let keep = f._keep;
+    let f = Fixture {
+        _keep: Box::new(()),
+        ..f
+    };
+    let mgr = lazy_manager(f, Arc::new(ManualClock::new(T0)));
+    let id = keys_n(&mgr, 4);
+    let s = mgr.load(&id).unwrap().unwrap();
+    mgr.transact(&id, |s| s.insert("k1", &100))
+        .unwrap()
+        .unwrap();
+    match s.get::<usize>("k1") {
+        Err(Error::Conflict { key }) => assert!(per_key && key == "k1"),
+        Ok(v) => assert!(!per_key && v == Some(1), "{v:?}"),
+        Err(e) => panic!("{e}"),
+    }
+    drop(s);
+    let mut attempts = 0;
+    let got = mgr
+        .transact(&id, |s| {
+            attempts += 1;
+            if attempts == 1 {
+                // Another request commits between this one's load and its get.
+                mgr.transact(&id, |o| o.insert("k2", &200))
+                    .unwrap()
+                    .unwrap();
+            }
+            let n = s.get::<usize>("k2")?.unwrap();
+            s.insert("k3", &(n + 1))?;
+            Ok(n)
+        })
+        .unwrap();
+    if per_key {
+        assert_eq!((got, attempts), (Some(200), 2), "retried on fresh data");
+    } else {
+        // Whole-record snapshot: the first attempt read 2 and its commit did not conflict (k3
+        // was not changed by the other request).
+        assert_eq!((got, attempts), (Some(2), 1));
+    }
+    let s = mgr.load(&id).unwrap().unwrap();
+    assert_eq!(s.get::<usize>("k3").unwrap(), got.map(|n| n + 1));
+    drop(keep);
+}
+
+/// `max_record_size` limits head plus values at commit; nothing is written when it is over.
+pub fn by_key_commit_over_the_limit_is_too_large<S: Store + 'static>(f: Fixture<S>) {
+    let keep = f._keep;
+    let f = Fixture {
+        _keep: Box::new(()),
+        ..f
+    };
+    let cfg = SessionConfig {
+        lazy_above: 0,
+        max_record_size: 4000,
+        ..SessionConfig::default()
+    };
+    let mgr = SessionManager::new(f.table.clone(), f.store, cfg);
+    let id = keys_n(&mgr, 3);
+    let r = mgr.transact(&id, |s| {
+        for k in 0..3 {
+            s.insert(format!("big{k}"), &"x".repeat(1500))?;
+        }
+        Ok(())
+    });
+    assert!(
+        matches!(r, Err(Error::TooLarge { limit: 4000, .. })),
+        "{r:?}"
+    );
+    let s = mgr.load(&id).unwrap().unwrap();
+    assert_eq!((s.version(), s.keys().count()), (1, 3));
+    drop(keep);
+}
+
+/// A damaged value (wrong version tag, wrong CRC) read by key is `SessionCorrupt` for that
+/// session only.
+pub fn by_key_damaged_value_is_a_typed_error<S: Store + 'static>(f: Fixture<S>) {
+    if !f.store.capabilities().per_key {
+        return;
+    }
+    let keep = f._keep;
+    let f = Fixture {
+        _keep: Box::new(()),
+        ..f
+    };
+    let mgr = lazy_manager(f, Arc::new(ManualClock::new(T0)));
+    let good = keys_n(&mgr, 2);
+    let bad = keys_n(&mgr, 2);
+    let sid = SessionId::parse(&bad).unwrap();
+    let st = mgr.store().load_head(&sid, MAX, 0).unwrap().unwrap();
+    let mut h = record::decode_head(&st.head, MAX).unwrap();
+    // A value tagged with another version than its head says (same size).
+    let wrong = record::encode_value("k0", 9, &0.into()).unwrap();
+    h.version = 2;
+    h.keys.get_mut("k0").unwrap().size = Some(wrong.len() as u64);
+    let new = stored_head(&h);
+    assert!(mgr
+        .store()
+        .save_delta(&sid, Some(1), &new, &[("k0".into(), Some(wrong))])
+        .unwrap());
+    let s = mgr.load(&bad).unwrap().unwrap();
+    assert!(matches!(
+        s.get::<usize>("k0"),
+        Err(Error::SessionCorrupt(_))
+    ));
+    drop(s);
+    let s = mgr.load(&good).unwrap().unwrap();
+    assert_eq!(
+        s.get::<usize>("k1").unwrap(),
+        Some(1),
+        "other sessions intact"
+    );
+    drop(s);
+    drop(keep);
+}
+
 macro_rules! conformance {
     ($name:ident, $factory:expr) => {
         mod $name {
@@ -647,6 +1026,48 @@ macro_rules! conformance {
             fn thousand_concurrent_reads_store_one_touch() {
                 if let Some(f) = super::MaybeFixture::fixture($factory()) {
                     super::thousand_concurrent_reads_store_one_touch(f);
+                }
+            }
+            #[test]
+            fn by_key_head_values_and_whole_agree() {
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::by_key_head_values_and_whole_agree(f);
+                }
+            }
+            #[test]
+            fn by_key_save_delta_writes_only_the_change() {
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::by_key_save_delta_writes_only_the_change(f);
+                }
+            }
+            #[test]
+            fn by_key_sizes_count_head_and_values() {
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::by_key_sizes_count_head_and_values(f);
+                }
+            }
+            #[test]
+            fn by_key_manager_get_remove_commit_expire() {
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::by_key_manager_get_remove_commit_expire(f);
+                }
+            }
+            #[test]
+            fn by_key_value_replaced_before_a_lazy_get() {
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::by_key_value_replaced_before_a_lazy_get(f);
+                }
+            }
+            #[test]
+            fn by_key_commit_over_the_limit_is_too_large() {
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::by_key_commit_over_the_limit_is_too_large(f);
+                }
+            }
+            #[test]
+            fn by_key_damaged_value_is_a_typed_error() {
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::by_key_damaged_value_is_a_typed_error(f);
                 }
             }
             #[test]
