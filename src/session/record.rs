@@ -301,6 +301,29 @@ fn checked(bytes: &[u8], max_size: usize, head: bool) -> Result<Parsed<'_>> {
     Ok(p)
 }
 
+/// The length of the record or head that `prefix` (at least its header line) starts: header
+/// line plus body, as the header says (not checked against anything yet).
+pub fn framed_len(prefix: &[u8]) -> Result<usize> {
+    let p = parse(prefix)?;
+    (prefix.len() - p.body.len())
+        .checked_add(p.len)
+        .ok_or_else(|| corrupt("bad length"))
+}
+
+/// Where each live key's value lies in a file that holds a head of `head_len` bytes followed
+/// by the values of its live keys in key order: `(key, offset, length)`.
+pub fn value_offsets(head: &Head, head_len: u64) -> Vec<(&str, u64, u64)> {
+    let mut at = head_len;
+    let mut out = Vec::with_capacity(head.keys.len());
+    for (k, s) in &head.keys {
+        if let Some(n) = s.size {
+            out.push((k.as_str(), at, n));
+            at = at.saturating_add(n);
+        }
+    }
+    out
+}
+
 /// True when `bytes` start like a head (stored by key), not a whole record.
 pub fn is_head(bytes: &[u8]) -> bool {
     bytes.starts_with(MAGIC_HEAD.as_bytes())

@@ -12,6 +12,16 @@
 //! the directory: a crash leaves the old or the new record, never a torn one, plus at most a
 //! temporary file that `delete`, `remove_expired`, the expiry scan or [`Store::cleanup`] removes.
 //!
+//! A session stored **by key** ([`Store::save_delta`]) is one file too: its head
+//! ([`record::Head`], `LTH1`: versions and sizes of the keys) followed by the values of its live
+//! keys in key order, so each value's offset follows from the head. [`Store::load_head`] reads
+//! the head only and [`Store::load_values`] one `pread` per value, from one open file (a file is
+//! replaced whole by a rename, so an open file is one version: the version in its header is
+//! checked, and a request never mixes versions). A commit still writes the whole file (one
+//! rename is what makes a save atomic): it copies the unchanged values from the current file
+//! without decoding them. A file holding a whole record (`LTS2`, `LTS1`) is still read; a
+//! program older than this layout reads an `LTH1` file as an unknown format.
+//!
 //! Saves, touches and deletes of one session serialize on a short *ID lock*: an OFD lock on one
 //! byte (chosen by a hash of the ID) of `<root>/.locks`, plus a process-local mutex for the
 //! threads sharing this store's descriptor (OFD locks do not exclude each other within one open
@@ -20,7 +30,8 @@
 //! other, whatever lock table it was given, which is why [`Capabilities::atomic_cas`] holds.
 
 use super::{
-    Capabilities, Cutoffs, ExpiredScan, SessionMeta, Store, StoredSession, Timestamp, Touch,
+    record_of_split, split_record, Capabilities, ChangedValue, Cutoffs, ExpiredScan, SessionMeta,
+    Store, StoredHead, StoredSession, Timestamp, Touch,
 };
 use crate::fork::{self, AttachWindow, ForkSafeFile};
 use crate::registry::ofd_lock;
@@ -207,7 +218,73 @@ fn meta_of(f: &File) -> Result<SessionMeta> {
     })
 }
 
+/// Reads exactly `len` bytes at `offset` (a file too short for what its head says is corrupt).
+fn read_at(f: &File, offset: u64, len: u64) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let len = usize::try_from(len).map_err(|_| Error::SessionCorrupt("bad length".into()))?;
+    let mut buf = vec![0; len];
+    match f.read_exact_at(&mut buf, offset) {
+        Ok(()) => Ok(buf),
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err(Error::SessionCorrupt(
+            "file shorter than its head says (truncated)".into(),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The head of an open file stored by key, or `None` for a file holding a whole record.
+fn head_of(f: &File, file_len: u64) -> Result<Option<Vec<u8>>> {
+    let prefix = read_at(f, 0, file_len.min(record::MAX_HEADER_LEN as u64))?;
+    if !record::is_head(&prefix) {
+        return Ok(None);
+    }
+    let len = record::framed_len(&prefix)? as u64;
+    if len > file_len {
+        return Err(Error::SessionCorrupt("head longer than its file".into()));
+    }
+    read_at(f, 0, len).map(Some)
+}
+
+/// Every live key's value in the bytes of a whole file stored by key (`head` = its start).
+fn values_of(file: &[u8], head: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
+    let h = record::decode_head(head, usize::MAX)?;
+    let offsets = record::value_offsets(&h, head.len() as u64);
+    let end = offsets.last().map_or(head.len() as u64, |(_, o, n)| o + n);
+    if end != file.len() as u64 {
+        return Err(Error::SessionCorrupt(
+            "file length disagrees with its head".into(),
+        ));
+    }
+    Ok(offsets
+        .into_iter()
+        .map(|(k, o, n)| (k.to_owned(), file[o as usize..(o + n) as usize].to_vec()))
+        .collect())
+}
+
 impl FileStore {
+    /// Opens the record file of `id` with its metadata, refusing one over `max_size` (or the
+    /// store's own limit) with `TooLarge`.
+    fn open_checked(
+        &self,
+        id: &SessionId,
+        max_size: usize,
+    ) -> Result<Option<(File, fs::Metadata)>> {
+        let Some(f) = not_found(File::open(self.path_of(id)))? else {
+            return Ok(None);
+        };
+        // Length and times come from the open file, so they match the bytes read even if the
+        // file is replaced meanwhile.
+        let md = f.metadata()?;
+        let limit = self.max_file_size.min(max_size as u64);
+        if md.len() > limit {
+            return Err(Error::TooLarge {
+                size: usize::try_from(md.len()).unwrap_or(usize::MAX),
+                limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            });
+        }
+        Ok(Some((f, md)))
+    }
+
     /// Opens (creating if needed) a store rooted at `root`. Any number of processes and stores
     /// may share `root`; they exclude each other through `<root>/.locks`.
     pub fn open(root: impl AsRef<Path>) -> Result<FileStore> {
@@ -296,6 +373,73 @@ impl FileStore {
             sync_dir(dir)?;
         }
         Ok(())
+    }
+
+    /// Writes `bytes` as the file of `id` if its stored version is `expected`: temporary file
+    /// (fsynced), then under the ID lock the version check, the mtime (`la_new` or the stored
+    /// time, whichever is later) and the rename, then the directory fsync.
+    fn put(
+        &self,
+        id: &SessionId,
+        expected: Option<u64>,
+        bytes: &[u8],
+        la_new: Timestamp,
+    ) -> Result<bool> {
+        if bytes.len() as u64 > self.max_file_size {
+            return Err(Error::TooLarge {
+                size: bytes.len(),
+                limit: usize::try_from(self.max_file_size).unwrap_or(usize::MAX),
+            });
+        }
+        let dir = self.shard(id);
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+        // The shard's entry in the root must be durable before a record in
+        // it is reported saved, whoever created the shard (its creator may
+        // have crashed before its own fsync): fsync the root once per shard
+        // per store.
+        if self.fsync && !self.synced_shards.lock().contains(&dir) {
+            sync_dir(&self.root)?;
+            self.synced_shards.lock().insert(dir.clone());
+        }
+        let path = self.path_of(id);
+        // The slow part (write + fsync) happens before taking the ID lock.
+        let (tmp, tmp_file) = self.write_temp(&dir, id, bytes)?;
+        let outcome = (|| -> Result<bool> {
+            let _lock = self.lock(id)?;
+            let current = match self.meta_at(&path) {
+                Ok(m) => m,
+                // A corrupt file never matches: delete it first.
+                Err(Error::SessionCorrupt(_)) => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            if current.map(|m| m.version) != expected {
+                return Ok(false);
+            }
+            let la = current.map_or(la_new, |m| m.last_accessed.max(la_new));
+            tmp_file.set_modified(la.to_system_time())?;
+            match fs::rename(&tmp, &path) {
+                Ok(()) => Ok(true),
+                // The temp file was removed by a delete of this session meanwhile.
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(e.into()),
+            }
+        })();
+        match outcome {
+            Ok(true) => {
+                // The new record is in place; only its durability is in doubt now.
+                self.sync_dir(&dir)
+                    .map_err(|e| Error::OutcomeUnknown(format!("directory fsync failed: {e}")))?;
+                Ok(true)
+            }
+            other => {
+                let _ = fs::remove_file(&tmp);
+                other
+            }
+        }
     }
 
     fn meta_at(&self, path: &Path) -> Result<Option<SessionMeta>> {
@@ -433,88 +577,132 @@ impl FileStore {
 
 impl Store for FileStore {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(true, true, false, true)
+        Capabilities::new(true, true, false, true).with_per_key(true)
     }
 
     fn load(&self, id: &SessionId, max_size: usize) -> Result<Option<StoredSession>> {
-        let Some(f) = not_found(File::open(self.path_of(id)))? else {
+        let Some((f, md)) = self.open_checked(id, max_size)? else {
             return Ok(None);
         };
-        // Length and times come from the open file, so they match the bytes read even if the
-        // file is replaced meanwhile.
-        let md = f.metadata()?;
-        let limit = self.max_file_size.min(max_size as u64);
-        if md.len() > limit {
-            return Err(Error::TooLarge {
-                size: usize::try_from(md.len()).unwrap_or(usize::MAX),
-                limit: usize::try_from(limit).unwrap_or(usize::MAX),
-            });
-        }
         let mut bytes = Vec::with_capacity(md.len() as usize);
-        f.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
-        StoredSession::from_record(bytes, mtime(&md)).map(Some)
+        f.take(md.len().saturating_add(1)).read_to_end(&mut bytes)?;
+        let st = StoredSession::from_record(bytes, mtime(&md))?;
+        if !record::is_head(&st.bytes) {
+            return Ok(Some(st));
+        }
+        let head_len = record::framed_len(&st.bytes)?.min(st.bytes.len());
+        let head = &st.bytes[..head_len];
+        let values = values_of(&st.bytes, head)?.into_iter().collect();
+        record_of_split(st.meta, head, &values).map(Some)
+    }
+
+    fn load_head(
+        &self,
+        id: &SessionId,
+        max_size: usize,
+        values_up_to: u64,
+    ) -> Result<Option<StoredHead>> {
+        let Some((f, md)) = self.open_checked(id, max_size)? else {
+            return Ok(None);
+        };
+        let Some(head) = head_of(&f, md.len())? else {
+            // A whole record: read and split it.
+            let bytes = read_at(&f, 0, md.len())?;
+            let st = StoredSession::from_record(bytes, mtime(&md))?;
+            let (head, values) = split_record(&st.bytes)?;
+            return Ok(Some(StoredHead {
+                meta: st.meta,
+                head,
+                values: Some(values),
+            }));
+        };
+        let h = record::peek_header(&head)?;
+        let meta = SessionMeta {
+            version: h.version,
+            created: Timestamp(h.created),
+            last_accessed: mtime(&md),
+            expiry: h.expiry,
+            size: md.len(),
+        };
+        let values = if md.len() <= values_up_to {
+            Some(values_of(&read_at(&f, 0, md.len())?, &head)?)
+        } else {
+            None
+        };
+        Ok(Some(StoredHead { meta, head, values }))
+    }
+
+    fn load_values(
+        &self,
+        id: &SessionId,
+        version: u64,
+        keys: &[&str],
+    ) -> Result<Option<Vec<Option<Vec<u8>>>>> {
+        let Some((f, md)) = self.open_checked(id, usize::MAX)? else {
+            return Ok(None);
+        };
+        // One open file is one version: check it, then read from this file only.
+        let prefix = read_at(&f, 0, md.len().min(record::MAX_HEADER_LEN as u64))?;
+        if record::peek_header(&prefix)?.version != version {
+            return Ok(None);
+        }
+        let Some(head) = head_of(&f, md.len())? else {
+            let values: std::collections::BTreeMap<_, _> =
+                split_record(&read_at(&f, 0, md.len())?)?
+                    .1
+                    .into_iter()
+                    .collect();
+            return Ok(Some(keys.iter().map(|k| values.get(*k).cloned()).collect()));
+        };
+        let h = record::decode_head(&head, usize::MAX)?;
+        let offsets = record::value_offsets(&h, head.len() as u64);
+        let at = |key: &str| offsets.iter().find(|(k, _, _)| *k == key);
+        keys.iter()
+            .map(|k| at(k).map(|&(_, o, n)| read_at(&f, o, n)).transpose())
+            .collect::<Result<_>>()
+            .map(Some)
+    }
+
+    fn save_delta(
+        &self,
+        id: &SessionId,
+        expected: Option<u64>,
+        new: &StoredHead,
+        changed: &[ChangedValue],
+    ) -> Result<bool> {
+        // The unchanged values come from the current file (read before the ID lock, like the
+        // temporary file's write; the version check under the lock proves it was the one).
+        let mut values = std::collections::BTreeMap::new();
+        if let Some(v) = expected {
+            match self.load_head(id, usize::MAX, u64::MAX)? {
+                Some(cur) if cur.meta.version == v => values.extend(cur.values.unwrap_or_default()),
+                _ => return Ok(false),
+            }
+        }
+        for (k, v) in changed {
+            match v {
+                Some(b) => values.insert(k.clone(), b.clone()),
+                None => values.remove(k),
+            };
+        }
+        let h = record::decode_head(&new.head, usize::MAX)?;
+        let mut bytes = new.head.clone();
+        for (k, _, n) in record::value_offsets(&h, 0) {
+            match values.get(k) {
+                Some(v) if v.len() as u64 == n => bytes.extend_from_slice(v),
+                _ => {
+                    return Err(Error::SessionCorrupt(
+                        "a live key's value is missing or of another size".into(),
+                    ))
+                }
+            }
+        }
+        self.put(id, expected, &bytes, new.meta.last_accessed)
     }
 
     fn save(&self, id: &SessionId, expected: Option<u64>, new: &StoredSession) -> Result<bool> {
-        if new.bytes.len() as u64 > self.max_file_size {
-            return Err(Error::TooLarge {
-                size: new.bytes.len(),
-                limit: usize::try_from(self.max_file_size).unwrap_or(usize::MAX),
-            });
-        }
-        let dir = self.shard(id);
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e.into()),
-        }
-        // The shard's entry in the root must be durable before a record in
-        // it is reported saved, whoever created the shard (its creator may
-        // have crashed before its own fsync): fsync the root once per shard
-        // per store.
-        if self.fsync && !self.synced_shards.lock().contains(&dir) {
-            sync_dir(&self.root)?;
-            self.synced_shards.lock().insert(dir.clone());
-        }
-        let path = self.path_of(id);
-        // The slow part (write + fsync) happens before taking the ID lock.
-        let (tmp, tmp_file) = self.write_temp(&dir, id, &new.bytes)?;
-        let outcome = (|| -> Result<bool> {
-            let _lock = self.lock(id)?;
-            let current = match self.meta_at(&path) {
-                Ok(m) => m,
-                // A corrupt file never matches: delete it first.
-                Err(Error::SessionCorrupt(_)) => return Ok(false),
-                Err(e) => return Err(e),
-            };
-            if current.map(|m| m.version) != expected {
-                return Ok(false);
-            }
-            let la = current.map_or(new.meta.last_accessed, |m| {
-                m.last_accessed.max(new.meta.last_accessed)
-            });
-            tmp_file.set_modified(la.to_system_time())?;
-            match fs::rename(&tmp, &path) {
-                Ok(()) => Ok(true),
-                // The temp file was removed by a delete of this session meanwhile.
-                Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-                Err(e) => Err(e.into()),
-            }
-        })();
-        match outcome {
-            Ok(true) => {
-                // The new record is in place; only its durability is in doubt now.
-                self.sync_dir(&dir)
-                    .map_err(|e| Error::OutcomeUnknown(format!("directory fsync failed: {e}")))?;
-                Ok(true)
-            }
-            other => {
-                let _ = fs::remove_file(&tmp);
-                other
-            }
-        }
+        self.put(id, expected, &new.bytes, new.meta.last_accessed)
     }
-
     fn meta(&self, id: &SessionId) -> Result<Option<SessionMeta>> {
         self.meta_at(&self.path_of(id))
     }
