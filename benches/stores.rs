@@ -17,11 +17,16 @@
 //! finish). Throughput is set to the number of threads, so criterion's `thrpt` is requests per
 //! second in total.
 //!
-//! Group `huge_session`: `<store>/whole_record`, one request on a session of 1,000 keys of
-//! 10 KB (10 MB): `transact` that reads one key and writes one other, one thread. Today's path
-//! reads, checks and parses the whole record and writes it whole; it is the baseline of the
-//! per-key design (DESIGN.md, "Huge sessions, read by key"). memcached is left out: one item
-//! holds at most 1 MiB by default.
+//! Group `huge_session`: `<store>/<by_key|whole_record>`, one request on a session of 1,000
+//! keys of 10 KB (10 MB): `transact` that reads one key (`get`) and writes one other, one
+//! thread, fsync off (`file`, `kv`). `by_key` is the store as it is, with every session loaded
+//! by key (`SessionConfig::lazy_above = 0`): on a store with `Capabilities::per_key` the load
+//! reads the head, the `get` one value and the commit writes the head and one value.
+//! `whole_record` hides the store's `per_key` capability, so the manager takes the
+//! whole-record path (`load` and `save` of the whole 10 MB record). Both go through a byte
+//! counter, and before criterion a line per store and path gives the bytes read and written
+//! through the `Store` interface per request. A store that cannot hold the session (memcached:
+//! one item holds at most 1 MiB by default) is left out with a line saying why.
 //!
 //! Before the criterion results, a plain loop of 1,000 read requests per store (with a clock
 //! that moves one second per request, so that touches are due) counts the stored writes per
@@ -37,10 +42,13 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use locktable::session::{
-    ManualClock, MemcachedStore, MemoryStore, RedisStore, SessionConfig, SessionManager, Timestamp,
+    Capabilities, ChangedValue, Cutoffs, ExpiredScan, FileStore, KvStore, ManualClock,
+    MemcachedStore, MemoryStore, RedisStore, SessionConfig, SessionId, SessionManager, SessionMeta,
+    Store, StoredHead, StoredSession, Timestamp, Touch,
 };
 use locktable::{LockTable, TableOptions};
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const READ_KEY: &str = "user_id";
 
@@ -215,39 +223,208 @@ fn main() {
 
 const HUGE_KEYS: usize = 1000;
 const HUGE_VALUE: usize = 10 * 1024;
+/// Requests run outside criterion to count the bytes of one request.
+const COUNTED_REQUESTS: u64 = 10;
+
+/// Bytes through the `Store` interface (read: loads; written: saves), shared with the bench.
+#[derive(Debug, Default)]
+struct Bytes {
+    read: AtomicU64,
+    written: AtomicU64,
+}
+
+/// A store seen through a byte counter; `whole`: its `per_key` capability hidden, so that the
+/// manager takes today's whole-record path (`load` and `save` only).
+#[derive(Debug)]
+struct Counted {
+    inner: Box<dyn Store>,
+    whole: bool,
+    bytes: Arc<Bytes>,
+}
+
+impl Counted {
+    fn read(&self, n: usize) {
+        self.bytes.read.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    fn wrote(&self, n: usize) {
+        self.bytes.written.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+impl Store for Counted {
+    fn capabilities(&self) -> Capabilities {
+        let c = self.inner.capabilities();
+        c.with_per_key(c.per_key && !self.whole)
+    }
+    fn load(&self, id: &SessionId, max: usize) -> locktable::Result<Option<StoredSession>> {
+        let r = self.inner.load(id, max)?;
+        self.read(r.as_ref().map_or(0, |s| s.bytes.len()));
+        Ok(r)
+    }
+    fn save(&self, id: &SessionId, e: Option<u64>, new: &StoredSession) -> locktable::Result<bool> {
+        self.wrote(new.bytes.len());
+        self.inner.save(id, e, new)
+    }
+    fn meta(&self, id: &SessionId) -> locktable::Result<Option<SessionMeta>> {
+        self.inner.meta(id)
+    }
+    fn touch(
+        &self,
+        id: &SessionId,
+        at: Timestamp,
+        coalesce: Duration,
+        cutoffs: &Cutoffs,
+    ) -> locktable::Result<Touch> {
+        self.inner.touch(id, at, coalesce, cutoffs)
+    }
+    fn delete(&self, id: &SessionId) -> locktable::Result<bool> {
+        self.inner.delete(id)
+    }
+    fn remove_expired(&self, id: &SessionId, cutoffs: &Cutoffs) -> locktable::Result<bool> {
+        self.inner.remove_expired(id, cutoffs)
+    }
+    fn scan_expired(&self, cutoffs: &Cutoffs, budget: usize) -> locktable::Result<ExpiredScan> {
+        self.inner.scan_expired(cutoffs, budget)
+    }
+    fn load_head(
+        &self,
+        id: &SessionId,
+        max: usize,
+        up_to: u64,
+    ) -> locktable::Result<Option<StoredHead>> {
+        let r = self.inner.load_head(id, max, up_to)?;
+        if let Some(h) = &r {
+            let values = h
+                .values
+                .iter()
+                .flatten()
+                .map(|(_, v)| v.len())
+                .sum::<usize>();
+            self.read(h.head.len() + values);
+        }
+        Ok(r)
+    }
+    fn load_values(
+        &self,
+        id: &SessionId,
+        version: u64,
+        keys: &[&str],
+    ) -> locktable::Result<Option<Vec<Option<Vec<u8>>>>> {
+        let r = self.inner.load_values(id, version, keys)?;
+        let n = r.iter().flatten().flatten().map(Vec::len).sum();
+        self.read(n);
+        Ok(r)
+    }
+    fn save_delta(
+        &self,
+        id: &SessionId,
+        e: Option<u64>,
+        new: &StoredHead,
+        changed: &[ChangedValue],
+    ) -> locktable::Result<bool> {
+        let values: usize = changed
+            .iter()
+            .filter_map(|(_, v)| v.as_ref())
+            .map(Vec::len)
+            .sum();
+        self.wrote(new.head.len() + values);
+        self.inner.save_delta(id, e, new, changed)
+    }
+}
+
+/// The named store itself (not a manager), for wrapping; `None` (said) without its server.
+fn open_store(store: &str, dir: &Path, tag: &str) -> Option<Box<dyn Store>> {
+    let url = |var: &str| match std::env::var(var) {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            eprintln!("{store}: left out ({var} is not set; eval \"$(scripts/services start)\")");
+            None
+        }
+    };
+    Some(match store {
+        "memory" => Box::new(MemoryStore::new()),
+        "file" => Box::new(FileStore::open(dir.join("sessions")).unwrap()),
+        "kv" => Box::new(KvStore::open(dir.join("sessions.kv")).unwrap()),
+        "redis" => Box::new(
+            RedisStore::open(&url("LOCKTABLE_REDIS_URL")?)
+                .unwrap()
+                .with_prefix(format!("{}{tag}:", prefix())),
+        ),
+        "memcached" => Box::new(
+            MemcachedStore::open(&url("LOCKTABLE_MEMCACHED_URL")?)
+                .unwrap()
+                .with_prefix(format!("{}{tag}:", prefix())),
+        ),
+        other => panic!("unknown store {other}"),
+    })
+}
+
+/// One request of the huge-session benchmark: load, one `get`, a one-key commit.
+fn huge_request(mgr: &SessionManager, id: &str, n: &AtomicU64) {
+    let done = mgr
+        .transact(id, |s| {
+            black_box(s.get::<String>("k7")?.expect("k7"));
+            s.insert("counter", &n.fetch_add(1, Ordering::Relaxed))
+        })
+        .unwrap();
+    assert!(done.is_some());
+}
 
 fn huge_session(c: &mut Criterion) {
     let mut g = c.benchmark_group("huge_session");
     g.throughput(Throughput::Elements(1));
+    // Every session by key on a per-key store; the whole path never asks for it.
     let cfg = || SessionConfig {
         max_record_size: 16 << 20,
+        lazy_above: 0,
+        fsync: false,
         ..SessionConfig::default()
     };
-    for store in ["memory", "file", "kv", "redis"] {
-        let dir = tempfile::tempdir().unwrap();
-        let Some(mgr) = open(store, dir.path(), cfg()) else {
-            continue;
-        };
-        let mut s = mgr.create().unwrap();
-        let value = "v".repeat(HUGE_VALUE);
-        for k in 0..HUGE_KEYS {
-            s.insert(format!("k{k}"), &value).unwrap();
+    println!("huge session ({HUGE_KEYS} keys x {HUGE_VALUE} B): store bytes per request");
+    for store in STORES {
+        for path in ["by_key", "whole_record"] {
+            let dir = tempfile::tempdir().unwrap();
+            let Some(inner) = open_store(store, dir.path(), path) else {
+                continue;
+            };
+            let bytes = Arc::new(Bytes::default());
+            let counted = Counted {
+                inner,
+                whole: path == "whole_record",
+                bytes: bytes.clone(),
+            };
+            let table =
+                LockTable::open(dir.path().join("locks.table"), &TableOptions::default()).unwrap();
+            let mgr = SessionManager::new(table, counted, cfg());
+            let mut s = mgr.create().unwrap();
+            let value = "v".repeat(HUGE_VALUE);
+            for k in 0..HUGE_KEYS {
+                s.insert(format!("k{k}"), &value).unwrap();
+            }
+            let id = s.id().to_string();
+            if let Err(e) = s.commit() {
+                println!("  {store:<10} {path:<13} left out: the session cannot be stored ({e})");
+                continue;
+            }
+            let n = AtomicU64::new(0);
+            let (r0, w0) = (
+                bytes.read.load(Ordering::Relaxed),
+                bytes.written.load(Ordering::Relaxed),
+            );
+            for _ in 0..COUNTED_REQUESTS {
+                huge_request(&mgr, &id, &n);
+            }
+            let per = |a: &AtomicU64, b: u64| (a.load(Ordering::Relaxed) - b) / COUNTED_REQUESTS;
+            println!(
+                "  {store:<10} {path:<13} read {:>9} B   written {:>9} B",
+                per(&bytes.read, r0),
+                per(&bytes.written, w0)
+            );
+            g.bench_function(BenchmarkId::new(store, path), |b| {
+                b.iter(|| huge_request(&mgr, &id, &n))
+            });
+            mgr.delete(&id).unwrap();
         }
-        let id = s.id().to_string();
-        s.commit().unwrap();
-        g.bench_function(BenchmarkId::new(store, "whole_record"), |b| {
-            b.iter(|| {
-                let done = mgr
-                    .transact(&id, |s| {
-                        black_box(s.get::<String>("k7")?);
-                        let n = s.get::<u64>("counter")?.unwrap_or(0);
-                        s.insert("counter", &(n + 1))
-                    })
-                    .unwrap();
-                assert!(done.is_some());
-            })
-        });
-        mgr.delete(&id).unwrap();
     }
     g.finish();
 }

@@ -605,9 +605,30 @@ impl Store for FileStore {
         let Some((f, md)) = self.open_checked(id, max_size)? else {
             return Ok(None);
         };
-        let Some(head) = head_of(&f, md.len())? else {
-            // A whole record: read and split it.
-            let bytes = read_at(&f, 0, md.len())?;
+        let meta_of_head = |head: &[u8]| -> Result<SessionMeta> {
+            let h = record::peek_header(head)?;
+            Ok(SessionMeta {
+                version: h.version,
+                created: Timestamp(h.created),
+                last_accessed: mtime(&md),
+                expiry: h.expiry,
+                size: md.len(),
+            })
+        };
+        if md.len() > values_up_to {
+            if let Some(head) = head_of(&f, md.len())? {
+                // The head only: the values stay on disk until asked for.
+                let meta = meta_of_head(&head)?;
+                return Ok(Some(StoredHead {
+                    meta,
+                    head,
+                    values: None,
+                }));
+            }
+        }
+        // Everything, in one read: a small session, or a whole record (split here).
+        let bytes = read_at(&f, 0, md.len())?;
+        if !record::is_head(&bytes) {
             let st = StoredSession::from_record(bytes, mtime(&md))?;
             let (head, values) = split_record(&st.bytes)?;
             return Ok(Some(StoredHead {
@@ -615,21 +636,14 @@ impl Store for FileStore {
                 head,
                 values: Some(values),
             }));
-        };
-        let h = record::peek_header(&head)?;
-        let meta = SessionMeta {
-            version: h.version,
-            created: Timestamp(h.created),
-            last_accessed: mtime(&md),
-            expiry: h.expiry,
-            size: md.len(),
-        };
-        let values = if md.len() <= values_up_to {
-            Some(values_of(&read_at(&f, 0, md.len())?, &head)?)
-        } else {
-            None
-        };
-        Ok(Some(StoredHead { meta, head, values }))
+        }
+        let head = bytes[..record::framed_len(&bytes)?.min(bytes.len())].to_vec();
+        let values = values_of(&bytes, &head)?;
+        Ok(Some(StoredHead {
+            meta: meta_of_head(&head)?,
+            head,
+            values: Some(values),
+        }))
     }
 
     fn load_values(
