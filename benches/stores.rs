@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use locktable::session::{
-    Capabilities, ChangedValue, Cutoffs, ExpiredScan, FileStore, KvStore, ManualClock,
+    Capabilities, ChangedValue, Cutoffs, ExpiredScan, FileStore, KvOptions, KvStore, ManualClock,
     MemcachedStore, MemoryStore, RedisStore, SessionConfig, SessionId, SessionManager, SessionMeta,
     Store, StoredHead, StoredSession, Timestamp, Touch,
 };
@@ -343,8 +343,18 @@ fn open_store(store: &str, dir: &Path, tag: &str) -> Option<Box<dyn Store>> {
     };
     Some(match store {
         "memory" => Box::new(MemoryStore::new()),
-        "file" => Box::new(FileStore::open(dir.join("sessions")).unwrap()),
-        "kv" => Box::new(KvStore::open(dir.join("sessions.kv")).unwrap()),
+        "file" => Box::new(
+            FileStore::open(dir.join("sessions"))
+                .unwrap()
+                .with_fsync(false),
+        ),
+        "kv" => {
+            let opts = KvOptions {
+                fsync: false,
+                ..KvOptions::default()
+            };
+            Box::new(KvStore::open_with(dir.join("sessions.kv"), &opts).unwrap())
+        }
         "redis" => Box::new(
             RedisStore::open(&url("LOCKTABLE_REDIS_URL")?)
                 .unwrap()
@@ -377,7 +387,6 @@ fn huge_session(c: &mut Criterion) {
     let cfg = || SessionConfig {
         max_record_size: 16 << 20,
         lazy_above: 0,
-        fsync: false,
         ..SessionConfig::default()
     };
     println!("huge session ({HUGE_KEYS} keys x {HUGE_VALUE} B): store bytes per request");

@@ -548,23 +548,19 @@ impl SessionCache {
     }
 }
 
-/// The cache for `store` with a budget of `bytes` (`0`: off): counters in the root of a
-/// [`super::FileStore`], in memory for a [`super::MemoryStore`] (owned by this manager alone),
-/// none (off) for any other store, whose other users this manager could not tell about its
-/// writes. A counter file
-/// that cannot be opened turns the cache off with a warning; sessions work as without it.
+/// The cache for `store` with a budget of `bytes` (`0`: off), its counters where
+/// [`super::Store::change_counters`] says (a directory's `.versions`, or this process's memory
+/// for a store owned by this manager alone); none (off) for a store that names no place, whose
+/// other users this manager could not tell about its writes. A counter file that cannot be
+/// opened turns the cache off with a warning; sessions work as without it.
 pub fn for_store<S: super::Store + 'static>(store: &S, bytes: usize) -> Option<SessionCache> {
     if bytes == 0 {
         return None;
     }
-    let any: &dyn std::any::Any = store;
-    let versions = if let Some(fs) = any.downcast_ref::<super::FileStore>() {
-        Versions::open(fs.root())
-    } else if any.is::<super::MemoryStore>() {
-        // Moved into this one manager: nobody else can write it.
-        Versions::in_heap()
-    } else {
-        return None;
+    let versions = match store.change_counters() {
+        super::ChangeCounters::Directory(dir) => Versions::open(&dir),
+        super::ChangeCounters::Process => Versions::in_heap(),
+        _ => return None,
     };
     match versions {
         Ok(v) => Some(SessionCache::new(v, bytes)),

@@ -86,8 +86,9 @@ pub use store::MemcachedStore;
 #[cfg(feature = "redis")]
 pub use store::RedisStore;
 pub use store::{
-    Capabilities, ChangedValue, Clock, Cutoffs, ExpiredScan, Expiry, FileStore, ManualClock,
-    MemoryStore, SessionMeta, Store, StoredHead, StoredSession, SystemClock, Timestamp, Touch,
+    Capabilities, ChangeCounters, ChangedValue, Clock, Cutoffs, ExpiredScan, Expiry, FileStore,
+    ManualClock, MemoryStore, SessionMeta, Store, StoredHead, StoredSession, SystemClock,
+    Timestamp, Touch,
 };
 #[cfg(feature = "lmdb")]
 pub use store::{KvOptions, KvStore};
@@ -157,9 +158,10 @@ pub struct SessionConfig {
     pub lock_timeout: Duration,
     /// Bytes (of encoded records) of decoded sessions each manager keeps to answer loads of
     /// unchanged sessions without reading the store; `0` turns the cache off. Default 64 MiB.
-    /// Validated across processes by change counters in `<store root>/.versions` (a
-    /// [`FileStore`]) or in memory (a store private to the process); for any other store the
-    /// cache stays off. See [`ManagerStats::cache_hits`].
+    /// Validated across processes by change counters where the store says
+    /// ([`Store::change_counters`]): `<dir>/.versions` of a [`FileStore`] or a `KvStore`, memory
+    /// for a [`MemoryStore`]; for a store that names no place (one shared by hosts) the cache
+    /// stays off. See [`ManagerStats::cache_hits`].
     pub cache_bytes: usize,
     /// Sessions whose stored size exceeds this many bytes are loaded **by key** from a store
     /// that keeps values per key ([`Capabilities::per_key`]): a load reads the session's head

@@ -580,6 +580,10 @@ impl Store for FileStore {
         Capabilities::new(true, true, false, true).with_per_key(true)
     }
 
+    fn change_counters(&self) -> super::ChangeCounters {
+        super::ChangeCounters::Directory(self.root.clone())
+    }
+
     fn load(&self, id: &SessionId, max_size: usize) -> Result<Option<StoredSession>> {
         let Some((f, md)) = self.open_checked(id, max_size)? else {
             return Ok(None);

@@ -30,8 +30,13 @@
 //! writer recovers it). The expiry scan walks `meta` from a cursor (the last ID examined), in key
 //! order, within one read snapshot per call.
 //!
-//! May not touch: the lock table, the record format (it stores the bytes it is given), or any
-//! file of its directory except through LMDB.
+//! The directory also holds the hot-session cache's change counters (`.versions`, owned by
+//! `session/cache.rs`; [`Store::change_counters`] names the directory), so every process on it
+//! caches sessions and sees every other's writes.
+//!
+//! May not touch: the lock table, the record format (beyond splitting and joining records and
+//! heads through `record.rs`), `.versions`, or any other file of its directory except through
+//! LMDB.
 
 use super::{
     record_of_split, split_record, Capabilities, ChangedValue, Cutoffs, ExpiredScan, Expiry,
@@ -427,6 +432,10 @@ fn value_key(id: &SessionId, key: &str) -> Vec<u8> {
 impl Store for KvStore {
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(true, true, false, true).with_per_key(true)
+    }
+
+    fn change_counters(&self) -> super::ChangeCounters {
+        super::ChangeCounters::Directory(self.shared.dir.clone())
     }
 
     fn load(&self, id: &SessionId, max_size: usize) -> Result<Option<StoredSession>> {

@@ -45,6 +45,10 @@ impl Store for MemoryStore {
         Capabilities::new(false, false, false, true)
     }
 
+    fn change_counters(&self) -> super::ChangeCounters {
+        super::ChangeCounters::Process
+    }
+
     fn load(&self, id: &SessionId, max_size: usize) -> Result<Option<StoredSession>> {
         let map = self.map.lock();
         match map.get(id) {

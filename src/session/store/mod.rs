@@ -281,6 +281,22 @@ pub fn split_record(bytes: &[u8]) -> Result<(Vec<u8>, Vec<(String, Vec<u8>)>)> {
     Ok((super::record::encode_head(&head)?, values))
 }
 
+/// Where the change counters of the hot-session cache live for a store
+/// ([`Store::change_counters`]): the cache needs every writer of the store to move the same
+/// counters, so it is on only where the store says where they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ChangeCounters {
+    /// Nowhere: the manager could not tell the store's other users (other hosts, programs it
+    /// does not know) about its writes, so it caches nothing.
+    None,
+    /// In this process's memory: the store is private to the one manager that owns it.
+    Process,
+    /// In `<dir>/.versions`, mapped by every manager that uses the store (processes of one
+    /// host sharing a directory).
+    Directory(std::path::PathBuf),
+}
+
 /// Outcome of [`Store::touch`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Touch {
@@ -403,6 +419,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Housekeeping (e.g. leftover temporary files); returns how many items were removed.
     fn cleanup(&self) -> Result<usize> {
         Ok(0)
+    }
+
+    /// Where the hot-session cache's change counters live for this store. The default,
+    /// [`ChangeCounters::None`], turns the cache off; a store may name a place only if every
+    /// writer of its data goes through a `SessionManager` that maps the same counters.
+    fn change_counters(&self) -> ChangeCounters {
+        ChangeCounters::None
     }
 
     /// The session's head: what conflicts and expiry need, without the values, and with them
