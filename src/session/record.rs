@@ -499,8 +499,11 @@ pub fn decode_value(key: &str, state: &KeyState, bytes: &[u8]) -> Result<Value> 
     Ok(v)
 }
 
-/// Splits a record into its head and its stored values (key, [`encode_value`] bytes).
-pub fn split(record: &Record) -> Result<(Head, Vec<(String, Vec<u8>)>)> {
+/// A session's stored values: (key, [`encode_value`] bytes), in key order.
+pub type StoredValues = Vec<(String, Vec<u8>)>;
+
+/// Splits a record into its head and its stored values.
+pub fn split(record: &Record) -> Result<(Head, StoredValues)> {
     let mut keys = BTreeMap::new();
     let mut values = Vec::with_capacity(record.body.data.len());
     for (k, &changed) in &record.body.changed {

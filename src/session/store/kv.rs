@@ -421,7 +421,7 @@ fn value_key(id: &SessionId, key: &str) -> Vec<u8> {
         k.push(0);
         k.extend_from_slice(key.as_bytes());
     } else {
-        let mut h = siphasher::sip128::SipHasher13::new_with_keys(0x6c74_7376, 0x6b76_6b65_79);
+        let mut h = siphasher::sip128::SipHasher13::new_with_keys(0x6c74_7376, 0x006b_766b_6579);
         std::hash::Hasher::write(&mut h, key.as_bytes());
         k.push(1);
         k.extend_from_slice(&siphasher::sip128::Hasher128::finish128(&h).as_bytes());

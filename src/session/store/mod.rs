@@ -250,7 +250,7 @@ pub struct StoredHead {
     pub head: Vec<u8>,
     /// Every live key's stored value ([`super::record::encode_value`]), read in the same
     /// snapshot as the head; `None` when the store left them to [`Store::load_values`].
-    pub values: Option<Vec<(String, Vec<u8>)>>,
+    pub values: Option<super::record::StoredValues>,
 }
 
 /// One key of a [`Store::save_delta`]: its new stored value, or `None` for a removal.
@@ -276,7 +276,7 @@ pub fn record_of_split(
 
 /// A whole record split into its encoded head and its stored values (for a per-key store that
 /// holds a session saved whole and is asked for its head, or to change it by key).
-pub fn split_record(bytes: &[u8]) -> Result<(Vec<u8>, Vec<(String, Vec<u8>)>)> {
+pub fn split_record(bytes: &[u8]) -> Result<(Vec<u8>, super::record::StoredValues)> {
     let (head, values) = super::record::split(&super::record::decode(bytes, usize::MAX)?)?;
     Ok((super::record::encode_head(&head)?, values))
 }
