@@ -1175,7 +1175,7 @@ impl Session {
     /// let dir = tempfile::tempdir().unwrap();
     /// // Every session loaded by key (the default loads only big ones that way).
     /// let cfg = SessionConfig { lazy_above: 0, ..SessionConfig::default() };
-    /// let mgr = SessionManager::new_kv(dir.path(), cfg).unwrap();
+    /// let mgr = SessionManager::new_embedded(dir.path(), cfg).unwrap(); // a `FileStore`
     /// let mut s = mgr.create().unwrap();
     /// s.insert("big", &"x".repeat(10_000)).unwrap();
     /// s.insert("small", &1).unwrap();

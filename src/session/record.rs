@@ -654,4 +654,103 @@ mod tests {
             assert!(matches!(decode(g, 1 << 20), Err(Error::SessionCorrupt(_))));
         }
     }
+    fn sample_split() -> (Head, StoredValues) {
+        let mut r = sample();
+        r.body
+            .data
+            .insert("a\0b\n \u{1F600}".into(), Value::from(vec![1, 2]));
+        r.body.changed.insert("a\0b\n \u{1F600}".into(), 2);
+        split(&r).unwrap()
+    }
+
+    #[test]
+    fn a_record_splits_and_joins_back() {
+        let r = sample();
+        let (head, values) = split(&r).unwrap();
+        assert_eq!(head.live_keys().collect::<Vec<_>>(), ["user"]);
+        assert_eq!(head.keys["gone"].size, None, "tombstone kept");
+        let bytes = encode_head(&head).unwrap();
+        assert!(is_head(&bytes) && !is_head(&encode(&r, 1 << 20).unwrap()));
+        assert_eq!(framed_len(&bytes).unwrap(), bytes.len());
+        assert_eq!(decode_head(&bytes, 1 << 20).unwrap(), head);
+        assert_eq!(join(&head, &values.into_iter().collect()).unwrap(), r);
+        assert_eq!(peek_header(&bytes).unwrap().version, 3);
+    }
+
+    /// A head is never read as a record nor a record as a head, and every byte flip or
+    /// truncation of a head is a typed error.
+    #[test]
+    fn every_damage_to_a_head_is_detected() {
+        let (head, _) = sample_split();
+        let bytes = encode_head(&head).unwrap();
+        let record = encode(&sample(), 1 << 20).unwrap();
+        assert!(matches!(
+            decode(&bytes, 1 << 20),
+            Err(Error::SessionCorrupt(_))
+        ));
+        assert!(matches!(
+            decode_head(&record, 1 << 20),
+            Err(Error::SessionCorrupt(_))
+        ));
+        assert!(matches!(
+            decode_head(&bytes, 10),
+            Err(Error::TooLarge { .. })
+        ));
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x01;
+            assert!(decode_head(&b, 1 << 20).is_err(), "flip at {i} undetected");
+            assert!(
+                decode_head(&bytes[..i], 1 << 20).is_err(),
+                "truncation at {i}"
+            );
+        }
+    }
+
+    /// A value of another version, another key, another size, or with any damaged byte is
+    /// `SessionCorrupt`; keys with any characters are fine.
+    #[test]
+    fn a_value_is_checked_against_its_head() {
+        let (head, values) = sample_split();
+        for (k, bytes) in &values {
+            let state = head.keys[k];
+            assert!(decode_value(k, &state, bytes).is_ok());
+            let other_version = KeyState {
+                changed: state.changed + 1,
+                ..state
+            };
+            let other_size = KeyState {
+                size: state.size.map(|n| n + 1),
+                ..state
+            };
+            for (key, st) in [
+                ("other", state),
+                (k.as_str(), other_version),
+                (k.as_str(), other_size),
+            ] {
+                assert!(matches!(
+                    decode_value(key, &st, bytes),
+                    Err(Error::SessionCorrupt(_))
+                ));
+            }
+            for i in 0..bytes.len() {
+                let mut b = bytes.clone();
+                b[i] ^= 0x01;
+                assert!(
+                    decode_value(k, &state, &b).is_err(),
+                    "flip at {i} undetected"
+                );
+            }
+        }
+        let missing: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        assert!(matches!(
+            join(&head, &missing),
+            Err(Error::SessionCorrupt(_))
+        ));
+        let deep = (0..=MAX_DEPTH).fold(Value::from(1), |v, _| Value::Array(vec![v]));
+        assert!(matches!(
+            encode_value("k", 1, &deep),
+            Err(Error::TooDeep { .. })
+        ));
+    }
 }

@@ -852,4 +852,54 @@ mod tests {
         let _held = a.lock(&id).unwrap();
         assert!(matches!(b.delete(&id), Err(Error::Timeout)));
     }
+    /// A file stored by key that was cut short or grown is a typed error for every read of
+    /// it, never a wrong value; other sessions are untouched.
+    #[test]
+    fn a_damaged_file_stored_by_key_is_a_typed_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let mut r = record::Record {
+            version: 1,
+            created: 1,
+            expiry: Default::default(),
+            body: Default::default(),
+        };
+        for k in ["a", "b"] {
+            r.body.data.insert(k.into(), "x".repeat(100).into());
+            r.body.changed.insert(k.into(), 1);
+        }
+        let (head, values) = record::split(&r).unwrap();
+        let head_bytes = record::encode_head(&head).unwrap();
+        let new = StoredHead {
+            meta: SessionMeta {
+                version: 1,
+                created: Timestamp(1),
+                last_accessed: Timestamp(1),
+                expiry: Default::default(),
+                size: head_bytes.len() as u64 + head.values_size(),
+            },
+            head: head_bytes,
+            values: None,
+        };
+        let changed: Vec<ChangedValue> = values.into_iter().map(|(k, v)| (k, Some(v))).collect();
+        let (id, other) = (
+            SessionId::generate().unwrap(),
+            SessionId::generate().unwrap(),
+        );
+        assert!(store.save_delta(&id, None, &new, &changed).unwrap());
+        assert!(store.save_delta(&other, None, &new, &changed).unwrap());
+        let path = store.path_of(&id);
+        let full = fs::read(&path).unwrap();
+        let corrupt = |r: Result<()>| assert!(matches!(r, Err(Error::SessionCorrupt(_))), "{r:?}");
+        for bytes in [&full[..full.len() - 10], &[&full[..], b"junk"].concat()[..]] {
+            fs::write(&path, bytes).unwrap();
+            corrupt(store.load(&id, 1 << 20).map(drop));
+            corrupt(store.load_head(&id, 1 << 20, u64::MAX).map(drop));
+        }
+        fs::write(&path, &full[..full.len() - 10]).unwrap();
+        // The head alone is intact; the cut value is not readable.
+        assert!(store.load_head(&id, 1 << 20, 0).unwrap().is_some());
+        corrupt(store.load_values(&id, 1, &["b"]).map(drop));
+        assert!(store.load(&other, 1 << 20).unwrap().is_some());
+    }
 }

@@ -801,4 +801,53 @@ mod tests {
         bad[24] = 9;
         assert!(matches!(decode_meta(&bad), Err(Error::SessionCorrupt(_))));
     }
+    /// Keys of any bytes and length, stored by key: a key too long for an LMDB key is hashed,
+    /// and each value is still read under its own key; deleting the session deletes them all.
+    #[test]
+    fn hostile_and_long_keys_are_stored_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(dir.path()).unwrap();
+        let long = "k".repeat(5000);
+        let keys = ["a", "a\0b", "\0", long.as_str(), "\u{1F600}\n"];
+        let mut r = record::Record {
+            version: 1,
+            created: 1,
+            expiry: Expiry::Default,
+            body: Default::default(),
+        };
+        for (i, k) in keys.iter().enumerate() {
+            r.body.data.insert((*k).into(), i.into());
+            r.body.changed.insert((*k).into(), 1);
+        }
+        let (head, values) = record::split(&r).unwrap();
+        let bytes = record::encode_head(&head).unwrap();
+        let new = StoredHead {
+            meta: SessionMeta {
+                version: 1,
+                created: Timestamp(1),
+                last_accessed: Timestamp(1),
+                expiry: Expiry::Default,
+                size: bytes.len() as u64 + head.values_size(),
+            },
+            head: bytes,
+            values: None,
+        };
+        let changed: Vec<ChangedValue> = values.into_iter().map(|(k, v)| (k, Some(v))).collect();
+        let id = SessionId::generate().unwrap();
+        assert!(store.save_delta(&id, None, &new, &changed).unwrap());
+        let got = store.load_values(&id, 1, &keys).unwrap().unwrap();
+        for (i, (k, v)) in keys.iter().zip(got).enumerate() {
+            let v = record::decode_value(k, &head.keys[*k], &v.unwrap()).unwrap();
+            assert_eq!(v, serde_json::Value::from(i));
+        }
+        let whole = store.load(&id, 1 << 20).unwrap().unwrap();
+        assert_eq!(record::decode(&whole.bytes, 1 << 20).unwrap(), r);
+        assert!(store.delete(&id).unwrap());
+        let rtxn = store.shared.env.read_txn().unwrap();
+        assert_eq!(
+            store.shared.values.len(&rtxn).unwrap(),
+            0,
+            "no value left behind"
+        );
+    }
 }
