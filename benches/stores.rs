@@ -9,7 +9,9 @@
 //! Requests (one session of 8 keys, a few hundred bytes of JSON):
 //! - `read`: `load(id)` + `get::<u64>` + `commit()` (no data write; the access time is stored at
 //!   most once per touch interval, 30 s by default);
-//! - `write`: `transact(id, f)` with `f` incrementing one counter (one data write each).
+//! - `write`: `transact(id, f)` with `f` incrementing one counter (one data write each);
+//! - `read_uncached`: `read` with the hot-session cache off (`cache_bytes: 0`): the store's own
+//!   read (the cache answers `read` without the store on `memory`, `file` and `kv`).
 //!
 //! Group `store_hot_session`: `<store>/<read|write>/<n>_threads` for n = 1 and 4 threads of
 //! this process sharing one manager, each running the same number of requests (`iter_custom`,
@@ -212,6 +214,25 @@ fn main() {
             let write = || write_request(&mgr, &id);
             g.bench_function(BenchmarkId::new(store, format!("write/{n}_threads")), |b| {
                 b.iter_custom(|iters| run_threads(&write, n, iters))
+            });
+        }
+        mgr.delete(&id).unwrap();
+        // The same read request with the hot-session cache off: what the store's read costs.
+        let cfg = SessionConfig {
+            cache_bytes: 0,
+            ..SessionConfig::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let Some(mgr) = open(store, dir.path(), cfg) else {
+            continue;
+        };
+        let id = create_session(&mgr);
+        for n in [1usize, 4] {
+            g.throughput(Throughput::Elements(n as u64));
+            let read = || read_request(&mgr, &id);
+            let name = format!("read_uncached/{n}_threads");
+            g.bench_function(BenchmarkId::new(store, name), |b| {
+                b.iter_custom(|iters| run_threads(&read, n, iters))
             });
         }
         mgr.delete(&id).unwrap();
