@@ -46,7 +46,7 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use locktable::session::{
     Capabilities, ChangedValue, Cutoffs, ExpiredScan, FileStore, KvOptions, KvStore, ManualClock,
     MemcachedStore, MemoryStore, RedisStore, SessionConfig, SessionId, SessionManager, SessionMeta,
-    Store, StoredHead, StoredSession, Timestamp, Touch,
+    Store, Stored, StoredHead, StoredSession, Timestamp, Touch,
 };
 use locktable::{LockTable, TableOptions};
 use serde_json::{json, Value};
@@ -312,16 +312,20 @@ impl Store for Counted {
         id: &SessionId,
         max: usize,
         up_to: u64,
-    ) -> locktable::Result<Option<StoredHead>> {
+    ) -> locktable::Result<Option<Stored>> {
         let r = self.inner.load_head(id, max, up_to)?;
-        if let Some(h) = &r {
-            let values = h
-                .values
-                .iter()
-                .flatten()
-                .map(|(_, v)| v.len())
-                .sum::<usize>();
-            self.read(h.head.len() + values);
+        match &r {
+            Some(Stored::ByKey(h)) => {
+                let values = h
+                    .values
+                    .iter()
+                    .flatten()
+                    .map(|(_, v)| v.len())
+                    .sum::<usize>();
+                self.read(h.head.len() + values);
+            }
+            Some(Stored::Whole(w)) => self.read(w.bytes.len()),
+            None => {}
         }
         Ok(r)
     }

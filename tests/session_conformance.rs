@@ -10,7 +10,8 @@
 
 use locktable::session::{
     record, ChangedValue, Cutoffs, Expiry, FileStore, ManualClock, MemoryStore, SessionConfig,
-    SessionId, SessionManager, SessionMeta, Store, StoredHead, StoredSession, Timestamp, Touch,
+    SessionId, SessionManager, SessionMeta, Store, Stored, StoredHead, StoredSession, Timestamp,
+    Touch,
 };
 use locktable::{Error, LockTable, TableOptions};
 use std::any::Any;
@@ -603,22 +604,31 @@ pub fn by_key_head_values_and_whole_agree<S: Store>(f: Fixture<S>) {
         !s.save_delta(&i, None, &head, &values).unwrap(),
         "create over existing"
     );
-    let got = s.load_head(&i, MAX, 0).unwrap().unwrap();
-    let h = record::decode_head(&got.head, MAX).unwrap();
+    let h = match s.load_head(&i, MAX, 0).unwrap().unwrap() {
+        Stored::ByKey(got) => {
+            assert!(per_key, "only a per-key store keeps a head");
+            assert!(got.values.is_none(), "values left out when not asked for");
+            assert_eq!(
+                got.meta.size, head.meta.size,
+                "stored size: head plus values"
+            );
+            record::decode_head(&got.head, MAX).unwrap()
+        }
+        Stored::Whole(got) => {
+            assert!(
+                !per_key,
+                "a per-key store keeps what save_delta wrote by key"
+            );
+            record::split(&record::decode(&got.bytes, MAX).unwrap())
+                .unwrap()
+                .0
+        }
+    };
     assert_eq!((h.version, h.keys.len()), (1, 5));
-    assert_eq!(
-        got.values.is_none(),
-        per_key,
-        "values left out exactly when per_key"
-    );
-    if per_key {
-        assert_eq!(
-            got.meta.size, head.meta.size,
-            "stored size: head plus values"
-        );
+    match s.load_head(&i, MAX, u64::MAX).unwrap().unwrap() {
+        Stored::ByKey(all) => assert_eq!(all.values.as_ref().map(Vec::len), Some(5)),
+        Stored::Whole(all) => assert_eq!(all.meta.version, 1),
     }
-    let all = s.load_head(&i, MAX, u64::MAX).unwrap().unwrap();
-    assert_eq!(all.values.as_ref().map(Vec::len), Some(5));
     let v = s.load_values(&i, 1, &["k3", "nope"]).unwrap().unwrap();
     assert_eq!(value_of("k3", &h, v[0].as_deref().unwrap()), "a-3");
     assert!(v[1].is_none());
@@ -683,7 +693,13 @@ pub fn by_key_save_delta_writes_only_the_change<S: Store>(f: Fixture<S>) {
     // A whole save replaces everything; a delta after it sees the whole record's values.
     assert!(s.save(&i, Some(2), &rec(3, T0, T0, "w")).unwrap());
     assert!(s.load_values(&i, 3, &["k0"]).unwrap().unwrap()[0].is_none());
-    let h3 = record::decode_head(&s.load_head(&i, MAX, 0).unwrap().unwrap().head, MAX).unwrap();
+    let whole = match s.load_head(&i, MAX, 0).unwrap().unwrap() {
+        Stored::Whole(w) => w,
+        Stored::ByKey(_) => panic!("a whole save is read back whole"),
+    };
+    let h3 = record::split(&record::decode(&whole.bytes, MAX).unwrap())
+        .unwrap()
+        .0;
     let mut h4 = h3.clone();
     h4.version = 4;
     let v4 = record::encode_value("x", 4, &1.into()).unwrap();
@@ -901,7 +917,9 @@ pub fn by_key_damaged_value_is_a_typed_error<S: Store + 'static>(f: Fixture<S>) 
     let good = keys_n(&mgr, 2);
     let bad = keys_n(&mgr, 2);
     let sid = SessionId::parse(&bad).unwrap();
-    let st = mgr.store().load_head(&sid, MAX, 0).unwrap().unwrap();
+    let Stored::ByKey(st) = mgr.store().load_head(&sid, MAX, 0).unwrap().unwrap() else {
+        panic!("stored by key (lazy_above: 0)");
+    };
     let mut h = record::decode_head(&st.head, MAX).unwrap();
     // A value tagged with another version than its head says (same size).
     let wrong = record::encode_value("k0", 9, &0.into()).unwrap();

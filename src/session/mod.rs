@@ -87,7 +87,7 @@ pub use store::MemcachedStore;
 pub use store::RedisStore;
 pub use store::{
     Capabilities, ChangeCounters, ChangedValue, Clock, Cutoffs, ExpiredScan, Expiry, FileStore,
-    ManualClock, MemoryStore, SessionMeta, Store, StoredHead, StoredSession, SystemClock,
+    ManualClock, MemoryStore, SessionMeta, Store, Stored, StoredHead, StoredSession, SystemClock,
     Timestamp, Touch,
 };
 #[cfg(feature = "lmdb")]
@@ -300,6 +300,12 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct SessionManager {
     inner: Arc<Inner>,
+}
+
+/// What a per-key store holds for a session, validated.
+enum Latest {
+    Whole(Loaded),
+    ByKey(StoredHead, Head),
 }
 
 /// A record as read from the store, validated.
@@ -869,9 +875,14 @@ impl Inner {
         if owner_died {
             bump(&self.counters.owner_died_seen);
         }
-        let Some(st) = self.store.load(id, self.cfg.max_record_size)? else {
-            return Ok(None);
-        };
+        match self.store.load(id, self.cfg.max_record_size)? {
+            None => Ok(None),
+            Some(st) => self.validated(st).map(Some),
+        }
+    }
+
+    /// A whole stored record, validated (checksum, JSON, agreement with its metadata).
+    fn validated(&self, st: StoredSession) -> Result<Loaded> {
         let record = record::decode(&st.bytes, self.cfg.max_record_size)?;
         let m = &st.meta;
         if record.version != m.version || record.created != m.created.0 || record.expiry != m.expiry
@@ -880,16 +891,17 @@ impl Inner {
                 "store metadata disagrees with the record".into(),
             ));
         }
-        Ok(Some(Loaded {
+        Ok(Loaded {
             record,
             last_accessed: m.last_accessed,
             size: st.bytes.len(),
             head: None,
-        }))
+        })
     }
 
-    /// What a load reads: the whole record, or on a per-key store the head, with the values
-    /// when the session is at most [`SessionConfig::lazy_above`] bytes (then it is whole).
+    /// What a load reads: the whole record, or on a per-key store what it holds: a whole
+    /// record, or a head, with the values when the session is at most
+    /// [`SessionConfig::lazy_above`] bytes (then it is loaded whole), else without.
     fn read_for_load(&self, id: &SessionId, owner_died: bool) -> Result<Option<Loaded>> {
         if !self.per_key {
             return self.read_validated(id, owner_died);
@@ -897,12 +909,15 @@ impl Inner {
         if owner_died {
             bump(&self.counters.owner_died_seen);
         }
-        let Some((st, head)) = self.read_head(id, self.cfg.lazy_above)? else {
-            return Ok(None);
+        let (st, head) = match self.read_head(id, self.cfg.lazy_above)? {
+            None => return Ok(None),
+            Some(Latest::Whole(l)) => return Ok(Some(l)),
+            Some(Latest::ByKey(st, head)) => (st, head),
         };
         let size = usize::try_from(st.meta.size).unwrap_or(usize::MAX);
-        let record = match &st.values {
-            Some(values) => record::join(&head, &values.iter().cloned().collect())?,
+        let lazy = st.values.is_none();
+        let record = match st.values {
+            Some(values) => record::join(&head, &values.into_iter().collect())?,
             None => Record {
                 version: head.version,
                 created: head.created,
@@ -914,15 +929,18 @@ impl Inner {
             record,
             last_accessed: st.meta.last_accessed,
             size,
-            head: st.values.is_none().then(|| Arc::new(head)),
+            head: lazy.then(|| Arc::new(head)),
         }))
     }
 
-    /// Reads and validates a session's head (and values, when the store gives them).
-    fn read_head(&self, id: &SessionId, values_up_to: u64) -> Result<Option<(StoredHead, Head)>> {
+    /// Reads and validates what a per-key store holds for `id`: a whole record, or a head (and
+    /// its values when the store gives them).
+    fn read_head(&self, id: &SessionId, values_up_to: u64) -> Result<Option<Latest>> {
         let max = self.cfg.max_record_size;
-        let Some(st) = self.store.load_head(id, max, values_up_to)? else {
-            return Ok(None);
+        let st = match self.store.load_head(id, max, values_up_to)? {
+            None => return Ok(None),
+            Some(Stored::Whole(st)) => return self.validated(st).map(|l| Some(Latest::Whole(l))),
+            Some(Stored::ByKey(st)) => st,
         };
         if st.meta.size > max as u64 {
             return Err(Error::TooLarge {
@@ -937,7 +955,7 @@ impl Inner {
                 "store metadata disagrees with the head".into(),
             ));
         }
-        Ok(Some((st, head)))
+        Ok(Some(Latest::ByKey(st, head)))
     }
 
     /// Applies the corruption policy to the result of [`Inner::read_validated`] (no lock held).
@@ -1334,16 +1352,26 @@ impl Session {
         Ok(latest)
     }
 
-    /// [`Session::latest`] of the head only (a commit by key needs no value).
-    fn latest_head(&self, w: &locks::WriteHold<'_>) -> Result<(SessionMeta, Head)> {
+    /// [`Session::latest`] on a per-key store: a whole record, or the head only (a commit by
+    /// key needs no value).
+    fn latest_head(&self, w: &locks::WriteHold<'_>) -> Result<Latest> {
         let died = w.previous_owner_died();
         if died {
             bump(&self.mgr.counters.owner_died_seen);
         }
         let r = self.mgr.read_head(&self.id, 0);
-        let (st, head) = self.present_or_gone(r, died)?;
-        self.alive_or_gone(st.meta.created, st.meta.last_accessed, st.meta.expiry)?;
-        Ok((st.meta, head))
+        let latest = self.present_or_gone(r, died)?;
+        match &latest {
+            Latest::Whole(l) => self.alive_or_gone(
+                Timestamp(l.record.created),
+                l.last_accessed,
+                l.record.expiry,
+            )?,
+            Latest::ByKey(st, _) => {
+                self.alive_or_gone(st.meta.created, st.meta.last_accessed, st.meta.expiry)?
+            }
+        }
+        Ok(latest)
     }
 
     /// A read under the write lock: a corrupt session is handled by the policy (and gone when
@@ -1410,10 +1438,19 @@ impl Session {
             return self.commit_new();
         }
         let w = self.write_lock(d)?;
-        if self.mgr.per_key {
-            return self.commit_by_key(w);
+        if !self.mgr.per_key {
+            let latest = self.latest(&w)?;
+            return self.commit_whole(w, latest);
         }
-        let latest = self.latest(&w)?;
+        match self.latest_head(&w)? {
+            Latest::Whole(latest) => self.commit_whole(w, latest),
+            Latest::ByKey(st, head) => self.commit_by_key(w, st.meta, head),
+        }
+    }
+
+    /// A commit that merges the delta into the latest whole record and writes it whole (on a
+    /// per-key store: by key once the record is larger than [`SessionConfig::lazy_above`]).
+    fn commit_whole(&mut self, w: locks::WriteHold<'_>, latest: Loaded) -> Result<()> {
         let latest_version = latest.record.version;
         let mut record = latest.record;
         let body = &record.body;
@@ -1446,10 +1483,30 @@ impl Session {
         record.version = new_version;
         let la = latest.last_accessed.max(self.accessed);
         let stored = self.stored_session(&record, la)?;
-        let saved = self.mgr.changing(&self.id, || {
-            self.mgr.store.save(&self.id, Some(latest_version), &stored)
-        })?;
+        let saved = if self.by_key_now(&stored) {
+            // Grown past `lazy_above`: stored by key from now on (the store converts it in
+            // the same compare-and-swap).
+            let (head, values) = record::split(&record)?;
+            let new = self.stored_head(&head, la)?;
+            let all: Vec<ChangedValue> = values.into_iter().map(|(k, v)| (k, Some(v))).collect();
+            self.mgr.changing(&self.id, || {
+                self.mgr
+                    .store
+                    .save_delta(&self.id, Some(latest_version), &new, &all)
+            })?
+        } else {
+            self.mgr.changing(&self.id, || {
+                self.mgr.store.save(&self.id, Some(latest_version), &stored)
+            })?
+        };
         self.saved(saved, first_key, w)
+    }
+
+    /// Whether a session whose whole record is `stored` is to be stored by key: on a per-key
+    /// store, once it is larger than [`SessionConfig::lazy_above`] (smaller ones stay whole
+    /// records, read and written in one piece as before).
+    fn by_key_now(&self, stored: &StoredSession) -> bool {
+        self.mgr.per_key && stored.bytes.len() as u64 > self.mgr.cfg.lazy_above
     }
 
     /// The end of a commit's compare-and-swap.
@@ -1472,8 +1529,12 @@ impl Session {
     /// A commit on a store that keeps values per key: the delta is merged into the latest
     /// head (the same rules as a whole record's merge), and only the changed values are
     /// written, with the head, in one compare-and-swap.
-    fn commit_by_key(&mut self, w: locks::WriteHold<'_>) -> Result<()> {
-        let (meta, mut head) = self.latest_head(&w)?;
+    fn commit_by_key(
+        &mut self,
+        w: locks::WriteHold<'_>,
+        meta: SessionMeta,
+        mut head: Head,
+    ) -> Result<()> {
         let latest_version = head.version;
         let keys = &head.keys;
         if let Some(key) = self.first_conflict(|k| keys.get(k).map(|s| s.changed), head.floor) {
@@ -1569,13 +1630,13 @@ impl Session {
                 record.body.data.insert(key, v);
             }
         }
-        let saved = if self.mgr.per_key {
+        let stored = self.stored_session(&record, self.accessed)?;
+        let saved = if self.by_key_now(&stored) {
             let (head, values) = record::split(&record)?;
             let new = self.stored_head(&head, self.accessed)?;
             let values: Vec<ChangedValue> = values.into_iter().map(|(k, v)| (k, Some(v))).collect();
             self.mgr.store.save_delta(&self.id, None, &new, &values)?
         } else {
-            let stored = self.stored_session(&record, self.accessed)?;
             self.mgr.store.save(&self.id, None, &stored)?
         };
         if !saved {

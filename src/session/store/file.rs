@@ -31,7 +31,7 @@
 
 use super::{
     record_of_split, split_record, Capabilities, ChangedValue, Cutoffs, ExpiredScan, SessionMeta,
-    Store, StoredHead, StoredSession, Timestamp, Touch,
+    Store, Stored, StoredHead, StoredSession, Timestamp, Touch,
 };
 use crate::fork::{self, AttachWindow, ForkSafeFile};
 use crate::registry::ofd_lock;
@@ -605,7 +605,7 @@ impl Store for FileStore {
         id: &SessionId,
         max_size: usize,
         values_up_to: u64,
-    ) -> Result<Option<StoredHead>> {
+    ) -> Result<Option<Stored>> {
         let Some((f, md)) = self.open_checked(id, max_size)? else {
             return Ok(None);
         };
@@ -623,31 +623,25 @@ impl Store for FileStore {
             if let Some(head) = head_of(&f, md.len())? {
                 // The head only: the values stay on disk until asked for.
                 let meta = meta_of_head(&head)?;
-                return Ok(Some(StoredHead {
+                return Ok(Some(Stored::ByKey(StoredHead {
                     meta,
                     head,
                     values: None,
-                }));
+                })));
             }
         }
-        // Everything, in one read: a small session, or a whole record (split here).
+        // Everything, in one read: a small session, or a whole record.
         let bytes = read_at(&f, 0, md.len())?;
         if !record::is_head(&bytes) {
-            let st = StoredSession::from_record(bytes, mtime(&md))?;
-            let (head, values) = split_record(&st.bytes)?;
-            return Ok(Some(StoredHead {
-                meta: st.meta,
-                head,
-                values: Some(values),
-            }));
+            return StoredSession::from_record(bytes, mtime(&md)).map(|s| Some(Stored::Whole(s)));
         }
         let head = bytes[..record::framed_len(&bytes)?.min(bytes.len())].to_vec();
         let values = values_of(&bytes, &head)?;
-        Ok(Some(StoredHead {
+        Ok(Some(Stored::ByKey(StoredHead {
             meta: meta_of_head(&head)?,
             head,
             values: Some(values),
-        }))
+        })))
     }
 
     fn load_values(
@@ -693,8 +687,10 @@ impl Store for FileStore {
         let mut values = std::collections::BTreeMap::new();
         if let Some(v) = expected {
             match self.load_head(id, usize::MAX, u64::MAX)? {
-                Some(cur) if cur.meta.version == v => values.extend(cur.values.unwrap_or_default()),
-                _ => return Ok(false),
+                Some(cur) if cur.meta().version != v => return Ok(false),
+                Some(Stored::Whole(cur)) => values.extend(split_record(&cur.bytes)?.1),
+                Some(Stored::ByKey(cur)) => values.extend(cur.values.unwrap_or_default()),
+                None => return Ok(false),
             }
         }
         for (k, v) in changed {

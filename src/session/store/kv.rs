@@ -40,7 +40,7 @@
 
 use super::{
     record_of_split, split_record, Capabilities, ChangedValue, Cutoffs, ExpiredScan, Expiry,
-    SessionMeta, Store, StoredHead, StoredSession, Timestamp, Touch,
+    SessionMeta, Store, Stored, StoredHead, StoredSession, Timestamp, Touch,
 };
 use crate::session::id::SessionId;
 use crate::session::record;
@@ -460,30 +460,28 @@ impl Store for KvStore {
         id: &SessionId,
         max_size: usize,
         values_up_to: u64,
-    ) -> Result<Option<StoredHead>> {
+    ) -> Result<Option<Stored>> {
         self.check_fork()?;
         let rtxn = self.shared.env.read_txn().map_err(lmdb("read"))?;
         let Some((meta, bytes)) = self.entry_in(&rtxn, id, max_size)? else {
             return Ok(None);
         };
         if !record::is_head(bytes) {
-            let (head, values) = split_record(bytes)?;
-            return Ok(Some(StoredHead {
+            return Ok(Some(Stored::Whole(StoredSession {
                 meta,
-                head,
-                values: Some(values),
-            }));
+                bytes: bytes.to_vec(),
+            })));
         }
         let values = if meta.size <= values_up_to {
             Some(self.values_in(&rtxn, id, bytes)?.into_iter().collect())
         } else {
             None
         };
-        Ok(Some(StoredHead {
+        Ok(Some(Stored::ByKey(StoredHead {
             meta,
             head: bytes.to_vec(),
             values,
-        }))
+        })))
     }
 
     fn load_values(

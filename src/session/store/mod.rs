@@ -253,6 +253,26 @@ pub struct StoredHead {
     pub values: Option<super::record::StoredValues>,
 }
 
+/// What [`Store::load_head`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// A session stored whole (saved with [`Store::save`], or a store without
+    /// [`Capabilities::per_key`]): the record, as [`Store::load`] returns it.
+    Whole(StoredSession),
+    /// A session stored by key: its head, with its values when small enough.
+    ByKey(StoredHead),
+}
+
+impl Stored {
+    /// The session's metadata.
+    pub fn meta(&self) -> &SessionMeta {
+        match self {
+            Stored::Whole(s) => &s.meta,
+            Stored::ByKey(h) => &h.meta,
+        }
+    }
+}
+
 /// One key of a [`Store::save_delta`]: its new stored value, or `None` for a removal.
 pub type ChangedValue = (String, Option<Vec<u8>>);
 
@@ -428,30 +448,23 @@ pub trait Store: Send + Sync + fmt::Debug {
         ChangeCounters::None
     }
 
-    /// The session's head: what conflicts and expiry need, without the values, and with them
-    /// (`values`) when the store read them anyway or the session's stored size is at most
-    /// `values_up_to`. [`Error::TooLarge`](crate::Error::TooLarge) when the session's stored
-    /// size (head plus values) exceeds `max_size`, as for `load`.
+    /// The session as it is stored: a whole record ([`Stored::Whole`], as `load` returns it),
+    /// or for a session stored by key its head ([`Stored::ByKey`]: what conflicts and expiry
+    /// need, without the values), with the values (`values`) in the same snapshot when the
+    /// store read them anyway or the session's stored size is at most `values_up_to`.
+    /// [`Error::TooLarge`](crate::Error::TooLarge) when the session's stored size (head plus
+    /// values) exceeds `max_size`, as for `load`.
     ///
-    /// The default reads the whole record with `load` and splits it (values included): right
-    /// for any store, cheap only for small sessions. A store that keeps values per key
-    /// ([`Capabilities::per_key`]) reads the head alone.
+    /// The default is `load`: right for any store that keeps whole records. A store that keeps
+    /// values per key ([`Capabilities::per_key`]) reads the head alone.
     fn load_head(
         &self,
         id: &SessionId,
         max_size: usize,
         values_up_to: u64,
-    ) -> Result<Option<StoredHead>> {
+    ) -> Result<Option<Stored>> {
         let _ = values_up_to;
-        let Some(st) = self.load(id, max_size)? else {
-            return Ok(None);
-        };
-        let (head, values) = split_record(&st.bytes)?;
-        Ok(Some(StoredHead {
-            meta: st.meta,
-            head,
-            values: Some(values),
-        }))
+        Ok(self.load(id, max_size)?.map(Stored::Whole))
     }
 
     /// The stored values of `keys` at head version `version` (`None` for a key without a live

@@ -38,7 +38,7 @@
 use super::native_ttl::{expiry_text, parse_expiry_text, TtlRule};
 use super::{
     record_of_split, split_record, Capabilities, ChangedValue, Cutoffs, ExpiredScan, SessionMeta,
-    Store, StoredHead, StoredSession, Timestamp, Touch,
+    Store, Stored, StoredHead, StoredSession, Timestamp, Touch,
 };
 use crate::session::id::SessionId;
 use crate::session::SessionConfig;
@@ -529,12 +529,6 @@ impl RedisStore {
     }
 }
 
-/// A session as the load script returns it.
-enum Entry {
-    Whole(StoredSession),
-    Head(StoredHead),
-}
-
 /// What one run of the `save_delta` script did.
 enum DeltaSaved {
     Written,
@@ -549,7 +543,7 @@ impl RedisStore {
         id: &SessionId,
         max_size: usize,
         values_up_to: u64,
-    ) -> Result<Option<Entry>> {
+    ) -> Result<Option<Stored>> {
         let key = self.key(id);
         let reply: Option<Vec<Vec<u8>>> = self.with_conn("load", |c| {
             self.scripts
@@ -572,7 +566,7 @@ impl RedisStore {
                         "redis record size disagrees with its metadata".into(),
                     ));
                 }
-                Ok(Some(Entry::Whole(StoredSession { meta, bytes })))
+                Ok(Some(Stored::Whole(StoredSession { meta, bytes })))
             }
             Some(b"head") if reply.len() >= 7 && reply.len() % 2 == 1 => {
                 let meta = parse_meta(&reply[1..6])?;
@@ -585,7 +579,7 @@ impl RedisStore {
                     values.push((k, v));
                 }
                 let values = (meta.size <= values_up_to).then_some(values);
-                Ok(Some(Entry::Head(StoredHead { meta, head, values })))
+                Ok(Some(Stored::ByKey(StoredHead { meta, head, values })))
             }
             Some(b"big") if reply.len() == 6 => {
                 let meta = parse_meta(&reply[1..6])?;
@@ -670,8 +664,8 @@ impl Store for RedisStore {
     fn load(&self, id: &SessionId, max_size: usize) -> Result<Option<StoredSession>> {
         match self.load_entry(id, max_size, u64::MAX)? {
             None => Ok(None),
-            Some(Entry::Whole(st)) => Ok(Some(st)),
-            Some(Entry::Head(st)) => {
+            Some(Stored::Whole(st)) => Ok(Some(st)),
+            Some(Stored::ByKey(st)) => {
                 let values = st.values.unwrap_or_default().into_iter().collect();
                 record_of_split(st.meta, &st.head, &values).map(Some)
             }
@@ -683,19 +677,8 @@ impl Store for RedisStore {
         id: &SessionId,
         max_size: usize,
         values_up_to: u64,
-    ) -> Result<Option<StoredHead>> {
-        match self.load_entry(id, max_size, values_up_to)? {
-            None => Ok(None),
-            Some(Entry::Head(st)) => Ok(Some(st)),
-            Some(Entry::Whole(st)) => {
-                let (head, values) = split_record(&st.bytes)?;
-                Ok(Some(StoredHead {
-                    meta: st.meta,
-                    head,
-                    values: Some(values),
-                }))
-            }
-        }
+    ) -> Result<Option<Stored>> {
+        self.load_entry(id, max_size, values_up_to)
     }
 
     fn load_values(
