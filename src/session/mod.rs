@@ -163,11 +163,12 @@ pub struct SessionConfig {
     /// for a [`MemoryStore`]; for a store that names no place (one shared by hosts) the cache
     /// stays off. See [`ManagerStats::cache_hits`].
     pub cache_bytes: usize,
-    /// Sessions whose stored size exceeds this many bytes are loaded **by key** from a store
-    /// that keeps values per key ([`Capabilities::per_key`]): a load reads the session's head
-    /// only, and [`Session::get`] reads a value on its first use. Smaller sessions (and every
-    /// session of other stores) are loaded whole. Default 256 KiB; `u64::MAX` loads every
-    /// session whole (no `get` can then fail with a conflict, see [`Session::get`]).
+    /// Sessions larger than this many bytes are stored and loaded **by key** on a store that
+    /// keeps values per key ([`Capabilities::per_key`]): a load reads the session's head only,
+    /// [`Session::get`] reads a value on its first use, and a commit writes the head and the
+    /// changed values only. Smaller sessions (and every session of other stores) are whole
+    /// records, read and written in one piece. Default 256 KiB; `u64::MAX` keeps every session
+    /// whole (no `get` can then fail with a conflict, see [`Session::get`]).
     pub lazy_above: u64,
 }
 
