@@ -146,6 +146,13 @@ pg_conformance!(
     concurrent_touches_keep_the_maximum,
     thousand_concurrent_reads_store_one_touch,
     manager_roundtrip_over_store,
+    by_key_head_values_and_whole_agree,
+    by_key_save_delta_writes_only_the_change,
+    by_key_sizes_count_head_and_values,
+    by_key_manager_get_remove_commit_expire,
+    by_key_value_replaced_before_a_lazy_get,
+    by_key_commit_over_the_limit_is_too_large,
+    by_key_damaged_value_is_a_typed_error,
 );
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
