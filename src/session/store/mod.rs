@@ -7,7 +7,13 @@
 //! written by [`Store::touch`] without rewriting the data. Metadata is readable without
 //! decoding the record, so stores, `gc` and caches can expire and classify sessions cheaply.
 //!
-//! Owns: the trait, its value types and the two built-in stores. May not touch: locks of the
+//! A store that keeps a session's values one per key beside a head ([`Capabilities::per_key`])
+//! also implements [`Store::load_head`], [`Store::load_values`] and [`Store::save_delta`], so
+//! that a huge session is read and written by key; every other store inherits their default
+//! methods over `load` and `save`. [`Store::change_counters`] says where the hot-session
+//! cache's change counters live for the store, if anywhere.
+//!
+//! Owns: the trait, its value types and the built-in stores. May not touch: locks of the
 //! lock table (a store serializes its own operations).
 
 mod file;
