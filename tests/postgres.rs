@@ -153,6 +153,7 @@ pg_conformance!(
     by_key_value_replaced_before_a_lazy_get,
     by_key_commit_over_the_limit_is_too_large,
     by_key_damaged_value_is_a_typed_error,
+    by_key_a_growing_session_is_converted,
 );
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);

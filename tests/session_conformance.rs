@@ -946,6 +946,55 @@ pub fn by_key_damaged_value_is_a_typed_error<S: Store + 'static>(f: Fixture<S>) 
     drop(keep);
 }
 
+/// A session stays a whole record while it is at most `lazy_above`, is converted to storage by
+/// key by the commit that makes it larger (on a per-key store), keeps every value across the
+/// conversion, and loads by key from then on.
+pub fn by_key_a_growing_session_is_converted<S: Store + 'static>(f: Fixture<S>) {
+    let per_key = f.store.capabilities().per_key;
+    let keep = f._keep;
+    let f = Fixture {
+        _keep: Box::new(()),
+        ..f
+    };
+    let cfg = SessionConfig {
+        lazy_above: 2000,
+        ..SessionConfig::default()
+    };
+    let mgr = SessionManager::new(f.table.clone(), f.store, cfg);
+    let id = keys_n(&mgr, 3);
+    let sid = SessionId::parse(&id).unwrap();
+    let form = |mgr: &SessionManager| match mgr.store().load_head(&sid, MAX, 0).unwrap() {
+        Some(Stored::Whole(_)) => "whole",
+        Some(Stored::ByKey(_)) => "by key",
+        None => "gone",
+    };
+    assert_eq!(form(&mgr), "whole", "small: a whole record");
+    mgr.transact(&id, |s| s.insert("big", &"x".repeat(3000)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(form(&mgr), if per_key { "by key" } else { "whole" });
+    let s = mgr.load(&id).unwrap().unwrap();
+    assert_eq!(s.keys().count(), 4);
+    assert_eq!(
+        s.get::<usize>("k2").unwrap(),
+        Some(2),
+        "kept across the conversion"
+    );
+    assert_eq!(s.get::<String>("big").unwrap().map(|b| b.len()), Some(3000));
+    drop(s);
+    // Shrunk again: still by key (no conversion back), loaded whole in one snapshot.
+    mgr.transact(&id, |s| {
+        s.remove("big");
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+    let s = mgr.load(&id).unwrap().unwrap();
+    assert_eq!((s.keys().count(), s.version()), (3, 3));
+    drop(s);
+    drop(keep);
+}
+
 macro_rules! conformance {
     ($name:ident, $factory:expr) => {
         mod $name {
@@ -1086,6 +1135,12 @@ macro_rules! conformance {
             fn by_key_damaged_value_is_a_typed_error() {
                 if let Some(f) = super::MaybeFixture::fixture($factory()) {
                     super::by_key_damaged_value_is_a_typed_error(f);
+                }
+            }
+            #[test]
+            fn by_key_a_growing_session_is_converted() {
+                if let Some(f) = super::MaybeFixture::fixture($factory()) {
+                    super::by_key_a_growing_session_is_converted(f);
                 }
             }
             #[test]
