@@ -7,8 +7,17 @@
 //!   then the lost updates: increments acknowledged minus increments stored.
 //!
 //! `cargo bench --features axum --bench web` prints a table (requests/s, p50/p99 latency, lost
-//! updates). `LOCKTABLE_WEB_BENCH_SECS` sets the seconds per cell (default 2).
-//! Server and load generator share the machine (separate tokio runtimes of 2 workers each).
+//! updates). `LOCKTABLE_WEB_BENCH_SECS` sets the seconds per cell (default 2);
+//! `LOCKTABLE_WEB_BENCH_CONNS=1,8` runs only the cells of those connection counts (16 is the
+//! increments cell). Server threads are named `web-server`, load-generator threads
+//! `web-client`, so that a profile can tell them apart.
+//! `LOCKTABLE_WEB_BENCH_ROUNDS=N` repeats every cell N times; the contenders take turns cell
+//! by cell (who goes first rotates), so a change in the machine's other load hits them alike,
+//! and a last table gives medians and ratios to tower-sessions.
+//! Server and load generator share the machine (separate tokio runtimes of 2 workers each);
+//! every contender is served by the same server runtime. Each row also gives the server's CPU
+//! time per request (its threads' `schedstat`), which the machine's other load disturbs much
+//! less than requests/s.
 
 #[path = "../tests/web_support/http.rs"]
 mod http;
@@ -121,6 +130,8 @@ struct Cell {
     secs: f64,
     lat_us: Vec<u32>,
     lost: Option<u64>,
+    /// CPU time of the server's threads (workers and blocking pool) during the cell.
+    server_cpu_ns: u64,
 }
 
 impl Cell {
@@ -135,12 +146,33 @@ impl Cell {
         let i = ((self.lat_us.len() - 1) as f64 * p).round() as usize;
         self.lat_us[i] as f64 / 1000.0
     }
+    /// Server CPU per answered request, in microseconds: what the server side costs, much less
+    /// sensitive to the machine's other load than requests/s.
+    fn cpu_us_per_req(&self) -> f64 {
+        self.server_cpu_ns as f64 / 1000.0 / (self.requests + self.errors).max(1) as f64
+    }
+}
+
+/// CPU time so far of this process's threads named `web-server` (Linux `schedstat`).
+fn server_cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "web-server")
+        })
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// `conns` connections send `path` (or `/api/incr/k{i}` when `incr`) for `secs`.
 async fn load(addr: SocketAddr, cookie: String, conns: usize, secs: f64, incr: bool) -> Cell {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
+    let cpu_before = server_cpu_ns();
     let mut tasks = Vec::new();
     for i in 0..conns {
         let cookie = cookie.clone();
@@ -173,6 +205,7 @@ async fn load(addr: SocketAddr, cookie: String, conns: usize, secs: f64, incr: b
         secs: 0.0,
         lat_us: Vec::new(),
         lost: None,
+        server_cpu_ns: 0,
     };
     for t in tasks {
         let (lat, ok, err) = t.await.unwrap();
@@ -181,6 +214,7 @@ async fn load(addr: SocketAddr, cookie: String, conns: usize, secs: f64, incr: b
         cell.errors += err;
     }
     cell.secs = start.elapsed().as_secs_f64();
+    cell.server_cpu_ns = server_cpu_ns().saturating_sub(cpu_before);
     if incr {
         // Every 200 was one acknowledged increment of the connection's own key.
         let mut c = Conn::open(addr).await.unwrap();
@@ -197,28 +231,58 @@ async fn load(addr: SocketAddr, cookie: String, conns: usize, secs: f64, incr: b
     cell
 }
 
-fn main() {
-    let secs: f64 = std::env::var("LOCKTABLE_WEB_BENCH_SECS")
+/// One contender, served for the whole run.
+struct Server {
+    side: Side,
+    addr: SocketAddr,
+    /// The hot session of the read-only cells: one key, `a`.
+    read_cookie: String,
+    /// The session of the increments cell (its own, so that the read-only cells of later
+    /// rounds read the same one-key session as the first).
+    incr_cookie: String,
+    _dir: tempfile::TempDir,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2.0);
+        .unwrap_or(default)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn main() {
+    let secs: f64 = env_or("LOCKTABLE_WEB_BENCH_SECS", 2.0);
+    let rounds: usize = env_or("LOCKTABLE_WEB_BENCH_ROUNDS", 1usize).max(1);
+    // Connection counts to run (comma-separated, e.g. `8,64`); all when unset.
+    let workloads: Vec<String> = std::env::var("LOCKTABLE_WEB_BENCH_CONNS")
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+        .unwrap_or_default();
     // `cargo bench` passes `--bench`; a filter argument picks contenders by name.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    // Both contenders get the same runtimes: the server's (2 workers, its blocking pool) and
+    // the load generator's (2 workers).
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("web-server")
         .enable_all()
         .build()
         .unwrap();
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("web-client")
         .enable_all()
         .build()
         .unwrap();
-    println!("web benchmark: {secs} s per cell, loopback HTTP/1.1 keep-alive, one hot session");
-    println!(
-        "| server | workload | conns | requests/s | p50 ms | p99 ms | errors | lost updates |"
-    );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    let mut servers = Vec::new();
     for side in [
         Side::LocktableFile,
         Side::LocktableMemory,
@@ -235,36 +299,108 @@ fn main() {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = server_rt.spawn(async move {
+        server_rt.spawn(async move {
             axum::serve(listener, router).await.unwrap();
         });
-        // The hot session: created by one increment, then read by everyone.
-        let cookie = client_rt.block_on(async {
-            let mut c = Conn::open(addr).await.unwrap();
-            let r = c.req(Method::POST, "/api/incr/a", None).await.unwrap();
-            r.cookie_pair().expect("session cookie")
+        // Each session is created by one increment.
+        let new_session = |key: &'static str| {
+            client_rt.block_on(async {
+                let mut c = Conn::open(addr).await.unwrap();
+                let r = c
+                    .req(Method::POST, &format!("/api/incr/{key}"), None)
+                    .await
+                    .unwrap();
+                r.cookie_pair().expect("session cookie")
+            })
+        };
+        servers.push(Server {
+            side,
+            addr,
+            read_cookie: new_session("a"),
+            incr_cookie: new_session("x"),
+            _dir: dir,
         });
-        let runs: [(&str, usize, bool); 4] = [
-            ("read-only", 1, false),
-            ("read-only", 8, false),
-            ("read-only", 64, false),
-            ("increments, distinct keys", 16, true),
-        ];
-        for (label, conns, incr) in runs {
-            let mut cell = client_rt.block_on(load(addr, cookie.clone(), conns, secs, incr));
+    }
+    let runs: [(&str, usize, bool); 4] = [
+        ("read-only", 1, false),
+        ("read-only", 8, false),
+        ("read-only", 64, false),
+        ("increments, distinct keys", 16, true),
+    ];
+    println!(
+        "web benchmark: {secs} s per cell, {rounds} round(s), contenders interleaved cell by \
+         cell, loopback HTTP/1.1 keep-alive, one hot session"
+    );
+    println!(
+        "| round | server | workload | conns | requests/s | p50 ms | p99 ms | server CPU µs/req \
+         | errors | lost updates |"
+    );
+    println!("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    // (side index, cell index) -> requests/s and CPU per request of each round.
+    let mut rps = vec![vec![Vec::new(); runs.len()]; servers.len()];
+    let mut cpu = vec![vec![Vec::new(); runs.len()]; servers.len()];
+    for round in 0..rounds {
+        for (ci, &(label, conns, incr)) in runs.iter().enumerate() {
+            if !workloads.is_empty() && !workloads.contains(&conns.to_string()) {
+                continue;
+            }
+            // Rotate who goes first, so that no contender always follows the same one.
+            for k in 0..servers.len() {
+                let si = (k + round) % servers.len();
+                let sv = &servers[si];
+                let cookie = if incr {
+                    &sv.incr_cookie
+                } else {
+                    &sv.read_cookie
+                };
+                let mut cell = client_rt.block_on(load(sv.addr, cookie.clone(), conns, secs, incr));
+                rps[si][ci].push(cell.rps());
+                cpu[si][ci].push(cell.cpu_us_per_req());
+                println!(
+                    "| {} | {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.1} | {} | {} |",
+                    round + 1,
+                    sv.side.name(),
+                    label,
+                    conns,
+                    cell.rps(),
+                    cell.pct(0.50),
+                    cell.pct(0.99),
+                    cell.cpu_us_per_req(),
+                    cell.errors,
+                    cell.lost
+                        .map_or("-".to_string(), |l| format!("{l} of {}", cell.requests)),
+                );
+            }
+        }
+    }
+    // Medians over the rounds, and each contender's ratio to tower-sessions in the same cells.
+    let anchor = servers
+        .iter()
+        .position(|s| matches!(s.side, Side::TowerSessionsMemory));
+    println!();
+    println!("medians over {rounds} round(s); ratio = requests/s over tower-sessions' (higher is better)");
+    println!("| server | workload | conns | requests/s | ratio | server CPU µs/req |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for (si, sv) in servers.iter().enumerate() {
+        for (ci, &(label, conns, _)) in runs.iter().enumerate() {
+            if rps[si][ci].is_empty() {
+                continue;
+            }
+            let r = median(rps[si][ci].clone());
+            let ratio = anchor
+                .filter(|&a| !rps[a][ci].is_empty())
+                .map_or("-".to_string(), |a| {
+                    format!("{:.2}x", r / median(rps[a][ci].clone()))
+                });
             println!(
-                "| {} | {} | {} | {:.0} | {:.3} | {:.3} | {} | {} |",
-                side.name(),
+                "| {} | {} | {} | {:.0} | {} | {:.1} |",
+                sv.side.name(),
                 label,
                 conns,
-                cell.rps(),
-                cell.pct(0.50),
-                cell.pct(0.99),
-                cell.errors,
-                cell.lost
-                    .map_or("-".to_string(), |l| format!("{l} of {}", cell.requests)),
+                r,
+                ratio,
+                median(cpu[si][ci].clone()),
             );
         }
-        server.abort();
     }
 }

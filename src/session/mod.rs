@@ -540,6 +540,14 @@ impl SessionManager {
         Ok(self.inner.load_cached(&id, false))
     }
 
+    /// [`SessionManager::try_load_cached`] of an ID parsed already (the web layer's hot read
+    /// path: no second validation of the text).
+    #[cfg(feature = "axum")]
+    pub(crate) fn try_load_cached_id(&self, id: &SessionId) -> Result<Option<Session>> {
+        self.inner.check_fork()?;
+        Ok(self.inner.load_cached(id, false))
+    }
+
     /// Loads a session for an exclusive request: the session's upgradable lock is held until
     /// the session is committed, invalidated or dropped.
     ///

@@ -113,7 +113,7 @@ impl Default for WebConfig {
 #[derive(Debug)]
 pub(crate) struct Shared {
     mgr: SessionManager,
-    cookies: CookieConfig,
+    cookies: cookies::CookieCodec,
     cfg: WebConfig,
     stats: telemetry::Counters,
     hasher: telemetry::SidHasher,
@@ -128,7 +128,7 @@ impl Shared {
                 .track_readers
                 .then(|| Arc::new(telemetry::ReaderGauge::default())),
             mgr,
-            cookies,
+            cookies: cookies::CookieCodec::new(cookies),
             cfg,
             stats: telemetry::Counters::default(),
             hasher: telemetry::SidHasher::new(),
