@@ -19,110 +19,16 @@
 //! time per request (its threads' `schedstat`), which the machine's other load disturbs much
 //! less than requests/s.
 
+#[path = "web_support/apps.rs"]
+mod apps;
 #[path = "../tests/web_support/http.rs"]
 mod http;
 
-use axum::extract::Path;
-use axum::routing::{get, post};
-use axum::Router;
+use apps::Side;
 use http::Conn;
 use hyper::{Method, StatusCode};
-use locktable::session::{MemoryStore, SessionConfig, SessionManager};
-use locktable::web::{CookieConfig, Key, LazySession, ReadOnlySession, SessionLayer, WebError};
-use locktable::{LockTable, TableOptions};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-
-// ---------------------------------------------------------------- locktable::web handlers
-
-async fn lt_read(s: ReadOnlySession, Path(k): Path<String>) -> Result<String, WebError> {
-    Ok(s.get::<u64>(&k).await?.unwrap_or(0).to_string())
-}
-
-async fn lt_incr(s: LazySession, Path(k): Path<String>) -> Result<String, WebError> {
-    let n = s
-        .transact(move |s| {
-            let n = s.get::<u64>(&k)?.unwrap_or(0) + 1;
-            s.insert(&k, &n)?;
-            Ok(n)
-        })
-        .await?;
-    Ok(n.to_string())
-}
-
-// ---------------------------------------------------------------- tower-sessions handlers
-
-async fn ts_read(s: tower_sessions::Session, Path(k): Path<String>) -> Result<String, StatusCode> {
-    let v = s
-        .get::<u64>(&k)
-        .await
-        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
-    Ok(v.unwrap_or(0).to_string())
-}
-
-async fn ts_incr(s: tower_sessions::Session, Path(k): Path<String>) -> Result<String, StatusCode> {
-    let e = |_| StatusCode::INTERNAL_SERVER_ERROR;
-    let n = s.get::<u64>(&k).await.map_err(e)?.unwrap_or(0) + 1;
-    s.insert(&k, n).await.map_err(e)?;
-    Ok(n.to_string())
-}
-
-// ---------------------------------------------------------------- contenders
-
-#[derive(Clone, Copy, Debug)]
-enum Side {
-    LocktableFile,
-    LocktableMemory,
-    TowerSessionsMemory,
-}
-
-impl Side {
-    fn name(self) -> &'static str {
-        match self {
-            Side::LocktableFile => "locktable::web, FileStore (embedded default, no fsync)",
-            Side::LocktableMemory => "locktable::web, MemoryStore",
-            Side::TowerSessionsMemory => "tower-sessions 0.15, MemoryStore",
-        }
-    }
-
-    fn router(self, dir: &std::path::Path) -> Router {
-        let routes = |r: Router| r;
-        match self {
-            Side::LocktableFile | Side::LocktableMemory => {
-                let cfg = SessionConfig {
-                    fsync: false,
-                    ..SessionConfig::default()
-                };
-                let mgr = match self {
-                    Side::LocktableFile => SessionManager::new_embedded(dir, cfg).unwrap(),
-                    _ => SessionManager::new(
-                        LockTable::anonymous(&TableOptions::default()).unwrap(),
-                        MemoryStore::new(),
-                        cfg,
-                    ),
-                };
-                let cookies = CookieConfig::new(Key::generate()).secure(false);
-                routes(
-                    Router::new()
-                        .route("/api/get/{k}", get(lt_read))
-                        .route("/api/incr/{k}", post(lt_incr)),
-                )
-                .layer(SessionLayer::new(mgr, cookies))
-            }
-            Side::TowerSessionsMemory => {
-                let layer = tower_sessions::SessionManagerLayer::new(
-                    tower_sessions::MemoryStore::default(),
-                )
-                .with_secure(false)
-                .with_signed(tower_sessions::cookie::Key::generate());
-                Router::new()
-                    .route("/api/get/{k}", get(ts_read))
-                    .route("/api/incr/{k}", post(ts_incr))
-                    .layer(layer)
-            }
-        }
-    }
-}
 
 struct Cell {
     requests: u64,

@@ -1066,6 +1066,13 @@ impl Session {
         cutoffs.expires_at(self.created, self.accessed, self.expiry)
     }
 
+    /// The session's data as this request sees it, shared rather than copied: the web layer's
+    /// read-only snapshots hold it (a cache hit's map is the cache entry's own).
+    #[cfg(feature = "axum")]
+    pub(crate) fn shared_data(&self) -> Arc<BTreeMap<String, Value>> {
+        Arc::clone(&self.data)
+    }
+
     /// Makes `commit` store this new session even if it holds no data (a session from
     /// [`SessionManager::create`] is otherwise stored at its first commit with data).
     pub fn persist(&mut self) {

@@ -12,7 +12,6 @@ use parking_lot::RwLock;
 use siphasher::sip::SipHasher13;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::time::Duration;
 
 /// How the cookie's value is protected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,8 +177,10 @@ impl CookieConfig {
         c.set_http_only(self.http_only);
         c.set_secure(self.is_secure());
         c.set_same_site(self.same_site);
-        let left = Duration::from_millis(expires.0.saturating_sub(now.0));
-        let secs = i64::try_from(left.as_secs()).unwrap_or(i64::MAX);
+        // To the nearest second: a session stored a few milliseconds ago with an idle time of
+        // 1800 s gets `Max-Age=1800`, not 1799.
+        let left_ms = expires.0.saturating_sub(now.0);
+        let secs = i64::try_from(left_ms.saturating_add(500) / 1000).unwrap_or(i64::MAX);
         c.set_max_age(cookie::time::Duration::seconds(secs));
         c.set_expires(expires_attribute(now, expires));
         c
