@@ -165,6 +165,40 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// `LOCKTABLE_WEB_BENCH_INPROC=N`: N read-only requests of the hot session through each
+/// contender's router in process (no network, one thread), for counting what one request
+/// costs with `perf stat -e instructions:u` (pick one contender with the name filter): the
+/// instruction count does not depend on the machine's other load, unlike any timing.
+fn in_process(n: u64, filter: Option<&str>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for side in [
+        Side::LocktableFile,
+        Side::LocktableMemory,
+        Side::TowerSessionsMemory,
+    ] {
+        if filter.is_some_and(|f| !side.name().to_lowercase().contains(&f.to_lowercase())) {
+            continue;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let app = rt.block_on(async { side.router(dir.path()) });
+        let (_, cookie, _) = apps::call(&rt, &app, Method::POST, "/api/incr/a", None);
+        let cookie = cookie.expect("session cookie");
+        let t = Instant::now();
+        for _ in 0..n {
+            let (status, _, _) = apps::call(&rt, &app, Method::GET, "/api/get/a", Some(&cookie));
+            assert_eq!(status, StatusCode::OK);
+        }
+        let per = t.elapsed().as_nanos() as f64 / n as f64;
+        println!(
+            "{}: {n} requests in process, {per:.0} ns each (wall clock)",
+            side.name()
+        );
+    }
+}
+
 fn main() {
     let secs: f64 = env_or("LOCKTABLE_WEB_BENCH_SECS", 2.0);
     let rounds: usize = env_or("LOCKTABLE_WEB_BENCH_ROUNDS", 1usize).max(1);
@@ -174,6 +208,10 @@ fn main() {
         .unwrap_or_default();
     // `cargo bench` passes `--bench`; a filter argument picks contenders by name.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    if let Ok(n) = std::env::var("LOCKTABLE_WEB_BENCH_INPROC") {
+        in_process(n.parse().expect("a request count"), filter.as_deref());
+        return;
+    }
     // Both contenders get the same runtimes: the server's (2 workers, its blocking pool) and
     // the load generator's (2 workers).
     let server_rt = tokio::runtime::Builder::new_multi_thread()

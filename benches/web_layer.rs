@@ -10,39 +10,9 @@
 #[path = "web_support/apps.rs"]
 mod apps;
 
-use apps::Side;
-use axum::body::Body;
-use axum::Router;
+use apps::{call, Side};
 use criterion::{criterion_group, criterion_main, Criterion};
-use http_body_util::BodyExt;
-use hyper::{Method, Request, StatusCode};
-use tower_service::Service;
-
-fn call(
-    rt: &tokio::runtime::Runtime,
-    app: &Router,
-    method: Method,
-    path: &str,
-    cookie: Option<&str>,
-) -> (StatusCode, Option<String>, String) {
-    let mut b = Request::builder().method(method).uri(path);
-    if let Some(c) = cookie {
-        b = b.header(hyper::header::COOKIE, c);
-    }
-    let req = b.body(Body::empty()).unwrap();
-    rt.block_on(async {
-        let resp = app.clone().call(req).await.unwrap();
-        let status = resp.status();
-        let cookie = resp
-            .headers()
-            .get(hyper::header::SET_COOKIE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .map(str::to_owned);
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, cookie, String::from_utf8_lossy(&body).into_owned())
-    })
-}
+use hyper::{Method, StatusCode};
 
 fn read_hot_session(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -5,13 +5,16 @@
 
 #![allow(dead_code)]
 
+use axum::body::Body;
 use axum::extract::Path;
 use axum::routing::{get, post};
 use axum::Router;
-use hyper::StatusCode;
+use http_body_util::BodyExt;
+use hyper::{Method, Request, StatusCode};
 use locktable::session::{MemoryStore, SessionConfig, SessionManager};
 use locktable::web::{CookieConfig, Key, LazySession, ReadOnlySession, SessionLayer, WebError};
 use locktable::{LockTable, TableOptions};
+use tower_service::Service;
 
 // ---------------------------------------------------------------- locktable::web handlers
 
@@ -103,4 +106,32 @@ impl Side {
             }
         }
     }
+}
+
+/// One request through `app` in process (no network): status, the `name=value` of a
+/// `Set-Cookie`, body.
+pub fn call(
+    rt: &tokio::runtime::Runtime,
+    app: &Router,
+    method: Method,
+    path: &str,
+    cookie: Option<&str>,
+) -> (StatusCode, Option<String>, String) {
+    let mut b = Request::builder().method(method).uri(path);
+    if let Some(c) = cookie {
+        b = b.header(hyper::header::COOKIE, c);
+    }
+    let req = b.body(Body::empty()).unwrap();
+    rt.block_on(async {
+        let resp = app.clone().call(req).await.unwrap();
+        let status = resp.status();
+        let cookie = resp
+            .headers()
+            .get(hyper::header::SET_COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(str::to_owned);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, cookie, String::from_utf8_lossy(&body).into_owned())
+    })
 }
