@@ -27,6 +27,7 @@ mod http;
 use apps::Side;
 use http::Conn;
 use hyper::{Method, StatusCode};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -59,18 +60,32 @@ impl Cell {
     }
 }
 
-/// CPU time so far of this process's threads named `web-server` (Linux `schedstat`).
-fn server_cpu_ns() -> u64 {
+/// CPU time so far of each of this process's threads named `web-server` (Linux `schedstat`),
+/// by thread ID.
+fn server_cpu_ns() -> HashMap<String, u64> {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
+        return HashMap::new();
     };
     tasks
         .flatten()
         .filter(|t| {
             std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "web-server")
         })
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .filter_map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            let ns = stat.split_whitespace().next()?.parse::<u64>().ok()?;
+            Some((t.file_name().to_string_lossy().into_owned(), ns))
+        })
+        .collect()
+}
+
+/// Server CPU time spent since `before`: each thread's growth (a thread started since counts
+/// whole; one that ended since, e.g. an idle blocking-pool thread, is left out rather than
+/// subtracted).
+fn server_cpu_since(before: &HashMap<String, u64>) -> u64 {
+    server_cpu_ns()
+        .iter()
+        .map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
         .sum()
 }
 
@@ -120,7 +135,7 @@ async fn load(addr: SocketAddr, cookie: String, conns: usize, secs: f64, incr: b
         cell.errors += err;
     }
     cell.secs = start.elapsed().as_secs_f64();
-    cell.server_cpu_ns = server_cpu_ns().saturating_sub(cpu_before);
+    cell.server_cpu_ns = server_cpu_since(&cpu_before);
     if incr {
         // Every 200 was one acknowledged increment of the connection's own key.
         let mut c = Conn::open(addr).await.unwrap();
@@ -137,15 +152,22 @@ async fn load(addr: SocketAddr, cookie: String, conns: usize, secs: f64, incr: b
     cell
 }
 
+/// A new session, created by one increment of `key`: its cookie.
+async fn new_session(addr: SocketAddr, key: &str) -> String {
+    let mut c = Conn::open(addr).await.unwrap();
+    let r = c
+        .req(Method::POST, &format!("/api/incr/{key}"), None)
+        .await
+        .unwrap();
+    r.cookie_pair().expect("session cookie")
+}
+
 /// One contender, served for the whole run.
 struct Server {
     side: Side,
     addr: SocketAddr,
     /// The hot session of the read-only cells: one key, `a`.
     read_cookie: String,
-    /// The session of the increments cell (its own, so that the read-only cells of later
-    /// rounds read the same one-key session as the first).
-    incr_cookie: String,
     _dir: tempfile::TempDir,
 }
 
@@ -246,22 +268,10 @@ fn main() {
         server_rt.spawn(async move {
             axum::serve(listener, router).await.unwrap();
         });
-        // Each session is created by one increment.
-        let new_session = |key: &'static str| {
-            client_rt.block_on(async {
-                let mut c = Conn::open(addr).await.unwrap();
-                let r = c
-                    .req(Method::POST, &format!("/api/incr/{key}"), None)
-                    .await
-                    .unwrap();
-                r.cookie_pair().expect("session cookie")
-            })
-        };
         servers.push(Server {
             side,
             addr,
-            read_cookie: new_session("a"),
-            incr_cookie: new_session("x"),
+            read_cookie: client_rt.block_on(new_session(addr, "a")),
             _dir: dir,
         });
     }
@@ -292,12 +302,14 @@ fn main() {
             for k in 0..servers.len() {
                 let si = (k + round) % servers.len();
                 let sv = &servers[si];
+                // Each increments cell gets a session of its own, so that its lost updates are
+                // its own and the read-only cells of later rounds read the same one-key session.
                 let cookie = if incr {
-                    &sv.incr_cookie
+                    client_rt.block_on(new_session(sv.addr, "x"))
                 } else {
-                    &sv.read_cookie
+                    sv.read_cookie.clone()
                 };
-                let mut cell = client_rt.block_on(load(sv.addr, cookie.clone(), conns, secs, incr));
+                let mut cell = client_rt.block_on(load(sv.addr, cookie, conns, secs, incr));
                 rps[si][ci].push(cell.rps());
                 cpu[si][ci].push(cell.cpu_us_per_req());
                 println!(
