@@ -293,6 +293,10 @@ fn main() {
     // (side index, cell index) -> requests/s and CPU per request of each round.
     let mut rps = vec![vec![Vec::new(); runs.len()]; servers.len()];
     let mut cpu = vec![vec![Vec::new(); runs.len()]; servers.len()];
+    let mut p50 = vec![vec![Vec::new(); runs.len()]; servers.len()];
+    let mut p99 = vec![vec![Vec::new(); runs.len()]; servers.len()];
+    // Lost and acknowledged increments, summed over the rounds.
+    let mut lost = vec![vec![(0u64, 0u64); runs.len()]; servers.len()];
     for round in 0..rounds {
         for (ci, &(label, conns, incr)) in runs.iter().enumerate() {
             if !workloads.is_empty() && !workloads.contains(&conns.to_string()) {
@@ -312,6 +316,12 @@ fn main() {
                 let mut cell = client_rt.block_on(load(sv.addr, cookie, conns, secs, incr));
                 rps[si][ci].push(cell.rps());
                 cpu[si][ci].push(cell.cpu_us_per_req());
+                p50[si][ci].push(cell.pct(0.50));
+                p99[si][ci].push(cell.pct(0.99));
+                if let Some(l) = cell.lost {
+                    lost[si][ci].0 += l;
+                    lost[si][ci].1 += cell.requests;
+                }
                 println!(
                     "| {} | {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.1} | {} | {} |",
                     round + 1,
@@ -335,8 +345,11 @@ fn main() {
         .position(|s| matches!(s.side, Side::TowerSessionsMemory));
     println!();
     println!("medians over {rounds} round(s); ratio = requests/s over tower-sessions' (higher is better)");
-    println!("| server | workload | conns | requests/s | ratio | server CPU µs/req |");
-    println!("|---|---|---:|---:|---:|---:|");
+    println!(
+        "| server | workload | conns | requests/s | ratio | p50 ms | p99 ms | server CPU µs/req \
+         | lost updates (all rounds) |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for (si, sv) in servers.iter().enumerate() {
         for (ci, &(label, conns, _)) in runs.iter().enumerate() {
             if rps[si][ci].is_empty() {
@@ -348,14 +361,22 @@ fn main() {
                 .map_or("-".to_string(), |a| {
                     format!("{:.2}x", r / median(rps[a][ci].clone()))
                 });
+            let (l, acked) = lost[si][ci];
             println!(
-                "| {} | {} | {} | {:.0} | {} | {:.1} |",
+                "| {} | {} | {} | {:.0} | {} | {:.3} | {:.3} | {:.1} | {} |",
                 sv.side.name(),
                 label,
                 conns,
                 r,
                 ratio,
+                median(p50[si][ci].clone()),
+                median(p99[si][ci].clone()),
                 median(cpu[si][ci].clone()),
+                if acked > 0 {
+                    format!("{l} of {acked}")
+                } else {
+                    "-".to_string()
+                },
             );
         }
     }
