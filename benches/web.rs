@@ -344,7 +344,10 @@ fn main() {
         .iter()
         .position(|s| matches!(s.side, Side::TowerSessionsMemory));
     println!();
-    println!("medians over {rounds} round(s); ratio = requests/s over tower-sessions' (higher is better)");
+    println!(
+        "medians over {rounds} round(s); ratio = median over the rounds of requests/s over \
+         tower-sessions' in the same round (higher is better)"
+    );
     println!(
         "| server | workload | conns | requests/s | ratio | p50 ms | p99 ms | server CPU µs/req \
          | lost updates (all rounds) |"
@@ -356,10 +359,14 @@ fn main() {
                 continue;
             }
             let r = median(rps[si][ci].clone());
+            // Paired: each round's ratio (the contenders ran that cell one after the other),
+            // then the median of those, which a drift of the machine's load between rounds
+            // does not skew.
             let ratio = anchor
                 .filter(|&a| !rps[a][ci].is_empty())
                 .map_or("-".to_string(), |a| {
-                    format!("{:.2}x", r / median(rps[a][ci].clone()))
+                    let per_round = rps[si][ci].iter().zip(&rps[a][ci]).map(|(x, y)| x / y);
+                    format!("{:.2}x", median(per_round.collect()))
                 });
             let (l, acked) = lost[si][ci];
             println!(
