@@ -12,7 +12,9 @@
 //! - `GET /api/get/{key}` answers the counter's value (0 if absent); never writes data.
 //!
 //! Several processes started with the same `--dir` serve the same sessions (the cookie key is
-//! kept in `DIR/cookie.key`, created on first start). Options: `--insecure-cookie` drops the
+//! kept in `DIR/cookie.key`, created on first start), on different ports or on the same one:
+//! the listener is bound with `SO_REUSEPORT`, so the kernel spreads the connections over every
+//! process listening on that port. Options: `--insecure-cookie` drops the
 //! cookie's `Secure` attribute (plain-HTTP development on a non-localhost name);
 //! `--debug-stats` adds `GET /debug/stats` (JSON counters, also printed to stdout) and counts
 //! concurrent readers; `--fsync` makes saves durable (off here: this is a demo).
@@ -397,6 +399,24 @@ async fn main() {
     }
 }
 
+/// A listener on `addr` that other processes may share (`SO_REUSEPORT`; `SO_REUSEADDR` so that
+/// a restart does not wait for old connections' `TIME_WAIT`).
+async fn listen_shared(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let addr = tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{addr}: no address")))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let (mgr, calls) = open_manager(&args)?;
     let cookies = CookieConfig::new(cookie_key(&args.dir)?).secure(!args.insecure_cookie);
@@ -429,7 +449,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let router = router.layer(layer);
-    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    let listener = listen_shared(&args.listen).await?;
     println!(
         "listening on http://{} (dir {})",
         listener.local_addr()?,

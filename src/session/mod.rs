@@ -564,6 +564,14 @@ impl SessionManager {
         Ok(self.inner.load_cached(&id, false))
     }
 
+    /// [`SessionManager::try_load_cached`] of an ID parsed already (the web layer's hot read
+    /// path: no second validation of the text).
+    #[cfg(feature = "axum")]
+    pub(crate) fn try_load_cached_id(&self, id: &SessionId) -> Result<Option<Session>> {
+        self.inner.check_fork()?;
+        Ok(self.inner.load_cached(id, false))
+    }
+
     /// Loads a session for an exclusive request: the session's upgradable lock is held until
     /// the session is committed, invalidated or dropped.
     ///
@@ -1172,6 +1180,13 @@ impl Session {
     pub fn expires_at(&self) -> Timestamp {
         let cutoffs = self.mgr.cfg.cutoffs(self.accessed);
         cutoffs.expires_at(self.created, self.accessed, self.expiry)
+    }
+
+    /// The session's data as this request sees it, shared rather than copied: the web layer's
+    /// read-only snapshots hold it (a cache hit's map is the cache entry's own).
+    #[cfg(feature = "axum")]
+    pub(crate) fn shared_data(&self) -> Arc<BTreeMap<String, Value>> {
+        Arc::clone(&self.data)
     }
 
     /// Makes `commit` store this new session even if it holds no data (a session from

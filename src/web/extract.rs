@@ -4,6 +4,7 @@
 
 use super::handle::{SessionHandle, SessionTxn};
 use super::WebError;
+use crate::session::Expiry;
 use axum_core::extract::FromRequestParts;
 use http::request::Parts;
 use serde::de::DeserializeOwned;
@@ -54,6 +55,15 @@ impl LazySession {
     /// Removes a key at the end of the request; returns whether it was present.
     pub async fn remove(&self, key: &str) -> Result<bool, WebError> {
         self.0.remove(key).await
+    }
+
+    /// Sets the session's expiry rule, committed at the end of the request (see
+    /// [`Session::set_expiry`](crate::session::Session::set_expiry)): e.g.
+    /// `Expiry::Idle(30 days)` for "remember me". The cookie's `Max-Age` and `Expires` follow
+    /// the session's rule. A visitor without a session gets one only if the request also
+    /// stores data.
+    pub async fn set_expiry(&self, e: Expiry) -> Result<(), WebError> {
+        self.0.set_expiry(e).await
     }
 
     /// A read-modify-write committed now, retried on fresh data after a conflict (see

@@ -24,7 +24,7 @@
 use super::telemetry::{bump, ReaderToken};
 use super::{Shared, WebError};
 use crate::session::SessionManager;
-use crate::session::{Session, SessionId, Timestamp};
+use crate::session::{Expiry, Session, SessionId, Timestamp};
 use crate::Error;
 use http::HeaderValue;
 use serde::de::DeserializeOwned;
@@ -42,11 +42,12 @@ enum State {
     /// Not looked at: the cookie is not even verified yet.
     Pending,
     /// The cookie named a live session and a `transact` already committed (and so recorded
-    /// the access); nothing is loaded. With the session's creation time, for the cookie.
+    /// the access); nothing is loaded. With the session's end as that commit left it, for the
+    /// cookie.
     Transacted(SessionId, Timestamp),
     /// No session (no cookie, or one that failed verification or named no live session). The
-    /// draft becomes a new session at the end of the request if it holds anything.
-    Absent(BTreeMap<String, Value>),
+    /// draft becomes a new session at the end of the request if it holds any data.
+    Absent(Draft),
     /// Loaded for this request.
     Loaded(Box<LoadedState>),
     /// A read-only snapshot, possibly shared with other requests of the session that arrived
@@ -74,10 +75,21 @@ struct LoadedState {
 pub(crate) struct Snapshot {
     id: SessionId,
     version: u64,
-    created: Timestamp,
-    data: BTreeMap<String, Value>,
+    /// Shared with the session it was read from (and so, after a cache hit, with the cache).
+    data: Arc<BTreeMap<String, Value>>,
+    /// When the session expires if not used again (by its own expiry rule), for the cookie.
+    expires: Timestamp,
     /// The load's end wrote an access time: the cookie's lifetime is refreshed.
     touched: bool,
+}
+
+/// What a request without a stored session has set so far: stored as a new session at the end
+/// of the request if it holds data.
+#[derive(Debug, Default)]
+pub(crate) struct Draft {
+    data: BTreeMap<String, Value>,
+    /// Set by [`SessionTxn::set_expiry`] or [`LazySession::set_expiry`](super::LazySession::set_expiry).
+    expiry: Option<Expiry>,
 }
 
 /// What a flight delivers; errors as text, as every joined request gets a copy.
@@ -137,7 +149,7 @@ pub struct SessionTxn<'a> {
 
 enum TxnInner<'a> {
     Stored(&'a mut Session),
-    Draft(&'a mut BTreeMap<String, Value>),
+    Draft(&'a mut Draft),
 }
 
 impl SessionTxn<'_> {
@@ -145,7 +157,7 @@ impl SessionTxn<'_> {
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> crate::Result<Option<T>> {
         match &self.inner {
             TxnInner::Stored(s) => s.get(key),
-            TxnInner::Draft(d) => match d.get(key) {
+            TxnInner::Draft(d) => match d.data.get(key) {
                 None => Ok(None),
                 Some(v) => Ok(Some(T::deserialize(v)?)),
             },
@@ -157,7 +169,7 @@ impl SessionTxn<'_> {
         match &mut self.inner {
             TxnInner::Stored(s) => s.insert(key, value),
             TxnInner::Draft(d) => {
-                d.insert(key.to_owned(), serde_json::to_value(value)?);
+                d.data.insert(key.to_owned(), serde_json::to_value(value)?);
                 Ok(())
             }
         }
@@ -167,7 +179,16 @@ impl SessionTxn<'_> {
     pub fn remove(&mut self, key: &str) -> bool {
         match &mut self.inner {
             TxnInner::Stored(s) => s.remove(key),
-            TxnInner::Draft(d) => d.remove(key).is_some(),
+            TxnInner::Draft(d) => d.data.remove(key).is_some(),
+        }
+    }
+
+    /// Sets the session's expiry rule (see [`Session::set_expiry`]); the cookie's `Max-Age`
+    /// and `Expires` follow it.
+    pub fn set_expiry(&mut self, e: Expiry) {
+        match &mut self.inner {
+            TxnInner::Stored(s) => s.set_expiry(e),
+            TxnInner::Draft(d) => d.expiry = Some(e),
         }
     }
 }
@@ -260,7 +281,7 @@ impl SessionHandle {
             _ => return Ok(()),
         };
         let Some(id) = id else {
-            *state = State::Absent(BTreeMap::new());
+            *state = State::Absent(Draft::default());
             return Ok(());
         };
         let sh = self.shared();
@@ -277,7 +298,7 @@ impl SessionHandle {
                 }
                 None => {
                     bump(&sh.stats.cookies_rejected);
-                    State::Absent(BTreeMap::new())
+                    State::Absent(Draft::default())
                 }
             };
             return Ok(());
@@ -331,7 +352,7 @@ impl SessionHandle {
             }
             None => {
                 bump(&sh.stats.cookies_rejected);
-                *state = State::Absent(BTreeMap::new());
+                *state = State::Absent(Draft::default());
             }
         }
         Ok(())
@@ -343,7 +364,7 @@ impl SessionHandle {
         let sh = self.shared();
         let _e =
             tracing::debug_span!("session.load", sid = %sh.hasher.tag(id), cached = true).entered();
-        sh.mgr.try_load_cached(id.as_str()).map_err(|e| self.err(e))
+        sh.mgr.try_load_cached_id(id).map_err(|e| self.err(e))
     }
 
     /// A read-only snapshot of session `id`. From the manager's cache when it has the current
@@ -355,13 +376,7 @@ impl SessionHandle {
         let sh = Arc::clone(&self.0.shared);
         if let Some(session) = self.try_cached(&id)? {
             bump(&sh.stats.loads);
-            let snap = match snapshot_of(&session) {
-                Ok(snap) => snap,
-                Err(e) => {
-                    leave_off_worker(&sh, session);
-                    return Err(self.err(e));
-                }
-            };
+            let snap = snapshot_of(&session);
             if snap.touched {
                 // Once per touch interval: the access-time write goes to the blocking pool.
                 let sh2 = Arc::clone(&sh);
@@ -447,7 +462,7 @@ impl SessionHandle {
                 None => Ok(None),
                 Some(v) => T::deserialize(v).map(Some).map_err(Error::from),
             },
-            State::Absent(d) => match d.get(key) {
+            State::Absent(d) => match d.data.get(key) {
                 None => Ok(None),
                 Some(v) => T::deserialize(v).map(Some).map_err(Error::from),
             },
@@ -462,7 +477,7 @@ impl SessionHandle {
         match &*st {
             State::Loaded(l) => Ok(l.session.keys().map(str::to_owned).collect()),
             State::Snapshot { snap, .. } => Ok(snap.data.keys().cloned().collect()),
-            State::Absent(d) => Ok(d.keys().cloned().collect()),
+            State::Absent(d) => Ok(d.data.keys().cloned().collect()),
             _ => Err(self.err(Error::SessionFinished)),
         }
     }
@@ -478,7 +493,7 @@ impl SessionHandle {
             State::Loaded(l) => l.session.insert(key, value),
             State::Absent(d) => serde_json::to_value(value)
                 .map(|v| {
-                    d.insert(key.to_owned(), v);
+                    d.data.insert(key.to_owned(), v);
                 })
                 .map_err(Error::from),
             _ => Err(Error::SessionFinished),
@@ -491,7 +506,23 @@ impl SessionHandle {
         self.resolve(&mut st, Mode::Optimistic).await?;
         match &mut *st {
             State::Loaded(l) => Ok(l.session.remove(key)),
-            State::Absent(d) => Ok(d.remove(key).is_some()),
+            State::Absent(d) => Ok(d.data.remove(key).is_some()),
+            _ => Err(self.err(Error::SessionFinished)),
+        }
+    }
+
+    pub(crate) async fn set_expiry(&self, e: Expiry) -> Result<(), WebError> {
+        let mut st = self.0.state.lock().await;
+        self.resolve(&mut st, Mode::Optimistic).await?;
+        match &mut *st {
+            State::Loaded(l) => {
+                l.session.set_expiry(e);
+                Ok(())
+            }
+            State::Absent(d) => {
+                d.expiry = Some(e);
+                Ok(())
+            }
             _ => Err(self.err(Error::SessionFinished)),
         }
     }
@@ -530,8 +561,8 @@ impl SessionHandle {
             let span = tracing::debug_span!("session.transact", sid = %sh.hasher.tag(&id));
             let attempts = Arc::new(AtomicU64::new(0));
             let counted = Arc::clone(&attempts);
-            let created = Arc::new(AtomicU64::new(0));
-            let created_seen = Arc::clone(&created);
+            let expires = Arc::new(AtomicU64::new(0));
+            let expires_seen = Arc::clone(&expires);
             let id2 = id.clone();
             // The transaction commits itself, so no layer deadline: a commit cut short here
             // could still land after the client was told it failed.
@@ -540,10 +571,12 @@ impl SessionHandle {
                     let _e = span.entered();
                     let r = mgr.transact(id2.as_str(), |s| {
                         counted.fetch_add(1, Ordering::Relaxed);
-                        created_seen.store(s.created().0, Ordering::Relaxed);
-                        f(&mut SessionTxn {
+                        let r = f(&mut SessionTxn {
                             inner: TxnInner::Stored(s),
-                        })
+                        });
+                        // After `f`: its expiry rule, if it set one, is what gets committed.
+                        expires_seen.store(s.expires_at().0, Ordering::Relaxed);
+                        r
                     });
                     Ok((r, f))
                 })
@@ -561,7 +594,7 @@ impl SessionHandle {
                         self.0.writes.fetch_add(1, Ordering::Relaxed);
                     }
                     if matches!(*st, State::Pending | State::Transacted(..)) {
-                        *st = State::Transacted(id, Timestamp(created.load(Ordering::Relaxed)));
+                        *st = State::Transacted(id, Timestamp(expires.load(Ordering::Relaxed)));
                     }
                     return Ok(r);
                 }
@@ -577,9 +610,9 @@ impl SessionHandle {
                 }
             }
         }
-        let mut draft = match std::mem::replace(&mut *st, State::Absent(BTreeMap::new())) {
+        let mut draft = match std::mem::replace(&mut *st, State::Absent(Draft::default())) {
             State::Absent(d) => d,
-            _ => BTreeMap::new(),
+            _ => Draft::default(),
         };
         let r = f(&mut SessionTxn {
             inner: TxnInner::Draft(&mut draft),
@@ -675,28 +708,24 @@ impl SessionHandle {
                 Ok(None)
             }
             // The transaction's commit extended the session: refresh the cookie's lifetime.
-            State::Transacted(id, created) => {
-                Ok(self.shared().cookies.issue(&id, self.max_age(created)))
-            }
-            State::Absent(draft) if draft.is_empty() => Ok(None),
+            State::Transacted(id, expires) => Ok(self.cookie(&id, expires)),
+            State::Absent(draft) if draft.data.is_empty() => Ok(None),
             State::Absent(draft) => self.create(draft).await,
             State::Loaded(l) => self.end_loaded(*l).await,
             State::Snapshot { snap, .. } => {
                 let renew = snap.touched || self.0.resign.load(Ordering::Relaxed);
-                Ok(renew
-                    .then(|| {
-                        self.shared()
-                            .cookies
-                            .issue(&snap.id, self.max_age(snap.created))
-                    })
-                    .flatten())
+                Ok(renew.then(|| self.cookie(&snap.id, snap.expires)).flatten())
             }
             State::Invalidated => Ok(self.shared().cookies.clear()),
         };
         let sh = self.shared();
-        sh.stats
-            .max_writes_per_request
-            .fetch_max(self.0.writes.load(Ordering::Relaxed), Ordering::Relaxed);
+        let writes = self.0.writes.load(Ordering::Relaxed);
+        if writes > 0 {
+            // Skipped for the common read: no shared cache line written per request.
+            sh.stats
+                .max_writes_per_request
+                .fetch_max(writes, Ordering::Relaxed);
+        }
         match outcome {
             Ok(Some(cookie)) => {
                 let h = resp.headers_mut();
@@ -712,14 +741,11 @@ impl SessionHandle {
     }
 
     /// Stores a new session with the draft as its first data: one write.
-    async fn create(
-        &self,
-        draft: BTreeMap<String, Value>,
-    ) -> Result<Option<HeaderValue>, WebError> {
+    async fn create(&self, draft: Draft) -> Result<Option<HeaderValue>, WebError> {
         let sh = self.shared();
         let mgr = sh.mgr.clone();
-        let span = tracing::debug_span!("session.create", keys = draft.len());
-        let (id, created) = self
+        let span = tracing::debug_span!("session.create", keys = draft.data.len());
+        let (id, expires) = self
             .blocking(None, move || {
                 let _e = span.entered();
                 create_with(&mgr, draft)
@@ -727,14 +753,15 @@ impl SessionHandle {
             .await?;
         bump(&sh.stats.created);
         self.0.writes.fetch_add(1, Ordering::Relaxed);
-        Ok(sh.cookies.issue(&id, self.max_age(created)))
+        Ok(self.cookie(&id, expires))
     }
 
     async fn end_loaded(&self, l: LoadedState) -> Result<Option<HeaderValue>, WebError> {
         let sh = self.shared();
-        let created = l.session.created();
-        let tag = sh.hasher.tag(l.session.id());
+        // After the handler: its expiry rule, if it set one, is what gets committed.
+        let expires = l.session.expires_at();
         let id = l.session.id().clone();
+        let tag = sh.hasher.tag(&id);
         let reissue = l.reissue;
         if l.session.is_dirty() {
             let span = tracing::debug_span!("session.commit", sid = %tag);
@@ -749,7 +776,7 @@ impl SessionHandle {
                 Ok(()) => {
                     bump(&sh.stats.commits);
                     self.0.writes.fetch_add(1, Ordering::Relaxed);
-                    Ok(sh.cookies.issue(&id, self.max_age(created)))
+                    Ok(self.cookie(&id, expires))
                 }
                 Err(e) => {
                     if e.is_conflict() {
@@ -764,9 +791,7 @@ impl SessionHandle {
             // Provably no I/O: the manager coalesces this touch away.
             bump(&sh.stats.touches_skipped);
             let _ = l.session.commit();
-            return Ok(reissue
-                .then(|| sh.cookies.issue(&id, self.max_age(created)))
-                .flatten());
+            return Ok(reissue.then(|| self.cookie(&id, expires)).flatten());
         }
         let span = tracing::debug_span!("session.touch", sid = %tag);
         let session = l.session;
@@ -778,19 +803,17 @@ impl SessionHandle {
         self.0.writes.fetch_add(1, Ordering::Relaxed);
         match r {
             // The touch extends the session: refresh the cookie's lifetime with it.
-            Ok(()) => Ok(sh.cookies.issue(&id, self.max_age(created))),
+            Ok(()) => Ok(self.cookie(&id, expires)),
             // A failed access-time write does not fail a read-only request.
             Err(_) => Ok(None),
         }
     }
 
-    /// The cookie lifetime: until the session would expire if not used again.
-    fn max_age(&self, created: Timestamp) -> Duration {
-        let cfg = self.shared().mgr.config();
-        let now = cfg.clock.now();
-        let end_of_life = created.saturating_add(cfg.max_lifetime);
-        let left = Duration::from_millis(end_of_life.0.saturating_sub(now.0));
-        cfg.idle_timeout.min(left)
+    /// The `Set-Cookie` that gives the client `id` until `expires`: when the session expires
+    /// if not used again, by its own expiry rule ([`Session::expires_at`]).
+    fn cookie(&self, id: &SessionId, expires: Timestamp) -> Option<HeaderValue> {
+        let sh = self.shared();
+        sh.cookies.issue(id, sh.mgr.config().clock.now(), expires)
     }
 }
 
@@ -814,18 +837,18 @@ impl Drop for RequestSession {
 /// Creates a session whose first record holds `data`. The manager's creation is lazy, so this
 /// is one store write: the commit that stores the new session with its data (limits checked by
 /// `insert`, as for any other write).
-fn create_with(
-    mgr: &SessionManager,
-    data: BTreeMap<String, Value>,
-) -> crate::Result<(SessionId, Timestamp)> {
+fn create_with(mgr: &SessionManager, draft: Draft) -> crate::Result<(SessionId, Timestamp)> {
     let mut session = mgr.create()?;
-    for (key, value) in &data {
+    for (key, value) in &draft.data {
         session.insert(key.as_str(), value)?;
     }
+    if let Some(e) = draft.expiry {
+        session.set_expiry(e);
+    }
     let id = session.id().clone();
-    let created = session.created();
+    let expires = session.expires_at();
     session.commit()?;
-    Ok((id, created))
+    Ok((id, expires))
 }
 
 /// Ends a session on the blocking pool: dropping it may write an access time and release a lock.
@@ -839,33 +862,28 @@ fn leave_off_worker(sh: &Shared, session: Session) {
     }
 }
 
-/// The body of a flight: loads, copies the data out, and ends the request's access right away
+/// The body of a flight: loads, takes the data, and ends the request's access right away
 /// (a read-only request's access time is its load time anyway).
 fn load_snapshot(sh: &Shared, id: &SessionId) -> crate::Result<Option<Arc<Snapshot>>> {
     let Some(session) = sh.mgr.load(id.as_str())? else {
         return Ok(None);
     };
     bump(&sh.stats.loads);
-    let snap = snapshot_of(&session)?;
+    let snap = snapshot_of(&session);
     end_snapshot_access(sh, session, snap.touched);
     Ok(Some(Arc::new(snap)))
 }
 
-/// A copy of a loaded session's data; `touched` when ending it will write the access time.
-fn snapshot_of(session: &Session) -> crate::Result<Snapshot> {
-    let mut data = BTreeMap::new();
-    for key in session.keys() {
-        if let Some(v) = session.get::<Value>(key)? {
-            data.insert(key.to_owned(), v);
-        }
-    }
-    Ok(Snapshot {
+/// A loaded session's data (shared, not copied); `touched` when ending it will write the
+/// access time.
+fn snapshot_of(session: &Session) -> Snapshot {
+    Snapshot {
         id: session.id().clone(),
         version: session.version(),
-        created: session.created(),
-        data,
+        expires: session.expires_at(),
+        data: session.shared_data(),
         touched: session.access_write_due(),
-    })
+    }
 }
 
 /// Ends a snapshot's access. With `touched` false this does no I/O and takes no lock (the
@@ -879,6 +897,8 @@ fn end_snapshot_access(sh: &Shared, session: Session, touched: bool) {
         let _ = session.commit();
     } else {
         bump(&sh.stats.touches_skipped);
-        let _ = session.commit();
+        // Dropping a clean session records its access, here coalesced away (no write due): the
+        // same as `commit` without its deadline (a clock read) that nothing here waits for.
+        drop(session);
     }
 }

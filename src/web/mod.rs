@@ -32,7 +32,11 @@
 //!   store I/O.
 //! - A read-only request: one load (read lock held only while the record is read), and at most
 //!   one access-time write per touch interval for the whole session (coalesced). Through a
-//!   [`ReadOnlySession`], requests of one session that arrive together share one load.
+//!   [`ReadOnlySession`], requests of one session that arrive together share one load, and a
+//!   session in the manager's cache is read without a copy of its data.
+//! - The cookie is verified (HMAC, or AEAD for private cookies) the first time the layer sees
+//!   its value; the layer remembers a few thousand values that verified, so the next requests
+//!   of that browser cost a keyed hash instead. Values that fail are never remembered.
 //! - A writing request: one load and one commit of its delta at the end (see
 //!   [`LazySession`]); a conflict with a concurrent request on the same key is answered with
 //!   [`WebConfig::conflict_status`] (409), never a silent overwrite. Use
@@ -40,6 +44,9 @@
 //! - A handler that answers with a server error (5xx) stores none of its session changes.
 //! - A response that used the session gets `Vary: Cookie`; one that sets the cookie also gets
 //!   `Cache-Control: no-store` unless the handler set a `Cache-Control` itself.
+//! - The cookie lives as long as the session: its `Max-Age` and `Expires` are the session's end
+//!   by the session's own expiry rule ([`LazySession::set_expiry`], e.g. `Expiry::Idle` of 30
+//!   days for "remember me", or `Expiry::At`), re-sent whenever a write or a touch extends it.
 //! - A visitor without a session who writes nothing causes no store write at all; a new
 //!   session is stored, with its first data, in one write at the end of the request that wrote.
 //!
@@ -113,7 +120,7 @@ impl Default for WebConfig {
 #[derive(Debug)]
 pub(crate) struct Shared {
     mgr: SessionManager,
-    cookies: CookieConfig,
+    cookies: cookies::CookieCodec,
     cfg: WebConfig,
     stats: telemetry::Counters,
     hasher: telemetry::SidHasher,
@@ -128,7 +135,7 @@ impl Shared {
                 .track_readers
                 .then(|| Arc::new(telemetry::ReaderGauge::default())),
             mgr,
-            cookies,
+            cookies: cookies::CookieCodec::new(cookies),
             cfg,
             stats: telemetry::Counters::default(),
             hasher: telemetry::SidHasher::new(),

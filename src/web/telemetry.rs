@@ -140,9 +140,25 @@ impl SidHasher {
         h.finish()
     }
 
-    /// What traces show for a session: 16 hex digits of the keyed hash.
-    pub fn tag(&self, id: &SessionId) -> String {
-        format!("{:016x}", self.hash(id))
+    /// What traces show for a session: 16 hex digits of the keyed hash, computed only when
+    /// a span or event is actually recorded. (A disabled span may still visit its fields, e.g.
+    /// when some dependency enables `tracing`'s `log` feature and no subscriber is set: a
+    /// field that hashed and formatted eagerly cost every request.)
+    pub fn tag<'a>(&'a self, id: &'a SessionId) -> SidTag<'a> {
+        SidTag { hasher: self, id }
+    }
+}
+
+/// A session's name in traces; see [`SidHasher::tag`].
+#[derive(Clone, Copy)]
+pub(crate) struct SidTag<'a> {
+    hasher: &'a SidHasher,
+    id: &'a SessionId,
+}
+
+impl std::fmt::Display for SidTag<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.hasher.hash(self.id))
     }
 }
 
