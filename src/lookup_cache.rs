@@ -24,9 +24,7 @@
 //! An acquisition visits the cache once: on a miss, the caller's lock-free
 //! table lookup runs inside the visit and its result fills the way the
 //! probe chose ([`get_or_fill`]); only an ID that must be inserted into the
-//! table is filled in a second visit ([`put`]). (Two visits cost a miss
-//! about 5 ns more: each is a thread-local access and a `RefCell` borrow.)
-//! A visit made while another is in progress further up the same thread's
+//! table is filled in a second visit ([`put`]). A visit made while another is in progress further up the same thread's
 //! stack (a re-entrant acquisition) goes without the cache.
 //!
 //! The index hash is cheap and unkeyed: the cache lives in one thread's
@@ -197,9 +195,8 @@ fn victim(set: &Set) -> usize {
 ///
 /// The thread-local is reached with a closure that only returns its
 /// address, so that `LocalKey::with` inlines to a plain thread-local
-/// access: with the whole probe inside the closure the compiler kept it
-/// out of line, behind an indirect call, and a probe cost a few
-/// nanoseconds more.
+/// access (with the whole probe inside the closure the compiler kept it
+/// out of line, behind an indirect call).
 #[inline(always)]
 fn with_sets<T>(f: impl FnOnce(&mut [Set]) -> T) -> Option<T> {
     let cell: *const RefCell<Option<Box<[Set]>>> = CACHE.try_with(|c| c as *const _).ok()?;
