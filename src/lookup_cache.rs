@@ -17,11 +17,21 @@
 //! fingerprints (a 64-bit hash of the attachment and the ID, never 0 for a
 //! used way), so a probe reads one line and then compares the full ID of
 //! the way whose fingerprint matches; a fingerprint is only a filter, the
-//! full ID decides. A fill takes an empty way, else replaces the ways of its set round-robin. The index hash
-//! is cheap and unkeyed: the cache lives in one thread's memory, so an
-//! attacker who makes IDs collide in it only causes misses (the full, keyed
-//! lookup), never shared contention. The sets are allocated on a thread's
-//! first lock (about 45 KiB), so threads that never lock pay nothing.
+//! full ID decides (word by word: IDs are stored as zero-padded 8-byte
+//! words, so neither the compare nor the fill calls into libc). A fill
+//! takes an empty way, else replaces the ways of its set round-robin.
+//!
+//! An acquisition visits the cache once: on a miss, the caller's lock-free
+//! table lookup runs inside the visit and its result fills the way the
+//! probe chose ([`get_or_fill`]); only an ID that must be inserted into the
+//! table is filled in a second visit ([`put`]). A visit made while another is in progress further up the same thread's
+//! stack (a re-entrant acquisition) goes without the cache.
+//!
+//! The index hash is cheap and unkeyed: the cache lives in one thread's
+//! memory, so an attacker who makes IDs collide in it only causes misses
+//! (the full, keyed lookup), never shared contention. The sets are
+//! allocated on a thread's first lock (about 52 KiB), so threads that
+//! never lock pay nothing.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,24 +40,28 @@ const WAYS: usize = 8;
 const SETS: usize = 64;
 /// IDs longer than this are not cached (they take the full lookup).
 pub(crate) const MAX_CACHED_ID: usize = 48;
+/// An ID as stored in an entry: little-endian 8-byte words, the last one
+/// zero-padded, so that a probe compares whole words instead of calling
+/// `memcmp`, and a fill writes them instead of calling `memcpy`.
+const ID_WORDS: usize = MAX_CACHED_ID / 8;
 
 #[derive(Clone, Copy)]
 struct Entry {
     table: u64,
-    len: u8,
-    id: [u8; MAX_CACHED_ID],
+    len: u32,
     slot: u32,
     gen: u32,
     tag: [u64; 2],
+    id: [u64; ID_WORDS],
 }
 
 const EMPTY: Entry = Entry {
     table: 0,
     len: 0,
-    id: [0; MAX_CACHED_ID],
     slot: 0,
     gen: 0,
     tag: [0; 2],
+    id: [0; ID_WORDS],
 };
 
 /// One set: the fingerprints first, on their own cache line.
@@ -87,21 +101,30 @@ pub(crate) fn new_table_uid() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// The 8 bytes of `id` from `at` as a little-endian word, zero-padded past
+/// the end (`at < id.len()`).
+#[inline(always)]
+fn word_at(id: &[u8], at: usize) -> u64 {
+    let rest = &id[at..];
+    if rest.len() >= 8 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&rest[..8]);
+        u64::from_le_bytes(w)
+    } else {
+        rest.iter()
+            .enumerate()
+            .fold(0u64, |w, (i, &b)| w | (b as u64) << (8 * i))
+    }
+}
+
 /// The first and the last 8 bytes of `id` (overlapping or zero-padded
 /// for short IDs), read without a call into libc.
 #[inline]
 fn ends(id: &[u8]) -> (u64, u64) {
     if id.len() >= 8 {
-        let mut a = [0u8; 8];
-        let mut b = [0u8; 8];
-        a.copy_from_slice(&id[..8]);
-        b.copy_from_slice(&id[id.len() - 8..]);
-        (u64::from_le_bytes(a), u64::from_le_bytes(b))
+        (word_at(id, 0), word_at(id, id.len() - 8))
     } else {
-        let w = id
-            .iter()
-            .enumerate()
-            .fold(0u64, |w, (i, &b)| w | (b as u64) << (8 * i));
+        let w = word_at(id, 0);
         (w, w)
     }
 }
@@ -118,35 +141,93 @@ fn locate(table: u64, id: &[u8]) -> (usize, u64) {
     ((h as usize) % SETS, h | 1)
 }
 
-#[inline]
+/// True if `e` holds `id` of `table`: the table, the length, then the ID
+/// word by word (both sides zero-padded the same way, so equal words mean
+/// equal bytes).
+#[inline(always)]
 fn holds(e: &Entry, table: u64, id: &[u8]) -> bool {
-    e.table == table && e.len as usize == id.len() && &e.id[..id.len()] == id
+    e.table == table && e.len as usize == id.len() && id_words_equal(&e.id, id)
+}
+
+/// True if the stored words are `id`'s (`id.len() <= MAX_CACHED_ID`).
+#[inline(always)]
+fn id_words_equal(stored: &[u64; ID_WORDS], id: &[u8]) -> bool {
+    let mut at = 0;
+    while at < id.len() {
+        if stored[at / 8] != word_at(id, at) {
+            return false;
+        }
+        at += 8;
+    }
+    true
 }
 
 /// The way of `set` holding `id` of `table`, if any.
-#[inline]
+#[inline(always)]
 fn way_of(set: &Set, fp: u64, table: u64, id: &[u8]) -> Option<usize> {
-    (0..WAYS).find(|&w| set.fps[w] == fp && holds(&set.ways[w], table, id))
+    let mut w = 0;
+    while w < WAYS {
+        if set.fps[w] == fp && holds(&set.ways[w], table, id) {
+            return Some(w);
+        }
+        w += 1;
+    }
+    None
 }
 
-/// Runs `f` on this thread's sets, allocating them on first use.
-#[inline]
-fn with_sets<T>(f: impl FnOnce(&mut [Set]) -> T) -> T {
-    CACHE.with(|c| {
-        let mut c = c.borrow_mut();
-        let sets = c.get_or_insert_with(|| vec![EMPTY_SET; SETS].into_boxed_slice());
-        f(sets)
-    })
+/// The way a fill of `set` takes when the ID is not there: an empty one,
+/// else the next in turn.
+#[inline(always)]
+fn victim(set: &Set) -> usize {
+    let mut w = 0;
+    while w < WAYS {
+        if set.fps[w] == 0 {
+            return w;
+        }
+        w += 1;
+    }
+    set.next as usize
+}
+
+/// Runs `f` on this thread's sets, allocating them on first use. `None`
+/// (the caller goes without the cache) when the sets are in use further
+/// up this thread's stack, or during the thread's exit once they are gone.
+///
+/// The thread-local is reached with a closure that only returns its
+/// address, so that `LocalKey::with` inlines to a plain thread-local
+/// access (with the whole probe inside the closure the compiler kept it
+/// out of line, behind an indirect call).
+#[inline(always)]
+fn with_sets<T>(f: impl FnOnce(&mut [Set]) -> T) -> Option<T> {
+    let cell: *const RefCell<Option<Box<[Set]>>> = CACHE.try_with(|c| c as *const _).ok()?;
+    // The pointer is to this thread's own thread-local, which `try_with`
+    // just found alive; it stays alive until the thread's thread-local
+    // destructors run, which cannot happen before this call returns (it
+    // runs on this thread and does not exit it).
+    // SAFETY: sound for the reasons just given.
+    let cell = unsafe { &*cell };
+    let mut sets = cell.try_borrow_mut().ok()?;
+    Some(f(sets.get_or_insert_with(|| {
+        vec![EMPTY_SET; SETS].into_boxed_slice()
+    })))
 }
 
 /// Where `id` of table `table` belongs in the cache: computed once per
 /// acquisition and reused by the refill and the eviction, so a miss hashes
 /// the ID for the cache only once. `None`: the ID is too long to cache.
+///
+/// A probe that misses also records the way the refill will take, so the
+/// refill writes the entry without scanning the set again. The way is
+/// only a choice: if the set changed meanwhile (the thread locked other
+/// IDs in between), the refill overwrites whatever that way holds, which
+/// costs the other ID a miss at worst, never a wrong hint.
 #[derive(Clone, Copy)]
 pub(crate) struct Key {
     table: u64,
     set: usize,
     fp: u64,
+    /// The way a refill takes (set by a probe that missed or an eviction).
+    fill: Option<u8>,
 }
 
 #[inline]
@@ -155,56 +236,87 @@ pub(crate) fn key(table: u64, id: &[u8]) -> Option<Key> {
         return None;
     }
     let (set, fp) = locate(table, id);
-    Some(Key { table, set, fp })
-}
-
-/// The cached hint for `id` (whose key is `k`), if any.
-#[inline]
-pub(crate) fn get(k: &Key, id: &[u8]) -> Option<Hint> {
-    with_sets(|sets| {
-        let set = &sets[k.set];
-        way_of(set, k.fp, k.table, id).map(|w| {
-            let e = &set.ways[w];
-            Hint {
-                slot: e.slot,
-                gen: e.gen,
-                tag: e.tag,
-            }
-        })
+    Some(Key {
+        table,
+        set,
+        fp,
+        fill: None,
     })
 }
 
-/// Remembers where `id` lives (in place if it is cached already).
+/// The cached hint for `id`, or on a miss the hint `miss` finds (a
+/// lock-free lookup in the table), which fills the cache at once: one
+/// visit to this thread's cache per acquisition, hit or miss.
+#[inline]
+pub(crate) fn get_or_fill(
+    k: &mut Key,
+    id: &[u8],
+    miss: impl FnOnce() -> Option<Hint>,
+) -> Option<Hint> {
+    with_sets(|sets| {
+        let set = &mut sets[k.set];
+        if let Some(w) = way_of(set, k.fp, k.table, id) {
+            let e = &set.ways[w];
+            return Some(Hint {
+                slot: e.slot,
+                gen: e.gen,
+                tag: e.tag,
+            });
+        }
+        let w = victim(set);
+        k.fill = Some(w as u8);
+        let hint = miss()?;
+        fill(set, w, k, id, hint);
+        Some(hint)
+    })
+    .flatten()
+}
+
+/// Writes `id`'s entry into way `w` of `set` (advancing the set's turn if
+/// that way was the next to replace).
+#[inline(always)]
+fn fill(set: &mut Set, w: usize, k: &Key, id: &[u8], hint: Hint) {
+    if set.fps[w] != 0 && w == set.next as usize {
+        set.next = ((w + 1) % WAYS) as u8;
+    }
+    set.fps[w] = k.fp;
+    let e = &mut set.ways[w];
+    e.table = k.table;
+    e.len = id.len() as u32;
+    let mut at = 0;
+    while at < id.len() {
+        e.id[at / 8] = word_at(id, at);
+        at += 8;
+    }
+    e.slot = hint.slot;
+    e.gen = hint.gen;
+    e.tag = hint.tag;
+}
+
+/// Remembers where `id` lives: in the way its probe chose, else in place
+/// if it is cached already, else in an empty way or the next in turn.
 #[inline]
 pub(crate) fn put(k: &Key, id: &[u8], hint: Hint) {
     with_sets(|sets| {
         let set = &mut sets[k.set];
-        let w = way_of(set, k.fp, k.table, id)
-            .or_else(|| set.fps.iter().position(|&f| f == 0))
-            .unwrap_or_else(|| {
-                let w = set.next as usize;
-                set.next = ((w + 1) % WAYS) as u8;
-                w
-            });
-        set.fps[w] = k.fp;
-        let e = &mut set.ways[w];
-        e.table = k.table;
-        e.len = id.len() as u8;
-        e.id[..id.len()].copy_from_slice(id);
-        e.slot = hint.slot;
-        e.gen = hint.gen;
-        e.tag = hint.tag;
+        let w = match k.fill {
+            Some(w) => w as usize,
+            None => way_of(set, k.fp, k.table, id).unwrap_or_else(|| victim(set)),
+        };
+        fill(set, w, k, id, hint);
     });
 }
 
-/// Forgets `id` (its slot turned out to be stale).
+/// Forgets `id` (its slot turned out to be stale); the refill that follows
+/// takes its way.
 #[inline]
-pub(crate) fn evict(k: &Key, id: &[u8]) {
+pub(crate) fn evict(k: &mut Key, id: &[u8]) {
     with_sets(|sets| {
         let set = &mut sets[k.set];
         if let Some(w) = way_of(set, k.fp, k.table, id) {
             set.fps[w] = 0;
             set.ways[w].table = 0;
+            k.fill = Some(w as u8);
         }
     });
 }
@@ -214,7 +326,7 @@ mod tests {
     use super::*;
 
     fn get(table: u64, id: &[u8]) -> Option<Hint> {
-        key(table, id).and_then(|k| super::get(&k, id))
+        key(table, id).and_then(|mut k| get_or_fill(&mut k, id, || None))
     }
     fn put(table: u64, id: &[u8], hint: Hint) {
         if let Some(k) = key(table, id) {
@@ -222,8 +334,8 @@ mod tests {
         }
     }
     fn evict(table: u64, id: &[u8]) {
-        if let Some(k) = key(table, id) {
-            super::evict(&k, id)
+        if let Some(mut k) = key(table, id) {
+            super::evict(&mut k, id)
         }
     }
 
@@ -319,5 +431,95 @@ mod tests {
         for (i, id) in same_set.iter().enumerate().skip(1) {
             assert_eq!(get(t, id.as_bytes()).map(|h| h.slot), Some(i as u32));
         }
+    }
+
+    fn hint(n: u32) -> Hint {
+        Hint {
+            slot: n,
+            gen: n + 1,
+            tag: [n as u64, !(n as u64)],
+        }
+    }
+
+    /// IDs are compared as zero-padded words: IDs of every cacheable
+    /// length that differ in one byte (a NUL among them, where the padding
+    /// is), or only in length, never share an entry.
+    #[test]
+    fn ids_that_differ_in_one_byte_or_in_length_never_share_an_entry() {
+        for len in 1..=MAX_CACHED_ID {
+            // A table of its own per length: the shorter IDs are prefixes.
+            let t = new_table_uid();
+            let base: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            put(t, &base, hint(len as u32));
+            for at in 0..len {
+                for b in [0u8, b'A', 0xFF] {
+                    let mut other = base.clone();
+                    other[at] = b;
+                    if other != base {
+                        assert_eq!(get(t, &other), None, "length {len}, byte {at} = {b}");
+                    }
+                }
+            }
+            let mut longer = base.clone();
+            longer.push(0);
+            assert_eq!(get(t, &longer), None, "length {len} + NUL");
+            assert_eq!(get(t, &base[..len - 1]), None, "length {len} - 1");
+            assert_eq!(get(t, &base), Some(hint(len as u32)), "length {len}");
+        }
+    }
+
+    /// A miss runs the lookup inside the visit and fills the cache with its
+    /// result; the next probe hits without a lookup. A lookup that finds
+    /// nothing fills nothing.
+    #[test]
+    fn a_miss_fills_the_cache_with_the_lookups_hint() {
+        let t = new_table_uid();
+        let mut k = key(t, b"sess-a").unwrap();
+        assert_eq!(
+            get_or_fill(&mut k, b"sess-a", || Some(hint(5))),
+            Some(hint(5))
+        );
+        let mut k = key(t, b"sess-a").unwrap();
+        let again = get_or_fill(&mut k, b"sess-a", || panic!("looked up on a hit"));
+        assert_eq!(again, Some(hint(5)));
+        let mut k = key(t, b"sess-b").unwrap();
+        assert_eq!(get_or_fill(&mut k, b"sess-b", || None), None);
+        assert_eq!(get(t, b"sess-b"), None);
+    }
+
+    /// A visit inside another (an acquisition made from within the lookup
+    /// of a miss) goes without the cache instead of panicking on the
+    /// `RefCell`; and a fill that the inner visit raced never gives the
+    /// outer ID the inner ID's hint.
+    #[test]
+    fn a_reentrant_visit_goes_without_the_cache_and_hints_stay_exact() {
+        let t = new_table_uid();
+        let mut outer = key(t, b"outer-id").unwrap();
+        let got = get_or_fill(&mut outer, b"outer-id", || {
+            let mut inner = key(t, b"inner-id").unwrap();
+            assert_eq!(get_or_fill(&mut inner, b"inner-id", || Some(hint(1))), None);
+            // The inner acquisition inserted its ID and fills in a second
+            // visit, which also finds the cache busy and skips.
+            super::put(&inner, b"inner-id", hint(1));
+            Some(hint(2))
+        });
+        assert_eq!(got, Some(hint(2)));
+        assert_eq!(get(t, b"outer-id"), Some(hint(2)));
+        assert_eq!(get(t, b"inner-id"), None);
+        // Between a probe and its refill (the insertion path), another ID
+        // of the same set may be filled into the way the probe chose; the
+        // refill then replaces it, so that ID misses, and no hint is wrong.
+        let same_set: Vec<Vec<u8>> = (0..100_000)
+            .map(|i| format!("race-{i}").into_bytes())
+            .filter(|id| locate(t, id).0 == locate(t, b"race-0").0)
+            .take(2)
+            .collect();
+        let (a, b) = (&same_set[0], &same_set[1]);
+        let mut ka = key(t, a).unwrap();
+        assert_eq!(get_or_fill(&mut ka, a, || None), None);
+        put(t, b, hint(20));
+        super::put(&ka, a, hint(10));
+        assert_eq!(get(t, a), Some(hint(10)));
+        assert!(matches!(get(t, b), None | Some(Hint { slot: 20, .. })));
     }
 }

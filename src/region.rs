@@ -160,11 +160,13 @@ mod mapped {
             }
         }
 
+        #[inline]
         fn slot_tag(&self, index: usize) -> [&AtomicU64; 2] {
             let base = self.slot_base(index);
             [self.u64_at(base + SLOT_TAG0), self.u64_at(base + SLOT_TAG1)]
         }
 
+        #[inline]
         fn bucket_word(&self, bucket: usize, i: usize) -> &AtomicU64 {
             assert!(bucket < self.geometry.buckets() as usize && i < BUCKET_WORDS);
             self.u64_at(

@@ -582,9 +582,11 @@ impl LockTable {
 
     /// Looks up (or assigns) the slot of `id` and runs `op` on it until it
     /// does not report a stale slot. The per-thread lookup cache is tried
-    /// first; `op` re-checks the slot's identity (generation, then tag) after
-    /// announcing or claiming, so a stale hint only costs a retry through
-    /// the full lookup. The bucket locks of an insertion honour `wait` too.
+    /// first; on a miss the lock-free table lookup runs inside the same
+    /// visit to the cache and refills it (one visit per acquisition). `op`
+    /// re-checks the slot's identity (generation, then tag) after announcing
+    /// or claiming, so a stale hint only costs a retry through the full
+    /// lookup. The bucket locks of an insertion honour `wait` too.
     #[inline]
     fn acquire(
         &self,
@@ -602,8 +604,22 @@ impl LockTable {
                 r
             }
         };
-        let key = lookup_cache::key(inner.uid, id);
-        if let Some(hint) = key.as_ref().and_then(|k| lookup_cache::get(k, id)) {
+        let mut key = lookup_cache::key(inner.uid, id);
+        // The tag, once computed by the lock-free lookup of a cache miss,
+        // for the insertion path below.
+        let mut tag = None;
+        let hint = key.as_mut().and_then(|k| {
+            lookup_cache::get_or_fill(k, id, || {
+                let t = self.tag(id).ok()?;
+                tag = Some(t);
+                index::find(&inner.region, t).map(|(slot, ident)| lookup_cache::Hint {
+                    slot: slot as u32,
+                    gen: ident.gen,
+                    tag: ident.tag,
+                })
+            })
+        });
+        if let Some(hint) = hint {
             // A cheap early look at the tag; `op` re-checks it after the
             // hold is announced, which is what makes the hint safe.
             let ident = Ident {
@@ -615,14 +631,17 @@ impl LockTable {
             tests::hooks::after_lookup(inner, hint.slot, id);
             match same_id.then(|| attempt(hint.slot, ident)) {
                 Some(Err(Fail::Stale)) | None => {
-                    if let Some(k) = &key {
+                    if let Some(k) = &mut key {
                         lookup_cache::evict(k, id)
                     }
                 }
                 Some(other) => return Self::outcome(hint.slot, other),
             }
         }
-        let tag = self.tag(id)?;
+        let tag = match tag {
+            Some(t) => t,
+            None => self.tag(id)?,
+        };
         let mut reaped = false;
         loop {
             let (slot, ident) =
