@@ -16,6 +16,7 @@
 #[macro_use]
 #[path = "session_conformance.rs"]
 mod conformance;
+mod support;
 
 use conformance::*;
 use locktable::session::{
@@ -24,8 +25,11 @@ use locktable::session::{
 use locktable::{Error, LockTable, TableOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+use support::child::child_command;
+use support::servers::{required_env, unique_tag};
+use support::spy_store::SpyStore;
 
 const ROLE: &str = "LOCKTABLE_STORES_ROLE";
 const STORE_ENV: &str = "LOCKTABLE_STORES_STORE";
@@ -34,32 +38,9 @@ const SID_ENV: &str = "LOCKTABLE_STORES_ID";
 const PROCESSES: usize = 4;
 const INCREMENTS: u64 = 300;
 
-/// The value of `var`; a test failure when it is unset (the test command starts the servers).
-fn required_env(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            panic!(
-                "{var} is not set: the store tests must run against real servers \
-                 (start them with `eval \"$(scripts/services start)\"`)"
-            );
-        }
-    }
-}
-
 /// A key prefix no other test (or run) uses.
 fn unique_prefix(tag: &str) -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-        % 1_000_000_000;
-    format!(
-        "lt-test:{tag}:{}:{nanos}:{}:",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("lt-test:{tag}:{}:", unique_tag(":"))
 }
 
 fn redis_store(url: &str, prefix: &str) -> RedisStore {
@@ -153,77 +134,13 @@ fn manager(spec: &str, dir: &Path) -> SessionManager {
     let table = LockTable::open(dir.join("locks.table"), &TableOptions::default()).unwrap();
     SessionManager::new(
         table,
-        BoxedStore(open_store(spec, dir)),
+        SpyStore::boxed(open_store(spec, dir), ()),
         SessionConfig::default(),
     )
 }
 
-/// A boxed store is a store (the manager takes `impl Store`).
-#[derive(Debug)]
-struct BoxedStore(Box<dyn Store>);
-
-impl Store for BoxedStore {
-    fn capabilities(&self) -> locktable::session::Capabilities {
-        self.0.capabilities()
-    }
-    fn load(
-        &self,
-        id: &locktable::session::SessionId,
-        max: usize,
-    ) -> locktable::Result<Option<locktable::session::StoredSession>> {
-        self.0.load(id, max)
-    }
-    fn save(
-        &self,
-        id: &locktable::session::SessionId,
-        expected: Option<u64>,
-        new: &locktable::session::StoredSession,
-    ) -> locktable::Result<bool> {
-        self.0.save(id, expected, new)
-    }
-    fn meta(
-        &self,
-        id: &locktable::session::SessionId,
-    ) -> locktable::Result<Option<locktable::session::SessionMeta>> {
-        self.0.meta(id)
-    }
-    fn touch(
-        &self,
-        id: &locktable::session::SessionId,
-        at: locktable::session::Timestamp,
-        coalesce: Duration,
-        cutoffs: &locktable::session::Cutoffs,
-    ) -> locktable::Result<locktable::session::Touch> {
-        self.0.touch(id, at, coalesce, cutoffs)
-    }
-    fn delete(&self, id: &locktable::session::SessionId) -> locktable::Result<bool> {
-        self.0.delete(id)
-    }
-    fn remove_expired(
-        &self,
-        id: &locktable::session::SessionId,
-        cutoffs: &locktable::session::Cutoffs,
-    ) -> locktable::Result<bool> {
-        self.0.remove_expired(id, cutoffs)
-    }
-    fn scan_expired(
-        &self,
-        cutoffs: &locktable::session::Cutoffs,
-        budget: usize,
-    ) -> locktable::Result<locktable::session::ExpiredScan> {
-        self.0.scan_expired(cutoffs, budget)
-    }
-}
-
 fn spawn_child(role: &str, spec: &str, dir: &Path, id: &str) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_role",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    child_command("child_role")
         .env(ROLE, role)
         .env(STORE_ENV, spec)
         .env(DIR_ENV, dir)
