@@ -15,22 +15,18 @@ use locktable::Error;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use support::child::child_command;
+
+mod support;
 
 const ROLE: &str = "LOCKTABLE_CACHE_ROLE";
 const DIR: &str = "LOCKTABLE_CACHE_DIR";
 const KEY: &str = "report";
 
 fn spawn_child(role: &str, dir: &Path) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_role",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    child_command("child_role")
         .env(ROLE, role)
         .env(DIR, dir)
         .spawn()

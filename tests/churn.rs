@@ -15,13 +15,16 @@
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use locktable::{LockTable, TableOptions};
 use memmap2::MmapMut;
+use support::child::{quiet_child_command, wait_until as wait_for};
+
+mod support;
 
 const ROLE: &str = "LOCKTABLE_CHURN_ROLE";
 const DIR: &str = "LOCKTABLE_CHURN_DIR";
@@ -247,13 +250,9 @@ fn churn_ids() -> u64 {
 }
 
 fn spawn(dir: &Path, role: &str) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "churn_child", "--ignored", "--nocapture"])
-        .arg("--test-threads=1")
+    quiet_child_command("churn_child")
         .env(ROLE, role)
         .env(DIR, dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .spawn()
         .unwrap()
 }
@@ -273,14 +272,6 @@ impl Drop for Kids {
 fn signal(c: &Child, sig: libc::c_int) {
     // SAFETY: a signal to our own child, which is not yet reaped.
     unsafe { libc::kill(c.id() as libc::pid_t, sig) };
-}
-
-fn wait_for(what: &str, limit: Duration, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        thread::sleep(Duration::from_millis(5));
-    }
 }
 
 #[test]

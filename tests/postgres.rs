@@ -29,6 +29,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+use support::child::child_command;
+use support::servers::{required_env, unique_tag};
+
+mod support;
 
 const ROLE: &str = "LOCKTABLE_PG_ROLE";
 const SCHEMA_ENV: &str = "LOCKTABLE_PG_TEST_SCHEMA";
@@ -40,25 +44,12 @@ const INCREMENTS: u64 = 2000;
 
 /// The server's URL; a test failure when there is none (the test command starts one).
 fn pg_url() -> Option<String> {
-    match std::env::var("LOCKTABLE_PG_URL") {
-        Ok(u) if !u.is_empty() => Some(u),
-        _ => {
-            panic!(
-                "LOCKTABLE_PG_URL is not set: the PostgreSQL tests must run \
-                 (start a server with `eval \"$(scripts/pg-server start)\"`)"
-            );
-        }
-    }
+    required_env("LOCKTABLE_PG_URL")
 }
 
 /// The throwaway server's directory (for its log, or to restart it), like [`pg_url`].
 fn pg_dir() -> Option<String> {
-    match std::env::var("LOCKTABLE_PG_DIR") {
-        Ok(d) if !d.is_empty() => Some(d),
-        _ => {
-            panic!("LOCKTABLE_PG_DIR is not set: start the server with scripts/pg-server");
-        }
-    }
+    required_env("LOCKTABLE_PG_DIR")
 }
 
 macro_rules! url_or_skip {
@@ -73,13 +64,7 @@ macro_rules! url_or_skip {
 /// A schema for this run of the test binary, so runs never see each other's rows.
 fn run_schema() -> &'static str {
     static S: OnceLock<String> = OnceLock::new();
-    S.get_or_init(|| {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        format!("lt_test_{}_{}", std::process::id(), nanos % 1_000_000_000)
-    })
+    S.get_or_init(|| format!("lt_test_{}", unique_tag("_")))
 }
 
 /// Options for a fresh table set of this run.
@@ -593,16 +578,8 @@ fn two_lock_users_never_both_hold_one_exclusive_lock() {
 }
 
 fn spawn_child(role: &str, envs: &[(&str, &str)], stdout: Stdio) -> Child {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
-        "child_role",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(ROLE, role)
-    .stdout(stdout);
+    let mut cmd = child_command("child_role");
+    cmd.env(ROLE, role).stdout(stdout);
     for (k, v) in envs {
         cmd.env(k, v);
     }

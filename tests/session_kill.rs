@@ -26,8 +26,11 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
+use support::child::child_command;
+
+mod support;
 
 const DIR: &str = "LOCKTABLE_SESSION_SOAK_DIR";
 const SLOT: &str = "LOCKTABLE_SESSION_SOAK_SLOT";
@@ -88,14 +91,7 @@ fn ids_path(dir: &Path) -> PathBuf {
 }
 
 fn spawn_worker(dir: &Path, slot: usize) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "soak_worker",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    child_command("soak_worker")
         .env(DIR, dir)
         .env(SLOT, slot.to_string())
         .stdout(Stdio::null())
