@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use support::child::child_command;
+use support::counters;
 use support::servers::{required_env, unique_tag};
 
 mod support;
@@ -640,13 +641,7 @@ fn processes_count_exactly(role: &str) {
         assert!(c.wait().unwrap().success(), "a writer failed");
     }
     let s = mgr.load(&id).unwrap().unwrap();
-    for k in 0..PROCESSES {
-        assert_eq!(s.get::<u64>(&format!("p{k}")).unwrap(), Some(INCREMENTS));
-    }
-    assert_eq!(
-        s.get::<u64>("shared").unwrap(),
-        Some(INCREMENTS * PROCESSES as u64)
-    );
+    counters::assert_counts(&s, PROCESSES, INCREMENTS);
     println!(
         "{role}: {PROCESSES} processes x {INCREMENTS} increments, exact, in {:?}",
         started.elapsed()
@@ -957,12 +952,7 @@ fn child_role() {
         let mut conflicts = 0u64;
         let mut done = 0;
         while done < INCREMENTS {
-            let r = mgr.transact(&id, |s| {
-                let a = s.get::<u64>(&own)?.unwrap_or(0);
-                s.insert(own.clone(), &(a + 1))?;
-                let b = s.get::<u64>("shared")?.unwrap_or(0);
-                s.insert("shared", &(b + 1))
-            });
+            let r = mgr.transact(&id, |s| counters::add_one(s, &own));
             match r {
                 Ok(Some(())) => done += 1,
                 Ok(None) => panic!("session vanished"),

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 use support::child::child_command;
+use support::counters;
 use support::spy_store::{Answer, Call, SpyStore, Watch};
 
 mod support;
@@ -66,13 +67,7 @@ fn four_processes_transact_increments_while_readers_load() {
         assert!(c.wait().unwrap().success(), "reader failed");
     }
     let s = mgr.load(&id).unwrap().expect("session survives");
-    for k in 0..WRITERS {
-        assert_eq!(s.get::<u64>(&format!("p{k}")).unwrap(), Some(INCREMENTS));
-    }
-    assert_eq!(
-        s.get::<u64>("shared").unwrap(),
-        Some(INCREMENTS * WRITERS as u64)
-    );
+    counters::assert_counts(&s, WRITERS, INCREMENTS);
 }
 
 #[test]
@@ -107,28 +102,10 @@ fn child_role() {
     };
     if let Some(k) = role.strip_prefix("writer:") {
         let mgr = SessionManager::open(&dir).unwrap();
-        let own = format!("p{k}");
-        for _ in 0..INCREMENTS {
-            let done = mgr
-                .transact(&id, |s| {
-                    let a = s.get::<u64>(&own)?.unwrap_or(0);
-                    s.insert(own.clone(), &(a + 1))?;
-                    let b = s.get::<u64>("shared")?.unwrap_or(0);
-                    s.insert("shared", &(b + 1))
-                })
-                .unwrap();
-            assert!(done.is_some(), "session vanished");
-        }
+        counters::write_counts(&mgr, &id, k, INCREMENTS);
     } else if role == "reader" {
         let mgr = SessionManager::open(&dir).unwrap();
-        let mut last = 0u64;
-        while !dir.join("stop").exists() {
-            let s = mgr.load(&id).unwrap().expect("session exists");
-            let now = s.get::<u64>("shared").unwrap().unwrap_or(0);
-            assert!(now >= last, "shared counter went backwards");
-            last = now;
-            s.commit().unwrap();
-        }
+        counters::read_counts_until_stop(&mgr, &id, &dir);
     } else if role == "crasher" {
         let sid = SessionId::parse(&id).unwrap();
         let table = LockTable::open(dir.join("locks.table"), &TableOptions::default()).unwrap();

@@ -28,6 +28,7 @@ use std::process::{Child, Command};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use support::child::child_command;
+use support::counters;
 use support::servers::{required_env, unique_tag};
 use support::spy_store::SpyStore;
 
@@ -169,14 +170,7 @@ fn four_processes_transact(spec: &str) {
     let mut reader = reader;
     assert!(reader.wait().unwrap().success(), "the reader failed");
     let s = mgr.load(&id).unwrap().expect("the session survives");
-    for k in 0..PROCESSES {
-        assert_eq!(s.get::<u64>(&format!("p{k}")).unwrap(), Some(INCREMENTS));
-    }
-    assert_eq!(
-        s.get::<u64>("shared").unwrap(),
-        Some(INCREMENTS * PROCESSES as u64),
-        "lost or doubled updates"
-    );
+    counters::assert_counts(&s, PROCESSES, INCREMENTS);
 }
 
 #[test]
@@ -231,27 +225,9 @@ fn child_role() {
     }
     let mgr = manager(&spec, &dir);
     if let Some(k) = role.strip_prefix("writer:") {
-        let own = format!("p{k}");
-        for _ in 0..INCREMENTS {
-            let done = mgr
-                .transact(&id, |s| {
-                    let a = s.get::<u64>(&own)?.unwrap_or(0);
-                    s.insert(own.clone(), &(a + 1))?;
-                    let b = s.get::<u64>("shared")?.unwrap_or(0);
-                    s.insert("shared", &(b + 1))
-                })
-                .unwrap();
-            assert!(done.is_some(), "session vanished");
-        }
+        counters::write_counts(&mgr, &id, k, INCREMENTS);
     } else if role == "reader" {
-        let mut last = 0u64;
-        while !dir.join("stop").exists() {
-            let s = mgr.load(&id).unwrap().expect("session exists");
-            let now = s.get::<u64>("shared").unwrap().unwrap_or(0);
-            assert!(now >= last, "shared counter went backwards");
-            last = now;
-            s.commit().unwrap();
-        }
+        counters::read_counts_until_stop(&mgr, &id, &dir);
     } else {
         panic!("unknown role {role:?}");
     }

@@ -10,5 +10,6 @@
 pub mod child;
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod counters;
 pub mod servers;
 pub mod spy_store;
