@@ -14,7 +14,7 @@
 #![cfg(not(locktable_loom))]
 
 use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
@@ -190,10 +190,9 @@ fn checked_op(t: &LockTable, c: &Check, rng: &mut Rng) {
 #[test]
 #[ignore = "child process entry point, run by the churn test"]
 fn churn_child() {
-    let Ok(role) = std::env::var(ROLE) else {
+    let Some((role, dir)) = support::child::role_and_dir(ROLE, DIR) else {
         return;
     };
-    let dir = PathBuf::from(std::env::var(DIR).unwrap());
     let t = table(&dir);
     let c = Check::map(&dir);
     let (role, arg) = role.split_once(':').unwrap_or((role.as_str(), "0"));

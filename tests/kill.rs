@@ -107,10 +107,9 @@ impl Rng {
 #[test]
 #[ignore = "child process entry point, run by the other tests"]
 fn child() {
-    let Ok(role) = std::env::var(ROLE) else {
+    let Some((role, dir)) = support::child::role_and_dir(ROLE, DIR) else {
         return;
     };
-    let dir = PathBuf::from(std::env::var(DIR).unwrap());
     let (role, arg) = role.split_once(':').unwrap_or((&role, ""));
     match role {
         "hold" => child_hold(&dir, arg),

@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -264,10 +264,9 @@ const DIR: &str = "LOCKTABLE_REVIEW_DIR";
 #[test]
 #[ignore = "child process entry point, run by the other tests"]
 fn review_child() {
-    let Ok(role) = std::env::var(ROLE) else {
+    let Some((role, dir)) = support::child::role_and_dir(ROLE, DIR) else {
         return;
     };
-    let dir = PathBuf::from(std::env::var(DIR).unwrap());
     match role.as_str() {
         "hold-and-fork" => {
             let opts = TableOptions::default().capacity(16).max_processes(4);

@@ -368,10 +368,9 @@ const DIR: &str = "LOCKTABLE_CORE_REGRESSION_DIR";
 #[test]
 #[ignore = "child process entry point, run by the other tests"]
 fn core_regression_child() {
-    let Ok(role) = std::env::var(ROLE) else {
+    let Some((role, dir)) = support::child::role_and_dir(ROLE, DIR) else {
         return;
     };
-    let dir = std::path::PathBuf::from(std::env::var(DIR).unwrap());
     match role.as_str() {
         "write-and-die" => {
             let t = small(&dir.join("t"));

@@ -2,7 +2,7 @@
 //! test (the child's entry point, which does nothing unless its role variable is set), and the
 //! parent waits for what the children do.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -54,4 +54,11 @@ pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
 /// child) that it reached a point.
 pub fn signal(dir: &Path, name: &str) {
     std::fs::File::create(dir.join(name)).unwrap();
+}
+
+/// The role (from `role_var`) and directory (from `dir_var`) a parent gave this child; `None` in
+/// a normal test run, where the child's entry point returns at once.
+pub fn role_and_dir(role_var: &str, dir_var: &str) -> Option<(String, PathBuf)> {
+    let role = std::env::var(role_var).ok()?;
+    Some((role, PathBuf::from(std::env::var(dir_var).unwrap())))
 }
