@@ -46,13 +46,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use locktable::session::{
-    record, session_lock_id, Capabilities, Clock, Cutoffs, ExpiredScan, FileStore, ManualClock,
-    SessionConfig, SessionId, SessionManager, SessionMeta, Store, StoredSession, SystemClock,
-    Timestamp, Touch,
+    record, session_lock_id, Clock, FileStore, ManualClock, SessionConfig, SessionId,
+    SessionManager, Store, SystemClock, Timestamp, Touch,
 };
 use locktable::{LockTable, TableOptions};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use support::spy_store::{Answer, Call, SpyStore, Watch};
+
+mod support;
 
 /// Set in the environment of a re-executed child: `<system>\n<path>\n<id>`.
 const CHILD_ENV: &str = "LOCKTABLE_SESSION_BENCH_CHILD";
@@ -120,13 +122,7 @@ fn uncached() -> SessionConfig {
 }
 
 fn create_session(mgr: &SessionManager) -> String {
-    let mut s = mgr.create().expect("create session");
-    for (k, v) in session_data() {
-        s.insert(k, &v).expect("insert");
-    }
-    let id = s.id().to_string();
-    s.commit().expect("commit");
-    id
+    support::create_session(mgr, session_data())
 }
 
 fn our_request(mgr: &SessionManager, id: &str) {
@@ -162,64 +158,23 @@ impl StoreCounts {
     }
 }
 
-/// `FileStore` with counters around every call.
-#[derive(Debug)]
-struct CountingStore {
-    inner: FileStore,
-    counts: Arc<StoreCounts>,
-}
-
-impl Store for CountingStore {
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    fn load(&self, id: &SessionId, max: usize) -> locktable::Result<Option<StoredSession>> {
-        self.counts.loads.fetch_add(1, Ordering::Relaxed);
-        self.inner.load(id, max)
-    }
-    fn meta(&self, id: &SessionId) -> locktable::Result<Option<SessionMeta>> {
-        self.inner.meta(id)
-    }
-    fn save(
-        &self,
-        id: &SessionId,
-        expected: Option<u64>,
-        new: &StoredSession,
-    ) -> locktable::Result<bool> {
-        let ok = self.inner.save(id, expected, new)?;
-        if ok {
-            self.counts.saves.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(ok)
-    }
-    fn touch(
-        &self,
-        id: &SessionId,
-        at: Timestamp,
-        coalesce: Duration,
-        cutoffs: &Cutoffs,
-    ) -> locktable::Result<Touch> {
-        self.counts.touch_calls.fetch_add(1, Ordering::Relaxed);
-        let t = self.inner.touch(id, at, coalesce, cutoffs)?;
-        if t == Touch::Written {
-            self.counts.touches_written.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(t)
-    }
-    fn last_accessed(&self, id: &SessionId) -> locktable::Result<Option<Timestamp>> {
-        self.inner.last_accessed(id)
-    }
-    fn delete(&self, id: &SessionId) -> locktable::Result<bool> {
-        self.inner.delete(id)
-    }
-    fn remove_expired(&self, id: &SessionId, cutoffs: &Cutoffs) -> locktable::Result<bool> {
-        self.inner.remove_expired(id, cutoffs)
-    }
-    fn scan_expired(&self, cutoffs: &Cutoffs, budget: usize) -> locktable::Result<ExpiredScan> {
-        self.inner.scan_expired(cutoffs, budget)
-    }
-    fn cleanup(&self) -> locktable::Result<usize> {
-        self.inner.cleanup()
+/// Counts loads and touch calls whatever they answered, saves and touches that wrote.
+impl Watch for StoreCounts {
+    fn after(&self, _: &dyn Store, call: Call, answer: Answer) -> locktable::Result<()> {
+        match call {
+            Call::Load => self.loads.fetch_add(1, Ordering::Relaxed),
+            Call::Save if answer == Answer::Saved(true) => {
+                self.saves.fetch_add(1, Ordering::Relaxed)
+            }
+            Call::Touch => {
+                if answer == Answer::Touched(Touch::Written) {
+                    self.touches_written.fetch_add(1, Ordering::Relaxed);
+                }
+                self.touch_calls.fetch_add(1, Ordering::Relaxed)
+            }
+            _ => 0,
+        };
+        Ok(())
     }
 }
 
@@ -232,10 +187,7 @@ fn open_counting(dir: &Path, cfg: SessionConfig) -> (SessionManager, Arc<StoreCo
     // A second handle on the same directory, only for `path_of`.
     let probe = FileStore::open(dir.join("sessions")).expect("store");
     let counts = Arc::new(StoreCounts::default());
-    let wrapped = CountingStore {
-        inner: store,
-        counts: Arc::clone(&counts),
-    };
+    let wrapped = SpyStore::new(store, Arc::clone(&counts));
     (SessionManager::new(table, wrapped, cfg), counts, probe)
 }
 
