@@ -24,7 +24,8 @@
 //! file of its directory except through LMDB.
 
 use super::{
-    Capabilities, Cutoffs, ExpiredScan, Expiry, SessionMeta, Store, StoredSession, Timestamp, Touch,
+    touch_refusal, Capabilities, Cutoffs, ExpiredScan, Expiry, SessionMeta, Store, StoredSession,
+    Timestamp, Touch,
 };
 use crate::session::id::SessionId;
 use crate::{Error, Result};
@@ -401,11 +402,8 @@ impl Store for KvStore {
             let Some(mut m) = self.meta_in(wtxn, id)? else {
                 return Ok(Touch::Missing);
             };
-            if m.last_accessed >= fresh {
-                return Ok(Touch::Skipped);
-            }
-            if cutoffs.meta_expired(&m) {
-                return Ok(Touch::Expired);
+            if let Some(refused) = touch_refusal(&m, at, coalesce, cutoffs) {
+                return Ok(refused);
             }
             m.last_accessed = at;
             self.shared
