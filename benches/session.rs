@@ -475,6 +475,30 @@ struct WriteCount {
     touches: u64,
 }
 
+impl WriteCount {
+    /// What the store counted between two [`StoreCounts::snapshot`]s, over `requests` requests.
+    fn between(what: &'static str, requests: u64, before: [u64; 4], after: [u64; 4]) -> Self {
+        WriteCount {
+            what,
+            requests,
+            data_writes: after[1] - before[1],
+            touch_calls: after[2] - before[2],
+            touches: after[3] - before[3],
+        }
+    }
+}
+
+/// [`open_counting`] on `dir` with a manual clock that the scenario moves.
+fn open_counting_with_clock(dir: &Path) -> (SessionManager, Arc<StoreCounts>, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(SystemClock.now()));
+    let cfg = SessionConfig {
+        clock: clock.clone(),
+        ..SessionConfig::default()
+    };
+    let (mgr, counts, _probe) = open_counting(dir, cfg);
+    (mgr, counts, clock)
+}
+
 /// File identity and times, to show that a read-only request leaves the file alone.
 fn file_state(path: &Path) -> (u64, u64, i64, i64) {
     let md = fs::metadata(path).expect("stat session file");
@@ -536,48 +560,36 @@ fn count_writes() -> Vec<WriteCount> {
             "a read-only request changed the session file"
         );
         assert_eq!(after[0] - before[0], N, "one store load per request");
-        out.push(WriteCount {
-            what: "locktable, 1,000 reads, 1 thread, last touch < interval ago",
-            requests: N,
-            data_writes: after[1] - before[1],
-            touch_calls: after[2] - before[2],
-            touches: after[3] - before[3],
-        });
+        out.push(WriteCount::between(
+            "locktable, 1,000 reads, 1 thread, last touch < interval ago",
+            N,
+            before,
+            after,
+        ));
     }
 
     // 2. The stored access time is older than the interval; 4 threads x 250 reads at once.
     {
         let dir = tempfile::tempdir().expect("tempdir");
-        let clock = Arc::new(ManualClock::new(SystemClock.now()));
-        let cfg = SessionConfig {
-            clock: clock.clone(),
-            ..SessionConfig::default()
-        };
-        let (mgr, counts, _probe) = open_counting(dir.path(), cfg);
+        let (mgr, counts, clock) = open_counting_with_clock(dir.path());
         let id = create_session(&mgr);
         clock.advance(interval + Duration::from_secs(1));
         let r = Ours { mgr, id };
         let before = counts.snapshot();
         run_threads(&r, 4, N / 4);
         let after = counts.snapshot();
-        out.push(WriteCount {
-            what: "locktable, 1,000 reads, 4 threads at once, last touch > interval ago",
-            requests: N,
-            data_writes: after[1] - before[1],
-            touch_calls: after[2] - before[2],
-            touches: after[3] - before[3],
-        });
+        out.push(WriteCount::between(
+            "locktable, 1,000 reads, 4 threads at once, last touch > interval ago",
+            N,
+            before,
+            after,
+        ));
     }
 
     // 3. One read every 100 ms of (simulated) time: 1,000 reads span 100 s.
     {
         let dir = tempfile::tempdir().expect("tempdir");
-        let clock = Arc::new(ManualClock::new(SystemClock.now()));
-        let cfg = SessionConfig {
-            clock: clock.clone(),
-            ..SessionConfig::default()
-        };
-        let (mgr, counts, _probe) = open_counting(dir.path(), cfg);
+        let (mgr, counts, clock) = open_counting_with_clock(dir.path());
         let id = create_session(&mgr);
         let before = counts.snapshot();
         for _ in 0..N {
@@ -585,13 +597,12 @@ fn count_writes() -> Vec<WriteCount> {
             our_request(&mgr, &id);
         }
         let after = counts.snapshot();
-        out.push(WriteCount {
-            what: "locktable, 1,000 reads, 1 thread, one every 100 ms (100 s)",
-            requests: N,
-            data_writes: after[1] - before[1],
-            touch_calls: after[2] - before[2],
-            touches: after[3] - before[3],
-        });
+        out.push(WriteCount::between(
+            "locktable, 1,000 reads, 1 thread, one every 100 ms (100 s)",
+            N,
+            before,
+            after,
+        ));
     }
 
     // 4. The baseline: every access rewrites the file.
