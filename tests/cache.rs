@@ -201,10 +201,9 @@ fn a_stale_value_is_served_at_once_while_another_process_recreates_it() {
 #[test]
 #[ignore = "child process of the multi-process cache tests"]
 fn child_role() {
-    let (Ok(role), Ok(dir)) = (std::env::var(ROLE), std::env::var(DIR)) else {
+    let Some((role, dir)) = support::child::role_and_dir(ROLE, DIR) else {
         return;
     };
-    let dir = PathBuf::from(dir);
     let pid = std::process::id();
     let ready = || fs::write(dir.join(format!("ready.{pid}")), b"").unwrap();
     let result = |s: String| fs::write(dir.join(format!("result.{pid}")), s).unwrap();

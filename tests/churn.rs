@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use locktable::{LockTable, TableOptions};
 use memmap2::MmapMut;
-use support::child::{quiet_child_command, wait_until as wait_for};
+use support::child::{quiet_child_command, send_signal as signal, wait_until as wait_for, Kids};
 
 mod support;
 
@@ -254,23 +254,6 @@ fn spawn(dir: &Path, role: &str) -> Child {
         .env(DIR, dir)
         .spawn()
         .unwrap()
-}
-
-/// Kills the children left if the test fails.
-struct Kids(Vec<Child>);
-impl Drop for Kids {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            signal(c, libc::SIGCONT);
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn signal(c: &Child, sig: libc::c_int) {
-    // SAFETY: a signal to our own child, which is not yet reaped.
-    unsafe { libc::kill(c.id() as libc::pid_t, sig) };
 }
 
 #[test]

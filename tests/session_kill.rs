@@ -99,18 +99,9 @@ fn spawn_worker(dir: &Path, slot: usize) -> Child {
         .unwrap()
 }
 
-/// The live workers of a round; killed when dropped, so that a failing check (a panic) leaves
-/// no worker running on a directory about to be removed.
-struct Workers(Vec<Child>);
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+// The live workers of a round; killed when dropped, so that a failing check (a panic) leaves
+// no worker running on a directory about to be removed.
+use support::child::Kids as Workers;
 
 /// Fails the test if a worker ended by itself (it only ends on a broken invariant).
 fn check_alive(slot: usize, c: &mut Child) {

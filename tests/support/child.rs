@@ -35,10 +35,21 @@ pub struct Kids(pub Vec<Child>);
 impl Drop for Kids {
     fn drop(&mut self) {
         for c in &mut self.0 {
+            // A child the test stopped (SIGSTOP) is resumed first, so that nothing of it lingers
+            // stopped whatever the kernel does with a stopped process's SIGKILL.
+            send_signal(c, libc::SIGCONT);
             let _ = c.kill();
             let _ = c.wait();
         }
     }
+}
+
+/// Sends `sig` to the child `c`.
+pub fn send_signal(c: &Child, sig: libc::c_int) {
+    // A signal to our own child, which is not yet reaped (`Child::wait` was not called), so the
+    // PID is still its own; kill(2) takes no pointers.
+    // SAFETY: sound for the reasons just given.
+    unsafe { libc::kill(c.id() as libc::pid_t, sig) };
 }
 
 /// Polls `cond` every millisecond until it holds; a test failure naming `what` after `limit`.
