@@ -619,10 +619,7 @@ fn processes_count_exactly(role: &str) {
     let url = url_or_skip!();
     let opts = fresh_options();
     let mgr = pg_manager(&url, opts.clone());
-    let mut s = mgr.create().unwrap();
-    s.persist();
-    let id = s.id().to_string();
-    s.commit().unwrap();
+    let id = counters::empty_session(&mgr);
     let started = Instant::now();
     let children: Vec<Child> = (0..PROCESSES)
         .map(|k| {
@@ -991,10 +988,7 @@ fn increments_survive(url: &str, disrupt: impl FnOnce()) {
     let opts = fresh_options();
     // Sessions and advisory locks on the database, as `SessionManager::postgres` sets them up.
     let mgr = pg_sessions(url, &opts, SessionConfig::default());
-    let mut s = mgr.create().unwrap();
-    s.persist();
-    let id = s.id().to_string();
-    s.commit().unwrap();
+    let id = counters::empty_session(&mgr);
     let outcomes: Vec<Outcomes> = (0..4).map(|_| Outcomes::default()).collect();
     let stop = AtomicBool::new(false);
     let disrupted = AtomicBool::new(false);

@@ -49,10 +49,7 @@ fn child_env() -> Option<(String, PathBuf, String)> {
 fn four_processes_transact_increments_while_readers_load() {
     let dir = tempfile::tempdir().unwrap();
     let mgr = SessionManager::open(dir.path()).unwrap();
-    let mut s = mgr.create().unwrap();
-    s.persist();
-    let id = s.id().to_string();
-    s.commit().unwrap();
+    let id = counters::empty_session(&mgr);
     let writers: Vec<Child> = (0..WRITERS)
         .map(|k| spawn_child("child_role", &format!("writer:{k}"), dir.path(), &id))
         .collect();

@@ -155,10 +155,7 @@ fn spawn_child(role: &str, spec: &str, dir: &Path, id: &str) -> Child {
 fn four_processes_transact(spec: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mgr = manager(spec, dir.path());
-    let mut s = mgr.create().unwrap();
-    s.persist();
-    let id = s.id().to_string();
-    s.commit().unwrap();
+    let id = counters::empty_session(&mgr);
     let writers: Vec<Child> = (0..PROCESSES)
         .map(|k| spawn_child(&format!("writer:{k}"), spec, dir.path(), &id))
         .collect();

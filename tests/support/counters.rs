@@ -5,6 +5,15 @@
 use locktable::session::{Session, SessionManager};
 use std::path::Path;
 
+/// A new, empty session kept although empty (`persist`), for the counters to go into; its ID.
+pub fn empty_session(mgr: &SessionManager) -> String {
+    let mut s = mgr.create().unwrap();
+    s.persist();
+    let id = s.id().to_string();
+    s.commit().unwrap();
+    id
+}
+
 /// One increment of writer `own`: its own counter and the shared one, in one transaction.
 pub fn add_one(s: &mut Session, own: &str) -> locktable::Result<()> {
     let a = s.get::<u64>(own)?.unwrap_or(0);
