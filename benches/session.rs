@@ -488,15 +488,24 @@ impl WriteCount {
     }
 }
 
-/// [`open_counting`] on `dir` with a manual clock that the scenario moves.
-fn open_counting_with_clock(dir: &Path) -> (SessionManager, Arc<StoreCounts>, Arc<ManualClock>) {
+/// A write-count scenario of `n` requests, made by `requests` on a fresh session of a counting
+/// manager (see [`open_counting`]) with a manual clock that the scenario moves.
+fn count_with_clock(
+    what: &'static str,
+    n: u64,
+    requests: impl FnOnce(SessionManager, String, &ManualClock),
+) -> WriteCount {
+    let dir = tempfile::tempdir().expect("tempdir");
     let clock = Arc::new(ManualClock::new(SystemClock.now()));
     let cfg = SessionConfig {
         clock: clock.clone(),
         ..SessionConfig::default()
     };
-    let (mgr, counts, _probe) = open_counting(dir, cfg);
-    (mgr, counts, clock)
+    let (mgr, counts, _probe) = open_counting(dir.path(), cfg);
+    let id = create_session(&mgr);
+    let before = counts.snapshot();
+    requests(mgr, id, &clock);
+    WriteCount::between(what, n, before, counts.snapshot())
 }
 
 /// File identity and times, to show that a read-only request leaves the file alone.
@@ -569,41 +578,26 @@ fn count_writes() -> Vec<WriteCount> {
     }
 
     // 2. The stored access time is older than the interval; 4 threads x 250 reads at once.
-    {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (mgr, counts, clock) = open_counting_with_clock(dir.path());
-        let id = create_session(&mgr);
-        clock.advance(interval + Duration::from_secs(1));
-        let r = Ours { mgr, id };
-        let before = counts.snapshot();
-        run_threads(&r, 4, N / 4);
-        let after = counts.snapshot();
-        out.push(WriteCount::between(
-            "locktable, 1,000 reads, 4 threads at once, last touch > interval ago",
-            N,
-            before,
-            after,
-        ));
-    }
+    out.push(count_with_clock(
+        "locktable, 1,000 reads, 4 threads at once, last touch > interval ago",
+        N,
+        |mgr, id, clock| {
+            clock.advance(interval + Duration::from_secs(1));
+            run_threads(&Ours { mgr, id }, 4, N / 4);
+        },
+    ));
 
     // 3. One read every 100 ms of (simulated) time: 1,000 reads span 100 s.
-    {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (mgr, counts, clock) = open_counting_with_clock(dir.path());
-        let id = create_session(&mgr);
-        let before = counts.snapshot();
-        for _ in 0..N {
-            clock.advance(Duration::from_millis(100));
-            our_request(&mgr, &id);
-        }
-        let after = counts.snapshot();
-        out.push(WriteCount::between(
-            "locktable, 1,000 reads, 1 thread, one every 100 ms (100 s)",
-            N,
-            before,
-            after,
-        ));
-    }
+    out.push(count_with_clock(
+        "locktable, 1,000 reads, 1 thread, one every 100 ms (100 s)",
+        N,
+        |mgr, id, clock| {
+            for _ in 0..N {
+                clock.advance(Duration::from_millis(100));
+                our_request(&mgr, &id);
+            }
+        },
+    ));
 
     // 4. The baseline: every access rewrites the file.
     {
