@@ -212,26 +212,27 @@ fn beaker_load(path: &Path) -> BeakerFile {
 
 /// Rewrites the whole snapshot in place under an exclusive flock.
 fn beaker_save(path: &Path, snapshot: &BeakerFile) {
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .expect("open session file");
-    flock(&f, libc::LOCK_EX);
-    let bytes = serde_json::to_vec(snapshot).expect("serialize");
-    let r = (|| -> std::io::Result<()> {
+    write_under_flock(path, snapshot, |f, bytes| {
         f.set_len(0)?;
         f.rewind()?;
-        f.write_all(&bytes)
-    })();
-    flock(&f, libc::LOCK_UN);
-    r.expect("write session file");
+        f.write_all(bytes)
+    });
 }
 
 /// Not part of the baseline: `beaker_save` without the truncate (the snapshot has the same
 /// length every time), to show what the truncate costs on the file system at hand (on ext4 a
 /// file truncated to zero and rewritten is flushed at close, `auto_da_alloc`).
 fn overwrite_in_place(path: &Path, snapshot: &BeakerFile) {
+    write_under_flock(path, snapshot, |f, bytes| f.write_all(bytes));
+}
+
+/// Opens the session file, serializes `snapshot` and hands the bytes to `write` under an
+/// exclusive flock (released before a failure is reported).
+fn write_under_flock(
+    path: &Path,
+    snapshot: &BeakerFile,
+    write: impl FnOnce(&mut File, &[u8]) -> std::io::Result<()>,
+) {
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -239,7 +240,7 @@ fn overwrite_in_place(path: &Path, snapshot: &BeakerFile) {
         .expect("open session file");
     flock(&f, libc::LOCK_EX);
     let bytes = serde_json::to_vec(snapshot).expect("serialize");
-    let r = f.write_all(&bytes);
+    let r = write(&mut f, &bytes);
     flock(&f, libc::LOCK_UN);
     r.expect("write session file");
 }
