@@ -1,7 +1,8 @@
 //! Helpers shared by the integration tests: each file under `tests/` is a crate of its own and
 //! takes this module with `mod support;`. It owns test plumbing only (server variables, child
-//! processes, the CLI runner, a store wrapper that watches calls); what a test checks stays in
-//! the test.
+//! processes, the CLI runner, a store wrapper that watches calls, the counting workload of the
+//! multi-process session tests); what a test checks stays in the test. `spy_store` is also taken
+//! by `benches/support` (with `#[path]`).
 
 // Every test crate compiles all of this module but uses only a part of it; the rest would be
 // reported as dead code once per crate.
