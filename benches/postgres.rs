@@ -32,6 +32,8 @@ use locktable::session::{PgStoreOptions, SessionConfig, SessionManager};
 use postgres::{Client, NoTls};
 use serde_json::{json, Map, Value};
 
+mod support;
+
 const COUNTER: &str = "n";
 const READ_KEY: &str = "user_id";
 const THREADS: [usize; 4] = [1, 2, 4, 8];
@@ -69,13 +71,7 @@ trait System: Sync {
 }
 
 fn create_on(mgr: &SessionManager) -> String {
-    let mut s = mgr.create().expect("create");
-    for (k, v) in session_data() {
-        s.insert(k, &v).expect("insert");
-    }
-    let id = s.id().to_string();
-    s.commit().expect("commit");
-    id
+    support::create_session(mgr, session_data())
 }
 
 fn requests_on(mgr: &SessionManager, id: &str, req: Request, stop: &AtomicBool) -> (u64, u64) {

@@ -46,13 +46,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use locktable::session::{
-    record, session_lock_id, Capabilities, Clock, Cutoffs, ExpiredScan, FileStore, ManualClock,
-    SessionConfig, SessionId, SessionManager, SessionMeta, Store, StoredSession, SystemClock,
-    Timestamp, Touch,
+    record, session_lock_id, Clock, FileStore, ManualClock, SessionConfig, SessionId,
+    SessionManager, Store, SystemClock, Timestamp, Touch,
 };
 use locktable::{LockTable, TableOptions};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use support::spy_store::{Answer, Call, SpyStore, Watch};
+
+mod support;
 
 /// Set in the environment of a re-executed child: `<system>\n<path>\n<id>`.
 const CHILD_ENV: &str = "LOCKTABLE_SESSION_BENCH_CHILD";
@@ -120,13 +122,7 @@ fn uncached() -> SessionConfig {
 }
 
 fn create_session(mgr: &SessionManager) -> String {
-    let mut s = mgr.create().expect("create session");
-    for (k, v) in session_data() {
-        s.insert(k, &v).expect("insert");
-    }
-    let id = s.id().to_string();
-    s.commit().expect("commit");
-    id
+    support::create_session(mgr, session_data())
 }
 
 fn our_request(mgr: &SessionManager, id: &str) {
@@ -162,64 +158,23 @@ impl StoreCounts {
     }
 }
 
-/// `FileStore` with counters around every call.
-#[derive(Debug)]
-struct CountingStore {
-    inner: FileStore,
-    counts: Arc<StoreCounts>,
-}
-
-impl Store for CountingStore {
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    fn load(&self, id: &SessionId, max: usize) -> locktable::Result<Option<StoredSession>> {
-        self.counts.loads.fetch_add(1, Ordering::Relaxed);
-        self.inner.load(id, max)
-    }
-    fn meta(&self, id: &SessionId) -> locktable::Result<Option<SessionMeta>> {
-        self.inner.meta(id)
-    }
-    fn save(
-        &self,
-        id: &SessionId,
-        expected: Option<u64>,
-        new: &StoredSession,
-    ) -> locktable::Result<bool> {
-        let ok = self.inner.save(id, expected, new)?;
-        if ok {
-            self.counts.saves.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(ok)
-    }
-    fn touch(
-        &self,
-        id: &SessionId,
-        at: Timestamp,
-        coalesce: Duration,
-        cutoffs: &Cutoffs,
-    ) -> locktable::Result<Touch> {
-        self.counts.touch_calls.fetch_add(1, Ordering::Relaxed);
-        let t = self.inner.touch(id, at, coalesce, cutoffs)?;
-        if t == Touch::Written {
-            self.counts.touches_written.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(t)
-    }
-    fn last_accessed(&self, id: &SessionId) -> locktable::Result<Option<Timestamp>> {
-        self.inner.last_accessed(id)
-    }
-    fn delete(&self, id: &SessionId) -> locktable::Result<bool> {
-        self.inner.delete(id)
-    }
-    fn remove_expired(&self, id: &SessionId, cutoffs: &Cutoffs) -> locktable::Result<bool> {
-        self.inner.remove_expired(id, cutoffs)
-    }
-    fn scan_expired(&self, cutoffs: &Cutoffs, budget: usize) -> locktable::Result<ExpiredScan> {
-        self.inner.scan_expired(cutoffs, budget)
-    }
-    fn cleanup(&self) -> locktable::Result<usize> {
-        self.inner.cleanup()
+/// Counts loads and touch calls whatever they answered, saves and touches that wrote.
+impl Watch for StoreCounts {
+    fn after(&self, _: &dyn Store, call: Call, answer: Answer) -> locktable::Result<()> {
+        match call {
+            Call::Load => self.loads.fetch_add(1, Ordering::Relaxed),
+            Call::Save if answer == Answer::Saved(true) => {
+                self.saves.fetch_add(1, Ordering::Relaxed)
+            }
+            Call::Touch => {
+                if answer == Answer::Touched(Touch::Written) {
+                    self.touches_written.fetch_add(1, Ordering::Relaxed);
+                }
+                self.touch_calls.fetch_add(1, Ordering::Relaxed)
+            }
+            _ => 0,
+        };
+        Ok(())
     }
 }
 
@@ -232,10 +187,7 @@ fn open_counting(dir: &Path, cfg: SessionConfig) -> (SessionManager, Arc<StoreCo
     // A second handle on the same directory, only for `path_of`.
     let probe = FileStore::open(dir.join("sessions")).expect("store");
     let counts = Arc::new(StoreCounts::default());
-    let wrapped = CountingStore {
-        inner: store,
-        counts: Arc::clone(&counts),
-    };
+    let wrapped = SpyStore::new(store, Arc::clone(&counts));
     (SessionManager::new(table, wrapped, cfg), counts, probe)
 }
 
@@ -260,26 +212,27 @@ fn beaker_load(path: &Path) -> BeakerFile {
 
 /// Rewrites the whole snapshot in place under an exclusive flock.
 fn beaker_save(path: &Path, snapshot: &BeakerFile) {
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .expect("open session file");
-    flock(&f, libc::LOCK_EX);
-    let bytes = serde_json::to_vec(snapshot).expect("serialize");
-    let r = (|| -> std::io::Result<()> {
+    write_under_flock(path, snapshot, |f, bytes| {
         f.set_len(0)?;
         f.rewind()?;
-        f.write_all(&bytes)
-    })();
-    flock(&f, libc::LOCK_UN);
-    r.expect("write session file");
+        f.write_all(bytes)
+    });
 }
 
 /// Not part of the baseline: `beaker_save` without the truncate (the snapshot has the same
 /// length every time), to show what the truncate costs on the file system at hand (on ext4 a
 /// file truncated to zero and rewritten is flushed at close, `auto_da_alloc`).
 fn overwrite_in_place(path: &Path, snapshot: &BeakerFile) {
+    write_under_flock(path, snapshot, |f, bytes| f.write_all(bytes));
+}
+
+/// Opens the session file, serializes `snapshot` and hands the bytes to `write` under an
+/// exclusive flock (released before a failure is reported).
+fn write_under_flock(
+    path: &Path,
+    snapshot: &BeakerFile,
+    write: impl FnOnce(&mut File, &[u8]) -> std::io::Result<()>,
+) {
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -287,7 +240,7 @@ fn overwrite_in_place(path: &Path, snapshot: &BeakerFile) {
         .expect("open session file");
     flock(&f, libc::LOCK_EX);
     let bytes = serde_json::to_vec(snapshot).expect("serialize");
-    let r = f.write_all(&bytes);
+    let r = write(&mut f, &bytes);
     flock(&f, libc::LOCK_UN);
     r.expect("write session file");
 }
@@ -523,6 +476,39 @@ struct WriteCount {
     touches: u64,
 }
 
+impl WriteCount {
+    /// What the store counted between two [`StoreCounts::snapshot`]s, over `requests` requests.
+    fn between(what: &'static str, requests: u64, before: [u64; 4], after: [u64; 4]) -> Self {
+        WriteCount {
+            what,
+            requests,
+            data_writes: after[1] - before[1],
+            touch_calls: after[2] - before[2],
+            touches: after[3] - before[3],
+        }
+    }
+}
+
+/// A write-count scenario of `n` requests, made by `requests` on a fresh session of a counting
+/// manager (see [`open_counting`]) with a manual clock that the scenario moves.
+fn count_with_clock(
+    what: &'static str,
+    n: u64,
+    requests: impl FnOnce(SessionManager, String, &ManualClock),
+) -> WriteCount {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(SystemClock.now()));
+    let cfg = SessionConfig {
+        clock: clock.clone(),
+        ..SessionConfig::default()
+    };
+    let (mgr, counts, _probe) = open_counting(dir.path(), cfg);
+    let id = create_session(&mgr);
+    let before = counts.snapshot();
+    requests(mgr, id, &clock);
+    WriteCount::between(what, n, before, counts.snapshot())
+}
+
 /// File identity and times, to show that a read-only request leaves the file alone.
 fn file_state(path: &Path) -> (u64, u64, i64, i64) {
     let md = fs::metadata(path).expect("stat session file");
@@ -584,63 +570,35 @@ fn count_writes() -> Vec<WriteCount> {
             "a read-only request changed the session file"
         );
         assert_eq!(after[0] - before[0], N, "one store load per request");
-        out.push(WriteCount {
-            what: "locktable, 1,000 reads, 1 thread, last touch < interval ago",
-            requests: N,
-            data_writes: after[1] - before[1],
-            touch_calls: after[2] - before[2],
-            touches: after[3] - before[3],
-        });
+        out.push(WriteCount::between(
+            "locktable, 1,000 reads, 1 thread, last touch < interval ago",
+            N,
+            before,
+            after,
+        ));
     }
 
     // 2. The stored access time is older than the interval; 4 threads x 250 reads at once.
-    {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let clock = Arc::new(ManualClock::new(SystemClock.now()));
-        let cfg = SessionConfig {
-            clock: clock.clone(),
-            ..SessionConfig::default()
-        };
-        let (mgr, counts, _probe) = open_counting(dir.path(), cfg);
-        let id = create_session(&mgr);
-        clock.advance(interval + Duration::from_secs(1));
-        let r = Ours { mgr, id };
-        let before = counts.snapshot();
-        run_threads(&r, 4, N / 4);
-        let after = counts.snapshot();
-        out.push(WriteCount {
-            what: "locktable, 1,000 reads, 4 threads at once, last touch > interval ago",
-            requests: N,
-            data_writes: after[1] - before[1],
-            touch_calls: after[2] - before[2],
-            touches: after[3] - before[3],
-        });
-    }
+    out.push(count_with_clock(
+        "locktable, 1,000 reads, 4 threads at once, last touch > interval ago",
+        N,
+        |mgr, id, clock| {
+            clock.advance(interval + Duration::from_secs(1));
+            run_threads(&Ours { mgr, id }, 4, N / 4);
+        },
+    ));
 
     // 3. One read every 100 ms of (simulated) time: 1,000 reads span 100 s.
-    {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let clock = Arc::new(ManualClock::new(SystemClock.now()));
-        let cfg = SessionConfig {
-            clock: clock.clone(),
-            ..SessionConfig::default()
-        };
-        let (mgr, counts, _probe) = open_counting(dir.path(), cfg);
-        let id = create_session(&mgr);
-        let before = counts.snapshot();
-        for _ in 0..N {
-            clock.advance(Duration::from_millis(100));
-            our_request(&mgr, &id);
-        }
-        let after = counts.snapshot();
-        out.push(WriteCount {
-            what: "locktable, 1,000 reads, 1 thread, one every 100 ms (100 s)",
-            requests: N,
-            data_writes: after[1] - before[1],
-            touch_calls: after[2] - before[2],
-            touches: after[3] - before[3],
-        });
-    }
+    out.push(count_with_clock(
+        "locktable, 1,000 reads, 1 thread, one every 100 ms (100 s)",
+        N,
+        |mgr, id, clock| {
+            for _ in 0..N {
+                clock.advance(Duration::from_millis(100));
+                our_request(&mgr, &id);
+            }
+        },
+    ));
 
     // 4. The baseline: every access rewrites the file.
     {

@@ -15,22 +15,18 @@ use locktable::Error;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use support::child::child_command;
+
+mod support;
 
 const ROLE: &str = "LOCKTABLE_CACHE_ROLE";
 const DIR: &str = "LOCKTABLE_CACHE_DIR";
 const KEY: &str = "report";
 
 fn spawn_child(role: &str, dir: &Path) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_role",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    child_command("child_role")
         .env(ROLE, role)
         .env(DIR, dir)
         .spawn()
@@ -205,10 +201,9 @@ fn a_stale_value_is_served_at_once_while_another_process_recreates_it() {
 #[test]
 #[ignore = "child process of the multi-process cache tests"]
 fn child_role() {
-    let (Ok(role), Ok(dir)) = (std::env::var(ROLE), std::env::var(DIR)) else {
+    let Some((role, dir)) = support::child::role_and_dir(ROLE, DIR) else {
         return;
     };
-    let dir = PathBuf::from(dir);
     let pid = std::process::id();
     let ready = || fs::write(dir.join(format!("ready.{pid}")), b"").unwrap();
     let result = |s: String| fs::write(dir.join(format!("result.{pid}")), s).unwrap();

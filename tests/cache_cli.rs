@@ -2,14 +2,9 @@
 //! created once per expiry, while the no-lock baseline shows the dogpile.
 #![cfg(not(locktable_loom))]
 
-use std::process::{Command, Output};
+use support::cli::locktable;
 
-fn locktable(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_locktable"))
-        .args(args)
-        .output()
-        .expect("run locktable")
-}
+mod support;
 
 /// The two numbers (locktable, no-lock) of one report row.
 fn row(report: &str, name: &str) -> [f64; 2] {

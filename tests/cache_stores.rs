@@ -15,31 +15,29 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
+use support::servers::{required_env, unique_tag};
+
+mod support;
 
 const THREADS: usize = 8;
 
-/// The value of `var`; a test failure when it is unset (the test command starts the servers).
-fn required_env(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            panic!("{var} is not set: these tests need a real server");
-        }
-    }
-}
-
 /// A key prefix or table name no other test or run uses.
 fn unique(tag: &str) -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "cachestores_{tag}_{}_{nanos}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
+    format!("cachestores_{tag}_{}", unique_tag("_"))
+}
+
+/// A `PgStore` on a table of its own, on the server at `url`.
+#[cfg(feature = "postgres")]
+fn pg_store(url: &str) -> locktable::session::PgStore {
+    locktable::session::PgStore::with_pool(
+        locktable::session::PgPool::connect(url).unwrap(),
+        locktable::session::PgStoreOptions {
+            schema: "locktable_cachestores".into(),
+            table: unique("t"),
+            ..Default::default()
+        },
     )
+    .unwrap()
 }
 
 /// 8 threads, each with its own handle on the lock table file and one shared store, released
@@ -150,15 +148,7 @@ fn postgres_one_creation_for_eight_threads() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let store = locktable::session::PgStore::with_pool(
-        locktable::session::PgPool::connect(&url).unwrap(),
-        locktable::session::PgStoreOptions {
-            schema: "locktable_cachestores".into(),
-            table: unique("t"),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let store = pg_store(&url);
     one_creation_for_eight_threads(Arc::new(store), dir.path());
 }
 
@@ -170,15 +160,7 @@ fn postgres_advisory_claim_one_creation_for_eight_hosts() {
     let Some(url) = required_env("LOCKTABLE_PG_URL") else {
         return;
     };
-    let store = locktable::session::PgStore::with_pool(
-        locktable::session::PgPool::connect(&url).unwrap(),
-        locktable::session::PgStoreOptions {
-            schema: "locktable_cachestores".into(),
-            table: unique("t"),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let store = pg_store(&url);
     let secret = store.lock_secret();
     let claim_lock = || -> Arc<dyn CreationLock> {
         Arc::new(locktable::session::PgLocks::connect(&url, secret).unwrap())

@@ -14,14 +14,17 @@
 #![cfg(not(locktable_loom))]
 
 use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use locktable::{LockTable, TableOptions};
 use memmap2::MmapMut;
+use support::child::{quiet_child_command, send_signal as signal, wait_until as wait_for, Kids};
+
+mod support;
 
 const ROLE: &str = "LOCKTABLE_CHURN_ROLE";
 const DIR: &str = "LOCKTABLE_CHURN_DIR";
@@ -187,10 +190,9 @@ fn checked_op(t: &LockTable, c: &Check, rng: &mut Rng) {
 #[test]
 #[ignore = "child process entry point, run by the churn test"]
 fn churn_child() {
-    let Ok(role) = std::env::var(ROLE) else {
+    let Some((role, dir)) = support::child::role_and_dir(ROLE, DIR) else {
         return;
     };
-    let dir = PathBuf::from(std::env::var(DIR).unwrap());
     let t = table(&dir);
     let c = Check::map(&dir);
     let (role, arg) = role.split_once(':').unwrap_or((role.as_str(), "0"));
@@ -247,40 +249,11 @@ fn churn_ids() -> u64 {
 }
 
 fn spawn(dir: &Path, role: &str) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "churn_child", "--ignored", "--nocapture"])
-        .arg("--test-threads=1")
+    quiet_child_command("churn_child")
         .env(ROLE, role)
         .env(DIR, dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .spawn()
         .unwrap()
-}
-
-/// Kills the children left if the test fails.
-struct Kids(Vec<Child>);
-impl Drop for Kids {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            signal(c, libc::SIGCONT);
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn signal(c: &Child, sig: libc::c_int) {
-    // SAFETY: a signal to our own child, which is not yet reaped.
-    unsafe { libc::kill(c.id() as libc::pid_t, sig) };
-}
-
-fn wait_for(what: &str, limit: Duration, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        thread::sleep(Duration::from_millis(5));
-    }
 }
 
 #[test]

@@ -6,19 +6,14 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use locktable::{LockTable, TableOptions};
+use support::cli::{bin, locktable, report_line};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_locktable"))
-}
-
-fn locktable(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run locktable")
-}
+mod support;
 
 fn small() -> TableOptions {
     TableOptions::default().capacity(64).max_processes(8)
@@ -403,10 +398,7 @@ fn stat_shows_and_reap_reports_a_dead_holder() {
 /// The numbers of one row of the demo's report table (`name` then one
 /// column per system).
 fn report_row(report: &str, name: &str) -> Vec<f64> {
-    let line = report
-        .lines()
-        .find(|l| l.starts_with(name))
-        .unwrap_or_else(|| panic!("no {name:?} row in {report}"));
+    let line = report_line(report, name);
     line[name.len()..]
         .split_whitespace()
         .map(|x| x.parse().unwrap_or_else(|_| panic!("{name}: {x:?}")))

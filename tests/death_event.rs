@@ -6,10 +6,13 @@
 #![cfg(not(locktable_loom))]
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use locktable::{LockTable, TableOptions};
+use support::child::child_command;
+
+mod support;
 
 const ROLE: &str = "LOCKTABLE_DE_ROLE";
 const ID: &str = "watched";
@@ -43,8 +46,8 @@ struct Holder(Child);
 
 impl Holder {
     fn spawn(mode: &str, path: &std::path::Path) -> Holder {
-        let mut c = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "holder", "--ignored", "--nocapture", "--quiet"])
+        let mut c = child_command("holder")
+            .arg("--quiet")
             .env(ROLE, format!("{mode}:{}", path.display()))
             .stdout(Stdio::piped())
             .spawn()

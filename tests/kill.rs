@@ -18,6 +18,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use locktable::{HoldMode, LockTable, TableOptions, TableStats};
+use support::child::{quiet_child_command, signal, Kids};
+
+mod support;
 
 const ROLE: &str = "LOCKTABLE_KILL_ROLE";
 const DIR: &str = "LOCKTABLE_KILL_DIR";
@@ -41,26 +44,14 @@ fn open(dir: &Path) -> LockTable {
     LockTable::open(table_path(dir), &opts).unwrap()
 }
 
-fn signal(dir: &Path, name: &str) {
-    File::create(dir.join(name)).unwrap();
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + HANDSHAKE;
-    while !cond() {
-        assert!(Instant::now() < deadline, "{what}: not after {HANDSHAKE:?}");
-        thread::sleep(Duration::from_millis(1));
-    }
+fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    support::child::wait_until(what, HANDSHAKE, cond);
 }
 
 fn spawn_child(dir: &Path, role: &str) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child", "--ignored", "--nocapture"])
-        .arg("--test-threads=1")
+    quiet_child_command("child")
         .env(ROLE, role)
         .env(DIR, dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .spawn()
         .unwrap()
 }
@@ -71,18 +62,6 @@ fn kill(c: &mut Child) {
     unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGKILL) };
     let st = c.wait().unwrap();
     assert_eq!(st.signal(), Some(libc::SIGKILL), "child {} {st}", c.id());
-}
-
-/// Kills every child left if a test fails.
-struct Kids(Vec<Child>);
-
-impl Drop for Kids {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// No hold, waiter, owner-died mark or other process is left.
@@ -128,10 +107,9 @@ impl Rng {
 #[test]
 #[ignore = "child process entry point, run by the other tests"]
 fn child() {
-    let Ok(role) = std::env::var(ROLE) else {
+    let Some((role, dir)) = support::child::role_and_dir(ROLE, DIR) else {
         return;
     };
-    let dir = PathBuf::from(std::env::var(DIR).unwrap());
     let (role, arg) = role.split_once(':').unwrap_or((&role, ""));
     match role {
         "hold" => child_hold(&dir, arg),

@@ -10,11 +10,14 @@
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use locktable::{Error, HoldMode, LockTable, TableOptions};
+use support::child::{quiet_child_command, signal, wait_until, Kids};
+
+mod support;
 
 const ROLE: &str = "LOCKTABLE_MP_ROLE";
 const DIR: &str = "LOCKTABLE_MP_DIR";
@@ -34,22 +37,12 @@ fn open(dir: &Path) -> LockTable {
     LockTable::open(table_path(dir), &opts).unwrap()
 }
 
-/// Creates the marker file `name`.
-fn signal(dir: &Path, name: &str) {
-    File::create(dir.join(name)).unwrap();
-}
-
 /// Waits until the marker file `name` exists.
 fn wait_file(dir: &Path, name: &str) {
-    let deadline = Instant::now() + HANDSHAKE;
-    while !dir.join(name).exists() {
-        assert!(Instant::now() < deadline, "no {name} after {HANDSHAKE:?}");
-        thread::sleep(Duration::from_millis(1));
-    }
+    wait_until(&format!("marker {name}"), HANDSHAKE, || {
+        dir.join(name).exists()
+    });
 }
-
-/// Child processes, killed if the test fails before it waits for them.
-struct Kids(Vec<Child>);
 
 impl Kids {
     fn spawn(dir: &Path, roles: &[&str]) -> Kids {
@@ -70,23 +63,10 @@ impl Kids {
     }
 }
 
-impl Drop for Kids {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn spawn_child(dir: &Path, role: &str) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child", "--ignored", "--nocapture"])
-        .arg("--test-threads=1")
+    quiet_child_command("child")
         .env(ROLE, role)
         .env(DIR, dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .spawn()
         .unwrap()
 }
@@ -110,10 +90,9 @@ fn wait_child(c: &mut Child, limit: Duration) -> ExitStatus {
 #[test]
 #[ignore = "child process entry point, run by the other tests"]
 fn child() {
-    let Ok(role) = std::env::var(ROLE) else {
+    let Some((role, dir)) = support::child::role_and_dir(ROLE, DIR) else {
         return;
     };
-    let dir = PathBuf::from(std::env::var(DIR).unwrap());
     let (role, arg) = role.split_once(':').unwrap_or((&role, ""));
     match role {
         "reader" => child_reader(&dir, arg),

@@ -29,6 +29,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+use support::child::child_command;
+use support::counters;
+use support::servers::{required_env, unique_tag};
+
+mod support;
 
 const ROLE: &str = "LOCKTABLE_PG_ROLE";
 const SCHEMA_ENV: &str = "LOCKTABLE_PG_TEST_SCHEMA";
@@ -40,25 +45,12 @@ const INCREMENTS: u64 = 2000;
 
 /// The server's URL; a test failure when there is none (the test command starts one).
 fn pg_url() -> Option<String> {
-    match std::env::var("LOCKTABLE_PG_URL") {
-        Ok(u) if !u.is_empty() => Some(u),
-        _ => {
-            panic!(
-                "LOCKTABLE_PG_URL is not set: the PostgreSQL tests must run \
-                 (start a server with `eval \"$(scripts/pg-server start)\"`)"
-            );
-        }
-    }
+    required_env("LOCKTABLE_PG_URL")
 }
 
 /// The throwaway server's directory (for its log, or to restart it), like [`pg_url`].
 fn pg_dir() -> Option<String> {
-    match std::env::var("LOCKTABLE_PG_DIR") {
-        Ok(d) if !d.is_empty() => Some(d),
-        _ => {
-            panic!("LOCKTABLE_PG_DIR is not set: start the server with scripts/pg-server");
-        }
-    }
+    required_env("LOCKTABLE_PG_DIR")
 }
 
 macro_rules! url_or_skip {
@@ -73,13 +65,7 @@ macro_rules! url_or_skip {
 /// A schema for this run of the test binary, so runs never see each other's rows.
 fn run_schema() -> &'static str {
     static S: OnceLock<String> = OnceLock::new();
-    S.get_or_init(|| {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        format!("lt_test_{}_{}", std::process::id(), nanos % 1_000_000_000)
-    })
+    S.get_or_init(|| format!("lt_test_{}", unique_tag("_")))
 }
 
 /// Options for a fresh table set of this run.
@@ -601,16 +587,8 @@ fn two_lock_users_never_both_hold_one_exclusive_lock() {
 }
 
 fn spawn_child(role: &str, envs: &[(&str, &str)], stdout: Stdio) -> Child {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
-        "child_role",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(ROLE, role)
-    .stdout(stdout);
+    let mut cmd = child_command("child_role");
+    cmd.env(ROLE, role).stdout(stdout);
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -649,10 +627,7 @@ fn processes_count_exactly(role: &str) {
     let url = url_or_skip!();
     let opts = fresh_options();
     let mgr = pg_manager(&url, opts.clone());
-    let mut s = mgr.create().unwrap();
-    s.persist();
-    let id = s.id().to_string();
-    s.commit().unwrap();
+    let id = counters::empty_session(&mgr);
     let started = Instant::now();
     let children: Vec<Child> = (0..PROCESSES)
         .map(|k| {
@@ -671,13 +646,7 @@ fn processes_count_exactly(role: &str) {
         assert!(c.wait().unwrap().success(), "a writer failed");
     }
     let s = mgr.load(&id).unwrap().unwrap();
-    for k in 0..PROCESSES {
-        assert_eq!(s.get::<u64>(&format!("p{k}")).unwrap(), Some(INCREMENTS));
-    }
-    assert_eq!(
-        s.get::<u64>("shared").unwrap(),
-        Some(INCREMENTS * PROCESSES as u64)
-    );
+    counters::assert_counts(&s, PROCESSES, INCREMENTS);
     println!(
         "{role}: {PROCESSES} processes x {INCREMENTS} increments, exact, in {:?}",
         started.elapsed()
@@ -988,12 +957,7 @@ fn child_role() {
         let mut conflicts = 0u64;
         let mut done = 0;
         while done < INCREMENTS {
-            let r = mgr.transact(&id, |s| {
-                let a = s.get::<u64>(&own)?.unwrap_or(0);
-                s.insert(own.clone(), &(a + 1))?;
-                let b = s.get::<u64>("shared")?.unwrap_or(0);
-                s.insert("shared", &(b + 1))
-            });
+            let r = mgr.transact(&id, |s| counters::add_one(s, &own));
             match r {
                 Ok(Some(())) => done += 1,
                 Ok(None) => panic!("session vanished"),
@@ -1032,10 +996,7 @@ fn increments_survive(url: &str, disrupt: impl FnOnce()) {
     let opts = fresh_options();
     // Sessions and advisory locks on the database, as `SessionManager::postgres` sets them up.
     let mgr = pg_sessions(url, &opts, SessionConfig::default());
-    let mut s = mgr.create().unwrap();
-    s.persist();
-    let id = s.id().to_string();
-    s.commit().unwrap();
+    let id = counters::empty_session(&mgr);
     let outcomes: Vec<Outcomes> = (0..4).map(|_| Outcomes::default()).collect();
     let stop = AtomicBool::new(false);
     let disrupted = AtomicBool::new(false);

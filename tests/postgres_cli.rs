@@ -4,46 +4,28 @@
 //! The server comes from `LOCKTABLE_PG_URL` (`eval "$(scripts/pg-server start)"`; `./scripts/test`
 //! does it): unset, this fails, saying how to start one.
 
-use std::process::Command;
+use support::cli::{first_number as row, locktable};
+use support::servers::required_env;
+
+mod support;
 
 fn pg_url() -> Option<String> {
-    match std::env::var("LOCKTABLE_PG_URL") {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            panic!("LOCKTABLE_PG_URL is not set (eval \"$(scripts/pg-server start)\")");
-        }
-    }
-}
-
-/// The first number of a row of the report table.
-fn row(report: &str, name: &str) -> f64 {
-    let line = report
-        .lines()
-        .find(|l| l.starts_with(name))
-        .unwrap_or_else(|| panic!("no {name:?} row in {report}"));
-    line[name.len()..]
-        .split_whitespace()
-        .next()
-        .and_then(|x| x.parse().ok())
-        .unwrap_or_else(|| panic!("{name}: {line:?}"))
+    required_env("LOCKTABLE_PG_URL")
 }
 
 #[test]
 fn demo_on_postgres_loses_nothing_beside_the_baseline() {
     let Some(url) = pg_url() else { return };
-    let o = Command::new(env!("CARGO_BIN_EXE_locktable"))
-        .args([
-            "demo",
-            "--store",
-            &url,
-            "--compare",
-            "--secs",
-            "1",
-            "--workers",
-            "3",
-        ])
-        .output()
-        .expect("run locktable");
+    let o = locktable(&[
+        "demo",
+        "--store",
+        &url,
+        "--compare",
+        "--secs",
+        "1",
+        "--workers",
+        "3",
+    ]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
         o.status.success(),
@@ -72,16 +54,13 @@ fn demo_on_postgres_loses_nothing_beside_the_baseline() {
 #[test]
 fn an_unreachable_postgres_server_is_a_clear_error_not_a_panic() {
     // Port 1 on loopback: nothing listens there, so the connection is refused at once.
-    let o = Command::new(env!("CARGO_BIN_EXE_locktable"))
-        .args([
-            "demo",
-            "--store",
-            "postgres://nobody@127.0.0.1:1/none",
-            "--secs",
-            "0.2",
-        ])
-        .output()
-        .expect("run locktable");
+    let o = locktable(&[
+        "demo",
+        "--store",
+        "postgres://nobody@127.0.0.1:1/none",
+        "--secs",
+        "0.2",
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
     assert!(err.contains("locktable: demo:"), "{err}");

@@ -4,12 +4,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use locktable::{LockTable, TableOptions};
+use support::child::quiet_child_command;
+
+mod support;
 
 // ---------------------------------------------------------------------
 // Raw file access (the table is a MAP_SHARED file; pread/pwrite go through
@@ -262,10 +264,9 @@ const DIR: &str = "LOCKTABLE_REVIEW_DIR";
 #[test]
 #[ignore = "child process entry point, run by the other tests"]
 fn review_child() {
-    let Ok(role) = std::env::var(ROLE) else {
+    let Some((role, dir)) = support::child::role_and_dir(ROLE, DIR) else {
         return;
     };
-    let dir = PathBuf::from(std::env::var(DIR).unwrap());
     match role.as_str() {
         "hold-and-fork" => {
             let opts = TableOptions::default().capacity(16).max_processes(4);
@@ -313,13 +314,9 @@ fn a_dead_holders_lock_is_recovered_while_its_forked_child_lives() {
     let dir = tempfile::tempdir().unwrap();
     let opts = TableOptions::default().capacity(16).max_processes(4);
     let t = LockTable::open(dir.path().join("t"), &opts).unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "review_child", "--ignored", "--nocapture"])
-        .arg("--test-threads=1")
+    let mut child = quiet_child_command("review_child")
         .env(ROLE, "hold-and-fork")
         .env(DIR, dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let st = child.wait().unwrap();

@@ -16,6 +16,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use locktable::{Error, LockTable, TableOptions};
+use support::child::quiet_child_command;
+
+mod support;
 
 /// Reads one process may hold of one ID (documented with `Error::HoldLimit`).
 const READ_LIMIT: u32 = 65_535;
@@ -365,10 +368,9 @@ const DIR: &str = "LOCKTABLE_CORE_REGRESSION_DIR";
 #[test]
 #[ignore = "child process entry point, run by the other tests"]
 fn core_regression_child() {
-    let Ok(role) = std::env::var(ROLE) else {
+    let Some((role, dir)) = support::child::role_and_dir(ROLE, DIR) else {
         return;
     };
-    let dir = std::path::PathBuf::from(std::env::var(DIR).unwrap());
     match role.as_str() {
         "write-and-die" => {
             let t = small(&dir.join("t"));
@@ -396,18 +398,9 @@ fn a_try_sweeps_a_killed_holder() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t");
     let t = small(&path);
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "core_regression_child",
-            "--ignored",
-            "--nocapture",
-        ])
-        .arg("--test-threads=1")
+    let mut child = quiet_child_command("core_regression_child")
         .env(ROLE, "write-and-die")
         .env(DIR, dir.path())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -8,6 +8,9 @@ use locktable::session::{
 };
 use locktable::{LockTable, TableOptions};
 use std::sync::Arc;
+use support::spy_store::{Answer, Call, SpyStore, Watch};
+
+mod support;
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
 
@@ -432,64 +435,28 @@ fn exclusive_requests_in_opposite_order_time_out_instead_of_hanging() {
 // Before the fix the same store could only return a plain error (Error::Io), which this test
 // tells apart.
 #[derive(Debug, Default)]
-struct UnsureStore {
-    inner: MemoryStore,
-    unsure: Arc<std::sync::atomic::AtomicBool>,
+struct UnsureSaves {
+    unsure: std::sync::atomic::AtomicBool,
 }
 
-impl Store for UnsureStore {
-    fn capabilities(&self) -> locktable::session::Capabilities {
-        self.inner.capabilities()
-    }
-    fn load(&self, id: &SessionId, max: usize) -> locktable::Result<Option<StoredSession>> {
-        self.inner.load(id, max)
-    }
-    fn save(&self, id: &SessionId, e: Option<u64>, new: &StoredSession) -> locktable::Result<bool> {
-        let ok = self.inner.save(id, e, new)?;
-        if ok && self.unsure.load(std::sync::atomic::Ordering::SeqCst) {
+/// While `unsure` is on, a save that wrote reports an unknown outcome.
+impl Watch for UnsureSaves {
+    fn after(&self, _: &dyn Store, _: Call, answer: Answer) -> locktable::Result<()> {
+        if answer == Answer::Saved(true) && self.unsure.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::OutcomeUnknown("directory fsync failed".into()));
         }
-        Ok(ok)
-    }
-    fn meta(&self, id: &SessionId) -> locktable::Result<Option<locktable::session::SessionMeta>> {
-        self.inner.meta(id)
-    }
-    fn touch(
-        &self,
-        id: &SessionId,
-        at: Timestamp,
-        c: Duration,
-        cut: &locktable::session::Cutoffs,
-    ) -> locktable::Result<locktable::session::Touch> {
-        self.inner.touch(id, at, c, cut)
-    }
-    fn delete(&self, id: &SessionId) -> locktable::Result<bool> {
-        self.inner.delete(id)
-    }
-    fn remove_expired(
-        &self,
-        id: &SessionId,
-        cut: &locktable::session::Cutoffs,
-    ) -> locktable::Result<bool> {
-        self.inner.remove_expired(id, cut)
-    }
-    fn scan_expired(
-        &self,
-        cut: &locktable::session::Cutoffs,
-        budget: usize,
-    ) -> locktable::Result<locktable::session::ExpiredScan> {
-        self.inner.scan_expired(cut, budget)
+        Ok(())
     }
 }
 
 #[test]
 fn a_commit_of_unknown_outcome_is_reported_as_such_and_never_replayed() {
     let table = LockTable::anonymous(&TableOptions::default()).unwrap();
-    let store = UnsureStore::default();
-    let flag = Arc::clone(&store.unsure);
+    let flag = Arc::new(UnsureSaves::default());
+    let store = SpyStore::new(MemoryStore::default(), Arc::clone(&flag));
     let mgr = SessionManager::new(table, store, SessionConfig::default());
     let id = new_session(&mgr, &[("n", 0)]);
-    let unsure = |on: bool| flag.store(on, std::sync::atomic::Ordering::SeqCst);
+    let unsure = |on: bool| flag.unsure.store(on, std::sync::atomic::Ordering::SeqCst);
     unsure(true);
     let mut runs = 0;
     let r = mgr.transact(&id, |s| {
@@ -565,12 +532,11 @@ fn a_record_over_a_lowered_limit_is_reported_deletable_and_collected() {
 // under the same lock as touches. The store below lands a touch right after every read gc makes.
 #[derive(Debug)]
 struct TouchAfterRead {
-    inner: MemoryStore,
     victim: Arc<parking_lot::Mutex<Option<SessionId>>>,
 }
 
 impl TouchAfterRead {
-    fn touch_victim(&self) {
+    fn touch_victim(&self, store: &dyn Store) {
         if let Some(id) = self.victim.lock().take() {
             // The toucher's clock is a little behind gc's: it found the session alive.
             let cut = locktable::session::Cutoffs {
@@ -578,59 +544,22 @@ impl TouchAfterRead {
                 idle_timeout: Duration::from_secs(60),
                 max_lifetime: Duration::from_secs(86_400),
             };
-            let t = self
-                .inner
-                .touch(&id, cut.now, Duration::ZERO, &cut)
-                .unwrap();
+            let t = store.touch(&id, cut.now, Duration::ZERO, &cut).unwrap();
             assert_eq!(t, locktable::session::Touch::Written);
         }
     }
 }
 
-impl Store for TouchAfterRead {
-    fn capabilities(&self) -> locktable::session::Capabilities {
-        self.inner.capabilities()
-    }
-    fn load(&self, id: &SessionId, max: usize) -> locktable::Result<Option<StoredSession>> {
-        let r = self.inner.load(id, max);
-        self.touch_victim();
-        r
-    }
-    fn save(&self, id: &SessionId, e: Option<u64>, new: &StoredSession) -> locktable::Result<bool> {
-        self.inner.save(id, e, new)
-    }
-    fn meta(&self, id: &SessionId) -> locktable::Result<Option<locktable::session::SessionMeta>> {
-        let r = self.inner.meta(id);
-        self.touch_victim();
-        r
-    }
-    fn touch(
-        &self,
-        id: &SessionId,
-        at: Timestamp,
-        c: Duration,
-        cut: &locktable::session::Cutoffs,
-    ) -> locktable::Result<locktable::session::Touch> {
-        self.inner.touch(id, at, c, cut)
-    }
-    fn delete(&self, id: &SessionId) -> locktable::Result<bool> {
-        self.inner.delete(id)
-    }
-    fn remove_expired(
-        &self,
-        id: &SessionId,
-        cut: &locktable::session::Cutoffs,
-    ) -> locktable::Result<bool> {
-        self.inner.remove_expired(id, cut)
-    }
-    fn scan_expired(
-        &self,
-        cut: &locktable::session::Cutoffs,
-        budget: usize,
-    ) -> locktable::Result<locktable::session::ExpiredScan> {
-        let r = self.inner.scan_expired(cut, budget);
-        self.touch_victim();
-        r
+/// After every read (whatever it answered), before gc's next call.
+impl Watch for TouchAfterRead {
+    fn after(&self, store: &dyn Store, call: Call, _: Answer) -> locktable::Result<()> {
+        if matches!(
+            call,
+            Call::Load | Call::Meta | Call::LastAccessed | Call::ScanExpired
+        ) {
+            self.touch_victim(store);
+        }
+        Ok(())
     }
 }
 
@@ -638,11 +567,13 @@ impl Store for TouchAfterRead {
 fn a_touch_between_gcs_check_and_delete_keeps_the_session() {
     let clock = Arc::new(ManualClock::new(T0));
     let table = LockTable::anonymous(&TableOptions::default()).unwrap();
-    let store = TouchAfterRead {
-        inner: MemoryStore::new(),
-        victim: Arc::default(),
-    };
-    let victim = Arc::clone(&store.victim);
+    let victim: Arc<parking_lot::Mutex<Option<SessionId>>> = Arc::default();
+    let store = SpyStore::new(
+        MemoryStore::new(),
+        TouchAfterRead {
+            victim: Arc::clone(&victim),
+        },
+    );
     let mgr = SessionManager::new(
         table,
         store,

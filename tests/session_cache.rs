@@ -5,9 +5,11 @@
 
 use locktable::session::{ManualClock, SessionConfig, SessionManager, Timestamp};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
+use support::child::child_command;
+
+mod support;
 
 const ROLE: &str = "LOCKTABLE_CACHE_ROLE";
 const DIR: &str = "LOCKTABLE_CACHE_DIR";
@@ -36,8 +38,7 @@ fn read_n(mgr: &SessionManager, id: &str) -> Option<u64> {
 }
 
 fn run_child(role: &str, dir: &Path, id: &str) {
-    let st = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_role", "--ignored", "--nocapture"])
+    let st = child_command("child_role")
         .env(ROLE, role)
         .env(DIR, dir)
         .env(SID, id)

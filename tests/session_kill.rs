@@ -26,8 +26,11 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
+use support::child::child_command;
+
+mod support;
 
 const DIR: &str = "LOCKTABLE_SESSION_SOAK_DIR";
 const SLOT: &str = "LOCKTABLE_SESSION_SOAK_SLOT";
@@ -88,14 +91,7 @@ fn ids_path(dir: &Path) -> PathBuf {
 }
 
 fn spawn_worker(dir: &Path, slot: usize) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "soak_worker",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    child_command("soak_worker")
         .env(DIR, dir)
         .env(SLOT, slot.to_string())
         .stdout(Stdio::null())
@@ -103,18 +99,9 @@ fn spawn_worker(dir: &Path, slot: usize) -> Child {
         .unwrap()
 }
 
-/// The live workers of a round; killed when dropped, so that a failing check (a panic) leaves
-/// no worker running on a directory about to be removed.
-struct Workers(Vec<Child>);
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+// The live workers of a round; killed when dropped, so that a failing check (a panic) leaves
+// no worker running on a directory about to be removed.
+use support::child::Kids as Workers;
 
 /// Fails the test if a worker ended by itself (it only ends on a broken invariant).
 fn check_alive(slot: usize, c: &mut Child) {

@@ -8,13 +8,18 @@
 //! variable returns at once.
 
 use locktable::session::{
-    session_lock_id, Capabilities, CorruptPolicy, Cutoffs, ExpiredScan, FileStore, SessionConfig,
-    SessionId, SessionManager, SessionMeta, Store, StoredSession, Timestamp, Touch, GC_LOCK_ID,
+    session_lock_id, CorruptPolicy, FileStore, SessionConfig, SessionId, SessionManager, Store,
+    GC_LOCK_ID,
 };
 use locktable::{LockTable, TableOptions};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
+use support::child::child_command;
+use support::counters;
+use support::spy_store::{Answer, Call, SpyStore, Watch};
+
+mod support;
 
 const ROLE: &str = "LOCKTABLE_MP_ROLE";
 const DIR: &str = "LOCKTABLE_MP_DIR";
@@ -23,14 +28,7 @@ const WRITERS: usize = 4;
 const INCREMENTS: u64 = 2000;
 
 fn spawn_child(test: &str, role: &str, dir: &Path, id: &str) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            test,
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    child_command(test)
         .env(ROLE, role)
         .env(DIR, dir)
         .env(SID, id)
@@ -51,10 +49,7 @@ fn child_env() -> Option<(String, PathBuf, String)> {
 fn four_processes_transact_increments_while_readers_load() {
     let dir = tempfile::tempdir().unwrap();
     let mgr = SessionManager::open(dir.path()).unwrap();
-    let mut s = mgr.create().unwrap();
-    s.persist();
-    let id = s.id().to_string();
-    s.commit().unwrap();
+    let id = counters::empty_session(&mgr);
     let writers: Vec<Child> = (0..WRITERS)
         .map(|k| spawn_child("child_role", &format!("writer:{k}"), dir.path(), &id))
         .collect();
@@ -69,13 +64,7 @@ fn four_processes_transact_increments_while_readers_load() {
         assert!(c.wait().unwrap().success(), "reader failed");
     }
     let s = mgr.load(&id).unwrap().expect("session survives");
-    for k in 0..WRITERS {
-        assert_eq!(s.get::<u64>(&format!("p{k}")).unwrap(), Some(INCREMENTS));
-    }
-    assert_eq!(
-        s.get::<u64>("shared").unwrap(),
-        Some(INCREMENTS * WRITERS as u64)
-    );
+    counters::assert_counts(&s, WRITERS, INCREMENTS);
 }
 
 #[test]
@@ -110,28 +99,10 @@ fn child_role() {
     };
     if let Some(k) = role.strip_prefix("writer:") {
         let mgr = SessionManager::open(&dir).unwrap();
-        let own = format!("p{k}");
-        for _ in 0..INCREMENTS {
-            let done = mgr
-                .transact(&id, |s| {
-                    let a = s.get::<u64>(&own)?.unwrap_or(0);
-                    s.insert(own.clone(), &(a + 1))?;
-                    let b = s.get::<u64>("shared")?.unwrap_or(0);
-                    s.insert("shared", &(b + 1))
-                })
-                .unwrap();
-            assert!(done.is_some(), "session vanished");
-        }
+        counters::write_counts(&mgr, &id, k, INCREMENTS);
     } else if role == "reader" {
         let mgr = SessionManager::open(&dir).unwrap();
-        let mut last = 0u64;
-        while !dir.join("stop").exists() {
-            let s = mgr.load(&id).unwrap().expect("session exists");
-            let now = s.get::<u64>("shared").unwrap().unwrap_or(0);
-            assert!(now >= last, "shared counter went backwards");
-            last = now;
-            s.commit().unwrap();
-        }
+        counters::read_counts_until_stop(&mgr, &id, &dir);
     } else if role == "crasher" {
         let sid = SessionId::parse(&id).unwrap();
         let table = LockTable::open(dir.join("locks.table"), &TableOptions::default()).unwrap();
@@ -155,63 +126,21 @@ fn child_role() {
 
 // ---------- the background gc across processes ----------
 
-/// The cross-process observable: a `FileStore` that creates `dir/sweeping` (exclusively) when a
+/// The cross-process observable: a watcher of a `FileStore` that creates `dir/sweeping` (exclusively) when a
 /// `gc()` batch enters its one scan (`scan_expired`) and removes it when the scan leaves
 /// (after a short hold that makes a would-be overlap happen). A
 /// creation that finds the file already there means two sweeps at once: it leaves
 /// `dir/overlap`.
 #[derive(Debug)]
-struct MarkerStore {
-    inner: FileStore,
+struct SweepMarker {
     dir: PathBuf,
 }
 
-impl MarkerStore {
-    fn open(dir: &Path) -> MarkerStore {
-        let inner = FileStore::open(dir.join("sessions"))
-            .unwrap()
-            .with_fsync(false);
-        MarkerStore {
-            inner,
-            dir: dir.to_path_buf(),
+impl Watch for SweepMarker {
+    fn before(&self, call: Call) {
+        if call != Call::ScanExpired {
+            return;
         }
-    }
-}
-
-impl Store for MarkerStore {
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    fn load(&self, id: &SessionId, max_size: usize) -> locktable::Result<Option<StoredSession>> {
-        self.inner.load(id, max_size)
-    }
-    fn save(
-        &self,
-        id: &SessionId,
-        expected: Option<u64>,
-        new: &StoredSession,
-    ) -> locktable::Result<bool> {
-        self.inner.save(id, expected, new)
-    }
-    fn meta(&self, id: &SessionId) -> locktable::Result<Option<SessionMeta>> {
-        self.inner.meta(id)
-    }
-    fn touch(
-        &self,
-        id: &SessionId,
-        at: Timestamp,
-        coalesce: Duration,
-        cutoffs: &Cutoffs,
-    ) -> locktable::Result<Touch> {
-        self.inner.touch(id, at, coalesce, cutoffs)
-    }
-    fn delete(&self, id: &SessionId) -> locktable::Result<bool> {
-        self.inner.delete(id)
-    }
-    fn remove_expired(&self, id: &SessionId, cutoffs: &Cutoffs) -> locktable::Result<bool> {
-        self.inner.remove_expired(id, cutoffs)
-    }
-    fn scan_expired(&self, cutoffs: &Cutoffs, budget: usize) -> locktable::Result<ExpiredScan> {
         let entered = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -223,27 +152,33 @@ impl Store for MarkerStore {
             }
             Err(e) => panic!("marker: {e}"),
         }
-        let r = self.inner.scan_expired(cutoffs, budget);
-        std::thread::sleep(Duration::from_millis(3));
-        let _ = std::fs::remove_file(self.dir.join("sweeping"));
-        r
+    }
+    fn after(&self, _: &dyn Store, call: Call, _: Answer) -> locktable::Result<()> {
+        if call == Call::ScanExpired {
+            std::thread::sleep(Duration::from_millis(3));
+            let _ = std::fs::remove_file(self.dir.join("sweeping"));
+        }
+        Ok(())
     }
 }
 
-/// A manager on `dir` (its own attachment, as a process has) over a [`MarkerStore`].
+/// A manager on `dir` (its own attachment, as a process has) over its `FileStore` watched by a
+/// [`SweepMarker`].
 fn marker_manager(dir: &Path) -> SessionManager {
     let table = LockTable::open(dir.join("locks.table"), &TableOptions::default()).unwrap();
-    let store = MarkerStore::open(dir);
+    let files = FileStore::open(dir.join("sessions"))
+        .unwrap()
+        .with_fsync(false);
+    let marker = SweepMarker {
+        dir: dir.to_path_buf(),
+    };
+    let store = SpyStore::new(files, marker);
     SessionManager::new(table, store, SessionConfig::default())
 }
 
 /// Polls for a condition set by another process or thread; panics after 60 s.
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cond() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    support::child::wait_until(what, Duration::from_secs(60), cond);
 }
 
 const GC_PROCESSES: usize = 2;

@@ -16,6 +16,7 @@
 #[macro_use]
 #[path = "session_conformance.rs"]
 mod conformance;
+mod support;
 
 use conformance::*;
 use locktable::session::{
@@ -24,8 +25,12 @@ use locktable::session::{
 use locktable::{Error, LockTable, TableOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+use support::child::child_command;
+use support::counters;
+use support::servers::{required_env, unique_tag};
+use support::spy_store::SpyStore;
 
 const ROLE: &str = "LOCKTABLE_STORES_ROLE";
 const STORE_ENV: &str = "LOCKTABLE_STORES_STORE";
@@ -34,32 +39,9 @@ const SID_ENV: &str = "LOCKTABLE_STORES_ID";
 const PROCESSES: usize = 4;
 const INCREMENTS: u64 = 300;
 
-/// The value of `var`; a test failure when it is unset (the test command starts the servers).
-fn required_env(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            panic!(
-                "{var} is not set: the store tests must run against real servers \
-                 (start them with `eval \"$(scripts/services start)\"`)"
-            );
-        }
-    }
-}
-
 /// A key prefix no other test (or run) uses.
 fn unique_prefix(tag: &str) -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-        % 1_000_000_000;
-    format!(
-        "lt-test:{tag}:{}:{nanos}:{}:",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("lt-test:{tag}:{}:", unique_tag(":"))
 }
 
 fn redis_store(url: &str, prefix: &str) -> RedisStore {
@@ -153,77 +135,13 @@ fn manager(spec: &str, dir: &Path) -> SessionManager {
     let table = LockTable::open(dir.join("locks.table"), &TableOptions::default()).unwrap();
     SessionManager::new(
         table,
-        BoxedStore(open_store(spec, dir)),
+        SpyStore::boxed(open_store(spec, dir), ()),
         SessionConfig::default(),
     )
 }
 
-/// A boxed store is a store (the manager takes `impl Store`).
-#[derive(Debug)]
-struct BoxedStore(Box<dyn Store>);
-
-impl Store for BoxedStore {
-    fn capabilities(&self) -> locktable::session::Capabilities {
-        self.0.capabilities()
-    }
-    fn load(
-        &self,
-        id: &locktable::session::SessionId,
-        max: usize,
-    ) -> locktable::Result<Option<locktable::session::StoredSession>> {
-        self.0.load(id, max)
-    }
-    fn save(
-        &self,
-        id: &locktable::session::SessionId,
-        expected: Option<u64>,
-        new: &locktable::session::StoredSession,
-    ) -> locktable::Result<bool> {
-        self.0.save(id, expected, new)
-    }
-    fn meta(
-        &self,
-        id: &locktable::session::SessionId,
-    ) -> locktable::Result<Option<locktable::session::SessionMeta>> {
-        self.0.meta(id)
-    }
-    fn touch(
-        &self,
-        id: &locktable::session::SessionId,
-        at: locktable::session::Timestamp,
-        coalesce: Duration,
-        cutoffs: &locktable::session::Cutoffs,
-    ) -> locktable::Result<locktable::session::Touch> {
-        self.0.touch(id, at, coalesce, cutoffs)
-    }
-    fn delete(&self, id: &locktable::session::SessionId) -> locktable::Result<bool> {
-        self.0.delete(id)
-    }
-    fn remove_expired(
-        &self,
-        id: &locktable::session::SessionId,
-        cutoffs: &locktable::session::Cutoffs,
-    ) -> locktable::Result<bool> {
-        self.0.remove_expired(id, cutoffs)
-    }
-    fn scan_expired(
-        &self,
-        cutoffs: &locktable::session::Cutoffs,
-        budget: usize,
-    ) -> locktable::Result<locktable::session::ExpiredScan> {
-        self.0.scan_expired(cutoffs, budget)
-    }
-}
-
 fn spawn_child(role: &str, spec: &str, dir: &Path, id: &str) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_role",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    child_command("child_role")
         .env(ROLE, role)
         .env(STORE_ENV, spec)
         .env(DIR_ENV, dir)
@@ -237,10 +155,7 @@ fn spawn_child(role: &str, spec: &str, dir: &Path, id: &str) -> Child {
 fn four_processes_transact(spec: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mgr = manager(spec, dir.path());
-    let mut s = mgr.create().unwrap();
-    s.persist();
-    let id = s.id().to_string();
-    s.commit().unwrap();
+    let id = counters::empty_session(&mgr);
     let writers: Vec<Child> = (0..PROCESSES)
         .map(|k| spawn_child(&format!("writer:{k}"), spec, dir.path(), &id))
         .collect();
@@ -252,14 +167,7 @@ fn four_processes_transact(spec: &str) {
     let mut reader = reader;
     assert!(reader.wait().unwrap().success(), "the reader failed");
     let s = mgr.load(&id).unwrap().expect("the session survives");
-    for k in 0..PROCESSES {
-        assert_eq!(s.get::<u64>(&format!("p{k}")).unwrap(), Some(INCREMENTS));
-    }
-    assert_eq!(
-        s.get::<u64>("shared").unwrap(),
-        Some(INCREMENTS * PROCESSES as u64),
-        "lost or doubled updates"
-    );
+    counters::assert_counts(&s, PROCESSES, INCREMENTS);
 }
 
 #[test]
@@ -314,27 +222,9 @@ fn child_role() {
     }
     let mgr = manager(&spec, &dir);
     if let Some(k) = role.strip_prefix("writer:") {
-        let own = format!("p{k}");
-        for _ in 0..INCREMENTS {
-            let done = mgr
-                .transact(&id, |s| {
-                    let a = s.get::<u64>(&own)?.unwrap_or(0);
-                    s.insert(own.clone(), &(a + 1))?;
-                    let b = s.get::<u64>("shared")?.unwrap_or(0);
-                    s.insert("shared", &(b + 1))
-                })
-                .unwrap();
-            assert!(done.is_some(), "session vanished");
-        }
+        counters::write_counts(&mgr, &id, k, INCREMENTS);
     } else if role == "reader" {
-        let mut last = 0u64;
-        while !dir.join("stop").exists() {
-            let s = mgr.load(&id).unwrap().expect("session exists");
-            let now = s.get::<u64>("shared").unwrap().unwrap_or(0);
-            assert!(now >= last, "shared counter went backwards");
-            last = now;
-            s.commit().unwrap();
-        }
+        counters::read_counts_until_stop(&mgr, &id, &dir);
     } else {
         panic!("unknown role {role:?}");
     }

@@ -3,36 +3,10 @@
 //! Redis and memcached come from `LOCKTABLE_REDIS_URL` / `LOCKTABLE_MEMCACHED_URL` (see
 //! `tests/stores.rs`): unset, these fail, saying how to start them.
 
-use std::process::{Command, Output};
+use support::cli::{first_number as row, locktable};
+use support::servers::required_env;
 
-fn locktable(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_locktable"))
-        .args(args)
-        .output()
-        .expect("run locktable")
-}
-
-fn required_env(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            panic!("{var} is not set (start servers with `eval \"$(scripts/services start)\"`)");
-        }
-    }
-}
-
-/// The first number of a row of the report table.
-fn row(report: &str, name: &str) -> f64 {
-    let line = report
-        .lines()
-        .find(|l| l.starts_with(name))
-        .unwrap_or_else(|| panic!("no {name:?} row in {report}"));
-    line[name.len()..]
-        .split_whitespace()
-        .next()
-        .and_then(|x| x.parse().ok())
-        .unwrap_or_else(|| panic!("{name}: {line:?}"))
-}
+mod support;
 
 /// Runs the demo on `store` and checks the report: requests served, none lost, only writing
 /// requests wrote data.

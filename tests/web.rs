@@ -3,6 +3,7 @@
 
 #[path = "web_support/http.rs"]
 mod http;
+mod support;
 
 use axum::extract::{Path, Query};
 use axum::routing::{get, post};
@@ -10,8 +11,7 @@ use axum::Router;
 use http::{once, Resp};
 use hyper::{Method, StatusCode};
 use locktable::session::{
-    Capabilities, Cutoffs, ExpiredScan, Expiry, FileStore, ManualClock, SessionConfig, SessionId,
-    SessionManager, SessionMeta, Store, StoredSession, Timestamp, Touch,
+    Expiry, FileStore, ManualClock, SessionConfig, SessionManager, Timestamp,
 };
 use locktable::web::{
     CookieConfig, ExclusiveSession, Key, LazySession, Protection, ReadOnlySession, SessionLayer,
@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::spy_store::{Call, SpyStore, Watch};
 
 // ---------------------------------------------------------------- a store that counts its calls
 
@@ -35,58 +36,16 @@ struct Calls {
     expired_removals: AtomicU64,
 }
 
-#[derive(Debug)]
-struct CountingStore {
-    inner: FileStore,
-    calls: Arc<Calls>,
-}
-
-impl Store for CountingStore {
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    fn load(&self, id: &SessionId, max_size: usize) -> locktable::Result<Option<StoredSession>> {
-        self.calls.reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.load(id, max_size)
-    }
-    fn save(
-        &self,
-        id: &SessionId,
-        expected: Option<u64>,
-        new: &StoredSession,
-    ) -> locktable::Result<bool> {
-        self.calls.writes.fetch_add(1, Ordering::SeqCst);
-        self.inner.save(id, expected, new)
-    }
-    fn meta(&self, id: &SessionId) -> locktable::Result<Option<SessionMeta>> {
-        self.calls.reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.meta(id)
-    }
-    fn touch(
-        &self,
-        id: &SessionId,
-        at: Timestamp,
-        coalesce: Duration,
-        cutoffs: &Cutoffs,
-    ) -> locktable::Result<Touch> {
-        self.calls.writes.fetch_add(1, Ordering::SeqCst);
-        self.inner.touch(id, at, coalesce, cutoffs)
-    }
-    fn last_accessed(&self, id: &SessionId) -> locktable::Result<Option<Timestamp>> {
-        self.calls.reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.last_accessed(id)
-    }
-    fn delete(&self, id: &SessionId) -> locktable::Result<bool> {
-        self.calls.writes.fetch_add(1, Ordering::SeqCst);
-        self.inner.delete(id)
-    }
-    fn remove_expired(&self, id: &SessionId, cutoffs: &Cutoffs) -> locktable::Result<bool> {
-        self.calls.expired_removals.fetch_add(1, Ordering::SeqCst);
-        self.inner.remove_expired(id, cutoffs)
-    }
-    fn scan_expired(&self, cutoffs: &Cutoffs, budget: usize) -> locktable::Result<ExpiredScan> {
-        self.calls.reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.scan_expired(cutoffs, budget)
+/// Counts every call before it reaches the store.
+impl Watch for Calls {
+    fn before(&self, call: Call) {
+        let counter = match call {
+            Call::Load | Call::Meta | Call::LastAccessed | Call::ScanExpired => &self.reads,
+            Call::Save | Call::Touch | Call::Delete => &self.writes,
+            Call::RemoveExpired => &self.expired_removals,
+            Call::Cleanup => return,
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -247,15 +206,13 @@ impl Setup {
         let table =
             LockTable::open(self.dir.join("locks.table"), &TableOptions::default()).unwrap();
         let calls = Arc::new(Calls::default());
-        let store = CountingStore {
-            inner: FileStore::open(self.dir.join("sessions"))
-                .unwrap()
-                .with_fsync(false),
-            calls: Arc::clone(&calls),
-        };
+        let store = FileStore::open(self.dir.join("sessions"))
+            .unwrap()
+            .with_fsync(false);
         let mgr = if self.cached {
-            SessionManager::new(table, store.inner, self.session.clone())
+            SessionManager::new(table, store, self.session.clone())
         } else {
+            let store = SpyStore::new(store, Arc::clone(&calls));
             SessionManager::new(table, store, self.session.clone())
         };
         let cookies = self

@@ -30,8 +30,8 @@
 //! other, whatever lock table it was given, which is why [`Capabilities::atomic_cas`] holds.
 
 use super::{
-    record_of_split, split_record, Capabilities, ChangedValue, Cutoffs, ExpiredScan, SessionMeta,
-    Store, Stored, StoredHead, StoredSession, Timestamp, Touch,
+    record_of_split, split_record, touch_refusal, Capabilities, ChangedValue, Cutoffs, ExpiredScan,
+    SessionMeta, Store, Stored, StoredHead, StoredSession, Timestamp, Touch,
 };
 use crate::fork::{self, AttachWindow, ForkSafeFile};
 use crate::registry::ofd_lock;
@@ -739,12 +739,8 @@ impl Store for FileStore {
         let Some(f) = not_found(File::open(&path))? else {
             return Ok(Touch::Missing);
         };
-        let m = meta_of(&f)?;
-        if m.last_accessed >= at.saturating_sub(coalesce) {
-            return Ok(Touch::Skipped);
-        }
-        if cutoffs.meta_expired(&m) {
-            return Ok(Touch::Expired);
+        if let Some(refused) = touch_refusal(&meta_of(&f)?, at, coalesce, cutoffs) {
+            return Ok(refused);
         }
         f.set_modified(at.to_system_time())?;
         Ok(Touch::Written)

@@ -39,8 +39,8 @@
 //! LMDB.
 
 use super::{
-    record_of_split, split_record, Capabilities, ChangedValue, Cutoffs, ExpiredScan, Expiry,
-    SessionMeta, Store, Stored, StoredHead, StoredSession, Timestamp, Touch,
+    record_of_split, split_record, touch_refusal, Capabilities, ChangedValue, Cutoffs, ExpiredScan,
+    Expiry, SessionMeta, Store, Stored, StoredHead, StoredSession, Timestamp, Touch,
 };
 use crate::session::id::SessionId;
 use crate::session::record;
@@ -622,11 +622,8 @@ impl Store for KvStore {
             let Some(mut m) = self.meta_in(wtxn, id)? else {
                 return Ok(Touch::Missing);
             };
-            if m.last_accessed >= fresh {
-                return Ok(Touch::Skipped);
-            }
-            if cutoffs.meta_expired(&m) {
-                return Ok(Touch::Expired);
+            if let Some(refused) = touch_refusal(&m, at, coalesce, cutoffs) {
+                return Ok(refused);
             }
             m.last_accessed = at;
             self.shared

@@ -43,7 +43,8 @@
 
 use super::native_ttl::{expiry_text, parse_expiry_text, TtlRule};
 use super::{
-    Capabilities, Cutoffs, ExpiredScan, SessionMeta, Store, StoredSession, Timestamp, Touch,
+    touch_refusal, Capabilities, Cutoffs, ExpiredScan, SessionMeta, Store, StoredSession,
+    Timestamp, Touch,
 };
 use crate::session::id::SessionId;
 use crate::session::SessionConfig;
@@ -725,16 +726,12 @@ impl Store for MemcachedStore {
         cutoffs: &Cutoffs,
     ) -> Result<Touch> {
         self.rule.learn(cutoffs);
-        let fresh = at.saturating_sub(coalesce);
         for _ in 0..CAS_ATTEMPTS {
             let Some((a, cas)) = self.anchor(id)? else {
                 return Ok(Touch::Missing);
             };
-            if a.meta.last_accessed >= fresh {
-                return Ok(Touch::Skipped);
-            }
-            if cutoffs.meta_expired(&a.meta) {
-                return Ok(Touch::Expired);
+            if let Some(refused) = touch_refusal(&a.meta, at, coalesce, cutoffs) {
+                return Ok(refused);
             }
             let mut next = a;
             next.meta.last_accessed = at;

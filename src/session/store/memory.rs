@@ -4,7 +4,8 @@
 //! expiry checks need no lock from the manager.
 
 use super::{
-    Capabilities, Cutoffs, ExpiredScan, SessionMeta, Store, StoredSession, Timestamp, Touch,
+    touch_refusal, Capabilities, Cutoffs, ExpiredScan, SessionMeta, Store, StoredSession,
+    Timestamp, Touch,
 };
 use crate::session::id::SessionId;
 use crate::{Error, Result};
@@ -87,15 +88,14 @@ impl Store for MemoryStore {
         cutoffs: &Cutoffs,
     ) -> Result<Touch> {
         let mut map = self.map.lock();
-        Ok(match map.get_mut(id) {
-            None => Touch::Missing,
-            Some(s) if s.meta.last_accessed >= at.saturating_sub(coalesce) => Touch::Skipped,
-            Some(s) if cutoffs.meta_expired(&s.meta) => Touch::Expired,
-            Some(s) => {
-                s.meta.last_accessed = at;
-                Touch::Written
-            }
-        })
+        let Some(s) = map.get_mut(id) else {
+            return Ok(Touch::Missing);
+        };
+        if let Some(refused) = touch_refusal(&s.meta, at, coalesce, cutoffs) {
+            return Ok(refused);
+        }
+        s.meta.last_accessed = at;
+        Ok(Touch::Written)
     }
 
     fn delete(&self, id: &SessionId) -> Result<bool> {

@@ -372,6 +372,25 @@ impl Cutoffs {
     }
 }
 
+/// The part of [`Store::touch`]'s contract that every store decides alike from the session's
+/// stored metadata `m` (read under the store's own serialization): [`Touch::Skipped`] when the
+/// stored time is already `>= at - coalesce`, else [`Touch::Expired`] when the session is
+/// expired under `cutoffs`; `None` when the touch is to be written.
+pub(crate) fn touch_refusal(
+    m: &SessionMeta,
+    at: Timestamp,
+    coalesce: Duration,
+    cutoffs: &Cutoffs,
+) -> Option<Touch> {
+    if m.last_accessed >= at.saturating_sub(coalesce) {
+        Some(Touch::Skipped)
+    } else if cutoffs.meta_expired(m) {
+        Some(Touch::Expired)
+    } else {
+        None
+    }
+}
+
 /// Result of one [`Store::scan_expired`] call.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExpiredScan {
