@@ -30,8 +30,8 @@
 //! other, whatever lock table it was given, which is why [`Capabilities::atomic_cas`] holds.
 
 use super::{
-    record_of_split, split_record, touch_refusal, Capabilities, ChangedValue, Cutoffs, ExpiredScan,
-    SessionMeta, Store, Stored, StoredHead, StoredSession, Timestamp, Touch,
+    record_of_split, split_record, touch_refusal, values_of_whole, Capabilities, ChangedValue,
+    Cutoffs, ExpiredScan, SessionMeta, Store, Stored, StoredHead, StoredSession, Timestamp, Touch,
 };
 use crate::fork::{self, AttachWindow, ForkSafeFile};
 use crate::registry::ofd_lock;
@@ -659,12 +659,7 @@ impl Store for FileStore {
             return Ok(None);
         }
         let Some(head) = head_of(&f, md.len())? else {
-            let values: std::collections::BTreeMap<_, _> =
-                split_record(&read_at(&f, 0, md.len())?)?
-                    .1
-                    .into_iter()
-                    .collect();
-            return Ok(Some(keys.iter().map(|k| values.get(*k).cloned()).collect()));
+            return values_of_whole(&read_at(&f, 0, md.len())?, keys).map(Some);
         };
         let h = record::decode_head(&head, usize::MAX)?;
         let offsets = record::value_offsets(&h, head.len() as u64);

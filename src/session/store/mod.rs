@@ -307,6 +307,13 @@ pub fn split_record(bytes: &[u8]) -> Result<(Vec<u8>, super::record::StoredValue
     Ok((super::record::encode_head(&head)?, values))
 }
 
+/// The stored values of `keys` (`None` for a key the record does not hold) in a whole record:
+/// what [`Store::load_values`] answers for a session that a per-key store holds whole.
+pub(crate) fn values_of_whole(bytes: &[u8], keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>> {
+    let values: std::collections::BTreeMap<_, _> = split_record(bytes)?.1.into_iter().collect();
+    Ok(keys.iter().map(|k| values.get(*k).cloned()).collect())
+}
+
 /// Where the change counters of the hot-session cache live for a store
 /// ([`Store::change_counters`]): the cache needs every writer of the store to move the same
 /// counters, so it is on only where the store says where they are.

@@ -37,8 +37,8 @@
 
 use super::native_ttl::{expiry_text, parse_expiry_text, TtlRule};
 use super::{
-    record_of_split, split_record, Capabilities, ChangedValue, Cutoffs, ExpiredScan, SessionMeta,
-    Store, Stored, StoredHead, StoredSession, Timestamp, Touch,
+    record_of_split, split_record, values_of_whole, Capabilities, ChangedValue, Cutoffs,
+    ExpiredScan, SessionMeta, Store, Stored, StoredHead, StoredSession, Timestamp, Touch,
 };
 use crate::session::id::SessionId;
 use crate::session::SessionConfig;
@@ -709,9 +709,7 @@ impl Store for RedisStore {
             Some(b"vals") if reply.len() == keys.len() + 1 => Ok(Some(reply.split_off(1))),
             Some(b"whole") if reply.len() == 2 => {
                 let whole = reply.pop().flatten().ok_or_else(corrupt)?;
-                let values: std::collections::BTreeMap<_, _> =
-                    split_record(&whole)?.1.into_iter().collect();
-                Ok(Some(keys.iter().map(|k| values.get(*k).cloned()).collect()))
+                values_of_whole(&whole, keys).map(Some)
             }
             _ => Err(corrupt()),
         }
