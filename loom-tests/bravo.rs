@@ -367,3 +367,98 @@ fn a_process_attaching_during_a_revocation_is_seen_by_the_row_scan() {
         assert!(s.model.is_idle(SLOT));
     });
 }
+
+/// A biased reader that holds until told: it publishes `held` once granted
+/// and releases after `done`. (A reader that simply releases lets loom's
+/// scheduler run it whenever a timed wait yields, so the schedules where a
+/// claimant gives up *beside* a held biased read would never be explored.)
+fn reader_holding_until_done(
+    s: &Arc<Shared>,
+    g: Key,
+    held: &Arc<loom::sync::atomic::AtomicBool>,
+    done: &Arc<loom::sync::atomic::AtomicBool>,
+) -> thread::JoinHandle<()> {
+    let (s, held, done) = (s.clone(), held.clone(), done.clone());
+    thread::spawn(move || {
+        let entry = biased_read(&s, 0, g);
+        assert!(entry.is_some(), "the slot is biased and the row free");
+        held.store(true, Ordering::SeqCst);
+        while !done.load(Ordering::SeqCst) {
+            thread::yield_now();
+        }
+        s.model.release_reader(0, SLOT, entry);
+    })
+}
+
+fn wait_for(flag: &loom::sync::atomic::AtomicBool) {
+    while !flag.load(Ordering::SeqCst) {
+        thread::yield_now();
+    }
+}
+
+/// An upgrade that times out beside a biased reader takes its claim back
+/// (WRITER -> UPGRADER); the bias must survive that way back, or the next
+/// writer would not scan the rows and would get in beside the reader.
+#[test]
+fn an_upgrade_that_gives_up_leaves_the_bias_for_the_next_writer_to_revoke() {
+    model(|| {
+        let (s, g) = shared(3, None);
+        s.model.bias(SLOT);
+        let (held, done) = (Arc::default(), Arc::default());
+        s.model.upgradable(1, SLOT, g, ModelWait::Forever).unwrap();
+        let reader = reader_holding_until_done(&s, g, &held, &done);
+        wait_for(&held);
+        let up = s
+            .model
+            .upgrade(1, SLOT, ModelWait::For(Duration::from_millis(5)));
+        assert_eq!(up, Err(ModelFail::Timeout), "an upgrade beside a reader");
+        s.model.release_upgradable(SLOT);
+        assert!(
+            s.model.write(2, SLOT, g, ModelWait::Try).is_err(),
+            "a writer beside a biased reader"
+        );
+        done.store(true, Ordering::SeqCst);
+        reader.join().unwrap();
+        s.model.write(2, SLOT, g, ModelWait::Forever).unwrap();
+        s.model.release_write(SLOT);
+        assert!(s.model.is_idle(SLOT));
+    });
+}
+
+/// A writer that dies with its claim pending (the bias still set, its row
+/// scan unfinished) is swept by the next writer's liveness poll; the sweep
+/// must leave BIASED, so that the next writer's claim scans the rows too.
+#[test]
+fn a_writer_killed_mid_revocation_leaves_the_bias_for_the_next_writer() {
+    model(|| {
+        let (s, g) = shared(3, Some(Duration::from_millis(10)));
+        s.model.bias(SLOT);
+        let (held, done) = (Arc::default(), Arc::default());
+        let reader = reader_holding_until_done(&s, g, &held, &done);
+        wait_for(&held);
+        let dying = {
+            let s = s.clone();
+            thread::spawn(move || {
+                s.model.claim_write_only(1, SLOT, g).unwrap();
+                s.model.kill(1);
+            })
+        };
+        dying.join().unwrap();
+        // Waits past a poll (which sweeps process 1), then must still find
+        // the biased reader.
+        let w = s
+            .model
+            .write(2, SLOT, g, ModelWait::For(Duration::from_millis(30)));
+        assert_eq!(
+            w,
+            Err(ModelFail::Timeout),
+            "a writer beside a biased reader"
+        );
+        assert_eq!(s.model.biased_reads_of(0, SLOT), 1);
+        done.store(true, Ordering::SeqCst);
+        reader.join().unwrap();
+        s.model.write(2, SLOT, g, ModelWait::Forever).unwrap();
+        s.model.release_write(SLOT);
+        assert!(s.model.is_idle(SLOT));
+    });
+}

@@ -23,8 +23,8 @@ use crate::sync::Ordering;
 /// What one sweep released.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepReport {
-    /// Slots on which the dead process held, claimed or waited (a biased
-    /// read, held in a reader row, counts once per row entry).
+    /// Slots on which the dead process held, claimed or waited, each
+    /// counted once (however many reads, biased or not, held it).
     pub slots_released: usize,
     /// Bucket locks it held (an insertion it died in).
     pub buckets_repaired: usize,
@@ -32,12 +32,15 @@ pub struct SweepReport {
 
 /// Releases every hold of `dead` in `region`.
 pub(crate) fn sweep_process<R: Region + ?Sized>(region: &R, dead: u32) -> SweepReport {
-    let mut report = SweepReport {
-        slots_released: sweep_reader_rows(region, dead),
-        ..SweepReport::default()
-    };
+    let mut from_rows = Vec::new();
+    sweep_reader_rows_into(region, dead, &mut from_rows);
+    from_rows.sort_unstable();
+    from_rows.dedup();
+    let mut report = SweepReport::default();
     for i in 0..region.geometry().capacity as usize {
-        if region.slot(i).recover_process(dead) {
+        // Both are called for every slot (`|`, not `||`): the slot pass
+        // must run even where a row entry already released the slot.
+        if region.slot(i).recover_process(dead) | from_rows.binary_search(&i).is_ok() {
             report.slots_released += 1;
         }
     }
@@ -55,6 +58,18 @@ pub(crate) fn sweep_process<R: Region + ?Sized>(region: &R, dead: u32) -> SweepR
 /// store, then the PARKED check in `wake_if_parked`). An entry value that
 /// names no slot (corruption) is cleared without a wake.
 pub(crate) fn sweep_reader_rows<R: Region + ?Sized>(region: &R, dead: u32) -> usize {
+    let mut slots = Vec::new();
+    sweep_reader_rows_into(region, dead, &mut slots)
+}
+
+/// `sweep_reader_rows`, also pushing onto `slots` the slot each entry
+/// held (repeated per entry: the caller dedups, so that the sweep's report
+/// counts a slot once however many reads held it).
+fn sweep_reader_rows_into<R: Region + ?Sized>(
+    region: &R,
+    dead: u32,
+    slots: &mut Vec<usize>,
+) -> usize {
     let n = RECORD_ROW_ENTRIES as usize;
     let start = dead as usize * n;
     let Some(block) = region.reader_rows().get(start..start + n) else {
@@ -73,6 +88,7 @@ pub(crate) fn sweep_reader_rows<R: Region + ?Sized>(region: &R, dead: u32) -> us
         released += 1;
         if let Some(slot) = (held as usize).checked_sub(1).filter(|&i| i < capacity) {
             region.slot(slot).wake_if_parked();
+            slots.push(slot);
         }
     }
     released
@@ -146,5 +162,23 @@ mod tests {
         assert_eq!(a.read(0, None, g, None, &NoHost), Err(Fail::Busy));
         sweep_process(&region, 40);
         assert!(a.read(0, None, g, None, &NoHost).is_ok());
+    }
+
+    /// `reap` reports slots released (`locktable reap`: "released N
+    /// slot(s)"): a dead process that held one slot through two biased
+    /// reads and a lane read released one slot, not three.
+    #[test]
+    fn a_sweep_counts_each_slot_once_however_the_dead_process_held_it() {
+        let region = HeapRegion::new(16, 2);
+        let (a, g) = active(&region, 0);
+        a.state.fetch_or(lockword::BIASED, Ordering::Relaxed);
+        let b1 = a.read(1, Some(0), g, None, &NoHost).unwrap();
+        let b2 = a.read(1, Some(0), g, None, &NoHost).unwrap();
+        assert!(b1.entry.is_some() && b2.entry.is_some(), "biased reads");
+        a.read(1, None, g, None, &NoHost).unwrap();
+        let r = sweep_process(&region, 1);
+        assert_eq!(r.slots_released, 1);
+        // Everything was released: a writer gets in.
+        assert!(a.write(0, g, None, &NoHost).is_ok());
     }
 }
