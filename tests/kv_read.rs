@@ -136,7 +136,11 @@ fn a_cached_read_request_on_kv_does_not_call_the_store() {
         read(&mgr, &id);
     }
     assert_eq!(mgr.stats().cache_hits - hits, 1000);
-    assert_eq!(*calls.lock().unwrap(), BTreeMap::new(), "store calls on hits");
+    assert_eq!(
+        *calls.lock().unwrap(),
+        BTreeMap::new(),
+        "store calls on hits"
+    );
 }
 
 #[test]
