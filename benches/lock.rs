@@ -3,6 +3,9 @@
 //! Mechanisms (each one's `NAME` is its criterion function name):
 //! - `locktable`: a file-backed [`LockTable`] in a tempdir; every operation
 //!   goes by ID (keyed hash, slot lookup, lock word, guard drop).
+//! - `locktable_nobias`: the same with `TableOptions::reader_bias(false)`
+//!   (reads always count in the process's lane), to show what the reader
+//!   bias changes, in the same run.
 //! - `parking_lot`, `std`: in-process `RwLock<()>`, pre-indexed (no ID lookup).
 //! - `pthread_pshared`: a `pthread_rwlock_t` with `PTHREAD_PROCESS_SHARED`
 //!   living in a `MAP_SHARED` file mapping, pre-indexed (no ID lookup).
@@ -27,6 +30,18 @@
 //! - `same_id_2procs`: the parent reads one ID while a child process (this
 //!   binary re-executed, which opens the table / mapping / file itself) reads
 //!   the same ID in a loop; the parent's time per operation is reported.
+//! - `same_id_readers/<mech>/<n>` (threads) and `same_id_reader_procs/<mech>/<n>`
+//!   (processes: re-executed children told "do N reads" through a pipe, each
+//!   answering with its CLOCK_MONOTONIC start and end): n readers of one ID,
+//!   ns per operation per reader from the first start to the last finish
+//!   (aggregate throughput = n / that). Counts from `LOCKTABLE_BENCH_READERS`
+//!   (default `1,2,4,8,16`). Processes only for `locktable` and
+//!   `pthread_pshared` (the in-process locks cannot be shared).
+//! - `write_beside_2_readers`: one thread's write cycle on the hot ID while
+//!   two threads read it in a loop (writer latency under readers).
+//! - `bias_publish`: the reader's publication primitive alone, a store to a
+//!   private line then a load of a shared one: `swap` (the fenced publish)
+//!   against a plain store (what the asymmetric-fence variant would do).
 //!
 //! On a machine shared with other work, `LOCKTABLE_BENCH_MIN_CHUNK=1000`
 //! makes the `uncontended_*` groups report the fastest 1000-operation chunk
@@ -56,6 +71,11 @@ use memmap2::{MmapOptions, MmapRaw};
 const CHILD_ENV: &str = "LOCKTABLE_BENCH_CHILD";
 /// Thread counts for `distinct_ids`, comma separated.
 const THREADS_ENV: &str = "LOCKTABLE_BENCH_THREADS";
+/// Reader counts for `same_id_readers` and `same_id_reader_procs`.
+const READERS_ENV: &str = "LOCKTABLE_BENCH_READERS";
+/// Set (to any value) in a child that reads in rounds commanded on stdin
+/// (`same_id_reader_procs`) instead of in a free loop.
+const CHILD_ROUNDS_ENV: &str = "LOCKTABLE_BENCH_CHILD_ROUNDS";
 /// Diagnostic: when set to 1, every `locktable` worker opens its own handle
 /// (its own attachment) instead of cloning the shared one.
 const OWN_HANDLE_ENV: &str = "LOCKTABLE_BENCH_OWN_HANDLE";
@@ -151,21 +171,27 @@ struct TableMech {
     table: LockTable,
     ids: Vec<String>,
     own_handles: bool,
+    bias: bool,
 }
 
 impl TableMech {
-    fn new(ids: usize) -> Self {
+    fn new(ids: usize, bias: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("locks");
-        let table = LockTable::open(&path, &TableOptions::default()).expect("open table");
+        let table = LockTable::open(&path, &table_options(bias)).expect("open table");
         TableMech {
             _dir: dir,
             path,
             table,
             ids: (0..ids).map(session_id).collect(),
             own_handles: std::env::var(OWN_HANDLE_ENV).is_ok_and(|v| v == "1"),
+            bias,
         }
     }
+}
+
+fn table_options(bias: bool) -> TableOptions {
+    TableOptions::default().reader_bias(bias)
 }
 
 struct TableWorker {
@@ -190,7 +216,7 @@ impl Mechanism for TableMech {
     type W = TableWorker;
     fn worker(&self, id: usize) -> TableWorker {
         let table = if self.own_handles {
-            LockTable::open(&self.path, &TableOptions::default()).expect("open table")
+            LockTable::open(&self.path, &table_options(self.bias)).expect("open table")
         } else {
             self.table.clone()
         };
@@ -200,11 +226,12 @@ impl Mechanism for TableMech {
         }
     }
     fn child_spec(&self) -> Option<String> {
-        Some(format!(
-            "locktable\n{}\n{}",
-            self.path.display(),
-            self.ids[0]
-        ))
+        let kind = if self.bias {
+            "locktable"
+        } else {
+            "locktable_nobias"
+        };
+        Some(format!("{kind}\n{}\n{}", self.path.display(), self.ids[0]))
     }
 }
 
@@ -616,8 +643,9 @@ fn child_main(spec: &str) {
     let path = PathBuf::from(parts.next().expect("child spec: path"));
     let arg = parts.next().unwrap_or_default().to_owned();
     let mut worker: Box<dyn Worker> = match kind {
-        "locktable" => Box::new(TableWorker {
-            table: LockTable::open(&path, &TableOptions::default()).expect("child open table"),
+        "locktable" | "locktable_nobias" => Box::new(TableWorker {
+            table: LockTable::open(&path, &table_options(kind == "locktable"))
+                .expect("child open table"),
             id: arg.into_bytes(),
         }),
         "pthread" => {
@@ -630,6 +658,16 @@ fn child_main(spec: &str) {
         "open_flock_close" => Box::new(OpenFlockWorker::new(&path)),
         other => panic!("unknown child kind {other:?}"),
     };
+    if std::env::var_os(CHILD_ROUNDS_ENV).is_some() {
+        // Stdin carries the rounds: no thread may read it to EOF.
+        worker.read_cycle();
+        let mut out = std::io::stdout();
+        writeln!(out, "ready")
+            .and_then(|_| out.flush())
+            .expect("ready");
+        child_rounds(&mut *worker, &mut out);
+        return;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -655,6 +693,186 @@ fn child_main(spec: &str) {
     writeln!(out, "{cycles}")
         .and_then(|_| out.flush())
         .expect("count");
+}
+
+/// CLOCK_MONOTONIC in ns: comparable between processes (`Instant` is not
+/// printable).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live, writable timespec for the whole call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A child in rounds: for each line "N" on stdin, N read cycles, then the
+/// line "start end" (monotonic ns) on stdout; returns at EOF.
+fn child_rounds(worker: &mut dyn Worker, out: &mut std::io::Stdout) {
+    for line in std::io::stdin().lines() {
+        let n: u64 = line.expect("round").trim().parse().expect("round count");
+        let start = monotonic_ns();
+        for _ in 0..n {
+            worker.read_cycle();
+        }
+        let end = monotonic_ns();
+        writeln!(out, "{start} {end}")
+            .and_then(|_| out.flush())
+            .expect("round result");
+    }
+}
+
+/// `n` re-executed children reading ID 0 in rounds.
+struct ReaderProcs {
+    children: Vec<(Child, BufReader<std::process::ChildStdout>)>,
+}
+
+impl ReaderProcs {
+    fn start(spec: &str, n: usize) -> Self {
+        let exe = std::env::current_exe().expect("current_exe");
+        let children = (0..n)
+            .map(|_| {
+                let mut child = Command::new(&exe)
+                    .env(CHILD_ENV, spec)
+                    .env(CHILD_ROUNDS_ENV, "1")
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .expect("spawn reader process");
+                let mut out = BufReader::new(child.stdout.take().expect("child stdout"));
+                let mut line = String::new();
+                out.read_line(&mut line).expect("child ready line");
+                assert_eq!(line.trim(), "ready", "reader process did not start");
+                (child, out)
+            })
+            .collect();
+        ReaderProcs { children }
+    }
+
+    /// Every child does `iters` reads; the span from the first start to the
+    /// last end.
+    fn round(&mut self, iters: u64) -> Duration {
+        for (c, _) in &mut self.children {
+            let stdin = c.stdin.as_mut().expect("child stdin");
+            writeln!(stdin, "{iters}")
+                .and_then(|_| stdin.flush())
+                .expect("command a round");
+        }
+        let (mut first, mut last) = (u64::MAX, 0);
+        for (_, out) in &mut self.children {
+            let mut line = String::new();
+            out.read_line(&mut line).expect("round result");
+            let mut it = line
+                .split_whitespace()
+                .map(|v| v.parse::<u64>().expect("ns"));
+            first = first.min(it.next().expect("start"));
+            last = last.max(it.next().expect("end"));
+        }
+        Duration::from_nanos(last.saturating_sub(first))
+    }
+
+    fn stop(self) {
+        for (mut c, _) in self.children {
+            drop(c.stdin.take());
+            let status = c.wait().expect("wait reader process");
+            assert!(status.success(), "reader process failed: {status}");
+        }
+    }
+}
+
+/// Readers of one ID: `n` threads, and (for mechanisms that can be shared
+/// between processes) `n` processes; a writer beside two reading threads.
+fn bench_readers_of_one_id<M: Mechanism>(
+    c: &mut Criterion,
+    name: &str,
+    mech: &M,
+    readers: &[usize],
+) {
+    {
+        let mut g = c.benchmark_group("same_id_readers");
+        for &n in readers {
+            g.bench_with_input(BenchmarkId::new(name, n), &n, |b, &n| {
+                b.iter_custom(|iters| run_threads(mech, n, iters, |_| 0))
+            });
+        }
+    }
+    if let Some(spec) = mech.child_spec().filter(|_| !name.contains("flock")) {
+        let mut g = c.benchmark_group("same_id_reader_procs");
+        for &n in readers {
+            // Children start only when the filter selects the benchmark.
+            let mut procs: Option<ReaderProcs> = None;
+            g.bench_with_input(BenchmarkId::new(name, n), &n, |b, &n| {
+                let p = procs.get_or_insert_with(|| ReaderProcs::start(&spec, n));
+                b.iter_custom(|iters| p.round(iters))
+            });
+            if let Some(p) = procs {
+                p.stop();
+            }
+        }
+    }
+    c.benchmark_group("write_beside_2_readers")
+        .bench_function(name, |b| {
+            let stop = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    let mut r = mech.worker(0);
+                    let stop = &stop;
+                    s.spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            r.read_cycle();
+                        }
+                    });
+                }
+                let mut w = mech.worker(0);
+                b.iter(|| w.write_cycle());
+                stop.store(true, Ordering::Relaxed);
+            });
+        });
+}
+
+/// The biased reader's publication primitive against a plain store: a
+/// store to a line only this thread writes, then a load of a shared word
+/// (the re-check of the state), then the release store.
+fn bench_bias_publish(c: &mut Criterion) {
+    use std::sync::atomic::{AtomicU32, AtomicU64};
+    let entry = CachePadded::new(AtomicU32::new(0));
+    let state = CachePadded::new(AtomicU64::new(1));
+    let mut g = c.benchmark_group("bias_publish");
+    g.bench_function("swap_seqcst", |b| {
+        b.iter(|| {
+            entry.swap(7, Ordering::SeqCst);
+            black_box(state.load(Ordering::SeqCst));
+            entry.store(0, Ordering::SeqCst);
+            black_box(state.load(Ordering::SeqCst));
+        })
+    });
+    g.bench_function("plain_store", |b| {
+        b.iter(|| {
+            entry.store(7, Ordering::Relaxed);
+            std::sync::atomic::compiler_fence(Ordering::SeqCst);
+            black_box(state.load(Ordering::Relaxed));
+            entry.store(0, Ordering::Release);
+            black_box(state.load(Ordering::Relaxed));
+        })
+    });
+    g.finish();
+}
+
+fn reader_counts() -> Vec<usize> {
+    let spec = std::env::var(READERS_ENV).unwrap_or_else(|_| "1,2,4,8,16".to_owned());
+    let v: Vec<usize> = spec
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{READERS_ENV}: bad count {s:?}"))
+        })
+        .filter(|&n| n > 0)
+        .collect();
+    assert!(!v.is_empty(), "{READERS_ENV} lists no reader count");
+    v
 }
 
 /// The chunk size of [`MIN_CHUNK_ENV`], if set.
@@ -779,15 +997,23 @@ fn main() {
         .sample_size(20)
         .configure_from_args();
 
-    bench_mechanism(&mut c, "locktable", &TableMech::new(ids), &threads);
-    bench_mechanism(
-        &mut c,
-        "parking_lot",
-        &ParkingLotMech(leak_locks(ids)),
-        &threads,
-    );
-    bench_mechanism(&mut c, "std", &StdMech(leak_locks(ids)), &threads);
-    bench_mechanism(&mut c, "pthread_pshared", &PthreadMech::new(ids), &threads);
+    let readers = reader_counts();
+    let table = TableMech::new(ids, true);
+    bench_mechanism(&mut c, "locktable", &table, &threads);
+    bench_readers_of_one_id(&mut c, "locktable", &table, &readers);
+    let unbiased = TableMech::new(ids, false);
+    bench_mechanism(&mut c, "locktable_nobias", &unbiased, &threads);
+    bench_readers_of_one_id(&mut c, "locktable_nobias", &unbiased, &readers);
+    let parking_lot = ParkingLotMech(leak_locks(ids));
+    bench_mechanism(&mut c, "parking_lot", &parking_lot, &threads);
+    bench_readers_of_one_id(&mut c, "parking_lot", &parking_lot, &readers);
+    let std_locks = StdMech(leak_locks(ids));
+    bench_mechanism(&mut c, "std", &std_locks, &threads);
+    bench_readers_of_one_id(&mut c, "std", &std_locks, &readers);
+    let pthread = PthreadMech::new(ids);
+    bench_mechanism(&mut c, "pthread_pshared", &pthread, &threads);
+    bench_readers_of_one_id(&mut c, "pthread_pshared", &pthread, &readers);
+    bench_bias_publish(&mut c);
     bench_mechanism(
         &mut c,
         "flock_fd",

@@ -19,6 +19,8 @@ use loom::thread;
 
 // The session cache's change counters (a separate file: the lock-core models live here).
 mod versions;
+// The reader bias (per-thread reader rows): its own file.
+mod bravo;
 
 const SLOT: usize = 0;
 const SLOTS: u32 = 1;

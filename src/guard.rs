@@ -64,6 +64,10 @@ struct Hold<'a> {
     slot: u32,
     owner_died: bool,
     releases: Releases,
+    /// A biased read: the reader-row entry that holds it (released by
+    /// clearing the entry, from whichever thread drops the guard).
+    /// `None`: the hold is in the process's lane or the state word.
+    entry: Option<u32>,
 }
 
 impl Hold<'_> {
@@ -89,6 +93,7 @@ macro_rules! guard_common {
                         slot,
                         owner_died,
                         releases: Releases::Read,
+                        entry: None,
                     }),
                 }
             }
@@ -105,9 +110,10 @@ macro_rules! guard_common {
             /// struct or move it into a spawned task.
             pub fn into_owned(self) -> $name<'static> {
                 let hold = self.into_hold();
-                let releases = hold.releases;
+                let (releases, entry) = (hold.releases, hold.entry);
                 let mut owned = $name::new(hold.table.into_owned(), hold.slot, hold.owner_died);
                 owned.hold.releases = releases;
+                owned.hold.entry = entry;
                 owned
             }
 
@@ -154,6 +160,22 @@ pub struct WriteGuard<'a> {
 }
 
 guard_common!(ReadGuard);
+
+impl<'a> ReadGuard<'a> {
+    /// The reader-row entry of a biased read (`None`: a lane read).
+    #[cfg(test)]
+    pub(crate) fn biased_entry(&self) -> Option<u32> {
+        self.hold.entry
+    }
+
+    /// A read granted by the lock word: biased (`entry`) or in the lane.
+    #[inline]
+    pub(crate) fn granted(table: TableRef<'a>, slot: u32, granted: Granted) -> Self {
+        let mut g = ReadGuard::new(table, slot, granted.owner_died);
+        g.hold.entry = granted.entry;
+        g
+    }
+}
 guard_common!(UpgradableReadGuard);
 guard_common!(WriteGuard);
 
@@ -162,10 +184,11 @@ impl Drop for ReadGuard<'_> {
     fn drop(&mut self) {
         if self.hold.ours() {
             let slot = self.hold.table.slot(self.hold.slot);
-            match self.hold.releases {
-                Releases::Read => slot.release_read(self.hold.me()),
-                Releases::Upgradable => slot.release_upgradable(),
-                Releases::Write => slot.release_write(),
+            match (self.hold.releases, self.hold.entry) {
+                (Releases::Read, Some(entry)) => slot.release_biased(entry),
+                (Releases::Read, None) => slot.release_read(self.hold.me()),
+                (Releases::Upgradable, _) => slot.release_upgradable(),
+                (Releases::Write, _) => slot.release_write(),
             }
         }
         // SAFETY: dropped exactly once, here; `self.hold` is not used after.
@@ -209,7 +232,10 @@ impl<'a> UpgradableReadGuard<'a> {
             }
         } else {
             // A forked child: the hold is the parent's; change nothing.
-            Ok(Granted { owner_died: false })
+            Ok(Granted {
+                owner_died: false,
+                entry: None,
+            })
         };
         match r {
             Ok(g) => Ok(WriteGuard::new(

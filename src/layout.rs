@@ -10,7 +10,7 @@
 //! ```text
 //! offset 0                      header (4096 bytes, one page)
 //!   0   magic "LOCKTBL\0"        8 bytes
-//!   8   format version (2)       u32
+//!   8   format version (3)       u32
 //!  12   endianness marker        u32 0x01020304 as written by the creator
 //!  16   header size              u32
 //!  20   cache line               u32 (every region entry is padded to it)
@@ -34,13 +34,25 @@
 //! 4096                           registry: max_processes records x 64 bytes
 //!                                buckets: capacity/8 headers x 64 bytes
 //!                                slots: capacity x slot size
+//!                                reader rows (page aligned): max_processes
+//!                                blocks of READER_ROWS rows x 64 bytes
 //! ```
+//!
+//! A slot's first cache line: state (+0), seq (+8), tag (+16, +24) and
+//! `bias_until` (+32, the end of the reader-bias cooling window). The reader
+//! rows of record `p` follow the slots: `READER_ROWS` rows of
+//! `ROW_ENTRIES` `u32` entries (one cache line each); an entry is 0 or
+//! slot index + 1 (a biased read hold of process `p`, see the lock word).
 
 use crate::error::{Error, Result};
 
 pub(crate) const MAGIC: [u8; 8] = *b"LOCKTBL\0";
 /// 2: adds the lanes-in-use mark at offset 192, which drain checks rely on.
-pub(crate) const FORMAT_VERSION: u32 = 2;
+/// 3: adds the per-process reader rows after the slots and `bias_until` in
+/// each slot's first line (reader bias, see the lock word): a build that
+/// does not scan the rows would let a writer in beside a biased reader, so
+/// older files and builds are refused.
+pub(crate) const FORMAT_VERSION: u32 = 3;
 pub(crate) const ENDIAN_MARKER: u32 = 0x0102_0304;
 pub(crate) const HEADER_SIZE: u64 = 4096;
 pub(crate) const CACHE_LINE: u64 = 64;
@@ -64,7 +76,25 @@ pub(crate) const SLOT_STATE: u64 = 0;
 pub(crate) const SLOT_SEQ: u64 = 8;
 pub(crate) const SLOT_TAG0: u64 = 16;
 pub(crate) const SLOT_TAG1: u64 = 24;
+/// End of the slot's reader-bias cooling window (CLOCK_MONOTONIC ns).
+pub(crate) const SLOT_BIAS_UNTIL: u64 = 32;
 pub(crate) const SLOT_LANES: u64 = CACHE_LINE;
+
+/// Reader rows per process record. A thread of the process publishes its
+/// biased reads in one row (threads beyond this many share rows; an entry
+/// is taken by a CAS from 0, so sharing is safe). The model checker uses
+/// one row of two entries, which keeps its revocation scans short.
+#[cfg(not(locktable_loom))]
+pub(crate) const READER_ROWS: u64 = 32;
+#[cfg(locktable_loom)]
+pub(crate) const READER_ROWS: u64 = 1;
+/// `u32` entries per reader row (one cache line in real builds).
+#[cfg(not(locktable_loom))]
+pub(crate) const ROW_ENTRIES: u64 = CACHE_LINE / 4;
+#[cfg(locktable_loom)]
+pub(crate) const ROW_ENTRIES: u64 = 2;
+/// Entries of one process record's reader rows.
+pub(crate) const RECORD_ROW_ENTRIES: u64 = READER_ROWS * ROW_ENTRIES;
 
 /// Offsets inside a process record.
 pub(crate) const RECORD_STATE: u64 = 0;
@@ -126,11 +156,19 @@ impl Geometry {
             4096,
         )
     }
-    pub(crate) fn file_size(&self) -> u64 {
+    /// The reader rows: after the slots, page aligned.
+    pub(crate) fn rows_offset(&self) -> u64 {
         round_up(
             self.slots_offset() + self.slot_size() * self.capacity as u64,
             4096,
         )
+    }
+    /// Number of reader-row entries in the table (every record's rows).
+    pub(crate) fn row_entries(&self) -> u64 {
+        RECORD_ROW_ENTRIES * self.max_processes as u64
+    }
+    pub(crate) fn file_size(&self) -> u64 {
+        round_up(self.rows_offset() + 4 * self.row_entries(), 4096)
     }
 }
 
@@ -321,6 +359,22 @@ mod tests {
             Err(Error::Corrupt(_))
         ));
         assert!(matches!(Header::decode(&b, 10), Err(Error::Corrupt(_))));
+    }
+
+    #[test]
+    fn reader_rows_follow_the_slots_inside_the_file() {
+        for (capacity, mp) in [(16, 1), (64, 8), (4096, 64), (1 << 24, 1024)] {
+            let g = Geometry {
+                capacity,
+                max_processes: mp,
+            };
+            assert_eq!(g.rows_offset() % 4096, 0);
+            assert!(g.rows_offset() >= g.slots_offset() + g.slot_size() * capacity as u64);
+            assert!(g.rows_offset() + 4 * g.row_entries() <= g.file_size());
+            assert_eq!(g.row_entries(), RECORD_ROW_ENTRIES * mp as u64);
+            // An entry holds slot index + 1.
+            assert!((capacity as u64) < u32::MAX as u64);
+        }
     }
 
     #[test]

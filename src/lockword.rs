@@ -16,7 +16,7 @@
 //! ```text
 //!  63            40 39        24 23        8 7 6 5 4 3 2 1 0
 //! +----------------+------------+-----------+-+-+-+-+-+-+---+
-//! |  GEN (24 bits) |  UPGRADER  |  WRITER   |R|R|D|W|L|P|PH |
+//! |  GEN (24 bits) |  UPGRADER  |  WRITER   |R|B|D|W|L|P|PH |
 //! +----------------+------------+-----------+-+-+-+-+-+-+---+
 //! PH  (2 bits) phase: 0 FREE, 1 ACTIVE, 2 RETIRING
 //! P   PARKED: some thread sleeps (or is about to) on this slot's futex
@@ -25,7 +25,10 @@
 //!     a waiting writer that an UPGRADER blocks, kept after the upgrader
 //!     leaves, cleared by a writer's claim or a waiting writer's give-up)
 //! D   OWNER_DIED: the last write holder died holding the lock
-//! R   reserved (bit 6: reader bias for per-thread reader indicators)
+//! B   BIASED: readers may publish their holds in their thread's reader row
+//!     (see "Reader bias" below) instead of their process's lane; every
+//!     claimant (writer, upgrade, retirement) must scan the rows
+//! R   reserved (bit 7)
 //! WRITER   process index + 1 of the writer (0 = none). With L clear the
 //!          writer is *pending*: it has excluded other writers, upgraders and
 //!          new readers, and waits for the readers to drain.
@@ -51,9 +54,25 @@
 //! write hold, so READERS never carries into WAITERS and a downgrade always
 //! has room. WAITERS counts this process's waiting threads (stats, and the
 //! proof that a WRITER_WAITING mark has a live waiter); it saturates.
+//!
+//! # Reader bias (per-thread reader rows)
+//!
+//! Each process record has `READER_ROWS` rows of `ROW_ENTRIES` `u32`
+//! entries; a thread of the process publishes a read of slot `s` by a CAS
+//! of one free entry of its row from 0 to `s + 1` (SeqCst), then re-loads
+//! the state (SeqCst): granted if BIASED is still set, no WRITER, same GEN
+//! and the same tag. Readers of one ID in different threads then write
+//! different cache lines. A claimant (write claim, upgrade, retirement)
+//! that finds BIASED set scans, after its SeqCst claim, the rows of every
+//! record below the lanes-in-use mark for `s + 1` and waits until none is
+//! left; the writer's grant clears BIASED, and a lane reader sets it again
+//! once the cooling window `bias_until` has passed. The entry sits in the
+//! reader's process's own record, so a dead reader's biased holds are
+//! exactly its non-zero entries (recovery zeroes them). DESIGN.md §10.
 
 use std::time::Duration;
 
+use crate::layout::{READER_ROWS, RECORD_ROW_ENTRIES, ROW_ENTRIES};
 use crate::sync::{self, AtomicU32, AtomicU64, Ordering};
 
 pub(crate) const PHASE_MASK: u64 = 0b11;
@@ -64,6 +83,11 @@ pub(crate) const PARKED: u64 = 1 << 2;
 pub(crate) const WRITE_LOCKED: u64 = 1 << 3;
 pub(crate) const WRITER_WAITING: u64 = 1 << 4;
 pub(crate) const OWNER_DIED: u64 = 1 << 5;
+pub(crate) const BIASED: u64 = 1 << 6;
+/// A writer that revoked the bias keeps readers on their lanes for this
+/// many times as long as the revocation took (BRAVO's cooling window), so
+/// revocations cost writers at most about a tenth of their time.
+const BIAS_COOLING_FACTOR: u64 = 9;
 const WRITER_SHIFT: u32 = 8;
 const UPGRADER_SHIFT: u32 = 24;
 const GEN_SHIFT: u32 = 40;
@@ -78,7 +102,11 @@ pub(crate) const WRITER_MASK: u64 = 0xFFFF << WRITER_SHIFT;
 pub(crate) const UPGRADER_MASK: u64 = 0xFFFF << UPGRADER_SHIFT;
 pub(crate) const GEN_MASK: u64 = (GEN_VALUES as u64) << GEN_SHIFT;
 
-/// Largest number of read holds one process may have on one ID.
+/// Largest number of read holds one process may count in its lane for one
+/// ID. While the ID is read-biased, each of the process's threads may hold
+/// up to 16 more in its reader row (those cannot overflow anything: a full
+/// row sends the thread to its lane), so a process may get a few more
+/// reads than this before [`crate::Error::HoldLimit`].
 pub const MAX_READS_PER_PROCESS: u32 = 0xFFFF;
 /// Plain reads stop at `MAX_READS_PER_PROCESS`; the one read above it is
 /// the downgrade of the ID's single upgradable or write hold.
@@ -145,6 +173,8 @@ pub(crate) struct Ident {
 /// The atomics of one slot. Borrowed from the mapping (or the loom heap).
 #[derive(Clone, Copy)]
 pub(crate) struct SlotRef<'a> {
+    /// The slot's index: a biased read publishes `index + 1` in a row.
+    pub(crate) index: u32,
     pub(crate) state: &'a AtomicU64,
     /// The 128-bit tag of the ID the slot serves (written by an insertion
     /// before it publishes ACTIVE; constant while any hold, claim or
@@ -156,6 +186,12 @@ pub(crate) struct SlotRef<'a> {
     /// Table-wide high-water mark of attached process indices (+1): lanes
     /// at or past it have never been used, so drain checks stop there.
     pub(crate) lanes_in_use: &'a AtomicU32,
+    /// End of the cooling window after a revocation (CLOCK_MONOTONIC ns):
+    /// no re-bias before it. Only a heuristic: any value is safe.
+    pub(crate) bias_until: &'a AtomicU64,
+    /// Every reader-row entry of the table (record `p` owns
+    /// `p * RECORD_ROW_ENTRIES ..`).
+    pub(crate) rows: &'a [AtomicU32],
 }
 
 /// What the waiting code needs from its environment.
@@ -204,6 +240,20 @@ pub(crate) enum Fail {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Granted {
     pub(crate) owner_died: bool,
+    /// A biased read: the index (in `SlotRef::rows`) of the entry that
+    /// holds it, to be cleared by `release_biased`. `None`: a lane read,
+    /// or another mode.
+    pub(crate) entry: Option<u32>,
+}
+
+impl Granted {
+    #[inline]
+    pub(crate) fn of_state(s: u64) -> Granted {
+        Granted {
+            owner_died: s & OWNER_DIED != 0,
+            entry: None,
+        }
+    }
 }
 
 /// How long to wait: `None` = try once, `Some(None)` = forever,
@@ -229,6 +279,19 @@ impl<'a> SlotRef<'a> {
         for (i, l) in self.lanes.iter().enumerate() {
             if l.load(Ordering::Acquire) != 0 && !v.contains(&(i as u32)) {
                 v.push(i as u32);
+            }
+        }
+        if s & BIASED != 0 {
+            // The rows a revoking writer waits for: those below the mark.
+            let mine = self.index + 1;
+            let n =
+                self.lanes_in_use.load(Ordering::Acquire) as usize * RECORD_ROW_ENTRIES as usize;
+            let rows = &self.rows[..n.min(self.rows.len())];
+            for (p, block) in rows.chunks(RECORD_ROW_ENTRIES as usize).enumerate() {
+                let p = p as u32;
+                if !v.contains(&p) && block.iter().any(|e| e.load(Ordering::Acquire) == mine) {
+                    v.push(p);
+                }
             }
         }
         v
@@ -259,12 +322,137 @@ impl<'a> SlotRef<'a> {
         &self.lanes[..n.min(self.lanes.len())]
     }
 
-    /// True when no process has a read hold on this slot.
+    /// True when no process has a read hold on this slot: no lane
+    /// counts a reader, and, when `biased` (the slot was BIASED when the
+    /// caller claimed it), no reader row of an attached process holds the
+    /// slot. The rows are scanned below the same lanes-in-use mark, for the
+    /// same reason: a process raises it before it publishes anything.
     #[inline]
-    fn readers_drained(&self) -> bool {
-        self.used_lanes()
+    fn readers_drained(&self, biased: bool) -> bool {
+        let lanes = self.used_lanes();
+        lanes
             .iter()
             .all(|l| lane_readers(l.load(Ordering::SeqCst)) == 0)
+            && (!biased || self.rows_drained(lanes.len()))
+    }
+
+    /// True when no row entry of processes `0..processes` holds this slot.
+    /// SeqCst loads: the claimant's half of the Dekker pair with a biased
+    /// reader's "publish (SeqCst), re-load the state (SeqCst)".
+    fn rows_drained(&self, processes: usize) -> bool {
+        let mine = self.index + 1;
+        let n = (processes * RECORD_ROW_ENTRIES as usize).min(self.rows.len());
+        self.rows[..n]
+            .iter()
+            .all(|e| e.load(Ordering::SeqCst) != mine)
+    }
+
+    /// Publishes a biased read of this slot in row `row` of process `me`:
+    /// the first free entry goes from 0 to slot + 1 by a CAS (SeqCst: the
+    /// first half of the reader's Dekker pair with a revoking claimant's
+    /// row scan). A CAS rather than a store, so that threads sharing a row
+    /// (more threads than rows) never overwrite each other's entries.
+    /// `None`: the row is full; the caller uses its lane.
+    #[inline(always)]
+    fn publish_biased(&self, me: u32, row: u32) -> Option<u32> {
+        let start = me as usize * RECORD_ROW_ENTRIES as usize
+            + (row as usize % READER_ROWS as usize) * ROW_ENTRIES as usize;
+        let mine = self.index + 1;
+        let entries = self.rows.get(start..start + ROW_ENTRIES as usize)?;
+        for (i, e) in entries.iter().enumerate() {
+            if e.load(Ordering::Relaxed) == 0
+                && e.compare_exchange(0, mine, Ordering::SeqCst, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return Some((start + i) as u32);
+            }
+        }
+        None
+    }
+
+    /// Drops the biased read held by row entry `entry`, then wakes
+    /// sleepers if any are marked. SeqCst store then SeqCst load: the
+    /// releaser's half of the Dekker pair with a revoking writer's "set
+    /// PARKED, re-scan the rows".
+    #[inline]
+    pub(crate) fn release_biased(&self, entry: u32) {
+        if let Some(e) = self.rows.get(entry as usize) {
+            e.store(0, Ordering::SeqCst);
+        }
+        self.wake_if_parked();
+    }
+
+    /// After a release (an RMW or SeqCst store the caller made): wakes
+    /// sleepers if PARKED is set.
+    #[inline]
+    pub(crate) fn wake_if_parked(&self) {
+        sync::dekker_fence();
+        if self.state.load(Ordering::SeqCst) & PARKED != 0 {
+            self.wake_all();
+        }
+    }
+
+    /// One attempt at a biased read through row `row` of process `me`.
+    /// `None`: the slot is not biased (or no longer), or busy, or stale,
+    /// or the row is full; the caller takes the lane path, which decides.
+    ///
+    /// Why it excludes writers: the grant needs BIASED and no WRITER on the
+    /// SeqCst re-load that follows the SeqCst publish. BIASED is cleared
+    /// only by a writer's grant, and every claim sets WRITER. A claim that
+    /// precedes the re-load in the SC order is seen (we back off); a claim
+    /// after it finds BIASED set (any grant that cleared it would need an
+    /// earlier claim), so it scans the rows after its claim and sees our
+    /// entry, which precedes the claim. Identity: as for a lane read, our
+    /// published entry keeps the slot from being retired (retirement scans
+    /// the rows of a BIASED slot), so the tag read after the re-load is
+    /// exact even if GEN wrapped meanwhile.
+    #[inline(always)]
+    fn try_read_biased(&self, me: u32, row: u32, id: Ident) -> Option<Granted> {
+        let s = self.state.load(Ordering::Acquire);
+        if s & BIASED == 0 || !is_active(s, id.gen) || writer(s) != 0 {
+            return None;
+        }
+        let entry = self.publish_biased(me, row)?;
+        sync::dekker_fence();
+        let s = self.state.load(Ordering::SeqCst);
+        if s & BIASED != 0 && is_active(s, id.gen) && writer(s) == 0 && self.has_tag(id.tag) {
+            return Some(Granted {
+                owner_died: s & OWNER_DIED != 0,
+                entry: Some(entry),
+            });
+        }
+        // A claim, a retirement or a reuse came first: leave (a revoking
+        // writer may sleep on our entry) and let the lane path decide.
+        self.back_off_biased(entry);
+        None
+    }
+
+    /// A biased attempt that lost: out of line, so that the granted path
+    /// stays small enough to inline into the caller.
+    #[cold]
+    #[inline(never)]
+    fn back_off_biased(&self, entry: u32) {
+        self.release_biased(entry);
+    }
+
+    /// Re-bias: a lane reader that holds its read and found `s` (its
+    /// SeqCst re-load) with no WRITER, UPGRADER or WRITER_WAITING sets
+    /// BIASED once the cooling window has passed. One CAS (SeqCst) from
+    /// exactly `s`: it fails if a claim came first (that claim did not
+    /// need to scan), and a claim after it sees BIASED and scans. A failed
+    /// CAS is left alone; the next lane read tries again.
+    #[inline]
+    fn maybe_rebias(&self, s: u64) {
+        if s & (BIASED | WRITER_MASK | UPGRADER_MASK | WRITER_WAITING) != 0 {
+            return;
+        }
+        let until = self.bias_until.load(Ordering::Relaxed);
+        if until != 0 && sync::monotonic_ns() < until {
+            return;
+        }
+        let _ = self
+            .state
+            .compare_exchange(s, s | BIASED, Ordering::SeqCst, Ordering::Relaxed);
     }
 
     /// Announces one more read hold of `me` if the lane stays within
@@ -386,7 +574,9 @@ impl<'a> SlotRef<'a> {
     /// so until we leave: comparing it with ours is exact even if GEN
     /// wrapped while we were stalled between the lookup and here.
     #[inline]
-    pub(crate) fn try_read_once(&self, me: u32, id: Ident) -> Result<Granted, Fail> {
+    /// With `rebias` (the caller has a reader row), a granted lane read
+    /// may set BIASED again (`maybe_rebias`).
+    pub(crate) fn try_read_once(&self, me: u32, id: Ident, rebias: bool) -> Result<Granted, Fail> {
         let s = self.state.load(Ordering::Acquire);
         if !is_active(s, id.gen) {
             return Err(Fail::Stale);
@@ -413,27 +603,42 @@ impl<'a> SlotRef<'a> {
             self.lane_remove_reader(me);
             return Err(Fail::Busy);
         }
-        Ok(Granted {
-            owner_died: s & OWNER_DIED != 0,
-        })
+        if rebias {
+            self.maybe_rebias(s);
+        }
+        Ok(Granted::of_state(s))
+    }
+
+    /// One attempt at a read: biased through `row` if the slot is biased
+    /// and the row has a free entry, else through the lane. `row: None`
+    /// (no row for this thread) takes the lane path only.
+    #[inline]
+    fn try_read_any(&self, me: u32, row: Option<u32>, id: Ident) -> Result<Granted, Fail> {
+        if let Some(row) = row {
+            if let Some(granted) = self.try_read_biased(me, row, id) {
+                return Ok(granted);
+            }
+        }
+        self.try_read_once(me, id, row.is_some())
     }
 
     #[inline]
     pub(crate) fn read(
         &self,
         me: u32,
+        row: Option<u32>,
         id: Ident,
         wait: Wait,
         host: &dyn Host,
     ) -> Result<Granted, Fail> {
-        let first = self.try_read_once(me, id);
+        let first = self.try_read_any(me, row, id);
         let (Some(deadline), Err(Fail::Busy)) = (wait, first) else {
             return first;
         };
         let mut waiting = Waiting::new(self, me, deadline, host);
         loop {
             waiting.wait_until(|s| !is_active(s, id.gen) || writer(s) == 0, || false)?;
-            match self.try_read_once(me, id) {
+            match self.try_read_any(me, row, id) {
                 Err(Fail::Busy) => {}
                 other => return other,
             }
@@ -479,9 +684,7 @@ impl<'a> SlotRef<'a> {
         } else if lane_readers(self.lane(me).load(Ordering::Acquire)) > MAX_READS_PER_PROCESS {
             Fail::HoldLimit
         } else {
-            return Ok(Granted {
-                owner_died: s & OWNER_DIED != 0,
-            });
+            return Ok(Granted::of_state(s));
         };
         self.release_upgradable();
         Err(fail)
@@ -532,7 +735,10 @@ impl<'a> SlotRef<'a> {
     /// upgradable hold overtakes it. After a claim, the identity check: the
     /// claim keeps the slot from being retired, so the tag is exact.
     #[inline]
-    pub(crate) fn try_claim_writer(&self, me: u32, id: Ident, announce: bool) -> Result<(), Fail> {
+    ///
+    /// Returns the state the claim replaced (its BIASED bit says whether
+    /// the drain must scan the reader rows).
+    pub(crate) fn try_claim_writer(&self, me: u32, id: Ident, announce: bool) -> Result<u64, Fail> {
         let mut s = self.state.load(Ordering::Acquire);
         loop {
             if !is_active(s, id.gen) {
@@ -558,32 +764,51 @@ impl<'a> SlotRef<'a> {
             }
         }
         if self.has_tag(id.tag) {
-            Ok(())
+            Ok(s)
         } else {
             self.abandon_writer();
             Err(Fail::Stale)
         }
     }
 
-    /// With the WRITER field ours, waits for every reader lane to drain,
-    /// then sets WRITE_LOCKED and consumes OWNER_DIED.
+    /// With the WRITER field ours, waits for every reader lane to drain
+    /// and, if the slot was `biased` when we claimed it, every reader row
+    /// (the revocation), then sets WRITE_LOCKED, consumes OWNER_DIED and
+    /// clears BIASED. Nobody else changes BIASED while WRITER is ours (a
+    /// re-bias needs WRITER = 0), so `biased` stays true until our grant.
+    /// A claimant that gives up leaves BIASED set, so the next claimant
+    /// scans the rows again. After a revocation, `bias_until` is set to
+    /// the end of the cooling window (Relaxed: only a heuristic).
     #[inline]
-    fn drain_readers(&self, waiting: Option<&mut Waiting<'_, 'a>>) -> Result<Granted, Fail> {
+    fn drain_readers(
+        &self,
+        waiting: Option<&mut Waiting<'_, 'a>>,
+        biased: bool,
+    ) -> Result<Granted, Fail> {
         sync::dekker_fence();
-        if !self.readers_drained() {
+        let started = biased.then(sync::monotonic_ns);
+        if !self.readers_drained(biased) {
             let Some(waiting) = waiting else {
                 return Err(Fail::Busy);
             };
             loop {
-                waiting.wait_until(|_| false, || self.readers_drained())?;
-                if self.readers_drained() {
+                waiting.wait_until(|_| false, || self.readers_drained(biased))?;
+                if self.readers_drained(biased) {
                     break;
                 }
             }
         }
+        if let Some(started) = started {
+            let now = sync::monotonic_ns();
+            let took = now.saturating_sub(started).max(1);
+            self.bias_until.store(
+                now.saturating_add(took.saturating_mul(BIAS_COOLING_FACTOR)),
+                Ordering::Relaxed,
+            );
+        }
         let mut s = self.state.load(Ordering::Acquire);
         loop {
-            let new = (s | WRITE_LOCKED) & !OWNER_DIED;
+            let new = (s | WRITE_LOCKED) & !(OWNER_DIED | BIASED);
             match self
                 .state
                 .compare_exchange_weak(s, new, Ordering::AcqRel, Ordering::Acquire)
@@ -593,7 +818,10 @@ impl<'a> SlotRef<'a> {
             }
         }
         let died = s & OWNER_DIED != 0;
-        Ok(Granted { owner_died: died })
+        Ok(Granted {
+            owner_died: died,
+            entry: None,
+        })
     }
 
     #[inline]
@@ -614,8 +842,8 @@ impl<'a> SlotRef<'a> {
             // writers are woken and set it again).
             self.withdraw_writer_waiting();
         }
-        claimed?;
-        self.drain_readers(Some(&mut waiting))
+        let claimed = claimed?;
+        self.drain_readers(Some(&mut waiting), claimed & BIASED != 0)
             .inspect_err(|_| self.abandon_writer())
     }
 
@@ -625,7 +853,7 @@ impl<'a> SlotRef<'a> {
     /// us; then both may fail, as racing tries may.)
     #[inline]
     fn try_write_once(&self, me: u32, id: Ident) -> Result<Granted, Fail> {
-        if !self.readers_drained() {
+        if !self.readers_drained(false) || !self.rows_drained_if_biased() {
             let s = self.state.load(Ordering::Acquire);
             return Err(if is_active(s, id.gen) {
                 Fail::Busy
@@ -633,9 +861,16 @@ impl<'a> SlotRef<'a> {
                 Fail::Stale
             });
         }
-        self.try_claim_writer(me, id, false)?;
-        self.drain_readers(None)
+        let claimed = self.try_claim_writer(me, id, false)?;
+        self.drain_readers(None, claimed & BIASED != 0)
             .inspect_err(|_| self.abandon_writer())
+    }
+
+    /// A try's look before it claims anything: false if the slot is
+    /// BIASED and a row holds it (so a failing try leaves no trace).
+    fn rows_drained_if_biased(&self) -> bool {
+        self.state.load(Ordering::Acquire) & BIASED == 0
+            || self.rows_drained(self.lanes_in_use.load(Ordering::SeqCst) as usize)
     }
 
     /// The claim phase of a waiting writer. It announces itself
@@ -646,10 +881,10 @@ impl<'a> SlotRef<'a> {
         me: u32,
         id: Ident,
         waiting: &mut Waiting<'_, 'a>,
-    ) -> Result<(), Fail> {
+    ) -> Result<u64, Fail> {
         loop {
             match self.try_claim_writer(me, id, waiting.marked) {
-                Ok(()) => return Ok(()),
+                Ok(s) => return Ok(s),
                 Err(Fail::Busy) => waiting.still_serves(id)?,
                 Err(other) => return Err(other),
             }
@@ -695,15 +930,15 @@ impl<'a> SlotRef<'a> {
     /// with readers visible changes nothing at all (no trace for other
     /// tries).
     pub(crate) fn upgrade(&self, me: u32, wait: Wait, host: &dyn Host) -> Result<Granted, Fail> {
-        if wait.is_none() && !self.readers_drained() {
+        if wait.is_none() && (!self.readers_drained(false) || !self.rows_drained_if_biased()) {
             return Err(Fail::Busy);
         }
-        self.begin_upgrade(me);
+        let biased = self.begin_upgrade(me) & BIASED != 0;
         let result = match wait {
-            None => self.drain_readers(None),
+            None => self.drain_readers(None, biased),
             Some(deadline) => {
                 let mut waiting = Waiting::new(self, me, deadline, host);
-                self.drain_readers(Some(&mut waiting))
+                self.drain_readers(Some(&mut waiting), biased)
             }
         };
         if result.is_err() {
@@ -713,8 +948,9 @@ impl<'a> SlotRef<'a> {
     }
 
     /// First step of an upgrade: UPGRADER -> pending WRITER in one CAS.
-    /// WRITER_WAITING stays for the writers still waiting.
-    pub(crate) fn begin_upgrade(&self, me: u32) {
+    /// WRITER_WAITING stays for the writers still waiting. Returns the
+    /// state it replaced (BIASED: the drain scans the rows).
+    pub(crate) fn begin_upgrade(&self, me: u32) -> u64 {
         let mut s = self.state.load(Ordering::Acquire);
         loop {
             debug_assert_eq!(upgrader(s), me + 1);
@@ -723,7 +959,7 @@ impl<'a> SlotRef<'a> {
                 .state
                 .compare_exchange_weak(s, new, Ordering::SeqCst, Ordering::Acquire)
             {
-                Ok(_) => return,
+                Ok(_) => return s,
                 Err(v) => s = v,
             }
         }
@@ -857,10 +1093,12 @@ impl<'a> SlotRef<'a> {
             return false;
         }
         sync::dekker_fence();
-        if self
-            .used_lanes()
-            .iter()
-            .all(|l| l.load(Ordering::SeqCst) == 0)
+        let lanes = self.used_lanes();
+        // A BIASED slot may have biased readers: the rows are checked as
+        // the lanes are (the ACTIVE -> RETIRING CAS is the claimant's half
+        // of the Dekker pair with a biased reader's publish and re-load).
+        if lanes.iter().all(|l| l.load(Ordering::SeqCst) == 0)
+            && (s & BIASED == 0 || self.rows_drained(lanes.len()))
         {
             self.set_phase_and_wake(PHASE_FREE);
             true

@@ -176,8 +176,63 @@ impl Model {
 
     /// Read hold on slot `i` of generation `g` for process `me`.
     pub fn read(&self, me: u32, i: usize, k: Key, w: ModelWait) -> Result<bool, ModelFail> {
-        let r = self.slot(i).read(me, k.ident(), wait_of(w), &self.host(me));
+        let r = self
+            .slot(i)
+            .read(me, None, k.ident(), wait_of(w), &self.host(me));
         r.map(|g| g.owner_died).map_err(Into::into)
+    }
+    /// Read hold through reader row `row` of process `me`: biased when the
+    /// slot is, else on the lane (which may set BIASED again, once the
+    /// cooling window has passed). Returns the row entry of a biased hold
+    /// (`None`: a lane hold), to pass to [`Model::release_reader`].
+    pub fn read_with_row(
+        &self,
+        me: u32,
+        row: u32,
+        i: usize,
+        k: Key,
+        w: ModelWait,
+    ) -> Result<Option<u32>, ModelFail> {
+        let r = self
+            .slot(i)
+            .read(me, Some(row), k.ident(), wait_of(w), &self.host(me));
+        r.map(|g| g.entry).map_err(Into::into)
+    }
+    /// Releases a read taken by [`Model::read_with_row`].
+    pub fn release_reader(&self, me: u32, i: usize, entry: Option<u32>) {
+        match entry {
+            Some(e) => self.slot(i).release_biased(e),
+            None => self.slot(i).release_read(me),
+        }
+    }
+    /// Sets BIASED on slot `i` (what a re-bias does; for a model's setup).
+    pub fn bias(&self, i: usize) {
+        self.slot(i)
+            .state
+            .fetch_or(lockword::BIASED, Ordering::SeqCst);
+    }
+    /// True if slot `i` is BIASED.
+    pub fn is_biased(&self, i: usize) -> bool {
+        self.slot(i).state.load(Ordering::SeqCst) & lockword::BIASED != 0
+    }
+    /// Sets slot `i`'s cooling window to end at logical time `ns`.
+    pub fn set_bias_until(&self, i: usize, ns: u64) {
+        self.slot(i).bias_until.store(ns, Ordering::Relaxed);
+    }
+    /// The first step of a biased read alone: the entry published in row
+    /// 0 of `me` (a reader killed between publish and re-check).
+    pub fn publish_biased_only(&self, me: u32, i: usize) {
+        let slot = self.slot(i);
+        let start = me as usize * crate::layout::RECORD_ROW_ENTRIES as usize;
+        slot.rows[start].store(i as u32 + 1, Ordering::SeqCst);
+    }
+    /// Biased read holds of `p` on slot `i` (its row entries naming it).
+    pub fn biased_reads_of(&self, p: u32, i: usize) -> usize {
+        let n = crate::layout::RECORD_ROW_ENTRIES as usize;
+        self.region.reader_rows()[p as usize * n..(p as usize + 1) * n]
+            .iter()
+            .filter(|e| e.load(Ordering::SeqCst) == i as u32 + 1)
+            .count()
     }
     /// Upgradable hold.
     pub fn upgradable(&self, me: u32, i: usize, k: Key, w: ModelWait) -> Result<bool, ModelFail> {
@@ -256,13 +311,14 @@ impl Model {
 
     /// The first step of an upgrade alone (killed with WRITER claimed).
     pub fn begin_upgrade_only(&self, me: u32, i: usize) {
-        self.slot(i).begin_upgrade(me)
+        self.slot(i).begin_upgrade(me);
     }
 
     /// The first step of a write alone: the pending WRITER claim.
     pub fn claim_write_only(&self, me: u32, i: usize, k: Key) -> Result<(), ModelFail> {
         self.slot(i)
             .try_claim_writer(me, k.ident(), false)
+            .map(|_| ())
             .map_err(Into::into)
     }
 
@@ -375,6 +431,9 @@ impl Model {
             && s.lanes
                 .iter()
                 .all(|l| lockword::lane_readers(l.load(Ordering::SeqCst)) == 0)
+            && s.rows
+                .iter()
+                .all(|e| e.load(Ordering::SeqCst) != i as u32 + 1)
     }
 
     /// True if slot `i` carries the owner-died mark.

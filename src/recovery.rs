@@ -1,25 +1,30 @@
 //! Recovery: releasing exactly the holds of a dead process.
 //!
 //! Owns: the sweep of one dead process index over the whole region (its
-//! lanes, WRITER/UPGRADER claims and bucket locks in every slot and bucket).
+//! reader rows, then its lanes, WRITER/UPGRADER claims and bucket locks in
+//! every slot and bucket).
 //!
 //! May not touch: liveness. The caller proves the process dead and keeps its
 //! index from being reused until the sweep returns (the registry does both
 //! by holding the record's lease while it sweeps).
 //!
 //! Why a sweep is exact whatever instruction the dead process stopped at:
-//! every field it can have written names it (lane `p` belongs to `p` only,
-//! WRITER/UPGRADER hold `p + 1`, a bucket lock holds `p + 1`), each is
+//! every field it can have written names it (lane `p` and the reader rows
+//! of record `p` belong to `p` only, WRITER/UPGRADER hold `p + 1`, a bucket
+//! lock holds `p + 1`), each is
 //! changed by one atomic instruction, and clearing a field that names `p`
 //! is right both before and after `p`'s last instruction took effect.
 
 use crate::index;
+use crate::layout::RECORD_ROW_ENTRIES;
 use crate::region::Region;
+use crate::sync::Ordering;
 
 /// What one sweep released.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepReport {
-    /// Slots on which the dead process held, claimed or waited.
+    /// Slots on which the dead process held, claimed or waited (a biased
+    /// read, held in a reader row, counts once per row entry).
     pub slots_released: usize,
     /// Bucket locks it held (an insertion it died in).
     pub buckets_repaired: usize,
@@ -27,7 +32,10 @@ pub struct SweepReport {
 
 /// Releases every hold of `dead` in `region`.
 pub(crate) fn sweep_process<R: Region + ?Sized>(region: &R, dead: u32) -> SweepReport {
-    let mut report = SweepReport::default();
+    let mut report = SweepReport {
+        slots_released: sweep_reader_rows(region, dead),
+        ..SweepReport::default()
+    };
     for i in 0..region.geometry().capacity as usize {
         if region.slot(i).recover_process(dead) {
             report.slots_released += 1;
@@ -35,6 +43,39 @@ pub(crate) fn sweep_process<R: Region + ?Sized>(region: &R, dead: u32) -> SweepR
     }
     report.buckets_repaired = index::repair_buckets_of(region, dead);
     report
+}
+
+/// Zeroes the reader rows of record `dead` (its biased read holds, and
+/// publications it made before a re-check it never finished) and wakes the
+/// sleepers of each slot an entry held: a revoking writer may sleep on it.
+/// Also run on attach, for the record taken (a corrupt file may have left
+/// entries in a free record). Returns how many entries held something.
+///
+/// SeqCst swap: the same Dekker pair as a live reader's release (entry
+/// store, then the PARKED check in `wake_if_parked`). An entry value that
+/// names no slot (corruption) is cleared without a wake.
+pub(crate) fn sweep_reader_rows<R: Region + ?Sized>(region: &R, dead: u32) -> usize {
+    let n = RECORD_ROW_ENTRIES as usize;
+    let start = dead as usize * n;
+    let Some(block) = region.reader_rows().get(start..start + n) else {
+        return 0;
+    };
+    let capacity = region.geometry().capacity as usize;
+    let mut released = 0;
+    for entry in block {
+        if entry.load(Ordering::SeqCst) == 0 {
+            continue;
+        }
+        let held = entry.swap(0, Ordering::SeqCst);
+        if held == 0 {
+            continue;
+        }
+        released += 1;
+        if let Some(slot) = (held as usize).checked_sub(1).filter(|&i| i < capacity) {
+            region.slot(slot).wake_if_parked();
+        }
+    }
+    released
 }
 
 #[cfg(test)]
@@ -79,9 +120,9 @@ mod tests {
         let (a, g) = active(&region, 0);
         let (b, gb) = active(&region, 1);
         // Process 1 reads slot 0 twice and writes slot 1; process 2 reads slot 0.
-        a.read(1, g, None, &NoHost).unwrap();
-        a.read(1, g, None, &NoHost).unwrap();
-        a.read(2, g, None, &NoHost).unwrap();
+        a.read(1, None, g, None, &NoHost).unwrap();
+        a.read(1, None, g, None, &NoHost).unwrap();
+        a.read(2, None, g, None, &NoHost).unwrap();
         b.write(1, gb, None, &NoHost).unwrap();
         let r = sweep_process(&region, 1);
         assert_eq!(r.slots_released, 2);
@@ -102,8 +143,8 @@ mod tests {
         let (a, g) = active(&region, 0);
         // A corrupt word naming process 40 as the writer.
         a.state.fetch_or(41 << 8, Ordering::Relaxed);
-        assert_eq!(a.read(0, g, None, &NoHost), Err(Fail::Busy));
+        assert_eq!(a.read(0, None, g, None, &NoHost), Err(Fail::Busy));
         sweep_process(&region, 40);
-        assert!(a.read(0, g, None, &NoHost).is_ok());
+        assert!(a.read(0, None, g, None, &NoHost).is_ok());
     }
 }

@@ -35,6 +35,9 @@ pub(crate) trait Region: Send + Sync {
     fn record(&self, index: usize) -> RecordRef<'_>;
     /// High-water mark of attached process indices + 1 (see `SlotRef`).
     fn lanes_in_use(&self) -> &AtomicU32;
+    /// Every reader-row entry of the table: record `p`'s are
+    /// `p * RECORD_ROW_ENTRIES ..` (see the lock word, reader bias).
+    fn reader_rows(&self) -> &[AtomicU32];
 }
 
 #[cfg(not(locktable_loom))]
@@ -44,8 +47,8 @@ pub(crate) use mapped::MappedRegion;
 mod mapped {
     use super::*;
     use crate::layout::{
-        RECORD_ATTACHED_MS, RECORD_PID, RECORD_SIZE, RECORD_STATE, SLOT_LANES, SLOT_SEQ,
-        SLOT_STATE, SLOT_TAG0, SLOT_TAG1,
+        RECORD_ATTACHED_MS, RECORD_PID, RECORD_SIZE, RECORD_STATE, SLOT_BIAS_UNTIL, SLOT_LANES,
+        SLOT_SEQ, SLOT_STATE, SLOT_TAG0, SLOT_TAG1,
     };
     use memmap2::MmapRaw;
 
@@ -66,6 +69,8 @@ mod mapped {
         slot_size: usize,
         capacity: usize,
         lanes: usize,
+        rows_offset: usize,
+        row_entries: usize,
     }
 
     impl MappedRegion {
@@ -90,6 +95,8 @@ mod mapped {
                 slot_size: geometry.slot_size() as usize,
                 capacity: geometry.capacity as usize,
                 lanes: geometry.max_processes as usize,
+                rows_offset: geometry.rows_offset() as usize,
+                row_entries: geometry.row_entries() as usize,
             })
         }
 
@@ -152,12 +159,26 @@ mod mapped {
             // SAFETY: sound for the reasons just given.
             let lanes = unsafe { std::slice::from_raw_parts(lanes_ptr, self.lanes) };
             SlotRef {
+                index: index as u32,
                 state: self.u64_at(base + SLOT_STATE),
                 tag: [self.u64_at(base + SLOT_TAG0), self.u64_at(base + SLOT_TAG1)],
                 seq: self.u32_at(base + SLOT_SEQ),
+                bias_until: self.u64_at(base + SLOT_BIAS_UNTIL),
                 lanes,
                 lanes_in_use: self.lanes_in_use(),
+                rows: self.reader_rows(),
             }
+        }
+
+        #[inline]
+        fn reader_rows(&self) -> &[AtomicU32] {
+            let ptr = self.u32_at(self.rows_offset as u64) as *const AtomicU32;
+            // The reader rows are `row_entries` consecutive 4-byte words
+            // from rows_offset, which the validated geometry puts inside
+            // the mapping (file_size() counts them); page aligned; accessed
+            // only atomically by every process.
+            // SAFETY: sound for the reasons just given.
+            unsafe { std::slice::from_raw_parts(ptr, self.row_entries) }
         }
 
         #[inline]
@@ -201,6 +222,8 @@ pub struct HeapRegion {
     seqs: Vec<AtomicU32>,
     tags: Vec<AtomicU64>,
     lanes: Vec<AtomicU32>,
+    bias_until: Vec<AtomicU64>,
+    rows: Vec<AtomicU32>,
     bucket_words: Vec<AtomicU64>,
     records: Vec<(AtomicU64, AtomicU32, AtomicU64)>,
     lanes_in_use: AtomicU32,
@@ -224,6 +247,10 @@ impl HeapRegion {
             seqs: (0..n).map(|_| AtomicU32::new(0)).collect(),
             tags: (0..2 * n).map(|_| AtomicU64::new(0)).collect(),
             lanes: (0..n * p).map(|_| AtomicU32::new(0)).collect(),
+            bias_until: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            rows: (0..geometry.row_entries() as usize)
+                .map(|_| AtomicU32::new(0))
+                .collect(),
             bucket_words: (0..geometry.buckets() as usize * BUCKET_WORDS)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
@@ -251,12 +278,18 @@ impl Region for HeapRegion {
     fn slot(&self, index: usize) -> SlotRef<'_> {
         let p = self.geometry.max_processes as usize;
         SlotRef {
+            index: index as u32,
             state: &self.states[index],
             tag: [&self.tags[2 * index], &self.tags[2 * index + 1]],
             seq: &self.seqs[index],
+            bias_until: &self.bias_until[index],
             lanes: &self.lanes[index * p..(index + 1) * p],
             lanes_in_use: &self.lanes_in_use,
+            rows: &self.rows,
         }
+    }
+    fn reader_rows(&self) -> &[AtomicU32] {
+        &self.rows
     }
     fn lanes_in_use(&self) -> &AtomicU32 {
         &self.lanes_in_use

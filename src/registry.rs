@@ -109,6 +109,12 @@ pub(crate) fn attach(region: &MappedRegion, file: &File) -> io::Result<Option<u3
             // Re-read under the lease: only the lease holder changes it now.
             if rec.state.load(Ordering::Acquire) != RECORD_FREE {
                 recovery::sweep_process(region, i);
+            } else {
+                // A free record's reader rows are zero in a sound table
+                // (detach and recovery zero them); clear what a corrupt
+                // file may have left, or our threads would find entries
+                // that no release ever clears.
+                recovery::sweep_reader_rows(region, i);
             }
             // Before any hold can be announced in lane i: writers' drain
             // checks scan lanes below this mark (see SlotRef::used_lanes).

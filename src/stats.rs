@@ -5,6 +5,7 @@
 
 use serde::Serialize;
 
+use crate::layout::RECORD_ROW_ENTRIES;
 use crate::lockword::{self, lane_readers, lane_waiters};
 use crate::region::Region;
 use crate::registry;
@@ -132,6 +133,21 @@ pub(crate) fn collect(inner: &Inner) -> TableStats {
         holders: Vec::new(),
         waiters: Vec::new(),
     };
+    // Biased reads (reader-row entries), per slot and process: each counts
+    // as one read hold of the process whose record holds the entry.
+    let mut biased: std::collections::HashMap<(usize, u32), u32> = Default::default();
+    for (p, block) in region
+        .reader_rows()
+        .chunks(RECORD_ROW_ENTRIES as usize)
+        .enumerate()
+    {
+        for e in block {
+            let v = e.load(Ordering::Acquire) as usize;
+            if v != 0 {
+                *biased.entry((v - 1, p as u32)).or_default() += 1;
+            }
+        }
+    }
     for i in 0..g.capacity as usize {
         let slot = region.slot(i);
         let s = slot.state.load(Ordering::Acquire);
@@ -176,9 +192,10 @@ pub(crate) fn collect(inner: &Inner) -> TableStats {
         }
         for (p, lane) in slot.lanes.iter().enumerate() {
             let l = lane.load(Ordering::Acquire);
-            if lane_readers(l) != 0 {
+            let reads = lane_readers(l) + biased.get(&(i, p as u32)).copied().unwrap_or(0);
+            if reads != 0 {
                 used = true;
-                push(HoldMode::Read, lane_readers(l), p as u32);
+                push(HoldMode::Read, reads, p as u32);
             }
             if lane_waiters(l) != 0 {
                 used = true;

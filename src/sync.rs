@@ -120,6 +120,29 @@ fn advance_clock(d: Duration) {
     LOGICAL_NOW.with(|c| c.set(c.get().saturating_add(d.as_nanos() as u64)));
 }
 
+/// Nanoseconds on a clock that every process of the host shares
+/// (`CLOCK_MONOTONIC`): the reader-bias cooling window is compared across
+/// processes. loom: the thread's logical clock.
+#[cfg(not(locktable_loom))]
+pub(crate) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // `ts` is a live, writable timespec on this stack frame for the whole
+    // call; CLOCK_MONOTONIC always exists on Linux.
+    // SAFETY: sound for the reasons just given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+#[cfg(locktable_loom)]
+pub(crate) fn monotonic_ns() -> u64 {
+    now().0
+}
+
 /// Resets the calling thread's logical clock (loom models start each thread at 0).
 #[cfg(locktable_loom)]
 pub fn reset_logical_clock() {

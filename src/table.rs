@@ -54,6 +54,7 @@ pub struct TableOptions {
     mode: u32,
     poll_interval: Duration,
     reap_on_attach: bool,
+    reader_bias: bool,
 }
 
 impl Default for TableOptions {
@@ -64,6 +65,7 @@ impl Default for TableOptions {
             mode: 0o600,
             poll_interval: DEFAULT_POLL_INTERVAL,
             reap_on_attach: true,
+            reader_bias: true,
         }
     }
 }
@@ -110,6 +112,25 @@ impl TableOptions {
         self
     }
 
+    /// Whether this handle's reads may use the reader bias (default true):
+    /// while an ID is read far more often than written, each thread
+    /// publishes its reads in a cache line of its own instead of the
+    /// process's shared counter, so readers of one ID scale with cores.
+    /// Writers pay a scan of the readers' lines when they revoke the bias,
+    /// at most about a tenth of their time. Turning it off makes this
+    /// handle read through its process's counter only (its writers still
+    /// revoke the bias that other handles' readers set), e.g. to compare.
+    ///
+    /// ```
+    /// use locktable::{LockTable, TableOptions};
+    /// let t = LockTable::anonymous(&TableOptions::default().reader_bias(false)).unwrap();
+    /// drop(t.read("session-1").unwrap());
+    /// ```
+    pub fn reader_bias(mut self, yes: bool) -> Self {
+        self.reader_bias = yes;
+        self
+    }
+
     fn geometry_for_create(&self) -> Result<Geometry> {
         let g = Geometry {
             capacity: self.capacity.unwrap_or(DEFAULT_CAPACITY),
@@ -139,6 +160,8 @@ pub(crate) struct Inner {
     pub(crate) me: u32,
     hash_key: [u64; 2],
     poll_interval: Duration,
+    /// Reads may publish in this thread's reader row (`TableOptions::reader_bias`).
+    reader_bias: bool,
     /// Serialises lease probing within this handle (OFD locks are per open
     /// file description, so two threads would both win the same lease).
     reap_lock: Mutex<()>,
@@ -391,6 +414,46 @@ fn read_header(file: &File, len: u64) -> Result<Header> {
     Header::decode(&buf, len)
 }
 
+/// The reader row of the calling thread (the same index in every table's
+/// process record): threads are numbered in the order of their first read,
+/// and the row follows from that number modulo the rows per record. Threads
+/// past that many share rows, which is safe (an entry is taken by a CAS
+/// from 0) and costs only a shared cache line. Never released: a thread's
+/// entries are cleared by its guards, from whichever thread drops them.
+#[inline]
+fn reader_row() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering as StdOrdering};
+    // Relaxed: only distinct numbers are needed, no data goes with them.
+    static NEXT_ROW: AtomicU32 = AtomicU32::new(0);
+    thread_local! {
+        // Const-initialised (no lazy-init state to check on every read);
+        // u32::MAX = not numbered yet.
+        static ROW: std::cell::Cell<u32> = const { std::cell::Cell::new(u32::MAX) };
+    }
+    #[cold]
+    #[inline(never)]
+    fn number_this_thread(r: &std::cell::Cell<u32>) -> u32 {
+        let row = spread_row(NEXT_ROW.fetch_add(1, StdOrdering::Relaxed));
+        r.set(row);
+        row
+    }
+    ROW.with(|r| match r.get() {
+        u32::MAX => number_this_thread(r),
+        row => row,
+    })
+}
+
+/// Thread number -> row: the even rows first, then the odd ones, so that
+/// threads numbered one after the other (usually running at the same time)
+/// write lines 128 bytes apart, not neighbouring lines, which CPUs that
+/// fetch lines in pairs (adjacent-line prefetch) would make share.
+fn spread_row(n: u32) -> u32 {
+    let rows = crate::layout::READER_ROWS as u32;
+    let n = n % rows;
+    let half = (rows / 2).max(1);
+    (n % half) * 2 + n / half
+}
+
 /// A blocking acquisition never reports "busy"; should it ever, the caller
 /// gets a timeout rather than a panic.
 fn granted<G>(g: Option<G>) -> Result<G> {
@@ -509,6 +572,7 @@ impl LockTable {
                 me,
                 hash_key: header.hash_key,
                 poll_interval: opts.poll_interval,
+                reader_bias: opts.reader_bias,
                 reap_lock: Mutex::new(()),
                 fork_epoch,
                 path,
@@ -701,8 +765,11 @@ impl LockTable {
     fn read_with(&self, id: &[u8], wait: Wait) -> Result<Option<ReadGuard<'_>>> {
         let inner = &*self.inner;
         Ok(self
-            .acquire(id, wait, |s, g| s.read(inner.me, g, wait, inner))?
-            .map(|(slot, gr)| ReadGuard::new(TableRef::Borrowed(&self.inner), slot, gr.owner_died)))
+            .acquire(id, wait, |s, g| {
+                let row = inner.reader_bias.then(reader_row);
+                s.read(inner.me, row, g, wait, inner)
+            })?
+            .map(|(slot, gr)| ReadGuard::granted(TableRef::Borrowed(&self.inner), slot, gr)))
     }
 
     #[inline]

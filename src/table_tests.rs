@@ -175,3 +175,64 @@ fn a_timed_writer_stalled_across_a_generation_wrap_writes_beside_a_reader() {
         "a writer of x got in while another attachment reads x"
     );
 }
+
+// ---------------------------------------------------------------------
+// Reader bias: which path a read takes
+// ---------------------------------------------------------------------
+
+/// The first read of an ID goes through the lane and sets the bias; the
+/// next ones use the calling thread's reader row, and are still counted as
+/// read holds of this process; a writer revokes the bias and waits for them.
+#[test]
+fn a_hot_id_is_read_through_the_reader_row_and_a_writer_revokes_it() {
+    let t = LockTable::anonymous(&TableOptions::default()).unwrap();
+    let first = t.read("hot").unwrap();
+    assert_eq!(first.biased_entry(), None, "the first read uses the lane");
+    let second = t.read("hot").unwrap();
+    assert!(second.biased_entry().is_some(), "the bias was set");
+    let st = t.stats().unwrap();
+    assert_eq!(st.holders.len(), 1);
+    assert_eq!(
+        (st.holders[0].process, st.holders[0].count),
+        (t.process_index(), 2)
+    );
+    assert!(
+        t.try_write("hot").unwrap().is_none(),
+        "a biased reader holds"
+    );
+    drop(first);
+    assert!(
+        t.try_write("hot").unwrap().is_none(),
+        "a biased reader holds"
+    );
+    // A guard dropped on another thread clears its entry there.
+    std::thread::scope(|s| {
+        s.spawn(move || drop(second));
+    });
+    let w = t.write("hot").unwrap();
+    drop(w);
+    // The grant revoked the bias: the next read is a lane read.
+    assert_eq!(t.read("hot").unwrap().biased_entry(), None);
+}
+
+#[test]
+fn a_handle_without_reader_bias_reads_through_its_lane() {
+    let t = LockTable::anonymous(&TableOptions::default().reader_bias(false)).unwrap();
+    for _ in 0..3 {
+        assert_eq!(t.read("hot").unwrap().biased_entry(), None);
+    }
+}
+
+/// Every thread number maps to a row, each row is used once per round of
+/// `READER_ROWS` threads, and consecutive threads are not neighbours.
+#[test]
+fn reader_rows_are_spread_over_the_record() {
+    let rows = crate::layout::READER_ROWS as u32;
+    let mut seen: Vec<u32> = (0..rows).map(super::spread_row).collect();
+    for pair in seen.windows(2) {
+        assert_ne!(pair[0].abs_diff(pair[1]), 1, "{pair:?}");
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..rows).collect::<Vec<_>>());
+    assert_eq!(super::spread_row(rows), super::spread_row(0));
+}

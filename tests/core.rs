@@ -207,19 +207,25 @@ fn two_attachments_behave_like_two_processes() {
 #[test]
 fn forgotten_read_guards_hit_a_bound_not_a_wrap() {
     let t = table();
-    for _ in 0..65_535 {
-        std::mem::forget(t.read("x").unwrap());
-    }
-    assert!(matches!(
-        t.read("x"),
-        Err(Error::HoldLimit { limit: 65_535 })
-    ));
+    // 65,535 reads fit in the process's lane; a thread's reader row (16
+    // entries, used while the ID is read-biased) holds a few more.
+    let mut held = 0u32;
+    let err = loop {
+        match t.read("x") {
+            Ok(g) => std::mem::forget(g),
+            Err(e) => break e,
+        }
+        held += 1;
+        assert!(held <= 65_535 + 16, "no bound");
+    };
+    assert!(held >= 65_535, "bound hit after {held} reads");
+    assert!(matches!(err, Error::HoldLimit { limit: 65_535 }));
     assert!(matches!(t.try_read("x"), Err(Error::HoldLimit { .. })));
     // The bound did not spill into the waiter count or other IDs.
     let s = t.stats().unwrap();
     assert!(s.waiters.is_empty());
     assert_eq!(s.holders.len(), 1);
-    assert_eq!(s.holders[0].count, 65_535);
+    assert_eq!(s.holders[0].count, held);
     assert!(t.try_write("y").unwrap().is_some());
 }
 

@@ -819,3 +819,42 @@ fn memcached_raw_store(url: &str, key: &str, value: &str) -> String {
     let n = s.read(&mut buf).unwrap();
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
+
+/// `load_values` of more keys than Lua's `unpack` takes in one call (about 8,000): a store
+/// user asking for every key of a big session stored by key gets them all, in order.
+#[test]
+fn redis_load_values_of_ten_thousand_keys() {
+    let Some(url) = required_env("LOCKTABLE_REDIS_URL") else {
+        return;
+    };
+    let prefix = unique_prefix("manykeys");
+    let dir = tempfile::tempdir().unwrap();
+    let table = LockTable::open(dir.path().join("locks.table"), &TableOptions::default()).unwrap();
+    let cfg = SessionConfig {
+        lazy_above: 0,
+        ..SessionConfig::default()
+    };
+    let mgr = SessionManager::new(table, redis_store(&url, &prefix), cfg);
+    let mut s = mgr.create().unwrap();
+    let keys: Vec<String> = (0..10_000).map(|i| format!("k{i:05}")).collect();
+    for (i, k) in keys.iter().enumerate() {
+        s.insert(k.as_str(), &i).unwrap();
+    }
+    let id = s.id().clone();
+    s.commit().unwrap();
+    let version = mgr.load(id.as_str()).unwrap().unwrap().version();
+    let store = redis_store(&url, &prefix);
+    let mut asked: Vec<&str> = keys.iter().map(String::as_str).collect();
+    asked.push("absent");
+    let values = store
+        .load_values(&id, version, &asked)
+        .unwrap()
+        .expect("the loaded version");
+    assert_eq!(values.len(), asked.len());
+    assert!(values[..keys.len()].iter().all(Option::is_some));
+    assert_eq!(values[keys.len()], None);
+    // The session reads whole through the manager too.
+    let s = mgr.load(id.as_str()).unwrap().unwrap();
+    assert_eq!(s.get::<usize>("k09999").unwrap(), Some(9999));
+    assert_eq!(s.keys().count(), keys.len());
+}

@@ -1078,6 +1078,11 @@ struct Lazy {
     fetched: parking_lot::Mutex<BTreeMap<String, Arc<Value>>>,
 }
 
+/// How many values [`Session::shared_data`] asks a store for in one call (a Redis script
+/// passes them as arguments, and Lua's `unpack` has a limit of a few thousand).
+#[cfg(feature = "axum")]
+const LAZY_BATCH: usize = 512;
+
 impl Session {
     /// `shared`: the data of a cache hit (then `loaded`'s body is empty and ignored).
     fn new(
@@ -1182,11 +1187,31 @@ impl Session {
         cutoffs.expires_at(self.created, self.accessed, self.expiry)
     }
 
-    /// The session's data as this request sees it, shared rather than copied: the web layer's
-    /// read-only snapshots hold it (a cache hit's map is the cache entry's own).
+    /// The session's whole data as this request sees it: the web layer's read-only snapshots
+    /// hold it. Shared rather than copied for a session loaded whole (a cache hit's map is the
+    /// cache entry's own); a session loaded **by key** has only the values read so far in
+    /// `data`, so the rest are read here, in batches of one store call each, at the loaded
+    /// version ([`Error::Conflict`] if that version's values are gone, as for [`Session::get`]).
     #[cfg(feature = "axum")]
-    pub(crate) fn shared_data(&self) -> Arc<BTreeMap<String, Value>> {
-        Arc::clone(&self.data)
+    pub(crate) fn shared_data(&self) -> Result<Arc<BTreeMap<String, Value>>> {
+        if self.lazy.is_none() {
+            return Ok(Arc::clone(&self.data));
+        }
+        let missing: Vec<String> = self
+            .keys()
+            .filter(|k| !self.data.contains_key(*k))
+            .map(str::to_owned)
+            .collect();
+        let mut all = (*self.data).clone();
+        for batch in missing.chunks(LAZY_BATCH) {
+            let keys: Vec<&str> = batch.iter().map(String::as_str).collect();
+            for (key, v) in batch.iter().zip(self.lazy_values(&keys)?) {
+                if let Some(v) = v {
+                    all.insert(key.clone(), (*v).clone());
+                }
+            }
+        }
+        Ok(Arc::new(all))
     }
 
     /// Makes `commit` store this new session even if it holds no data (a session from
@@ -1233,37 +1258,65 @@ impl Session {
     /// The loaded version's value of a key this request did not write, read on first use
     /// (sessions loaded by key only).
     fn lazy_value(&self, key: &str) -> Result<Option<Arc<Value>>> {
+        Ok(self.lazy_values(&[key])?.pop().flatten())
+    }
+
+    /// [`Self::lazy_value`] of several keys, with one store call for those not read yet.
+    fn lazy_values(&self, keys: &[&str]) -> Result<Vec<Option<Arc<Value>>>> {
         let Some(lazy) = &self.lazy else {
-            return Ok(None);
+            return Ok(vec![None; keys.len()]);
         };
-        if self.delta.contains_key(key) {
-            // Written by this request: `data` has it, or it was removed.
-            return Ok(None);
+        let mut out: Vec<Option<Arc<Value>>> = vec![None; keys.len()];
+        let mut to_read: Vec<(usize, &str, &record::KeyState)> = Vec::new();
+        {
+            let fetched = lazy.fetched.lock();
+            for (i, &key) in keys.iter().enumerate() {
+                if self.delta.contains_key(key) {
+                    // Written by this request: `data` has it, or it was removed.
+                    continue;
+                }
+                let Some(state) = lazy.head.keys.get(key).filter(|k| k.size.is_some()) else {
+                    continue;
+                };
+                match fetched.get(key) {
+                    Some(v) => out[i] = Some(Arc::clone(v)),
+                    None => to_read.push((i, key, state)),
+                }
+            }
         }
-        let Some(state) = lazy.head.keys.get(key).filter(|k| k.size.is_some()) else {
-            return Ok(None);
-        };
-        if let Some(v) = lazy.fetched.lock().get(key) {
-            return Ok(Some(Arc::clone(v)));
+        if to_read.is_empty() {
+            return Ok(out);
         }
         self.mgr.check_fork()?;
+        let names: Vec<&str> = to_read.iter().map(|&(_, k, _)| k).collect();
         let read = self
             .mgr
             .store
-            .load_values(&self.id, self.base_version, &[key])?;
-        let Some(bytes) = read.and_then(|mut v| v.pop()) else {
-            // The session moved on (or is gone): this version's value may no longer exist.
+            .load_values(&self.id, self.base_version, &names)?;
+        let Some(values) = read else {
+            // The session moved on (or is gone): this version's values may no longer exist.
             self.stale.store(true, Ordering::Relaxed);
             bump(&self.mgr.counters.conflicts);
             return Err(Error::Conflict {
-                key: key.to_owned(),
+                key: names[0].to_owned(),
             });
         };
-        let bytes = bytes
-            .ok_or_else(|| Error::SessionCorrupt("a live key's stored value is missing".into()))?;
-        let v = Arc::new(record::decode_value(key, state, &bytes)?);
-        lazy.fetched.lock().insert(key.to_owned(), Arc::clone(&v));
-        Ok(Some(v))
+        if values.len() != names.len() {
+            return Err(Error::SessionCorrupt(format!(
+                "the store gave {} values for {} keys",
+                values.len(),
+                names.len()
+            )));
+        }
+        for ((i, key, state), bytes) in to_read.into_iter().zip(values) {
+            let bytes = bytes.ok_or_else(|| {
+                Error::SessionCorrupt("a live key's stored value is missing".into())
+            })?;
+            let v = Arc::new(record::decode_value(key, state, &bytes)?);
+            lazy.fetched.lock().insert(key.to_owned(), Arc::clone(&v));
+            out[i] = Some(v);
+        }
+        Ok(out)
     }
 
     /// True when a [`Session::get`] of this session found its loaded version's value gone.

@@ -376,7 +376,8 @@ impl SessionHandle {
         let sh = Arc::clone(&self.0.shared);
         if let Some(session) = self.try_cached(&id)? {
             bump(&sh.stats.loads);
-            let snap = snapshot_of(&session);
+            // A cached session is whole (sessions loaded by key are never cached): no I/O here.
+            let snap = snapshot_of(&session).map_err(|e| self.err(e))?;
             if snap.touched {
                 // Once per touch interval: the access-time write goes to the blocking pool.
                 let sh2 = Arc::clone(&sh);
@@ -864,26 +865,38 @@ fn leave_off_worker(sh: &Shared, session: Session) {
 
 /// The body of a flight: loads, takes the data, and ends the request's access right away
 /// (a read-only request's access time is its load time anyway).
+///
+/// A session loaded by key reads its values here; if a commit replaced them in between (a
+/// `Conflict`), the load is repeated on the new version, a few times at most.
 fn load_snapshot(sh: &Shared, id: &SessionId) -> crate::Result<Option<Arc<Snapshot>>> {
-    let Some(session) = sh.mgr.load(id.as_str())? else {
-        return Ok(None);
-    };
-    bump(&sh.stats.loads);
-    let snap = snapshot_of(&session);
-    end_snapshot_access(sh, session, snap.touched);
-    Ok(Some(Arc::new(snap)))
+    const ATTEMPTS: usize = 4;
+    let mut attempt = 1;
+    loop {
+        let Some(session) = sh.mgr.load(id.as_str())? else {
+            return Ok(None);
+        };
+        bump(&sh.stats.loads);
+        match snapshot_of(&session) {
+            Ok(snap) => {
+                end_snapshot_access(sh, session, snap.touched);
+                return Ok(Some(Arc::new(snap)));
+            }
+            Err(crate::Error::Conflict { .. }) if attempt < ATTEMPTS => attempt += 1,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
-/// A loaded session's data (shared, not copied); `touched` when ending it will write the
-/// access time.
-fn snapshot_of(session: &Session) -> Snapshot {
-    Snapshot {
+/// A loaded session's whole data (shared, not copied, when it was loaded whole; read in full
+/// when it was loaded by key); `touched` when ending it will write the access time.
+fn snapshot_of(session: &Session) -> crate::Result<Snapshot> {
+    Ok(Snapshot {
         id: session.id().clone(),
         version: session.version(),
         expires: session.expires_at(),
-        data: session.shared_data(),
+        data: session.shared_data()?,
         touched: session.access_write_due(),
-    }
+    })
 }
 
 /// Ends a snapshot's access. With `touched` false this does no I/O and takes no lock (the

@@ -13,7 +13,7 @@
 //! - `data`: the encoded record, or for a session stored **by key** its head
 //!   ([`record::Head`]: versions and sizes of the keys, no values).
 //! - `values`: the values of sessions stored by key, one entry per key, keyed `ID \0 key`
-//!   (`ID \1` and a 128-bit SipHash of the key for a key too long for an LMDB key; the value's
+//!   (`ID \1` and the SHA-256 of the key for a key too long for an LMDB key; the value's
 //!   CRC covers its key, so a hash collision reads as corrupt, never as another key's value).
 //!
 //! A session saved whole ([`Store::save`]) is one record; [`Store::save_delta`] stores it by
@@ -421,10 +421,11 @@ fn value_key(id: &SessionId, key: &str) -> Vec<u8> {
         k.push(0);
         k.extend_from_slice(key.as_bytes());
     } else {
-        let mut h = siphasher::sip128::SipHasher13::new_with_keys(0x6c74_7376, 0x006b_766b_6579);
-        std::hash::Hasher::write(&mut h, key.as_bytes());
+        // SHA-256, not a keyed hash with a key in the source: keys may come from users, and
+        // with a public key anyone could choose two keys that share one entry.
+        use sha2::Digest;
         k.push(1);
-        k.extend_from_slice(&siphasher::sip128::Hasher128::finish128(&h).as_bytes());
+        k.extend_from_slice(&sha2::Sha256::digest(key.as_bytes()));
     }
     k
 }

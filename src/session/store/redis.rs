@@ -85,12 +85,17 @@ local v = redis.call('HGET', KEYS[1], 'v')
 if v ~= ARGV[1] then return false end
 local d = redis.call('HGET', KEYS[1], 'd')
 if d then return {'whole', d} end
-if #ARGV == 1 then return {'vals'} end
-local fields = {}
-for i = 2, #ARGV do fields[#fields + 1] = 'k:' .. ARGV[i] end
-local vals = redis.call('HMGET', KEYS[1], unpack(fields))
 local out = {'vals'}
-for i = 1, #fields do out[#out + 1] = vals[i] end
+-- HMGET in batches: Lua's unpack takes at most a few thousand arguments.
+local i = 2
+while i <= #ARGV do
+  local last = math.min(i + 999, #ARGV)
+  local fields = {}
+  for j = i, last do fields[#fields + 1] = 'k:' .. ARGV[j] end
+  local vals = redis.call('HMGET', KEYS[1], unpack(fields))
+  for j = 1, #fields do out[#out + 1] = vals[j] end
+  i = last + 1
+end
 return out
 ";
 
