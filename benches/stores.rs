@@ -30,6 +30,15 @@
 //! through the `Store` interface per request. A store that cannot hold the session (memcached:
 //! one item holds at most 1 MiB by default) is left out with a line saying why.
 //!
+//! Group `store_read`: `<store>/load_head`, the store's own read of that hot session through the
+//! `Store` interface (what a load of the manager asks of the store; no lock, no checksum, no
+//! JSON): the part of `read_uncached` that differs between stores.
+//!
+//! Environment: `LOCKTABLE_BENCH_STORES=kv,file` runs only those stores, in that order (what
+//! ran before shifts a figure on a shared machine: compare both orders);
+//! `LOCKTABLE_BENCH_NO_HUGE=1` skips `huge_session`, whose 10 MB sessions are set up whatever
+//! the filter.
+//!
 //! Before the criterion results, a plain loop of 1,000 read requests per store (with a clock
 //! that moves one second per request, so that touches are due) counts the stored writes per
 //! 1,000 read requests: data writes and touches, by the manager's counters.
@@ -158,12 +167,32 @@ fn run_threads(f: &(dyn Fn() + Sync), n: usize, iters: u64) -> Duration {
 
 const STORES: [&str; 5] = ["memory", "file", "kv", "redis", "memcached"];
 
+/// The stores to run, in order: `LOCKTABLE_BENCH_STORES` (comma-separated, e.g. `kv,file`),
+/// else all of [`STORES`]. Criterion measures one after the other, and what ran before (heap
+/// state, page cache, the other store's fsyncs) shifts a figure by more than two stores differ
+/// on a shared machine: a comparison runs both orders.
+fn stores() -> Vec<&'static str> {
+    match std::env::var("LOCKTABLE_BENCH_STORES") {
+        Ok(list) if !list.trim().is_empty() => list
+            .split(',')
+            .map(|s| {
+                let s = s.trim();
+                *STORES
+                    .iter()
+                    .find(|k| **k == s)
+                    .unwrap_or_else(|| panic!("LOCKTABLE_BENCH_STORES: unknown store {s}"))
+            })
+            .collect(),
+        _ => STORES.to_vec(),
+    }
+}
+
 /// Stored writes per 1,000 read requests, with a clock that makes touches due.
 fn print_writes_per_1k_reads() {
     println!(
         "stored writes per 1,000 read requests (clock +1 s per request, touch interval 30 s):"
     );
-    for store in STORES {
+    for store in stores() {
         let dir = tempfile::tempdir().unwrap();
         let clock = Arc::new(ManualClock::new(Timestamp::from_system_time(
             std::time::SystemTime::now(),
@@ -199,7 +228,7 @@ fn main() {
         .sample_size(10)
         .configure_from_args();
     let mut g = c.benchmark_group("store_hot_session");
-    for store in STORES {
+    for store in stores() {
         let dir = tempfile::tempdir().unwrap();
         let Some(mgr) = open(store, dir.path(), SessionConfig::default()) else {
             continue;
@@ -238,7 +267,11 @@ fn main() {
         mgr.delete(&id).unwrap();
     }
     g.finish();
-    huge_session(&mut c);
+    store_read(&mut c);
+    // Setting up the 10 MB sessions takes seconds whatever the filter: skippable.
+    if std::env::var_os("LOCKTABLE_BENCH_NO_HUGE").is_none() {
+        huge_session(&mut c);
+    }
     c.final_summary();
 }
 
@@ -415,7 +448,7 @@ fn huge_session(c: &mut Criterion) {
         ..SessionConfig::default()
     };
     println!("huge session ({HUGE_KEYS} keys x {HUGE_VALUE} B): store bytes per request");
-    for store in STORES {
+    for store in stores() {
         for path in ["by_key", "whole_record"] {
             let dir = tempfile::tempdir().unwrap();
             let Some(inner) = open_store(store, dir.path(), path) else {
@@ -461,4 +494,45 @@ fn huge_session(c: &mut Criterion) {
         }
     }
     g.finish();
+}
+
+/// Group `store_read`: `<store>/load_head`, the store's own read of the hot session of
+/// `store_hot_session` through the `Store` interface, as a load of the manager calls it (no
+/// lock, no decode, no manager): what `read_uncached` spends in the store, the rest of that
+/// request being the same on every store. The embedded stores only (`memory`, `file`, `kv`,
+/// opened as `SessionManager::open` and `open_kv` open them); the server stores' reads are
+/// round trips, seen in `read_uncached` already.
+fn store_read(c: &mut Criterion) {
+    let mut g = c.benchmark_group("store_read");
+    g.throughput(Throughput::Elements(1));
+    for store in stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        match store {
+            "memory" => bench_load_head(&mut g, store, d, MemoryStore::new()),
+            "file" => bench_load_head(&mut g, store, d, FileStore::open(d.join("s")).unwrap()),
+            "kv" => bench_load_head(&mut g, store, d, KvStore::open(d.join("s.kv")).unwrap()),
+            _ => println!("store_read: {store} left out (a server store)"),
+        }
+    }
+    g.finish();
+}
+
+fn bench_load_head<S: Store + 'static>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    dir: &Path,
+    store: S,
+) {
+    let cfg = SessionConfig::default();
+    let (max, up_to) = (cfg.max_record_size, cfg.lazy_above);
+    let table = LockTable::open(dir.join("locks.table"), &TableOptions::default()).unwrap();
+    let mgr = SessionManager::new(table, store, cfg);
+    let id = SessionId::parse(&create_session(&mgr)).unwrap();
+    let st = mgr.store();
+    assert!(st.load_head(&id, max, up_to).unwrap().is_some());
+    g.bench_function(BenchmarkId::new(name, "load_head"), |b| {
+        b.iter(|| black_box(st.load_head(&id, max, up_to).unwrap()))
+    });
+    mgr.delete(id.as_str()).unwrap();
 }
