@@ -71,46 +71,24 @@ pub struct Header {
     pub expiry: Expiry,
 }
 
-const fn crc_table() -> [u32; 256] {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-}
-
-static CRC_TABLE: [u32; 256] = crc_table();
-
-/// Incremental CRC-32 (IEEE 802.3, reflected, as in zlib).
-#[derive(Debug, Clone, Copy)]
-pub struct Crc32(u32);
+/// Incremental CRC-32 (IEEE 802.3, reflected, as in zlib). Computed by `crc32fast`, which
+/// uses the CPU's carry-less multiply where it has one: the same checksum as the byte-at-a-time
+/// table this replaced, several times faster on the large bodies every uncached load checks.
+#[derive(Debug, Clone)]
+pub struct Crc32(crc32fast::Hasher);
 
 impl Crc32 {
     /// Starts a checksum.
     pub fn new() -> Self {
-        Crc32(0xFFFF_FFFF)
+        Crc32(crc32fast::Hasher::new())
     }
     /// Adds bytes.
     pub fn update(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = CRC_TABLE[((self.0 ^ b as u32) & 0xFF) as usize] ^ (self.0 >> 8);
-        }
+        self.0.update(bytes);
     }
     /// The checksum of everything added.
     pub fn finish(self) -> u32 {
-        self.0 ^ 0xFFFF_FFFF
+        self.0.finalize()
     }
 }
 
@@ -573,6 +551,39 @@ mod tests {
         let mut c = Crc32::new();
         c.update(b"123456789");
         assert_eq!(c.finish(), 0xCBF4_3926);
+    }
+
+    /// The bitwise CRC-32 that records were written with before `crc32fast`: every length,
+    /// split into chunks anywhere, must give the same checksum, or stored records stop loading.
+    #[test]
+    fn crc32_matches_the_bitwise_definition_at_every_length_and_split() {
+        fn bitwise(bytes: &[u8]) -> u32 {
+            let mut c = 0xFFFF_FFFFu32;
+            for &b in bytes {
+                c ^= u32::from(b);
+                for _ in 0..8 {
+                    c = if c & 1 != 0 {
+                        0xEDB8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    };
+                }
+            }
+            c ^ 0xFFFF_FFFF
+        }
+        let data: Vec<u8> = (0..2000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for len in (0..300).chain([511, 512, 513, 1024, 2000]) {
+            let want = bitwise(&data[..len]);
+            for split in [0, 1, 7, 64, len / 2, len] {
+                let split = split.min(len);
+                let mut c = Crc32::new();
+                c.update(&data[..split]);
+                c.update(&data[split..len]);
+                assert_eq!(c.finish(), want, "length {len}, split at {split}");
+            }
+        }
     }
 
     #[test]
