@@ -172,7 +172,7 @@ impl<'a> ReadGuard<'a> {
     #[inline]
     pub(crate) fn granted(table: TableRef<'a>, slot: u32, granted: Granted) -> Self {
         let mut g = ReadGuard::new(table, slot, granted.owner_died);
-        g.hold.entry = granted.entry;
+        g.hold.entry = granted.entry();
         g
     }
 }
@@ -232,10 +232,7 @@ impl<'a> UpgradableReadGuard<'a> {
             }
         } else {
             // A forked child: the hold is the parent's; change nothing.
-            Ok(Granted {
-                owner_died: false,
-                entry: None,
-            })
+            Ok(Granted::of_state(0))
         };
         match r {
             Ok(g) => Ok(WriteGuard::new(

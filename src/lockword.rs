@@ -240,10 +240,13 @@ pub(crate) enum Fail {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Granted {
     pub(crate) owner_died: bool,
-    /// A biased read: the index (in `SlotRef::rows`) of the entry that
-    /// holds it, to be cleared by `release_biased`. `None`: a lane read,
-    /// or another mode.
-    pub(crate) entry: Option<u32>,
+    /// A biased read: 1 + the index (in `SlotRef::rows`) of the entry that
+    /// holds it, to be cleared by `release_biased`; 0: a lane read, or
+    /// another mode. (Not an `Option<u32>`: with it the grant is 12 bytes,
+    /// and the hit path's copies of it through `Result`/`Option` layers
+    /// compiled to overlapping partial stores and loads, a store-forwarding
+    /// stall that cost the uncontended read about 15 ns.)
+    entry_plus_one: u32,
 }
 
 impl Granted {
@@ -251,8 +254,14 @@ impl Granted {
     pub(crate) fn of_state(s: u64) -> Granted {
         Granted {
             owner_died: s & OWNER_DIED != 0,
-            entry: None,
+            entry_plus_one: 0,
         }
+    }
+
+    /// A biased read's row entry, if this grant is one.
+    #[inline]
+    pub(crate) fn entry(&self) -> Option<u32> {
+        self.entry_plus_one.checked_sub(1)
     }
 }
 
@@ -418,7 +427,7 @@ impl<'a> SlotRef<'a> {
         if s & BIASED != 0 && is_active(s, id.gen) && writer(s) == 0 && self.has_tag(id.tag) {
             return Some(Granted {
                 owner_died: s & OWNER_DIED != 0,
-                entry: Some(entry),
+                entry_plus_one: entry + 1,
             });
         }
         // A claim, a retirement or a reuse came first: leave (a revoking
@@ -820,7 +829,7 @@ impl<'a> SlotRef<'a> {
         let died = s & OWNER_DIED != 0;
         Ok(Granted {
             owner_died: died,
-            entry: None,
+            entry_plus_one: 0,
         })
     }
 

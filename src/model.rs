@@ -196,7 +196,7 @@ impl Model {
         let r = self
             .slot(i)
             .read(me, Some(row), k.ident(), wait_of(w), &self.host(me));
-        r.map(|g| g.entry).map_err(Into::into)
+        r.map(|g| g.entry()).map_err(Into::into)
     }
     /// Releases a read taken by [`Model::read_with_row`].
     pub fn release_reader(&self, me: u32, i: usize, entry: Option<u32>) {

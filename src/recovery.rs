@@ -174,7 +174,7 @@ mod tests {
         a.state.fetch_or(lockword::BIASED, Ordering::Relaxed);
         let b1 = a.read(1, Some(0), g, None, &NoHost).unwrap();
         let b2 = a.read(1, Some(0), g, None, &NoHost).unwrap();
-        assert!(b1.entry.is_some() && b2.entry.is_some(), "biased reads");
+        assert!(b1.entry().is_some() && b2.entry().is_some(), "biased reads");
         a.read(1, None, g, None, &NoHost).unwrap();
         let r = sweep_process(&region, 1);
         assert_eq!(r.slots_released, 1);
