@@ -118,9 +118,7 @@ fn kv_one_creation_for_eight_threads() {
 #[cfg(feature = "redis")]
 #[test]
 fn redis_one_creation_for_eight_threads() {
-    let Some(url) = required_env("LOCKTABLE_REDIS_URL") else {
-        return;
-    };
+    let url = required_env("LOCKTABLE_REDIS_URL");
     let dir = tempfile::tempdir().unwrap();
     let store = locktable::session::RedisStore::open(&url)
         .unwrap()
@@ -131,9 +129,7 @@ fn redis_one_creation_for_eight_threads() {
 #[cfg(feature = "memcached")]
 #[test]
 fn memcached_one_creation_for_eight_threads() {
-    let Some(url) = required_env("LOCKTABLE_MEMCACHED_URL") else {
-        return;
-    };
+    let url = required_env("LOCKTABLE_MEMCACHED_URL");
     let dir = tempfile::tempdir().unwrap();
     let store = locktable::session::MemcachedStore::open(&url)
         .unwrap()
@@ -144,9 +140,7 @@ fn memcached_one_creation_for_eight_threads() {
 #[cfg(feature = "postgres")]
 #[test]
 fn postgres_one_creation_for_eight_threads() {
-    let Some(url) = required_env("LOCKTABLE_PG_URL") else {
-        return;
-    };
+    let url = required_env("LOCKTABLE_PG_URL");
     let dir = tempfile::tempdir().unwrap();
     let store = pg_store(&url);
     one_creation_for_eight_threads(Arc::new(store), dir.path());
@@ -157,9 +151,7 @@ fn postgres_one_creation_for_eight_threads() {
 #[cfg(feature = "postgres")]
 #[test]
 fn postgres_advisory_claim_one_creation_for_eight_hosts() {
-    let Some(url) = required_env("LOCKTABLE_PG_URL") else {
-        return;
-    };
+    let url = required_env("LOCKTABLE_PG_URL");
     let store = pg_store(&url);
     let secret = store.lock_secret();
     let claim_lock = || -> Arc<dyn CreationLock> {

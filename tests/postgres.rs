@@ -44,22 +44,13 @@ const PROCESSES: usize = 4;
 const INCREMENTS: u64 = 2000;
 
 /// The server's URL; a test failure when there is none (the test command starts one).
-fn pg_url() -> Option<String> {
+fn pg_url() -> String {
     required_env("LOCKTABLE_PG_URL")
 }
 
 /// The throwaway server's directory (for its log, or to restart it), like [`pg_url`].
-fn pg_dir() -> Option<String> {
+fn pg_dir() -> String {
     required_env("LOCKTABLE_PG_DIR")
-}
-
-macro_rules! url_or_skip {
-    () => {
-        match pg_url() {
-            Some(u) => u,
-            None => return,
-        }
-    };
 }
 
 /// A schema for this run of the test binary, so runs never see each other's rows.
@@ -82,11 +73,11 @@ fn store(url: &str, opts: PgStoreOptions) -> PgStore {
     PgStore::with_pool(PgPool::connect(url).unwrap(), opts).unwrap()
 }
 
-fn pg_fixture() -> Option<Fixture<PgStore>> {
-    let url = pg_url()?;
+fn pg_fixture() -> Fixture<PgStore> {
+    let url = pg_url();
     let opts = fresh_options();
     let first = store(&url, opts.clone());
-    Some(Fixture {
+    Fixture {
         store: first,
         table: LockTable::anonymous(&TableOptions::default()).unwrap(),
         // Another host's handle: its own pool on the same tables.
@@ -94,7 +85,7 @@ fn pg_fixture() -> Option<Fixture<PgStore>> {
             Box::new(store(&url, opts.clone())) as Box<dyn Store>
         })),
         _keep: Box::new(()),
-    })
+    }
 }
 
 /// The shared conformance checks, each on a fresh `PgStore`.
@@ -105,9 +96,7 @@ macro_rules! pg_conformance {
             $(
                 #[test]
                 fn $check() {
-                    if let Some(f) = pg_fixture() {
-                        conformance::$check(f);
-                    }
+                    conformance::$check(pg_fixture());
                 }
             )*
         }
@@ -199,7 +188,7 @@ fn pg_manager(url: &str, opts: PgStoreOptions) -> SessionManager {
 
 #[test]
 fn schema_is_created_once_by_concurrent_starters_and_kept_by_later_ones() {
-    let url = url_or_skip!();
+    let url = pg_url();
     let opts = fresh_options();
     let stores: Vec<PgStore> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..4)
@@ -234,7 +223,7 @@ fn schema_is_created_once_by_concurrent_starters_and_kept_by_later_ones() {
 
 #[test]
 fn bad_schema_or_table_names_are_refused() {
-    let url = url_or_skip!();
+    let url = pg_url();
     for (schema, table) in [
         ("x\"; DROP SCHEMA public; --", "t"),
         ("ok", "T"),
@@ -258,7 +247,7 @@ fn bad_schema_or_table_names_are_refused() {
 
 #[test]
 fn purge_deletes_expired_sessions_in_bounded_batches() {
-    let url = url_or_skip!();
+    let url = pg_url();
     let s = store(&url, fresh_options());
     let t = |secs| T0.saturating_add(Duration::from_secs(secs));
     let old: Vec<SessionId> = (0..5).map(|_| sid()).collect();
@@ -294,7 +283,7 @@ fn purge_deletes_expired_sessions_in_bounded_batches() {
 
 #[test]
 fn oversize_records_are_typed_errors_and_never_shipped() {
-    let url = url_or_skip!();
+    let url = pg_url();
     let opts = PgStoreOptions {
         max_record_size: 1000,
         ..fresh_options()
@@ -363,7 +352,7 @@ fn oversize_records_are_typed_errors_and_never_shipped() {
 
 #[test]
 fn hostile_ids_are_refused_or_hashed_never_reach_sql() {
-    let url = url_or_skip!();
+    let url = pg_url();
     let opts = fresh_options();
     let mgr = pg_manager(&url, opts.clone());
     let mut s = mgr.create().unwrap();
@@ -402,7 +391,7 @@ fn hostile_ids_are_refused_or_hashed_never_reach_sql() {
 
 #[test]
 fn server_errors_name_the_operation_and_never_quote_data() {
-    let url = url_or_skip!();
+    let url = pg_url();
     let opts = fresh_options();
     let s = store(&url, opts.clone());
     let i = sid();
@@ -435,7 +424,7 @@ fn server_errors_name_the_operation_and_never_quote_data() {
 
 #[test]
 fn tables_changed_behind_the_stores_back_give_typed_errors_not_panics() {
-    let url = url_or_skip!();
+    let url = pg_url();
     let opts = fresh_options();
     let s = store(&url, opts.clone());
     let i = sid();
@@ -462,7 +451,7 @@ fn tables_changed_behind_the_stores_back_give_typed_errors_not_panics() {
 
 #[test]
 fn lock_modes_exclude_as_documented_and_timeouts_leave_nothing_held() {
-    let url = url_or_skip!();
+    let url = pg_url();
     // Two users sharing only the database.
     let a = PgLocks::connect(&url, SECRET).unwrap();
     let b = PgLocks::connect(&url, SECRET).unwrap();
@@ -523,7 +512,7 @@ fn lock_modes_exclude_as_documented_and_timeouts_leave_nothing_held() {
 
 #[test]
 fn a_lock_wait_for_a_free_connection_is_bounded_by_its_timeout() {
-    let url = url_or_skip!();
+    let url = pg_url();
     let pool = PgPool::connect_with(
         &url,
         PgPoolOptions {
@@ -550,7 +539,7 @@ fn a_lock_wait_for_a_free_connection_is_bounded_by_its_timeout() {
 
 #[test]
 fn two_lock_users_never_both_hold_one_exclusive_lock() {
-    let url = url_or_skip!();
+    let url = pg_url();
     let users = [
         PgLocks::connect(&url, SECRET).unwrap(),
         PgLocks::connect(&url, SECRET).unwrap(),
@@ -597,7 +586,7 @@ fn spawn_child(role: &str, envs: &[(&str, &str)], stdout: Stdio) -> Child {
 
 #[test]
 fn sigkill_of_an_exclusive_holder_frees_its_lock() {
-    let url = url_or_skip!();
+    let url = pg_url();
     let key = format!("kill-{}", run_schema());
     let locks = PgLocks::connect(&url, SECRET).unwrap();
     let mut child = spawn_child("holder", &[(SID_ENV, &key)], Stdio::piped());
@@ -624,7 +613,7 @@ fn sigkill_of_an_exclusive_holder_frees_its_lock() {
 
 /// Runs `PROCESSES` writer children of `role` on one session and checks every count.
 fn processes_count_exactly(role: &str) {
-    let url = url_or_skip!();
+    let url = pg_url();
     let opts = fresh_options();
     let mgr = pg_manager(&url, opts.clone());
     let id = counters::empty_session(&mgr);
@@ -673,7 +662,7 @@ fn pg_sessions(url: &str, opts: &PgStoreOptions, cfg: SessionConfig) -> SessionM
 
 #[test]
 fn managers_sharing_only_the_database_never_both_hold_an_exclusive_session() {
-    let url = url_or_skip!();
+    let url = pg_url();
     let opts = fresh_options();
     let managers = [
         pg_sessions(&url, &opts, SessionConfig::default()),
@@ -715,7 +704,7 @@ fn managers_sharing_only_the_database_never_both_hold_an_exclusive_session() {
 
 #[test]
 fn optimistic_loads_take_no_lock_and_commits_wait_for_an_exclusive_holder() {
-    let url = url_or_skip!();
+    let url = pg_url();
     let opts = fresh_options();
     let a = pg_sessions(&url, &opts, SessionConfig::default());
     let b = pg_sessions(&url, &opts, SessionConfig::default());
@@ -772,10 +761,8 @@ fn logged_statements(log: &str, from: usize) -> Vec<String> {
 /// only this test's connections write to (they set `log_statement=all` for themselves).
 #[test]
 fn a_read_only_request_is_one_statement() {
-    let url = url_or_skip!();
-    let Some(dir) = pg_dir() else {
-        return;
-    };
+    let url = pg_url();
+    let dir = pg_dir();
     let log = format!("{dir}/log");
     let logging = named(
         &url,
@@ -820,7 +807,7 @@ fn a_read_only_request_is_one_statement() {
 /// cannot commit any more, and another host's exclusive request goes ahead.
 #[test]
 fn an_exclusive_request_whose_connection_died_cannot_commit() {
-    let url = url_or_skip!();
+    let url = pg_url();
     let opts = fresh_options();
     let name = format!("lt_fence_{}", run_schema());
     let a = pg_sessions(&named(&url, &name), &opts, SessionConfig::default());
@@ -846,7 +833,7 @@ fn an_exclusive_request_whose_connection_died_cannot_commit() {
 
 #[test]
 fn gc_and_expiry_through_the_postgres_manager() {
-    let url = url_or_skip!();
+    let url = pg_url();
     let clock = Arc::new(locktable::session::ManualClock::new(T0));
     let cfg = SessionConfig {
         clock: clock.clone(),
@@ -881,7 +868,7 @@ fn gc_and_expiry_through_the_postgres_manager() {
 
 #[test]
 fn sigkill_of_a_host_holding_an_exclusive_session_frees_it() {
-    let url = url_or_skip!();
+    let url = pg_url();
     let opts = fresh_options();
     let mgr = pg_sessions(&url, &opts, SessionConfig::default());
     let mut s = mgr.create().unwrap();
@@ -1067,7 +1054,7 @@ fn increments_survive(url: &str, disrupt: impl FnOnce()) {
 
 #[test]
 fn dropped_connections_give_typed_errors_and_work_resumes() {
-    let url = url_or_skip!();
+    let url = pg_url();
     let name = format!("lt_drop_{}", run_schema());
     increments_survive(&named(&url, &name), || {
         for _ in 0..3 {
@@ -1080,10 +1067,8 @@ fn dropped_connections_give_typed_errors_and_work_resumes() {
 #[test]
 #[ignore = "restarts the shared server: run it alone (scripts/test does)"]
 fn server_restart_gives_typed_errors_and_work_resumes() {
-    let url = url_or_skip!();
-    let Some(dir) = pg_dir() else {
-        return;
-    };
+    let url = pg_url();
+    let dir = pg_dir();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg-server");
     // A lock waiter in flight across the restart gets a typed error, not a hang or a panic.
     let locks = PgLocks::connect(&url, SECRET).unwrap();
@@ -1111,7 +1096,7 @@ fn server_restart_gives_typed_errors_and_work_resumes() {
 
 #[test]
 fn a_pool_reconnects_after_its_connections_die() {
-    let url = url_or_skip!();
+    let url = pg_url();
     let name = format!("lt_reconnect_{}", run_schema());
     let pool = PgPool::connect_with(
         &named(&url, &name),

@@ -9,13 +9,13 @@ use support::servers::required_env;
 
 mod support;
 
-fn pg_url() -> Option<String> {
+fn pg_url() -> String {
     required_env("LOCKTABLE_PG_URL")
 }
 
 #[test]
 fn demo_on_postgres_loses_nothing_beside_the_baseline() {
-    let Some(url) = pg_url() else { return };
+    let url = pg_url();
     let o = locktable(&[
         "demo",
         "--store",

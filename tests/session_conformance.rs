@@ -30,25 +30,6 @@ pub struct Fixture<S> {
     pub _keep: Box<dyn Any>,
 }
 
-/// What a factory gives the `conformance!` macro: a fixture, or `None` when the store's server
-/// is not available (the factory has said so, loudly, or failed under CI).
-pub trait MaybeFixture<S> {
-    /// The fixture, if any.
-    fn fixture(self) -> Option<Fixture<S>>;
-}
-
-impl<S> MaybeFixture<S> for Fixture<S> {
-    fn fixture(self) -> Option<Fixture<S>> {
-        Some(self)
-    }
-}
-
-impl<S> MaybeFixture<S> for Option<Fixture<S>> {
-    fn fixture(self) -> Option<Fixture<S>> {
-        self
-    }
-}
-
 fn memory() -> Fixture<MemoryStore> {
     Fixture {
         store: MemoryStore::new(),
@@ -1001,153 +982,103 @@ macro_rules! conformance {
             use super::*;
             #[test]
             fn load_absent() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::load_absent(f);
-                }
+                super::load_absent($factory());
             }
             #[test]
             fn save_is_compare_and_swap() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::save_is_compare_and_swap(f);
-                }
+                super::save_is_compare_and_swap($factory());
             }
             #[test]
             fn save_keeps_the_newer_access_time() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::save_keeps_the_newer_access_time(f);
-                }
+                super::save_keeps_the_newer_access_time($factory());
             }
             #[test]
             fn touch_does_not_revive_an_expired_session() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::touch_does_not_revive_an_expired_session(f);
-                }
+                super::touch_does_not_revive_an_expired_session($factory());
             }
             #[test]
             fn meta_is_kept_beside_the_record() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::meta_is_kept_beside_the_record(f);
-                }
+                super::meta_is_kept_beside_the_record($factory());
             }
             #[test]
             fn load_reports_records_over_the_limit() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::load_reports_records_over_the_limit(f);
-                }
+                super::load_reports_records_over_the_limit($factory());
             }
             #[test]
             fn remove_expired_is_a_checked_delete() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::remove_expired_is_a_checked_delete(f);
-                }
+                super::remove_expired_is_a_checked_delete($factory());
             }
             #[test]
             fn remove_expired_is_atomic_with_touches() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::remove_expired_is_atomic_with_touches(f);
-                }
+                super::remove_expired_is_atomic_with_touches($factory());
             }
             #[test]
             fn scan_expired_is_bounded_and_complete() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::scan_expired_is_bounded_and_complete(f);
-                }
+                super::scan_expired_is_bounded_and_complete($factory());
             }
             #[test]
             fn shared_stores_agree_across_handles() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::shared_stores_agree_across_handles(f);
-                }
+                super::shared_stores_agree_across_handles($factory());
             }
             #[test]
             fn atomic_cas_holds_across_handles() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::atomic_cas_holds_across_handles(f);
-                }
+                super::atomic_cas_holds_across_handles($factory());
             }
             #[test]
             fn touch_is_monotonic_coalesced_and_leaves_data() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::touch_is_monotonic_coalesced_and_leaves_data(f);
-                }
+                super::touch_is_monotonic_coalesced_and_leaves_data($factory());
             }
             #[test]
             fn delete_removes_everything() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::delete_removes_everything(f);
-                }
+                super::delete_removes_everything($factory());
             }
             #[test]
             fn concurrent_cas_has_one_winner_per_version() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::concurrent_cas_has_one_winner_per_version(f);
-                }
+                super::concurrent_cas_has_one_winner_per_version($factory());
             }
             #[test]
             fn concurrent_touches_keep_the_maximum() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::concurrent_touches_keep_the_maximum(f);
-                }
+                super::concurrent_touches_keep_the_maximum($factory());
             }
             #[test]
             fn thousand_concurrent_reads_store_one_touch() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::thousand_concurrent_reads_store_one_touch(f);
-                }
+                super::thousand_concurrent_reads_store_one_touch($factory());
             }
             #[test]
             fn by_key_head_values_and_whole_agree() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::by_key_head_values_and_whole_agree(f);
-                }
+                super::by_key_head_values_and_whole_agree($factory());
             }
             #[test]
             fn by_key_save_delta_writes_only_the_change() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::by_key_save_delta_writes_only_the_change(f);
-                }
+                super::by_key_save_delta_writes_only_the_change($factory());
             }
             #[test]
             fn by_key_sizes_count_head_and_values() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::by_key_sizes_count_head_and_values(f);
-                }
+                super::by_key_sizes_count_head_and_values($factory());
             }
             #[test]
             fn by_key_manager_get_remove_commit_expire() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::by_key_manager_get_remove_commit_expire(f);
-                }
+                super::by_key_manager_get_remove_commit_expire($factory());
             }
             #[test]
             fn by_key_value_replaced_before_a_lazy_get() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::by_key_value_replaced_before_a_lazy_get(f);
-                }
+                super::by_key_value_replaced_before_a_lazy_get($factory());
             }
             #[test]
             fn by_key_commit_over_the_limit_is_too_large() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::by_key_commit_over_the_limit_is_too_large(f);
-                }
+                super::by_key_commit_over_the_limit_is_too_large($factory());
             }
             #[test]
             fn by_key_damaged_value_is_a_typed_error() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::by_key_damaged_value_is_a_typed_error(f);
-                }
+                super::by_key_damaged_value_is_a_typed_error($factory());
             }
             #[test]
             fn by_key_a_growing_session_is_converted() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::by_key_a_growing_session_is_converted(f);
-                }
+                super::by_key_a_growing_session_is_converted($factory());
             }
             #[test]
             fn manager_roundtrip_over_store() {
-                if let Some(f) = super::MaybeFixture::fixture($factory()) {
-                    super::manager_roundtrip_over_store(f);
-                }
+                super::manager_roundtrip_over_store($factory());
             }
         }
     };

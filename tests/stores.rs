@@ -66,30 +66,30 @@ fn kv_fixture() -> Fixture<KvStore> {
     }
 }
 
-fn redis_fixture() -> Option<Fixture<RedisStore>> {
-    let url = required_env("LOCKTABLE_REDIS_URL")?;
+fn redis_fixture() -> Fixture<RedisStore> {
+    let url = required_env("LOCKTABLE_REDIS_URL");
     let prefix = unique_prefix("conf");
-    Some(Fixture {
+    Fixture {
         store: redis_store(&url, &prefix),
         table: LockTable::anonymous(&TableOptions::default()).unwrap(),
         reopen: Some(Box::new(move || {
             Box::new(redis_store(&url, &prefix)) as Box<dyn Store>
         })),
         _keep: Box::new(()),
-    })
+    }
 }
 
-fn memcached_fixture() -> Option<Fixture<MemcachedStore>> {
-    let url = required_env("LOCKTABLE_MEMCACHED_URL")?;
+fn memcached_fixture() -> Fixture<MemcachedStore> {
+    let url = required_env("LOCKTABLE_MEMCACHED_URL");
     let prefix = unique_prefix("conf");
-    Some(Fixture {
+    Fixture {
         store: memcached_store(&url, &prefix),
         table: LockTable::anonymous(&TableOptions::default()).unwrap(),
         reopen: Some(Box::new(move || {
             Box::new(memcached_store(&url, &prefix)) as Box<dyn Store>
         })),
         _keep: Box::new(()),
-    })
+    }
 }
 
 conformance!(lmdb_kv_suite, kv_fixture);
@@ -101,14 +101,10 @@ fn capabilities_say_what_each_store_is() {
     let kv = kv_fixture();
     let c = kv.store.capabilities();
     assert!(c.persistent && c.shared_across_processes && c.atomic_cas && !c.native_expiry);
-    if let Some(r) = redis_fixture() {
-        let c = r.store.capabilities();
-        assert!(c.persistent && c.shared_across_processes && c.atomic_cas && c.native_expiry);
-    }
-    if let Some(m) = memcached_fixture() {
-        let c = m.store.capabilities();
-        assert!(c.persistent && c.shared_across_processes && c.atomic_cas && c.native_expiry);
-    }
+    let c = redis_fixture().store.capabilities();
+    assert!(c.persistent && c.shared_across_processes && c.atomic_cas && c.native_expiry);
+    let c = memcached_fixture().store.capabilities();
+    assert!(c.persistent && c.shared_across_processes && c.atomic_cas && c.native_expiry);
 }
 
 // ---- four processes, one session, `transact` ----
@@ -177,16 +173,14 @@ fn four_processes_transact_on_kv() {
 
 #[test]
 fn four_processes_transact_on_redis() {
-    if required_env("LOCKTABLE_REDIS_URL").is_some() {
-        four_processes_transact(&format!("redis:{}", unique_prefix("mp")));
-    }
+    required_env("LOCKTABLE_REDIS_URL");
+    four_processes_transact(&format!("redis:{}", unique_prefix("mp")));
 }
 
 #[test]
 fn four_processes_transact_on_memcached() {
-    if required_env("LOCKTABLE_MEMCACHED_URL").is_some() {
-        four_processes_transact(&format!("memcached:{}", unique_prefix("mp")));
-    }
+    required_env("LOCKTABLE_MEMCACHED_URL");
+    four_processes_transact(&format!("memcached:{}", unique_prefix("mp")));
 }
 
 /// Increments until killed; after each commit, writes the count it knows is committed.
@@ -387,9 +381,7 @@ fn counter(mgr: &SessionManager, id: &str) -> Option<u64> {
 
 #[test]
 fn redis_killed_mid_run_gives_typed_errors_and_applies_nothing_twice() {
-    let Some(bin) = required_env("LOCKTABLE_REDIS_SERVER") else {
-        return;
-    };
+    let bin = required_env("LOCKTABLE_REDIS_SERVER");
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     // Every acknowledged write is in the append-only file before the reply, so it survives
@@ -448,9 +440,7 @@ fn redis_killed_mid_run_gives_typed_errors_and_applies_nothing_twice() {
 
 #[test]
 fn memcached_killed_mid_run_gives_typed_errors_and_the_session_is_gone_whole() {
-    let Some(bin) = required_env("LOCKTABLE_MEMCACHED_SERVER") else {
-        return;
-    };
+    let bin = required_env("LOCKTABLE_MEMCACHED_SERVER");
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
@@ -529,9 +519,7 @@ fn memcached_raw(url: &str, cmd: &str) -> String {
 
 #[test]
 fn memcached_session_missing_either_half_is_gone_everywhere() {
-    let Some(url) = required_env("LOCKTABLE_MEMCACHED_URL") else {
-        return;
-    };
+    let url = required_env("LOCKTABLE_MEMCACHED_URL");
     let prefix = unique_prefix("evict");
     let table = LockTable::anonymous(&TableOptions::default()).unwrap();
     let mgr = SessionManager::new(
@@ -591,9 +579,7 @@ fn memcached_session_missing_either_half_is_gone_everywhere() {
 
 #[test]
 fn redis_ttl_follows_the_sessions_expiry() {
-    let Some(url) = required_env("LOCKTABLE_REDIS_URL") else {
-        return;
-    };
+    let url = required_env("LOCKTABLE_REDIS_URL");
     let prefix = unique_prefix("ttl");
     let cfg = SessionConfig {
         idle_timeout: Duration::from_secs(600),
@@ -691,9 +677,7 @@ fn kv_writer_killed_mid_run_loses_nothing_acknowledged_and_blocks_nobody() {
 /// manager treats the session as absent, and gc deletes it.
 #[test]
 fn redis_garbage_metadata_is_corrupt_and_collected() {
-    let Some(url) = required_env("LOCKTABLE_REDIS_URL") else {
-        return;
-    };
+    let url = required_env("LOCKTABLE_REDIS_URL");
     let prefix = unique_prefix("junk");
     let store = redis_store(&url, &prefix);
     let id = locktable::session::SessionId::generate().unwrap();
@@ -756,9 +740,7 @@ fn redis_garbage_metadata_is_corrupt_and_collected() {
 /// the session as absent and deletes it.
 #[test]
 fn memcached_garbage_metadata_is_corrupt() {
-    let Some(url) = required_env("LOCKTABLE_MEMCACHED_URL") else {
-        return;
-    };
+    let url = required_env("LOCKTABLE_MEMCACHED_URL");
     let prefix = unique_prefix("junk");
     let store = memcached_store(&url, &prefix);
     let id = locktable::session::SessionId::generate().unwrap();
@@ -824,9 +806,7 @@ fn memcached_raw_store(url: &str, key: &str, value: &str) -> String {
 /// user asking for every key of a big session stored by key gets them all, in order.
 #[test]
 fn redis_load_values_of_ten_thousand_keys() {
-    let Some(url) = required_env("LOCKTABLE_REDIS_URL") else {
-        return;
-    };
+    let url = required_env("LOCKTABLE_REDIS_URL");
     let prefix = unique_prefix("manykeys");
     let dir = tempfile::tempdir().unwrap();
     let table = LockTable::open(dir.path().join("locks.table"), &TableOptions::default()).unwrap();

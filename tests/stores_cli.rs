@@ -50,16 +50,14 @@ fn demo_on_kv_in_a_named_directory_loses_nothing_and_leaves_no_session() {
 
 #[test]
 fn demo_on_redis_loses_nothing() {
-    if let Some(url) = required_env("LOCKTABLE_REDIS_URL") {
-        demo_on(&url, "redis at", "processes");
-    }
+    let url = required_env("LOCKTABLE_REDIS_URL");
+    demo_on(&url, "redis at", "processes");
 }
 
 #[test]
 fn demo_on_memcached_loses_nothing() {
-    if let Some(url) = required_env("LOCKTABLE_MEMCACHED_URL") {
-        demo_on(&url, "memcached at", "processes");
-    }
+    let url = required_env("LOCKTABLE_MEMCACHED_URL");
+    demo_on(&url, "memcached at", "processes");
 }
 
 #[test]

@@ -6,12 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The value of `var`. A test failure when it is unset or empty: server tests never skip
 /// silently (the test command starts the servers).
-///
-/// Returns an `Option` so that a test can read `let Some(url) = required_env(..) else { .. }`,
-/// but it is never `None`.
-pub fn required_env(var: &str) -> Option<String> {
+pub fn required_env(var: &str) -> String {
     match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
+        Ok(v) if !v.is_empty() => v,
         _ => panic!(
             "{var} is not set: these tests must run against a real server (start it with \
              `eval \"$({})\"`)",
