@@ -1,7 +1,9 @@
 //! The hot-session cache: hits, invalidation across processes, expiry, bounds, off switch.
 //!
-//! The cross-process test re-executes this binary (`current_exe() --exact child_role
+//! The cross-process tests re-execute this binary (`current_exe() --exact child_role
 //! --ignored`) with `LOCKTABLE_CACHE_ROLE` set; without it the child test returns at once.
+//! They run on the file store, and with the `lmdb` feature on the key-value store too, whose
+//! change counters live in its directory (`Store::change_counters`).
 
 use locktable::session::{ManualClock, SessionConfig, SessionManager, Timestamp};
 use std::path::{Path, PathBuf};
@@ -14,11 +16,22 @@ mod support;
 const ROLE: &str = "LOCKTABLE_CACHE_ROLE";
 const DIR: &str = "LOCKTABLE_CACHE_DIR";
 const SID: &str = "LOCKTABLE_CACHE_ID";
+const STORE: &str = "LOCKTABLE_CACHE_STORE";
 
 fn config() -> SessionConfig {
     SessionConfig {
         fsync: false,
         ..SessionConfig::default()
+    }
+}
+
+/// A manager on `dir` over the store named `store` ("file" or "kv").
+fn open(store: &str, dir: &Path) -> SessionManager {
+    match store {
+        "file" => SessionManager::new_embedded(dir, config()).unwrap(),
+        #[cfg(feature = "lmdb")]
+        "kv" => SessionManager::new_kv(dir, config()).unwrap(),
+        other => panic!("unknown store {other}"),
     }
 }
 
@@ -37,9 +50,10 @@ fn read_n(mgr: &SessionManager, id: &str) -> Option<u64> {
     n
 }
 
-fn run_child(role: &str, dir: &Path, id: &str) {
+fn run_child(role: &str, store: &str, dir: &Path, id: &str) {
     let st = child_command("child_role")
         .env(ROLE, role)
+        .env(STORE, store)
         .env(DIR, dir)
         .env(SID, id)
         .status()
@@ -49,8 +63,31 @@ fn run_child(role: &str, dir: &Path, id: &str) {
 
 #[test]
 fn a_commit_in_another_process_is_seen_by_the_very_next_load() {
+    commit_elsewhere_seen_by_the_next_load("file");
+}
+
+#[cfg(feature = "lmdb")]
+#[test]
+fn a_commit_in_another_process_is_seen_by_the_very_next_load_on_kv() {
+    commit_elsewhere_seen_by_the_next_load("kv");
+}
+
+#[cfg(feature = "lmdb")]
+#[test]
+fn the_kv_store_names_its_directory_for_the_counters() {
+    use locktable::session::{ChangeCounters, KvStore, Store};
     let dir = tempfile::tempdir().unwrap();
-    let mgr = SessionManager::new_embedded(dir.path(), config()).unwrap();
+    let store = KvStore::open(dir.path().join("kv")).unwrap();
+    assert_eq!(
+        store.change_counters(),
+        ChangeCounters::Directory(dir.path().join("kv").canonicalize().unwrap())
+    );
+}
+
+/// Hits in this process, and a commit or delete in another process seen by the very next load.
+fn commit_elsewhere_seen_by_the_next_load(store: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mgr = open(store, dir.path());
     let id = new_session(&mgr, 0);
     for round in 1..=8u64 {
         // Hot in this process: the second load is a hit.
@@ -59,26 +96,30 @@ fn a_commit_in_another_process_is_seen_by_the_very_next_load() {
         assert_eq!(read_n(&mgr, &id), Some(round - 1));
         assert_eq!(mgr.stats().cache_hits, hits + 1, "round {round}: not a hit");
         // Another process commits; the very next load here must see it.
-        run_child("increment", dir.path(), &id);
+        run_child("increment", store, dir.path(), &id);
         assert_eq!(read_n(&mgr, &id), Some(round), "round {round}: stale copy");
     }
     // And deletions: gone for the very next load.
-    run_child("delete", dir.path(), &id);
+    run_child("delete", store, dir.path(), &id);
     assert_eq!(read_n(&mgr, &id), None);
+    if store == "kv" {
+        assert!(dir.path().join("sessions.kv/.versions").exists());
+    }
 }
 
 /// Child side (does nothing unless started by a parent test).
 #[test]
-#[ignore = "child process of a_commit_in_another_process_is_seen_by_the_very_next_load"]
+#[ignore = "child process of the a_commit_in_another_process_is_seen_by_the_very_next_load tests"]
 fn child_role() {
-    let (Ok(role), Ok(dir), Ok(id)) = (
+    let (Ok(role), Ok(store), Ok(dir), Ok(id)) = (
         std::env::var(ROLE),
+        std::env::var(STORE),
         std::env::var(DIR).map(PathBuf::from),
         std::env::var(SID),
     ) else {
         return;
     };
-    let mgr = SessionManager::new_embedded(&dir, config()).unwrap();
+    let mgr = open(&store, &dir);
     match role.as_str() {
         "increment" => {
             mgr.transact(&id, |s| {
