@@ -3,6 +3,9 @@
 //! Mechanisms (each one's `NAME` is its criterion function name):
 //! - `locktable`: a file-backed [`LockTable`] in a tempdir; every operation
 //!   goes by ID (keyed hash, slot lookup, lock word, guard drop).
+//! - `locktable_locked`: the same with `TableOptions::asymmetric_fences(false)`
+//!   (biased reads publish with locked instructions, the protocol before
+//!   asymmetric fences), measured in the same run.
 //! - `locktable_nobias`: the same with `TableOptions::reader_bias(false)`
 //!   (reads always count in the process's lane), to show what the reader
 //!   bias changes, in the same run.
@@ -171,27 +174,35 @@ struct TableMech {
     table: LockTable,
     ids: Vec<String>,
     own_handles: bool,
-    bias: bool,
+    kind: &'static str,
 }
 
 impl TableMech {
-    fn new(ids: usize, bias: bool) -> Self {
+    /// `kind`: one of the names [`table_options`] knows.
+    fn new(ids: usize, kind: &'static str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("locks");
-        let table = LockTable::open(&path, &table_options(bias)).expect("open table");
+        let table = LockTable::open(&path, &table_options(kind)).expect("open table");
         TableMech {
             _dir: dir,
             path,
             table,
             ids: (0..ids).map(session_id).collect(),
             own_handles: std::env::var(OWN_HANDLE_ENV).is_ok_and(|v| v == "1"),
-            bias,
+            kind,
         }
     }
 }
 
-fn table_options(bias: bool) -> TableOptions {
-    TableOptions::default().reader_bias(bias)
+/// The options of each `locktable*` mechanism (a child process opens the
+/// parent's file, so the file's fences apply to it too).
+fn table_options(kind: &str) -> TableOptions {
+    match kind {
+        "locktable" => TableOptions::default(),
+        "locktable_locked" => TableOptions::default().asymmetric_fences(false),
+        "locktable_nobias" => TableOptions::default().reader_bias(false),
+        other => panic!("unknown table kind {other:?}"),
+    }
 }
 
 struct TableWorker {
@@ -216,7 +227,7 @@ impl Mechanism for TableMech {
     type W = TableWorker;
     fn worker(&self, id: usize) -> TableWorker {
         let table = if self.own_handles {
-            LockTable::open(&self.path, &table_options(self.bias)).expect("open table")
+            LockTable::open(&self.path, &table_options(self.kind)).expect("open table")
         } else {
             self.table.clone()
         };
@@ -226,12 +237,12 @@ impl Mechanism for TableMech {
         }
     }
     fn child_spec(&self) -> Option<String> {
-        let kind = if self.bias {
-            "locktable"
-        } else {
-            "locktable_nobias"
-        };
-        Some(format!("{kind}\n{}\n{}", self.path.display(), self.ids[0]))
+        Some(format!(
+            "{}\n{}\n{}",
+            self.kind,
+            self.path.display(),
+            self.ids[0]
+        ))
     }
 }
 
@@ -643,9 +654,8 @@ fn child_main(spec: &str) {
     let path = PathBuf::from(parts.next().expect("child spec: path"));
     let arg = parts.next().unwrap_or_default().to_owned();
     let mut worker: Box<dyn Worker> = match kind {
-        "locktable" | "locktable_nobias" => Box::new(TableWorker {
-            table: LockTable::open(&path, &table_options(kind == "locktable"))
-                .expect("child open table"),
+        "locktable" | "locktable_locked" | "locktable_nobias" => Box::new(TableWorker {
+            table: LockTable::open(&path, &table_options(kind)).expect("child open table"),
             id: arg.into_bytes(),
         }),
         "pthread" => {
@@ -998,10 +1008,17 @@ fn main() {
         .configure_from_args();
 
     let readers = reader_counts();
-    let table = TableMech::new(ids, true);
+    let table = TableMech::new(ids, "locktable");
+    assert!(
+        table.table.asymmetric_fences(),
+        "no expedited membarrier here: `locktable` would measure the locked protocol"
+    );
     bench_mechanism(&mut c, "locktable", &table, &threads);
     bench_readers_of_one_id(&mut c, "locktable", &table, &readers);
-    let unbiased = TableMech::new(ids, false);
+    let locked = TableMech::new(ids, "locktable_locked");
+    bench_mechanism(&mut c, "locktable_locked", &locked, &threads);
+    bench_readers_of_one_id(&mut c, "locktable_locked", &locked, &readers);
+    let unbiased = TableMech::new(ids, "locktable_nobias");
     bench_mechanism(&mut c, "locktable_nobias", &unbiased, &threads);
     bench_readers_of_one_id(&mut c, "locktable_nobias", &unbiased, &readers);
     let parking_lot = ParkingLotMech(leak_locks(ids));

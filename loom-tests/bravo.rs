@@ -9,6 +9,32 @@
 //! BIASED again. Under loom a record has one row of two entries.
 
 use super::*;
+
+/// The model with asymmetric fences when `asym` (DESIGN §10): every model
+/// below runs both ways (modules `locked` and `asymmetric` at the end).
+fn fences(m: Model, asym: bool) -> Model {
+    if asym {
+        m.asymmetric()
+    } else {
+        m
+    }
+}
+
+fn shared_in(asym: bool, processes: u32, poll: Option<Duration>) -> (Arc<Shared>, Key) {
+    let s = Arc::new(Shared {
+        model: fences(Model::new(SLOTS, processes, poll), asym),
+        data: UnsafeCell::new(0),
+    });
+    let g = s.model.activate(SLOT);
+    (s, g)
+}
+
+fn indexed_in(asym: bool, processes: u32) -> Arc<Indexed> {
+    Arc::new(Indexed {
+        model: fences(Model::new(16, processes, None), asym),
+        a: UnsafeCell::new(0),
+    })
+}
 use loom::sync::atomic::{AtomicU64, Ordering};
 
 /// An exclusion witness that the model checker's partial-order reduction
@@ -43,11 +69,10 @@ fn biased_read(s: &Shared, p: u32, g: Key) -> Option<u32> {
         .unwrap()
 }
 
-#[test]
-fn a_biased_reader_and_a_revoking_writer_exclude_each_other() {
-    model(|| {
+fn a_biased_reader_and_a_revoking_writer_exclude_each_other(asym: bool) {
+    model(move || {
         let w = Witness::default();
-        let (s, g) = shared(2, None);
+        let (s, g) = shared_in(asym, 2, None);
         s.model.bias(SLOT);
         let reader = {
             let (s, w) = (s.clone(), w.clone());
@@ -68,11 +93,10 @@ fn a_biased_reader_and_a_revoking_writer_exclude_each_other() {
     });
 }
 
-#[test]
-fn a_writer_that_gives_up_leaves_the_bias_for_the_next_claimant_to_revoke() {
-    model(|| {
+fn a_writer_that_gives_up_leaves_the_bias_for_the_next_claimant_to_revoke(asym: bool) {
+    model(move || {
         let w = Witness::default();
-        let (s, g) = shared(3, None);
+        let (s, g) = shared_in(asym, 3, None);
         s.model.bias(SLOT);
         let reader = {
             let (s, w) = (s.clone(), w.clone());
@@ -97,11 +121,10 @@ fn a_writer_that_gives_up_leaves_the_bias_for_the_next_claimant_to_revoke() {
     });
 }
 
-#[test]
-fn a_rebias_racing_a_writers_claim_never_hides_a_reader() {
-    model(|| {
+fn a_rebias_racing_a_writers_claim_never_hides_a_reader(asym: bool) {
+    model(move || {
         let w = Witness::default();
-        let (s, g) = shared(2, None);
+        let (s, g) = shared_in(asym, 2, None);
         // Not biased; the cooling window is over: the first lane read sets
         // BIASED, the second read may be biased.
         let reader = {
@@ -124,13 +147,12 @@ fn a_rebias_racing_a_writers_claim_never_hides_a_reader() {
     });
 }
 
-#[test]
-fn a_biased_release_never_loses_a_revoking_writers_wakeup() {
-    model(|| {
+fn a_biased_release_never_loses_a_revoking_writers_wakeup(asym: bool) {
+    model(move || {
         // No poll: a revoking writer asleep on the rows is woken only by
         // the reader's release.
         let w = Witness::default();
-        let (s, g) = shared(2, None);
+        let (s, g) = shared_in(asym, 2, None);
         s.model.bias(SLOT);
         let reader = {
             let (s, w) = (s.clone(), w.clone());
@@ -149,11 +171,10 @@ fn a_biased_release_never_loses_a_revoking_writers_wakeup() {
     });
 }
 
-#[test]
-fn a_biased_reader_killed_between_publish_and_recheck_is_swept() {
-    model(|| {
+fn a_biased_reader_killed_between_publish_and_recheck_is_swept(asym: bool) {
+    model(move || {
         let w = Witness::default();
-        let (s, g) = shared(3, Some(Duration::from_millis(10)));
+        let (s, g) = shared_in(asym, 3, Some(Duration::from_millis(10)));
         s.model.bias(SLOT);
         let dying = {
             let s = s.clone();
@@ -188,11 +209,10 @@ fn a_biased_reader_killed_between_publish_and_recheck_is_swept() {
     });
 }
 
-#[test]
-fn a_killed_biased_reader_is_swept_and_a_writer_gets_in() {
-    model(|| {
+fn a_killed_biased_reader_is_swept_and_a_writer_gets_in(asym: bool) {
+    model(move || {
         let w = Witness::default();
-        let (s, g) = shared(2, Some(Duration::from_millis(10)));
+        let (s, g) = shared_in(asym, 2, Some(Duration::from_millis(10)));
         s.model.bias(SLOT);
         let dying = {
             let (s, w) = (s.clone(), w.clone());
@@ -212,11 +232,10 @@ fn a_killed_biased_reader_is_swept_and_a_writer_gets_in() {
     });
 }
 
-#[test]
-fn an_upgrade_revokes_a_biased_reader() {
-    model(|| {
+fn an_upgrade_revokes_a_biased_reader(asym: bool) {
+    model(move || {
         let w = Witness::default();
-        let (s, g) = shared(2, None);
+        let (s, g) = shared_in(asym, 2, None);
         s.model.bias(SLOT);
         s.model.upgradable(1, SLOT, g, ModelWait::Forever).unwrap();
         let reader = {
@@ -236,12 +255,11 @@ fn an_upgrade_revokes_a_biased_reader() {
     });
 }
 
-#[test]
-fn retirement_races_a_biased_reader_safely() {
-    model(|| {
+fn retirement_races_a_biased_reader_safely(asym: bool) {
+    model(move || {
         let w = Witness::default();
         let s = Arc::new(Shared {
-            model: Model::new(16, 2, None),
+            model: fences(Model::new(16, 2, None), asym),
             data: UnsafeCell::new(0),
         });
         let (slot, g) = s.model.find_or_insert((1, 2), 0).unwrap();
@@ -274,11 +292,10 @@ fn retirement_races_a_biased_reader_safely() {
     });
 }
 
-#[test]
-fn a_biased_reader_stalled_across_a_generation_wrap_never_reads_another_ids_slot() {
-    model(|| {
+fn a_biased_reader_stalled_across_a_generation_wrap_never_reads_another_ids_slot(asym: bool) {
+    model(move || {
         let w = Witness::default();
-        let s = indexed(2);
+        let s = indexed_in(asym, 2);
         let (slot, k) = s.model.find_or_insert(A, 1).unwrap();
         // BIASED survives retirement and reuse, so the stalled reader
         // takes the biased path on whatever the slot serves by then.
@@ -316,9 +333,11 @@ fn a_biased_reader_stalled_across_a_generation_wrap_never_reads_another_ids_slot
 fn two_threads_sharing_a_row_and_a_revoking_writer() {
     model(|| {
         // Two threads of process 0 publish in the same row (more threads
-        // than rows): each takes its own entry by a CAS from 0.
+        // than rows): each takes its own entry by a CAS from 0. Only the
+        // locked protocol shares rows: with asymmetric fences a thread
+        // publishes only in a row it owns (`reader_row`).
         let w = Witness::default();
-        let (s, g) = shared(2, None);
+        let (s, g) = shared_in(false, 2, None);
         s.model.bias(SLOT);
         let readers: Vec<_> = (0..2)
             .map(|_| {
@@ -341,11 +360,10 @@ fn two_threads_sharing_a_row_and_a_revoking_writer() {
     });
 }
 
-#[test]
-fn a_process_attaching_during_a_revocation_is_seen_by_the_row_scan() {
-    model(|| {
+fn a_process_attaching_during_a_revocation_is_seen_by_the_row_scan(asym: bool) {
+    model(move || {
         let w = Witness::default();
-        let (s, g) = shared(3, None);
+        let (s, g) = shared_in(asym, 3, None);
         s.model.bias(SLOT);
         // Only process 0 has attached so far: a revocation scans its rows only.
         s.model.set_lanes_in_use(1);
@@ -399,10 +417,9 @@ fn wait_for(flag: &loom::sync::atomic::AtomicBool) {
 /// An upgrade that times out beside a biased reader takes its claim back
 /// (WRITER -> UPGRADER); the bias must survive that way back, or the next
 /// writer would not scan the rows and would get in beside the reader.
-#[test]
-fn an_upgrade_that_gives_up_leaves_the_bias_for_the_next_writer_to_revoke() {
-    model(|| {
-        let (s, g) = shared(3, None);
+fn an_upgrade_that_gives_up_leaves_the_bias_for_the_next_writer_to_revoke(asym: bool) {
+    model(move || {
+        let (s, g) = shared_in(asym, 3, None);
         s.model.bias(SLOT);
         let (held, done) = (Arc::default(), Arc::default());
         s.model.upgradable(1, SLOT, g, ModelWait::Forever).unwrap();
@@ -428,10 +445,9 @@ fn an_upgrade_that_gives_up_leaves_the_bias_for_the_next_writer_to_revoke() {
 /// A writer that dies with its claim pending (the bias still set, its row
 /// scan unfinished) is swept by the next writer's liveness poll; the sweep
 /// must leave BIASED, so that the next writer's claim scans the rows too.
-#[test]
-fn a_writer_killed_mid_revocation_leaves_the_bias_for_the_next_writer() {
-    model(|| {
-        let (s, g) = shared(3, Some(Duration::from_millis(10)));
+fn a_writer_killed_mid_revocation_leaves_the_bias_for_the_next_writer(asym: bool) {
+    model(move || {
+        let (s, g) = shared_in(asym, 3, Some(Duration::from_millis(10)));
         s.model.bias(SLOT);
         let (held, done) = (Arc::default(), Arc::default());
         let reader = reader_holding_until_done(&s, g, &held, &done);
@@ -462,3 +478,36 @@ fn a_writer_killed_mid_revocation_leaves_the_bias_for_the_next_writer() {
         assert!(s.model.is_idle(SLOT));
     });
 }
+
+/// Each model with the locked protocol and with asymmetric fences.
+macro_rules! both_ways {
+    ($($name:ident),* $(,)?) => {
+        mod locked {
+            $(#[test]
+            fn $name() {
+                super::$name(false)
+            })*
+        }
+        mod asymmetric {
+            $(#[test]
+            fn $name() {
+                super::$name(true)
+            })*
+        }
+    };
+}
+
+both_ways!(
+    a_biased_reader_and_a_revoking_writer_exclude_each_other,
+    a_writer_that_gives_up_leaves_the_bias_for_the_next_claimant_to_revoke,
+    a_rebias_racing_a_writers_claim_never_hides_a_reader,
+    a_biased_release_never_loses_a_revoking_writers_wakeup,
+    a_biased_reader_killed_between_publish_and_recheck_is_swept,
+    a_killed_biased_reader_is_swept_and_a_writer_gets_in,
+    an_upgrade_revokes_a_biased_reader,
+    retirement_races_a_biased_reader_safely,
+    a_biased_reader_stalled_across_a_generation_wrap_never_reads_another_ids_slot,
+    a_process_attaching_during_a_revocation_is_seen_by_the_row_scan,
+    an_upgrade_that_gives_up_leaves_the_bias_for_the_next_writer_to_revoke,
+    a_writer_killed_mid_revocation_leaves_the_bias_for_the_next_writer,
+);

@@ -60,6 +60,7 @@ extern "C" fn on_fork_parent() {
 extern "C" fn on_fork_child() {
     FORKING.store(false, Ordering::SeqCst);
     EPOCH.fetch_add(1, Ordering::Relaxed);
+    crate::reader_row::after_fork_in_child();
     for slot in &FDS {
         // Clear the slot too: the number may be reused in this child for an
         // unrelated file, which a grandchild must not close.

@@ -162,6 +162,20 @@ pub struct WriteGuard<'a> {
 guard_common!(ReadGuard);
 
 impl<'a> ReadGuard<'a> {
+    /// True if this read is held through the calling thread's reader row
+    /// (the reader bias, DESIGN §10), false if it is counted in the
+    /// process's lane. Only a diagnostic: both exclude writers alike.
+    ///
+    /// ```
+    /// use locktable::{LockTable, TableOptions};
+    /// let t = LockTable::anonymous(&TableOptions::default()).unwrap();
+    /// drop(t.read("hot").unwrap()); // the first read sets the bias
+    /// assert!(t.read("hot").unwrap().is_biased());
+    /// ```
+    pub fn is_biased(&self) -> bool {
+        self.hold.entry.is_some()
+    }
+
     /// The reader-row entry of a biased read (`None`: a lane read).
     #[cfg(test)]
     pub(crate) fn biased_entry(&self) -> Option<u32> {
@@ -183,6 +197,16 @@ impl Drop for ReadGuard<'_> {
     #[inline]
     fn drop(&mut self) {
         if self.hold.ours() {
+            if let (Releases::Read, Some(entry)) = (self.hold.releases, self.hold.entry) {
+                // The fast path: only the entry and the slot's state and
+                // futex words, not a whole `SlotRef`.
+                if let Some(hold) = self.hold.table.region.biased_hold(self.hold.slot, entry) {
+                    hold.release();
+                }
+                // SAFETY: dropped exactly once, here; `self.hold` is not used after.
+                unsafe { ManuallyDrop::drop(&mut self.hold) }
+                return;
+            }
             let slot = self.hold.table.slot(self.hold.slot);
             match (self.hold.releases, self.hold.entry) {
                 (Releases::Read, Some(entry)) => slot.release_biased(entry),

@@ -155,21 +155,37 @@ fn insert_locked<R: Region + ?Sized>(
     let slots = || order.iter().flat_map(|&b| bucket_slots(b));
     let chosen = slots()
         .find(|&i| lockword::phase(region.slot(i).state.load(Ordering::Acquire)) == PHASE_FREE)
-        .or_else(|| slots().find(|&i| retire(region, i, false)))
-        .or_else(|| slots().find(|&i| retire(region, i, true)))?;
+        .or_else(|| slots().find(|&i| retire(region, i, Retire::Unbiased)))
+        .or_else(|| slots().find(|&i| retire(region, i, Retire::Idle)))
+        .or_else(|| slots().find(|&i| retire(region, i, Retire::OwnerDied)))?;
     let died = forget_death(region, tag, b1) | forget_death(region, tag, b2);
     Some((chosen, install(region, chosen, tag, died)))
 }
 
-/// Retires slot `i` if it is idle. A slot whose last writer died is
-/// retired only `even_owner_died`; its tag then goes to the memory of dead
-/// writers of its bucket (one of the ID's two candidates) once it is FREE,
-/// so the ID's next insertion brings the mark back.
-fn retire<R: Region + ?Sized>(region: &R, i: usize, even_owner_died: bool) -> bool {
+/// Which idle slots an insertion's retirement pass takes, in the order the
+/// passes run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retire {
+    /// Idle, not BIASED: retiring it scans no reader rows (and, with
+    /// asymmetric fences, issues no `membarrier`).
+    Unbiased,
+    /// Any idle slot whose last writer did not die.
+    Idle,
+    /// Idle slots whose last writer died (their mark moves to the bucket).
+    OwnerDied,
+}
+
+/// Retires slot `i` if it is idle and `pass` takes it. A slot whose last
+/// writer died is retired only in the `OwnerDied` pass; its tag then goes
+/// to the memory of dead writers of its bucket (one of the ID's two
+/// candidates) once it is FREE, so the ID's next insertion brings the mark
+/// back.
+fn retire<R: Region + ?Sized>(region: &R, i: usize, pass: Retire) -> bool {
     let slot = region.slot(i);
     let s = slot.state.load(Ordering::Acquire);
     let marked = s & lockword::OWNER_DIED != 0;
-    if marked != even_owner_died {
+    let even_owner_died = pass == Retire::OwnerDied;
+    if marked != even_owner_died || pass == Retire::Unbiased && s & lockword::BIASED != 0 {
         return false;
     }
     // Read before the retirement: we hold the bucket lock, so the tag
@@ -262,12 +278,13 @@ pub(crate) fn reuse_slot_for_model<R: Region + ?Sized>(
     let bucket = i / BUCKET_SLOTS as usize;
     lock_bucket(region, bucket, me, host, Some(None)).ok()?;
     let s = region.slot(i).state.load(Ordering::Acquire);
-    let done =
-        (lockword::phase(s) == PHASE_FREE || retire(region, i, false) || retire(region, i, true))
-            .then(|| {
-                let died = forget_death(region, tag, bucket);
-                install(region, i, tag, died)
-            });
+    let done = (lockword::phase(s) == PHASE_FREE
+        || retire(region, i, Retire::Idle)
+        || retire(region, i, Retire::OwnerDied))
+    .then(|| {
+        let died = forget_death(region, tag, bucket);
+        install(region, i, tag, died)
+    });
     unlock_bucket(region, bucket);
     done
 }

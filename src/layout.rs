@@ -10,7 +10,7 @@
 //! ```text
 //! offset 0                      header (4096 bytes, one page)
 //!   0   magic "LOCKTBL\0"        8 bytes
-//!   8   format version (3)       u32
+//!   8   format version (4)       u32
 //!  12   endianness marker        u32 0x01020304 as written by the creator
 //!  16   header size              u32
 //!  20   cache line               u32 (every region entry is padded to it)
@@ -27,7 +27,9 @@
 //!  80   hash key (2 x u64)       per-table random SipHash key
 //!  96   created (unix ms)        u64
 //! 104   usize width, u64 align   u32, u32
-//! 112   checksum                 u64 FNV-1a of bytes 0..112
+//! 112   flags                    u32: bit 0 = asymmetric fences (biased readers
+//!                                publish with plain stores, revokers issue membarrier)
+//! 120   checksum                 u64 FNV-1a of bytes 0..120
 //! 128   init state               u32 atomic, own cache line: READY when done
 //! 192   lanes in use             u32 atomic, own cache line: highest attached
 //!                                process index + 1 ever (drain checks stop there)
@@ -52,7 +54,17 @@ pub(crate) const MAGIC: [u8; 8] = *b"LOCKTBL\0";
 /// each slot's first line (reader bias, see the lock word): a build that
 /// does not scan the rows would let a writer in beside a biased reader, so
 /// older files and builds are refused.
-pub(crate) const FORMAT_VERSION: u32 = 3;
+/// 4: adds the flags word at 112 (the checksum moves to 120). With
+/// `FLAG_ASYMMETRIC_FENCES`, a build that revokes without `membarrier`
+/// would let a writer in beside a reader whose plain publish it did not
+/// see, so version-3 builds must refuse these files.
+pub(crate) const FORMAT_VERSION: u32 = 4;
+/// Header flag: biased readers of registered processes publish with plain
+/// stores, and every revocation or retirement of a BIASED slot issues the
+/// heavy barrier first (DESIGN §10, "Asymmetric fences").
+pub(crate) const FLAG_ASYMMETRIC_FENCES: u32 = 1;
+const KNOWN_FLAGS: u32 = FLAG_ASYMMETRIC_FENCES;
+pub(crate) const FLAGS_OFFSET: usize = 112;
 pub(crate) const ENDIAN_MARKER: u32 = 0x0102_0304;
 pub(crate) const HEADER_SIZE: u64 = 4096;
 pub(crate) const CACHE_LINE: u64 = 64;
@@ -64,7 +76,7 @@ pub(crate) const BUCKET_SLOTS: u32 = 8;
 /// the next entry to overwrite). Version-2 files have these words zeroed,
 /// and builds that do not know them never write them.
 pub(crate) const BUCKET_WORDS: usize = 8;
-pub(crate) const CHECKSUM_OFFSET: usize = 112;
+pub(crate) const CHECKSUM_OFFSET: usize = 120;
 pub(crate) const INIT_STATE_OFFSET: u64 = 128;
 /// Lanes-in-use high-water mark (u32 atomic, own cache line).
 pub(crate) const LANES_IN_USE_OFFSET: u64 = 192;
@@ -182,6 +194,9 @@ pub(crate) struct Header {
     pub(crate) geometry: Geometry,
     pub(crate) hash_key: [u64; 2],
     pub(crate) created_ms: u64,
+    /// `FLAG_ASYMMETRIC_FENCES`: chosen by the creator, fixed for the
+    /// table's life.
+    pub(crate) asymmetric_fences: bool,
 }
 
 fn put_u32(b: &mut [u8], at: usize, v: u32) {
@@ -237,6 +252,12 @@ impl Header {
         put_u64(&mut b, 96, self.created_ms);
         put_u32(&mut b, 104, std::mem::size_of::<usize>() as u32);
         put_u32(&mut b, 108, std::mem::align_of::<u64>() as u32);
+        let flags = if self.asymmetric_fences {
+            FLAG_ASYMMETRIC_FENCES
+        } else {
+            0
+        };
+        put_u32(&mut b, FLAGS_OFFSET, flags);
         let sum = fnv1a64(&b[..CHECKSUM_OFFSET]);
         put_u64(&mut b, CHECKSUM_OFFSET, sum);
         b
@@ -306,10 +327,17 @@ impl Header {
                 geometry.file_size()
             )));
         }
+        let flags = get_u32(b, FLAGS_OFFSET);
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(Error::Incompatible {
+                reason: format!("unknown header flags {flags:#x}"),
+            });
+        }
         Ok(Header {
             geometry,
             hash_key: [get_u64(b, 80), get_u64(b, 88)],
             created_ms: get_u64(b, 96),
+            asymmetric_fences: flags & FLAG_ASYMMETRIC_FENCES != 0,
         })
     }
 }
@@ -326,6 +354,7 @@ mod tests {
             },
             hash_key: [1, 2],
             created_ms: 3,
+            asymmetric_fences: true,
         }
     }
 

@@ -50,6 +50,8 @@ mod guard;
 #[cfg(not(locktable_loom))]
 mod lookup_cache;
 #[cfg(not(locktable_loom))]
+mod reader_row;
+#[cfg(not(locktable_loom))]
 mod registry;
 #[cfg(not(locktable_loom))]
 pub mod session;

@@ -69,6 +69,18 @@
 //! once the cooling window `bias_until` has passed. The entry sits in the
 //! reader's process's own record, so a dead reader's biased holds are
 //! exactly its non-zero entries (recovery zeroes them). DESIGN.md §10.
+//!
+//! # Asymmetric fences ([`Fences`])
+//!
+//! In a table created with asymmetric fences, a thread that owns its row
+//! (no other thread takes entries of it) in a process registered for
+//! `membarrier` publishes with a plain store and re-loads without a locked
+//! instruction, and releases with a plain store; every claimant that scans
+//! the rows of a BIASED slot (revocation, a waiting revoker after it sets
+//! PARKED, retirement) first issues the heavy barrier
+//! ([`sync::heavy_barrier`]), which puts a full fence into every reader at
+//! some point of its program: a publish before that point is seen by the
+//! scan, a re-load after it sees the claim. DESIGN.md §10.
 
 use std::time::Duration;
 
@@ -170,6 +182,29 @@ pub(crate) struct Ident {
     pub(crate) tag: [u64; 2],
 }
 
+/// How biased reads are fenced (DESIGN §10, "Asymmetric fences").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Fences {
+    /// This process's biased reads publish and release with plain stores
+    /// and a compiler fence ([`sync::light_fence`]). Only in a table of
+    /// asymmetric fences, by a process registered for the barrier, and only
+    /// through a row that the reading thread owns (the caller's promise:
+    /// see `reader_row`), because a plain store cannot tell a free entry
+    /// that another thread takes at the same time.
+    pub(crate) plain_reads: bool,
+    /// Other processes' readers may publish plainly: every claimant that
+    /// scans the rows issues [`sync::heavy_barrier`] first.
+    pub(crate) barrier_before_scan: bool,
+}
+
+impl Fences {
+    /// The fenced protocol: locked publishes, no barrier.
+    pub(crate) const LOCKED: Fences = Fences {
+        plain_reads: false,
+        barrier_before_scan: false,
+    };
+}
+
 /// The atomics of one slot. Borrowed from the mapping (or the loom heap).
 #[derive(Clone, Copy)]
 pub(crate) struct SlotRef<'a> {
@@ -192,6 +227,8 @@ pub(crate) struct SlotRef<'a> {
     /// Every reader-row entry of the table (record `p` owns
     /// `p * RECORD_ROW_ENTRIES ..`).
     pub(crate) rows: &'a [AtomicU32],
+    /// How biased reads are fenced in this table and this process.
+    pub(crate) fences: Fences,
 }
 
 /// What the waiting code needs from its environment.
@@ -263,6 +300,67 @@ impl Granted {
     pub(crate) fn entry(&self) -> Option<u32> {
         self.entry_plus_one.checked_sub(1)
     }
+}
+
+/// A biased read hold, as the few words its release touches: built from a
+/// [`SlotRef`] or, on the guard's fast path, straight from the mapping (so
+/// the release does not assemble a whole `SlotRef`).
+#[derive(Clone, Copy)]
+pub(crate) struct BiasedHold<'a> {
+    pub(crate) entry: &'a AtomicU32,
+    pub(crate) state: &'a AtomicU64,
+    pub(crate) seq: &'a AtomicU32,
+    /// `Fences::plain_reads` of the process that holds it.
+    pub(crate) plain: bool,
+}
+
+impl BiasedHold<'_> {
+    /// Drops the hold, then wakes sleepers if any are marked: the
+    /// releaser's half of the Dekker pair with a revoking writer's "set
+    /// PARKED, re-scan the rows". Locked: a SeqCst store then a SeqCst
+    /// load. Plain: a Release store (the read's accesses happen before a
+    /// scan that sees the 0), the light fence, then the load; the revoker
+    /// issues the heavy barrier between its PARKED and its re-scan
+    /// (`drain_readers`).
+    #[inline(always)]
+    pub(crate) fn release(self) {
+        if self.plain {
+            self.entry.store(0, Ordering::Release);
+            sync::light_fence();
+        } else {
+            self.entry.store(0, Ordering::SeqCst);
+        }
+        wake_if_parked(self.state, self.seq);
+    }
+}
+
+/// A biased attempt that lost: out of line, so that the granted path
+/// stays small enough to inline into the caller.
+#[cold]
+#[inline(never)]
+fn back_off_biased(hold: BiasedHold<'_>) {
+    hold.release();
+}
+
+/// After a release (an RMW or SeqCst store the caller made): wakes the
+/// slot's sleepers if PARKED is set.
+#[inline(always)]
+fn wake_if_parked(state: &AtomicU64, seq: &AtomicU32) {
+    sync::dekker_fence();
+    if state.load(Ordering::SeqCst) & PARKED != 0 {
+        wake_all(state, seq);
+    }
+}
+
+/// Clears PARKED, then bumps `seq` and wakes every sleeper of the slot.
+/// Out of line: only two words are passed, so callers on the fast paths
+/// need not keep a whole `SlotRef` in memory for this rare call.
+#[cold]
+#[inline(never)]
+fn wake_all(state: &AtomicU64, seq: &AtomicU32) {
+    state.fetch_and(!PARKED, Ordering::SeqCst);
+    seq.fetch_add(1, Ordering::SeqCst);
+    sync::futex_wake_all(seq);
 }
 
 /// How long to wait: `None` = try once, `Some(None)` = forever,
@@ -357,10 +455,16 @@ impl<'a> SlotRef<'a> {
     }
 
     /// Publishes a biased read of this slot in row `row` of process `me`:
-    /// the first free entry goes from 0 to slot + 1 by a CAS (SeqCst: the
-    /// first half of the reader's Dekker pair with a revoking claimant's
-    /// row scan). A CAS rather than a store, so that threads sharing a row
-    /// (more threads than rows) never overwrite each other's entries.
+    /// the first free entry goes from 0 to slot + 1, the first half of the
+    /// reader's Dekker pair with a revoking claimant's row scan.
+    /// * Locked (`Fences::plain_reads` false): a CAS (SeqCst), so that
+    ///   threads sharing a row never overwrite each other's entries.
+    /// * Plain: a Relaxed store, then [`sync::light_fence`]. The row is the
+    ///   caller's own (no other thread takes its free entries; a guard
+    ///   dropped on another thread only zeroes its own entry), so a load
+    ///   that saw 0 still holds when the store lands. The claimant's heavy
+    ///   barrier provides the store-load order (module docs).
+    ///
     /// `None`: the row is full; the caller uses its lane.
     #[inline(always)]
     fn publish_biased(&self, me: u32, row: u32) -> Option<u32> {
@@ -369,36 +473,61 @@ impl<'a> SlotRef<'a> {
         let mine = self.index + 1;
         let entries = self.rows.get(start..start + ROW_ENTRIES as usize)?;
         for (i, e) in entries.iter().enumerate() {
-            if e.load(Ordering::Relaxed) == 0
-                && e.compare_exchange(0, mine, Ordering::SeqCst, Ordering::Relaxed)
-                    .is_ok()
+            if e.load(Ordering::Relaxed) != 0 {
+                continue;
+            }
+            if self.fences.plain_reads {
+                e.store(mine, Ordering::Relaxed);
+                sync::light_fence();
+                return Some((start + i) as u32);
+            }
+            if e.compare_exchange(0, mine, Ordering::SeqCst, Ordering::Relaxed)
+                .is_ok()
             {
+                sync::dekker_fence();
                 return Some((start + i) as u32);
             }
         }
         None
     }
 
-    /// Drops the biased read held by row entry `entry`, then wakes
-    /// sleepers if any are marked. SeqCst store then SeqCst load: the
-    /// releaser's half of the Dekker pair with a revoking writer's "set
-    /// PARKED, re-scan the rows".
+    /// Drops the biased read held by row entry `entry` ([`BiasedHold::release`]).
     #[inline]
     pub(crate) fn release_biased(&self, entry: u32) {
         if let Some(e) = self.rows.get(entry as usize) {
-            e.store(0, Ordering::SeqCst);
+            self.biased_hold(e).release();
+        } else {
+            self.wake_if_parked();
         }
-        self.wake_if_parked();
+    }
+
+    /// The words a biased read held through `entry` touches on release.
+    #[inline(always)]
+    fn biased_hold(&self, entry: &'a AtomicU32) -> BiasedHold<'a> {
+        BiasedHold {
+            entry,
+            state: self.state,
+            seq: self.seq,
+            plain: self.fences.plain_reads,
+        }
+    }
+
+    /// A claimant (revoking writer or upgrade, retirement) of a BIASED
+    /// slot, after its SeqCst claim and before it scans the rows: in a table
+    /// of asymmetric fences, forces every plain publish that precedes the
+    /// readers' re-loads to be visible (DESIGN §10).
+    #[inline]
+    fn barrier_before_row_scan(&self) {
+        if self.fences.barrier_before_scan {
+            sync::heavy_barrier();
+        }
     }
 
     /// After a release (an RMW or SeqCst store the caller made): wakes
     /// sleepers if PARKED is set.
     #[inline]
     pub(crate) fn wake_if_parked(&self) {
-        sync::dekker_fence();
-        if self.state.load(Ordering::SeqCst) & PARKED != 0 {
-            self.wake_all();
-        }
+        wake_if_parked(self.state, self.seq);
     }
 
     /// One attempt at a biased read through row `row` of process `me`.
@@ -416,13 +545,12 @@ impl<'a> SlotRef<'a> {
     /// the rows of a BIASED slot), so the tag read after the re-load is
     /// exact even if GEN wrapped meanwhile.
     #[inline(always)]
-    fn try_read_biased(&self, me: u32, row: u32, id: Ident) -> Option<Granted> {
+    pub(crate) fn try_read_biased(&self, me: u32, row: u32, id: Ident) -> Option<Granted> {
         let s = self.state.load(Ordering::Acquire);
         if s & BIASED == 0 || !is_active(s, id.gen) || writer(s) != 0 {
             return None;
         }
         let entry = self.publish_biased(me, row)?;
-        sync::dekker_fence();
         let s = self.state.load(Ordering::SeqCst);
         if s & BIASED != 0 && is_active(s, id.gen) && writer(s) == 0 && self.has_tag(id.tag) {
             return Some(Granted {
@@ -432,16 +560,10 @@ impl<'a> SlotRef<'a> {
         }
         // A claim, a retirement or a reuse came first: leave (a revoking
         // writer may sleep on our entry) and let the lane path decide.
-        self.back_off_biased(entry);
+        if let Some(e) = self.rows.get(entry as usize) {
+            back_off_biased(self.biased_hold(e));
+        }
         None
-    }
-
-    /// A biased attempt that lost: out of line, so that the granted path
-    /// stays small enough to inline into the caller.
-    #[cold]
-    #[inline(never)]
-    fn back_off_biased(&self, entry: u32) {
-        self.release_biased(entry);
     }
 
     /// Re-bias: a lane reader that holds its read and found `s` (its
@@ -529,8 +651,7 @@ impl<'a> SlotRef<'a> {
     /// state change the caller made, so a sleeper that read seq before it
     /// cannot sleep through it (FUTEX_WAIT compares the value atomically).
     pub(crate) fn wake_all(&self) {
-        self.state.fetch_and(!PARKED, Ordering::SeqCst);
-        self.wake_sleepers();
+        wake_all(self.state, self.seq);
     }
 
     /// Bumps `seq` and wakes every sleeper. Callers have already changed
@@ -796,12 +917,25 @@ impl<'a> SlotRef<'a> {
     ) -> Result<Granted, Fail> {
         sync::dekker_fence();
         let started = biased.then(sync::monotonic_ns);
+        if biased {
+            self.barrier_before_row_scan();
+        }
         if !self.readers_drained(biased) {
             let Some(waiting) = waiting else {
                 return Err(Fail::Busy);
             };
             loop {
-                waiting.wait_until(|_| false, || self.readers_drained(biased))?;
+                // After PARKED: a plain release's store may still sit in
+                // its CPU's store buffer while its PARKED load ran; the
+                // barrier makes the re-scan see it, or the releaser see
+                // PARKED.
+                let drained_after_park = || {
+                    if biased {
+                        self.barrier_before_row_scan();
+                    }
+                    self.readers_drained(biased)
+                };
+                waiting.wait_until(|_| false, drained_after_park)?;
                 if self.readers_drained(biased) {
                     break;
                 }
@@ -1102,10 +1236,14 @@ impl<'a> SlotRef<'a> {
             return false;
         }
         sync::dekker_fence();
+        if s & BIASED != 0 {
+            self.barrier_before_row_scan();
+        }
         let lanes = self.used_lanes();
         // A BIASED slot may have biased readers: the rows are checked as
         // the lanes are (the ACTIVE -> RETIRING CAS is the claimant's half
-        // of the Dekker pair with a biased reader's publish and re-load).
+        // of the Dekker pair with a biased reader's publish and re-load;
+        // with asymmetric fences, the barrier just above completes it).
         if lanes.iter().all(|l| l.load(Ordering::SeqCst) == 0)
             && (s & BIASED == 0 || self.rows_drained(lanes.len()))
         {

@@ -9,7 +9,7 @@
 //! May not touch: the meaning of any word.
 
 use crate::layout::{Geometry, BUCKET_WORDS};
-use crate::lockword::SlotRef;
+use crate::lockword::{BiasedHold, Fences, SlotRef};
 use crate::sync::{AtomicU32, AtomicU64};
 
 /// A process record's atomics.
@@ -71,11 +71,14 @@ mod mapped {
         lanes: usize,
         rows_offset: usize,
         row_entries: usize,
+        /// How this attachment fences its biased reads (from the header
+        /// and this process's membarrier registration).
+        fences: Fences,
     }
 
     impl MappedRegion {
         /// `map` must span `geometry.file_size()` bytes; checked here.
-        pub(crate) fn new(map: MmapRaw, geometry: Geometry) -> Option<Self> {
+        pub(crate) fn new(map: MmapRaw, geometry: Geometry, fences: Fences) -> Option<Self> {
             if (map.len() as u64) < geometry.file_size() || map.as_ptr() as usize % 4096 != 0 {
                 return None;
             }
@@ -97,7 +100,31 @@ mod mapped {
                 lanes: geometry.max_processes as usize,
                 rows_offset: geometry.rows_offset() as usize,
                 row_entries: geometry.row_entries() as usize,
+                fences,
             })
+        }
+
+        /// The words the release of the biased read of slot `index`
+        /// held through row entry `entry` touches, without assembling a
+        /// whole [`SlotRef`] (the read guard's drop). `None`: an index
+        /// outside the table (never for a guard's own hold).
+        #[inline(always)]
+        pub(crate) fn biased_hold(&self, index: u32, entry: u32) -> Option<BiasedHold<'_>> {
+            if index as usize >= self.capacity || entry as usize >= self.row_entries {
+                return None;
+            }
+            let base = self.slot_base(index as usize);
+            let entry = self.u32_at(self.rows_offset as u64 + 4 * entry as u64);
+            Some(BiasedHold {
+                entry,
+                state: self.u64_at(base + SLOT_STATE),
+                seq: self.u32_at(base + SLOT_SEQ),
+                plain: self.fences.plain_reads,
+            })
+        }
+
+        pub(crate) fn fences(&self) -> Fences {
+            self.fences
         }
 
         pub(crate) fn init_state(&self) -> &AtomicU32 {
@@ -167,6 +194,7 @@ mod mapped {
                 lanes,
                 lanes_in_use: self.lanes_in_use(),
                 rows: self.reader_rows(),
+                fences: self.fences,
             }
         }
 
@@ -224,6 +252,7 @@ pub struct HeapRegion {
     lanes: Vec<AtomicU32>,
     bias_until: Vec<AtomicU64>,
     rows: Vec<AtomicU32>,
+    fences: Fences,
     bucket_words: Vec<AtomicU64>,
     records: Vec<(AtomicU64, AtomicU32, AtomicU64)>,
     lanes_in_use: AtomicU32,
@@ -251,6 +280,7 @@ impl HeapRegion {
             rows: (0..geometry.row_entries() as usize)
                 .map(|_| AtomicU32::new(0))
                 .collect(),
+            fences: Fences::LOCKED,
             bucket_words: (0..geometry.buckets() as usize * BUCKET_WORDS)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
@@ -259,6 +289,13 @@ impl HeapRegion {
                 .collect(),
             lanes_in_use: AtomicU32::new(max_processes),
         }
+    }
+    /// The same region with biased reads fenced as `fences` says (the
+    /// models run the reader-bias protocol both ways).
+    #[cfg(locktable_loom)]
+    pub(crate) fn with_fences(mut self, fences: Fences) -> HeapRegion {
+        self.fences = fences;
+        self
     }
 }
 
@@ -286,6 +323,7 @@ impl Region for HeapRegion {
             lanes: &self.lanes[index * p..(index + 1) * p],
             lanes_in_use: &self.lanes_in_use,
             rows: &self.rows,
+            fences: self.fences,
         }
     }
     fn reader_rows(&self) -> &[AtomicU32] {

@@ -45,6 +45,127 @@ pub(crate) fn dekker_fence() {
     loom::sync::atomic::fence(Ordering::SeqCst);
 }
 
+/// The light half of an asymmetric fence, on a biased reader's path in a
+/// table whose readers publish with plain stores (DESIGN §10, "Asymmetric
+/// fences"): it keeps the compiler from moving the reader's publish after
+/// its re-load, and nothing more; the CPU may still let the re-load pass
+/// the store (store buffering). The heavy half, [`heavy_barrier`], issued
+/// by a revoking writer between its claim and its scan, forces a full
+/// barrier into every running thread of every registered process, which
+/// closes that window. loom cannot model `membarrier`: under loom this is a
+/// `fence(SeqCst)`, so the models check the protocol with the barrier at
+/// the only point of the reader's program where it matters (between its
+/// publish and its re-load).
+#[inline(always)]
+pub(crate) fn light_fence() {
+    #[cfg(not(locktable_loom))]
+    std::sync::atomic::compiler_fence(Ordering::SeqCst);
+    #[cfg(locktable_loom)]
+    loom::sync::atomic::fence(Ordering::SeqCst);
+}
+
+/// The heavy half of an asymmetric fence: when it returns, every thread of
+/// every process registered with [`membarrier::register`] has executed a
+/// full memory barrier at some point since it was called (or was not
+/// running, and a context switch is one), so a plain store a reader made
+/// before that point is visible to the caller's later loads, and a reader's
+/// loads after that point see the caller's earlier stores. loom: a
+/// `fence(SeqCst)` (see [`light_fence`]).
+#[inline]
+pub(crate) fn heavy_barrier() {
+    #[cfg(not(locktable_loom))]
+    membarrier::global_barrier();
+    #[cfg(locktable_loom)]
+    loom::sync::atomic::fence(Ordering::SeqCst);
+}
+
+/// `membarrier(2)`: the kernel side of the asymmetric fence.
+#[cfg(not(locktable_loom))]
+pub(crate) mod membarrier {
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    // The command values of <linux/membarrier.h> (stable kernel ABI).
+    const CMD_QUERY: libc::c_long = 0;
+    const CMD_GLOBAL: libc::c_long = 1 << 0;
+    const CMD_GLOBAL_EXPEDITED: libc::c_long = 1 << 1;
+    const CMD_REGISTER_GLOBAL_EXPEDITED: libc::c_long = 1 << 2;
+
+    fn call(cmd: libc::c_long) -> Option<libc::c_long> {
+        // membarrier(cmd, flags = 0, cpu_id = 0) reads and writes no user
+        // memory; an unknown or forbidden command only returns -1.
+        // SAFETY: sound for the reasons just given.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_membarrier,
+                cmd,
+                0 as libc::c_uint,
+                0 as libc::c_int,
+            )
+        };
+        (rc >= 0).then_some(rc)
+    }
+
+    /// The commands the kernel offers to this process (0 if the call is
+    /// missing or forbidden, as under some seccomp profiles).
+    fn supported() -> libc::c_long {
+        call(CMD_QUERY).unwrap_or(0)
+    }
+
+    /// True if this process can issue the heavy barrier of an asymmetric
+    /// fence: the expedited command, or at least the slow global one.
+    pub(crate) fn can_issue() -> bool {
+        supported() & (CMD_GLOBAL_EXPEDITED | CMD_GLOBAL) != 0
+    }
+
+    /// True if asymmetric fences can be used here at all: the expedited
+    /// barrier exists, and this process can register for it.
+    pub(crate) fn expedited_available() -> bool {
+        let s = supported();
+        s & CMD_GLOBAL_EXPEDITED != 0 && s & CMD_REGISTER_GLOBAL_EXPEDITED != 0
+    }
+
+    /// Registers this process to receive expedited global barriers (it
+    /// stays registered until it exits or execs). Idempotent. True on
+    /// success: only then may its biased readers publish with plain stores.
+    pub(crate) fn register() -> bool {
+        expedited_available() && call(CMD_REGISTER_GLOBAL_EXPEDITED).is_some()
+    }
+
+    /// Which command [`global_barrier`] issues: 0 not chosen yet, 1 the
+    /// expedited one (IPIs to the CPUs running registered processes, about
+    /// a microsecond), 2 the slow global one (a scheduler grace period,
+    /// milliseconds; only where the expedited one is missing).
+    static CHOSEN: AtomicU8 = AtomicU8::new(0);
+
+    /// Issues the heavy barrier. Never fails: attach checked
+    /// [`can_issue`]; should the expedited command fail anyway, the slow
+    /// global one is used, and should both fail (a seccomp filter installed
+    /// after attach), it retries after a pause rather than grant a lock
+    /// it cannot prove exclusive.
+    pub(crate) fn global_barrier() {
+        // Relaxed: the choice carries no data; any value read is valid.
+        let first = match CHOSEN.load(Ordering::Relaxed) {
+            2 => CMD_GLOBAL,
+            _ => CMD_GLOBAL_EXPEDITED,
+        };
+        if call(first).is_some() {
+            return;
+        }
+        let mut pause = std::time::Duration::from_micros(100);
+        loop {
+            if call(CMD_GLOBAL).is_some() {
+                CHOSEN.store(2, Ordering::Relaxed);
+                return;
+            }
+            if call(CMD_GLOBAL_EXPEDITED).is_some() {
+                return;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
 /// Hint inside a bounded spin loop (loom: yield so the model explores others).
 #[inline(always)]
 pub(crate) fn spin_hint() {

@@ -24,13 +24,14 @@ use crate::index::{self, Tag};
 use crate::layout::{
     Geometry, Header, HEADER_SIZE, INIT_LOCK_BYTE, INIT_READY, INIT_STATE_OFFSET, MAGIC,
 };
-use crate::lockword::{self, Fail, Granted, Host, Ident, SlotRef, Wait};
+use crate::lockword::{self, Fail, Fences, Granted, Host, Ident, SlotRef, Wait};
 use crate::lookup_cache;
+use crate::reader_row;
 use crate::recovery::SweepReport;
 use crate::region::{MappedRegion, Region};
 use crate::registry;
 use crate::stats::{self, TableStats};
-use crate::sync::Ordering;
+use crate::sync::{self, Ordering};
 use crate::watcher::{Identity, Probe, Reaper, Watcher};
 
 /// Longest accepted ID, in bytes.
@@ -55,6 +56,7 @@ pub struct TableOptions {
     poll_interval: Duration,
     reap_on_attach: bool,
     reader_bias: bool,
+    asymmetric_fences: bool,
 }
 
 impl Default for TableOptions {
@@ -66,6 +68,7 @@ impl Default for TableOptions {
             poll_interval: DEFAULT_POLL_INTERVAL,
             reap_on_attach: true,
             reader_bias: true,
+            asymmetric_fences: true,
         }
     }
 }
@@ -128,6 +131,28 @@ impl TableOptions {
     /// ```
     pub fn reader_bias(mut self, yes: bool) -> Self {
         self.reader_bias = yes;
+        self
+    }
+
+    /// Whether a table this call creates uses asymmetric fences (default
+    /// true, where the kernel offers `membarrier`'s expedited global
+    /// barrier). Then a biased read publishes itself with a plain store
+    /// instead of a locked instruction, and a writer that revokes the bias
+    /// pays a `membarrier(2)` call (about a microsecond) instead: an
+    /// uncontended read of a hot ID costs about what pthread's rwlock
+    /// does. Chosen when the file is created and recorded in it; ignored
+    /// when attaching to an existing table. A process that attaches to such
+    /// a table but cannot register for the barrier reads with locked
+    /// instructions (the fenced protocol); one that cannot even issue it is
+    /// refused with [`Error::Incompatible`].
+    ///
+    /// ```
+    /// use locktable::{LockTable, TableOptions};
+    /// let t = LockTable::anonymous(&TableOptions::default().asymmetric_fences(false)).unwrap();
+    /// drop(t.read("session-1").unwrap());
+    /// ```
+    pub fn asymmetric_fences(mut self, yes: bool) -> Self {
+        self.asymmetric_fences = yes;
         self
     }
 
@@ -379,6 +404,7 @@ fn create_in(file: &File, opts: &TableOptions) -> Result<Header> {
         geometry: opts.geometry_for_create()?,
         hash_key: random_key()?,
         created_ms: registry::now_ms(),
+        asymmetric_fences: opts.asymmetric_fences && sync::membarrier::expedited_available(),
     };
     file.set_len(0)?;
     // The header goes in before the file grows, READY goes in last: a
@@ -414,44 +440,28 @@ fn read_header(file: &File, len: u64) -> Result<Header> {
     Header::decode(&buf, len)
 }
 
-/// The reader row of the calling thread (the same index in every table's
-/// process record): threads are numbered in the order of their first read,
-/// and the row follows from that number modulo the rows per record. Threads
-/// past that many share rows, which is safe (an entry is taken by a CAS
-/// from 0) and costs only a shared cache line. Never released: a thread's
-/// entries are cleared by its guards, from whichever thread drops them.
-#[inline]
-fn reader_row() -> u32 {
-    use std::sync::atomic::{AtomicU32, Ordering as StdOrdering};
-    // Relaxed: only distinct numbers are needed, no data goes with them.
-    static NEXT_ROW: AtomicU32 = AtomicU32::new(0);
-    thread_local! {
-        // Const-initialised (no lazy-init state to check on every read);
-        // u32::MAX = not numbered yet.
-        static ROW: std::cell::Cell<u32> = const { std::cell::Cell::new(u32::MAX) };
+/// How this process fences its biased reads in a table with `header`.
+/// In a table of asymmetric fences, the process registers for the
+/// expedited barrier before it attaches (so before its first plain
+/// publish); if it cannot, its readers publish with locked instructions
+/// (always safe), but its writers must still be able to issue the barrier
+/// that other processes' plain publishes rely on.
+fn fences_for(header: &Header) -> Result<Fences> {
+    if !header.asymmetric_fences {
+        return Ok(Fences::LOCKED);
     }
-    #[cold]
-    #[inline(never)]
-    fn number_this_thread(r: &std::cell::Cell<u32>) -> u32 {
-        let row = spread_row(NEXT_ROW.fetch_add(1, StdOrdering::Relaxed));
-        r.set(row);
-        row
+    if !sync::membarrier::can_issue() {
+        return Err(Error::Incompatible {
+            reason: "the table uses asymmetric fences and membarrier(2) is not available to this \
+                     process (seccomp or an old kernel); create the table with \
+                     TableOptions::asymmetric_fences(false)"
+                .into(),
+        });
     }
-    ROW.with(|r| match r.get() {
-        u32::MAX => number_this_thread(r),
-        row => row,
+    Ok(Fences {
+        plain_reads: sync::membarrier::register(),
+        barrier_before_scan: true,
     })
-}
-
-/// Thread number -> row: the even rows first, then the odd ones, so that
-/// threads numbered one after the other (usually running at the same time)
-/// write lines 128 bytes apart, not neighbouring lines, which CPUs that
-/// fetch lines in pairs (adjacent-line prefetch) would make share.
-fn spread_row(n: u32) -> u32 {
-    let rows = crate::layout::READER_ROWS as u32;
-    let n = n % rows;
-    let half = (rows / 2).max(1);
-    (n % half) * 2 + n / half
 }
 
 /// A blocking acquisition never reports "busy"; should it ever, the caller
@@ -540,13 +550,14 @@ impl LockTable {
             read_header(&file, len)?
         };
         opts.check_geometry(header.geometry)?;
+        let fences = fences_for(&header)?;
         let region = {
             // No fork between the mmap and MADV_DONTFORK (in `new`).
             let _window = fork::AttachWindow::enter();
             let map = MmapOptions::new()
                 .len(header.geometry.file_size() as usize)
                 .map_raw(&*file)?;
-            MappedRegion::new(map, header.geometry)
+            MappedRegion::new(map, header.geometry, fences)
         }
         .ok_or_else(|| Error::Corrupt("mapping shorter than the table".into()))?;
         if region.init_state().load(Ordering::Acquire) != INIT_READY {
@@ -591,6 +602,14 @@ impl LockTable {
     /// The geometry of this table.
     pub fn geometry(&self) -> Geometry {
         self.inner.region.geometry()
+    }
+
+    /// Whether this handle's biased reads publish with plain stores (the
+    /// table uses asymmetric fences and this process registered for
+    /// `membarrier`; see [`TableOptions::asymmetric_fences`]). False: they
+    /// use locked instructions, as on a table created without them.
+    pub fn asymmetric_fences(&self) -> bool {
+        self.inner.region.fences().plain_reads
     }
 
     /// This handle's process index (its record and lane in every slot).
@@ -766,7 +785,11 @@ impl LockTable {
         let inner = &*self.inner;
         Ok(self
             .acquire(id, wait, |s, g| {
-                let row = inner.reader_bias.then(reader_row);
+                let row = if inner.reader_bias {
+                    reader_row::reader_row()
+                } else {
+                    None
+                };
                 s.read(inner.me, row, g, wait, inner)
             })?
             .map(|(slot, gr)| ReadGuard::granted(TableRef::Borrowed(&self.inner), slot, gr)))
@@ -796,7 +819,41 @@ impl LockTable {
     /// with one upgradable holder).
     #[inline]
     pub fn read(&self, id: impl AsRef<[u8]>) -> Result<ReadGuard<'_>> {
-        self.read_with(id.as_ref(), Some(None)).and_then(granted)
+        let id = id.as_ref();
+        if let Some(guard) = self.read_cached_biased(id) {
+            return Ok(guard);
+        }
+        self.read_with(id, Some(None)).and_then(granted)
+    }
+
+    /// The fast path of a read: an ID this thread has locked before (its
+    /// lookup-cache hint) whose slot is BIASED, read through this thread's
+    /// reader row with one attempt. `None` for anything else (a miss, a
+    /// slot that is not biased, a writer, a stale hint, a full row, a
+    /// forked child, an invalid ID): the caller takes the full path, which
+    /// decides. The attempt validates the hint exactly as the full path
+    /// does (state, generation and tag after the publish), so taking this
+    /// path first changes no outcome, only the cost.
+    #[inline(always)]
+    fn read_cached_biased(&self, id: &[u8]) -> Option<ReadGuard<'_>> {
+        let inner = &*self.inner;
+        if !inner.reader_bias || inner.forked() || id.is_empty() {
+            return None;
+        }
+        let row = reader_row::reader_row()?;
+        let hint = lookup_cache::probe(inner.uid, id)?;
+        let ident = Ident {
+            gen: hint.gen,
+            tag: hint.tag,
+        };
+        let granted = inner
+            .slot(hint.slot)
+            .try_read_biased(inner.me, row, ident)?;
+        Some(ReadGuard::granted(
+            TableRef::Borrowed(&self.inner),
+            hint.slot,
+            granted,
+        ))
     }
     /// Takes a read hold if that needs no waiting; `Ok(None)` when busy.
     ///

@@ -223,16 +223,33 @@ fn a_handle_without_reader_bias_reads_through_its_lane() {
     }
 }
 
-/// Every thread number maps to a row, each row is used once per round of
-/// `READER_ROWS` threads, and consecutive threads are not neighbours.
+/// Where the kernel offers `membarrier`'s expedited barrier (every kernel
+/// CI uses), a new table uses asymmetric fences and its biased reads take
+/// the plain path; `asymmetric_fences(false)` keeps the locked one, and the
+/// choice is the file's: a second handle follows it whatever it asks for.
 #[test]
-fn reader_rows_are_spread_over_the_record() {
-    let rows = crate::layout::READER_ROWS as u32;
-    let mut seen: Vec<u32> = (0..rows).map(super::spread_row).collect();
-    for pair in seen.windows(2) {
-        assert_ne!(pair[0].abs_diff(pair[1]), 1, "{pair:?}");
-    }
-    seen.sort_unstable();
-    assert_eq!(seen, (0..rows).collect::<Vec<_>>());
-    assert_eq!(super::spread_row(rows), super::spread_row(0));
+fn asymmetric_fences_are_the_default_and_recorded_in_the_file() {
+    assert!(
+        crate::sync::membarrier::expedited_available(),
+        "this kernel has no expedited membarrier: the test cannot check the default"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let on = dir.path().join("on");
+    let t = LockTable::open(&on, &TableOptions::default()).unwrap();
+    assert!(t.asymmetric_fences());
+    drop(t.read("hot").unwrap());
+    assert!(t.read("hot").unwrap().biased_entry().is_some());
+    let again = LockTable::open(&on, &TableOptions::default().asymmetric_fences(false)).unwrap();
+    assert!(
+        again.asymmetric_fences(),
+        "the file decides, not the second opener"
+    );
+
+    let off = dir.path().join("off");
+    let t = LockTable::open(&off, &TableOptions::default().asymmetric_fences(false)).unwrap();
+    assert!(!t.asymmetric_fences());
+    drop(t.read("hot").unwrap());
+    assert!(t.read("hot").unwrap().biased_entry().is_some());
+    let again = LockTable::open(&off, &TableOptions::default()).unwrap();
+    assert!(!again.asymmetric_fences());
 }

@@ -1,7 +1,9 @@
 //! Reader bias at its edges, on real hardware: an upgradable holder beside
 //! biased readers (and the upgrade that must drain them), writes and
-//! upgrades that give up during a revocation, more reading threads than
-//! reader rows, a full row, and a biased guard that outlives its thread.
+//! upgrades that give up during a revocation, a full row, and a biased
+//! guard that outlives its thread (more reading threads than reader rows:
+//! `tests/reader_rows_leased.rs`, alone in its process because it takes
+//! every row).
 //! Each test also checks, from the table file, that no reader-row entry
 //! is left behind once every guard is gone.
 #![cfg(not(locktable_loom))]
@@ -9,7 +11,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::{Barrier, Mutex};
+use std::sync::Mutex;
 use std::thread;
 use std::time::Duration;
 
@@ -131,38 +133,6 @@ fn a_write_that_times_out_during_a_revocation_leaves_the_bias_to_the_next_writer
     let w = t.write_timeout(ID, Duration::from_secs(5)).unwrap();
     drop(w);
     assert_eq!(reads_shown(&t), 0);
-}
-
-/// 48 threads (more than the 32 rows of a record, so rows are shared) hold
-/// reads of one ID at once; every one is counted, a writer waits for the
-/// last, and no entry is left.
-#[test]
-fn more_reading_threads_than_rows_share_rows_and_a_writer_waits_for_all() {
-    const THREADS: usize = 48;
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let t = open(d);
-    bias(&t);
-    let held = Barrier::new(THREADS + 1);
-    let release = Barrier::new(THREADS + 1);
-    thread::scope(|s| {
-        for _ in 0..THREADS {
-            s.spawn(|| {
-                let g = t.read(ID).unwrap();
-                held.wait();
-                release.wait();
-                drop(g);
-            });
-        }
-        held.wait();
-        assert_eq!(reads_shown(&t), THREADS as u32);
-        let biased = biased_entries(d);
-        assert!(biased >= THREADS - 1, "{biased} biased of {THREADS}");
-        assert!(matches!(t.write_timeout(ID, SHORT), Err(Error::Timeout)));
-        release.wait();
-    });
-    assert_eq!(biased_entries(d), 0);
-    assert!(t.try_write(ID).unwrap().is_some());
 }
 
 /// A thread that holds more reads than its row has entries: the rest go to

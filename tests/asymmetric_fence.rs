@@ -1,0 +1,129 @@
+//! The asymmetric fence on real hardware (DESIGN §10): loom checks the
+//! protocol with the barrier pair modelled as a pair of fences, but cannot
+//! model `membarrier(2)` itself, so this test is what checks that the
+//! heavy barrier really orders a reader's plain publish against a revoking
+//! writer's scan.
+//!
+//! The race it provokes: a reader's publish is a plain store, which may
+//! wait in its CPU's store buffer while the reader's re-load of the state
+//! word (an L1 hit) goes ahead. Each reader fills its store buffer with
+//! stores to cold cache lines just before every read, so the publish waits
+//! behind them for a long time (hundreds of cycles) while the re-load
+//! finds no writer. A writer that claims and scans inside that window
+//! without the barrier misses the reader: the shared record shows a writer
+//! inside beside a reader. Writers come every few tens of microseconds, so
+//! the ID keeps going back to the bias (the cooling window is nine times
+//! a revocation) and most reads are biased. `LOCKTABLE_FENCE_SOAK_SECS`
+//! makes it run longer.
+#![cfg(not(locktable_loom))]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use locktable::{LockTable, TableOptions};
+
+const ID: &str = "hot-session";
+
+/// [readers inside, writer inside, writes].
+#[derive(Default)]
+struct Record([AtomicU64; 3]);
+
+/// Stores to this many cold cache lines before each read: enough to keep
+/// the publish queued behind them (store buffers hold a few dozen stores).
+const COLD_STORES: usize = 48;
+/// Lines cycled through by one reader's cold stores (4 MiB: larger than
+/// the private caches, so most of them miss).
+const COLD_LINES: usize = 1 << 16;
+
+fn run_for() -> Duration {
+    std::env::var("LOCKTABLE_FENCE_SOAK_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(3), Duration::from_secs)
+}
+
+fn reader(t: &LockTable, r: &Record, stop: &AtomicBool) -> (u64, u64) {
+    let mut cold = vec![0u64; COLD_LINES * 8];
+    let mut at = 0usize;
+    let (mut reads, mut biased) = (0u64, 0u64);
+    while !stop.load(Ordering::Relaxed) {
+        for _ in 0..COLD_STORES {
+            // Volatile: the stores must happen, in this order, right here.
+            // SAFETY: `at * 8` is inside `cold`, which this thread owns.
+            unsafe { std::ptr::write_volatile(cold.as_mut_ptr().add(at * 8), reads) };
+            at = (at + 97) % COLD_LINES;
+        }
+        let g = t.read(ID).unwrap();
+        // Relaxed on purpose: a SeqCst RMW here would be a full fence that
+        // drains the store buffer and hides the race. The writer's flag is
+        // read twice, around a spin, so an overlap of any length shows.
+        let w1 = r.0[1].load(Ordering::Relaxed);
+        r.0[0].fetch_add(1, Ordering::Relaxed);
+        for _ in 0..50 {
+            std::hint::spin_loop();
+        }
+        let w2 = r.0[1].load(Ordering::Relaxed);
+        r.0[0].fetch_sub(1, Ordering::Relaxed);
+        assert!(w1 == 0 && w2 == 0, "a reader inside a write");
+        biased += u64::from(g.is_biased());
+        drop(g);
+        reads += 1;
+    }
+    (reads, biased)
+}
+
+fn write_once(t: &LockTable, r: &Record) {
+    let g = t.write(ID).unwrap();
+    r.0[1].store(1, Ordering::Relaxed);
+    for _ in 0..50 {
+        std::hint::spin_loop();
+    }
+    assert_eq!(r.0[0].load(Ordering::Relaxed), 0, "a writer beside readers");
+    let n = r.0[2].load(Ordering::Relaxed);
+    r.0[2].store(n + 1, Ordering::Relaxed);
+    r.0[1].store(0, Ordering::Relaxed);
+    drop(g);
+}
+
+#[test]
+fn plain_publishes_never_let_a_revoking_writer_in_beside_a_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = LockTable::open(dir.path().join("table"), &TableOptions::default()).unwrap();
+    assert!(
+        t.asymmetric_fences(),
+        "this kernel offers no expedited membarrier: the test would check the locked protocol"
+    );
+    let r = Record::default();
+    let stop = AtomicBool::new(false);
+    let run = run_for();
+    let mut writes = 0u64;
+    let per_reader: Vec<(u64, u64)> = thread::scope(|s| {
+        let readers: Vec<_> = (0..2).map(|_| s.spawn(|| reader(&t, &r, &stop))).collect();
+        let start = Instant::now();
+        while start.elapsed() < run {
+            write_once(&t, &r);
+            writes += 1;
+            // Long enough for the cooling window to pass and the readers
+            // to bias the ID again, short enough for many revocations.
+            let until = Instant::now() + Duration::from_micros(30);
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        readers.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let reads: u64 = per_reader.iter().map(|p| p.0).sum();
+    let biased: u64 = per_reader.iter().map(|p| p.1).sum();
+    assert_eq!(
+        r.0[2].load(Ordering::Relaxed),
+        writes,
+        "every write counted once"
+    );
+    // The test means something only if the plain path and revocations both
+    // ran many times.
+    assert!(writes > 1_000, "only {writes} writes");
+    assert!(biased > 10_000, "only {biased} biased reads of {reads}");
+    eprintln!("{writes} writes, {reads} reads, {biased} biased");
+}
