@@ -36,11 +36,12 @@ pub(crate) struct Tag(pub(crate) u64, pub(crate) u64);
 #[cfg(not(locktable_loom))]
 #[inline]
 pub(crate) fn tag_of(key: [u64; 2], id: &[u8]) -> Tag {
-    // The one-shot form: the same SipHash-1-3-128 value as streaming the ID
-    // through `Hasher::write` (tags are stored in table files, so the value
-    // must never change), without the streaming tail buffer.
-    let v = siphasher::sip128::SipHasher13::new_with_keys(key[0], key[1]).hash(id);
-    Tag(v.h1, v.h2)
+    // The same SipHash-1-3-128 value as streaming the ID through
+    // `siphasher`'s `Hasher::write` (tags are stored in table files, so the
+    // value must never change), computed by a one-shot specialisation that
+    // reads whole words and inlines its rounds (`sip13.rs`, DESIGN §5).
+    let (h1, h2) = crate::sip13::sip13_128(key[0], key[1], id);
+    Tag(h1, h2)
 }
 
 /// Maps a uniformly random 64-bit value onto `0..n` with a multiply and a

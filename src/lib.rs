@@ -56,6 +56,8 @@ mod registry;
 #[cfg(not(locktable_loom))]
 pub mod session;
 #[cfg(not(locktable_loom))]
+mod sip13;
+#[cfg(not(locktable_loom))]
 mod stats;
 #[cfg(not(locktable_loom))]
 mod table;
