@@ -679,7 +679,13 @@ impl LockTable {
     ) -> Result<Option<(u32, Granted)>> {
         self.check_fork()?;
         let inner = &*self.inner;
-        let attempt = |slot: u32, ident: Ident| {
+        // The identity comes as scalars, not as an `Ident`: this closure is
+        // called out of line, and an `Ident` argument goes through memory,
+        // written as 8-byte fields by the caller and copied here as one
+        // 16-byte load, which the CPU cannot forward from two stores (perf
+        // annotate: the largest stall of a new-ID read, DESIGN §5).
+        let attempt = |slot: u32, gen: u32, t0: u64, t1: u64| {
+            let ident = Ident { gen, tag: [t0, t1] };
             let r = op(inner.slot(slot), ident);
             if wait.is_none() && r == Err(Fail::Busy) && inner.sweep_for_try(slot) {
                 op(inner.slot(slot), ident)
@@ -705,14 +711,10 @@ impl LockTable {
         if let Some(hint) = hint {
             // A cheap early look at the tag; `op` re-checks it after the
             // hold is announced, which is what makes the hint safe.
-            let ident = Ident {
-                gen: hint.gen,
-                tag: hint.tag,
-            };
             let same_id = inner.slot(hint.slot).has_tag(hint.tag);
             #[cfg(test)]
             tests::hooks::after_lookup(inner, hint.slot, id);
-            match same_id.then(|| attempt(hint.slot, ident)) {
+            match same_id.then(|| attempt(hint.slot, hint.gen, hint.tag[0], hint.tag[1])) {
                 Some(Err(Fail::Stale)) | None => {
                     if let Some(k) = &mut key {
                         lookup_cache::evict(k, id)
@@ -745,7 +747,7 @@ impl LockTable {
             let slot = slot as u32;
             #[cfg(test)]
             tests::hooks::after_lookup(inner, slot, id);
-            match attempt(slot, ident) {
+            match attempt(slot, ident.gen, ident.tag[0], ident.tag[1]) {
                 Err(Fail::Stale) => continue,
                 other => {
                     let hint = lookup_cache::Hint {
