@@ -279,31 +279,68 @@ pub(crate) fn get_or_fill(
     .flatten()
 }
 
-/// The cached hint for `id` of `table`, if this thread has one: the probe
-/// alone, for the acquisition's fast path (which falls back to the full
-/// path, [`get_or_fill`], on `None`).
+/// What [`probe`] found.
+pub(crate) enum Probe {
+    /// The cached hint.
+    Hit(Hint),
+    /// Not cached: where it goes, with the way its refill ([`put`]) takes
+    /// already chosen (and its lines prefetched), so the refill does not
+    /// scan the set again.
+    Miss(Key),
+    /// Not cacheable (too long), or the cache is unavailable (a visit
+    /// further up this thread's stack, or thread exit).
+    Uncached,
+}
+
+/// The acquisition's fast path: looks `id` of `table` up in this thread's
+/// cache (the full path, [`get_or_fill`], falls back on anything else).
 #[inline(always)]
-pub(crate) fn probe(table: u64, id: &[u8]) -> Option<Hint> {
+pub(crate) fn probe(table: u64, id: &[u8]) -> Probe {
     if id.len() > MAX_CACHED_ID {
-        return None;
+        return Probe::Uncached;
     }
     let (set, fp) = locate(table, id);
     // Inline, not through `with_sets`: a shared borrow, and no allocation
-    // (a thread without sets simply misses).
-    let cell: *const RefCell<Option<Box<[Set]>>> = CACHE.try_with(|c| c as *const _).ok()?;
+    // (a thread without sets takes the full path, which allocates them).
+    let Ok(cell) = CACHE.try_with(|c| c as *const RefCell<Option<Box<[Set]>>>) else {
+        return Probe::Uncached;
+    };
     // As in `with_sets`: this thread's own live thread-local, which
     // outlives this call.
     // SAFETY: sound for the reasons just given.
     let cell = unsafe { &*cell };
-    let sets = cell.try_borrow().ok()?;
-    let set = sets.as_deref()?.get(set)?;
-    let w = way_of(set, fp, table, id)?;
-    let e = &set.ways[w];
-    Some(Hint {
-        slot: e.slot,
-        gen: e.gen,
-        tag: e.tag,
-    })
+    let Ok(sets) = cell.try_borrow() else {
+        return Probe::Uncached;
+    };
+    let Some(s) = sets.as_deref().and_then(|sets| sets.get(set)) else {
+        return Probe::Uncached;
+    };
+    match way_of(s, fp, table, id) {
+        Some(w) => {
+            let e = &s.ways[w];
+            Probe::Hit(Hint {
+                slot: e.slot,
+                gen: e.gen,
+                tag: e.tag,
+            })
+        }
+        None => Probe::Miss(missed(s, table, set, fp)),
+    }
+}
+
+/// A probe of `set` missed: the key with the way its refill takes, whose
+/// lines are prefetched meanwhile (as in [`get_or_fill`]).
+#[cold]
+#[inline(never)]
+fn missed(s: &Set, table: u64, set: usize, fp: u64) -> Key {
+    let w = victim(s);
+    prefetch_entry(&s.ways[w]);
+    Key {
+        table,
+        set,
+        fp,
+        fill: Some(w as u8),
+    }
 }
 
 /// Asks the CPU to bring the lines of entry `e` into L1 (a hint: no

@@ -828,14 +828,15 @@ impl LockTable {
         self.read_with(id, Some(None)).and_then(granted)
     }
 
-    /// The fast path of a read: an ID this thread has locked before (its
-    /// lookup-cache hint) whose slot is BIASED, read through this thread's
-    /// reader row with one attempt. `None` for anything else (a miss, a
-    /// slot that is not biased, a writer, a stale hint, a full row, a
-    /// forked child, an invalid ID): the caller takes the full path, which
-    /// decides. The attempt validates the hint exactly as the full path
-    /// does (state, generation and tag after the publish), so taking this
-    /// path first changes no outcome, only the cost.
+    /// The fast path of a read: one biased attempt through this thread's
+    /// reader row on the slot the lookup cache names, or, on a cache miss,
+    /// the slot the lock-free table lookup finds (which refills the cache,
+    /// as the full path does). `None` for anything else (an ID not in the
+    /// table yet, a slot that is not biased, a writer, a stale hint, a full
+    /// row, a forked child, an invalid or uncacheable ID): the caller takes
+    /// the full path, which decides. The attempt validates the slot exactly
+    /// as the full path does (state, generation and tag after the publish),
+    /// so taking this path first changes no outcome, only the cost.
     #[inline(always)]
     fn read_cached_biased(&self, id: &[u8]) -> Option<ReadGuard<'_>> {
         let inner = &*self.inner;
@@ -843,20 +844,45 @@ impl LockTable {
             return None;
         }
         let row = reader_row::reader_row()?;
-        let hint = lookup_cache::probe(inner.uid, id)?;
-        let ident = Ident {
-            gen: hint.gen,
-            tag: hint.tag,
+        let hint = match lookup_cache::probe(inner.uid, id) {
+            lookup_cache::Probe::Hit(hint) => hint,
+            lookup_cache::Probe::Miss(key) => self.look_up_missed(&key, id)?,
+            lookup_cache::Probe::Uncached => return None,
         };
-        let granted = inner
-            .slot(hint.slot)
-            .try_read_biased(inner.me, row, ident)?;
+        #[cfg(test)]
+        tests::hooks::after_lookup(inner, hint.slot, id);
+        let granted = inner.slot(hint.slot).try_read_biased(
+            inner.me,
+            row,
+            Ident {
+                gen: hint.gen,
+                tag: hint.tag,
+            },
+        )?;
         Some(ReadGuard::granted(
             TableRef::Borrowed(&self.inner),
             hint.slot,
             granted,
         ))
     }
+
+    /// The fast path's cache miss: the keyed tag and the lock-free table
+    /// lookup, then the refill into the way the probe chose (`None`: the ID
+    /// is not in the table or is invalid; the full path inserts or reports).
+    #[inline(never)]
+    fn look_up_missed(&self, key: &lookup_cache::Key, id: &[u8]) -> Option<lookup_cache::Hint> {
+        let inner = &*self.inner;
+        let tag = self.tag(id).ok()?;
+        let (slot, ident) = index::find(&inner.region, tag)?;
+        let hint = lookup_cache::Hint {
+            slot: slot as u32,
+            gen: ident.gen,
+            tag: ident.tag,
+        };
+        lookup_cache::put(key, id, hint);
+        Some(hint)
+    }
+
     /// Takes a read hold if that needs no waiting; `Ok(None)` when busy.
     ///
     /// A try never waits for a holder. It may spin for microseconds while
