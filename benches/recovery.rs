@@ -15,6 +15,10 @@
 //! private memory, which the kernel tears down before it closes the
 //! holder's files (the OFD lease) and before the pidfd reports the exit;
 //! `LOCKTABLE_BIG_KILLS` (default 20) kills of it, 0 to skip.
+//!
+//! Holders: `write`, `read` (a read on the holder's lane: the ID's first
+//! read in that process), `read-biased` (a read published in the holder's
+//! reader row, with a plain store where the table has asymmetric fences).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -36,6 +40,23 @@ fn child(spec: &str) {
     let t = LockTable::open(path, &TableOptions::default()).expect("child open");
     let _held: Box<dyn std::any::Any> = match mode {
         "write" => Box::new(t.write("victim").expect("child write").into_owned()),
+        "read-biased" => {
+            // A lane read sets the bias again once the cooling window of
+            // the waiter's last revocation has passed (nine times the
+            // revocation, which waited for the killed holder: tens of ms);
+            // the held read is then published in the child's reader row.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let g = loop {
+                let g = t.read("victim").expect("child read");
+                if g.is_biased() {
+                    break g;
+                }
+                drop(g);
+                assert!(Instant::now() < deadline, "the bias never came back");
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            Box::new(g.into_owned())
+        }
         _ => Box::new(t.read("victim").expect("child read").into_owned()),
     };
     println!("ready");
@@ -102,7 +123,7 @@ fn main() {
     );
     let mut rows: Vec<(String, u64, usize)> = Vec::new();
     for poll_ms in [20u64, 10_000] {
-        for mode in ["write", "read"] {
+        for mode in ["write", "read", "read-biased"] {
             rows.push((mode.to_string(), poll_ms, kills));
         }
     }
