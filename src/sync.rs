@@ -112,9 +112,22 @@ pub(crate) mod membarrier {
     }
 
     /// True if this process can issue the heavy barrier of an asymmetric
-    /// fence: the expedited command, or at least the slow global one.
+    /// fence: it issues one, the expedited command or else the slow global
+    /// one, and remembers which worked. Issuing, not only asking
+    /// `MEMBARRIER_CMD_QUERY`: a seccomp filter may allow the query and
+    /// refuse the barrier (tests/membarrier_seccomp.rs), and then every
+    /// revocation would spin in [`global_barrier`]'s retry loop for good.
     pub(crate) fn can_issue() -> bool {
-        supported() & (CMD_GLOBAL_EXPEDITED | CMD_GLOBAL) != 0
+        let s = supported();
+        if s & CMD_GLOBAL_EXPEDITED != 0 && call(CMD_GLOBAL_EXPEDITED).is_some() {
+            return true;
+        }
+        if s & CMD_GLOBAL != 0 && call(CMD_GLOBAL).is_some() {
+            // Relaxed: see `CHOSEN`.
+            CHOSEN.store(2, Ordering::Relaxed);
+            return true;
+        }
+        false
     }
 
     /// True if asymmetric fences can be used here at all: the expedited
@@ -137,9 +150,11 @@ pub(crate) mod membarrier {
     /// milliseconds; only where the expedited one is missing).
     static CHOSEN: AtomicU8 = AtomicU8::new(0);
 
-    /// Issues the heavy barrier. Never fails: attach checked
-    /// [`can_issue`]; should the expedited command fail anyway, the slow
-    /// global one is used, and should both fail (a seccomp filter installed
+    /// Issues the heavy barrier. Never fails: attach issued one
+    /// ([`can_issue`]); should the chosen command fail anyway, the other is
+    /// tried, the expedited one first (a transient failure of the expedited
+    /// command, such as its ENOMEM, does not switch the process to the slow
+    /// one for good), and should both fail (a seccomp filter installed
     /// after attach), it retries after a pause rather than grant a lock
     /// it cannot prove exclusive.
     pub(crate) fn global_barrier() {
@@ -153,11 +168,7 @@ pub(crate) mod membarrier {
         }
         let mut pause = std::time::Duration::from_micros(100);
         loop {
-            if call(CMD_GLOBAL).is_some() {
-                CHOSEN.store(2, Ordering::Relaxed);
-                return;
-            }
-            if call(CMD_GLOBAL_EXPEDITED).is_some() {
+            if call(CMD_GLOBAL_EXPEDITED).is_some() || call(CMD_GLOBAL).is_some() {
                 return;
             }
             std::thread::sleep(pause);
