@@ -52,16 +52,33 @@ pub(crate) fn dekker_fence() {
 /// the store (store buffering). The heavy half, [`heavy_barrier`], issued
 /// by a revoking writer between its claim and its scan, forces a full
 /// barrier into every running thread of every registered process, which
-/// closes that window. loom cannot model `membarrier`: under loom this is a
-/// `fence(SeqCst)`, so the models check the protocol with the barrier at
-/// the only point of the reader's program where it matters (between its
-/// publish and its re-load).
+/// closes that window.
+///
+/// loom cannot model `membarrier`. Under loom the pair is an AcqRel
+/// read-modify-write of one shared word ([`BARRIER_WORD`]) on each side:
+/// the reader's (here) and the claimant's ([`heavy_barrier`]) are ordered
+/// one way or the other, so either the reader's publish happens before the
+/// claimant's scan or the claim happens before the reader's re-load,
+/// which is exactly what the real barrier gives; and, unlike a pair of
+/// `fence(SeqCst)`, one half alone gives nothing, so a model whose
+/// claimant misses a barrier it needs fails (with two SeqCst fences, the
+/// claimant's `dekker_fence` already made the barrier redundant under loom,
+/// and a missing barrier went unseen). It over-approximates in one way:
+/// two readers' light fences also order each other, which real readers'
+/// compiler fences do not.
 #[inline(always)]
 pub(crate) fn light_fence() {
     #[cfg(not(locktable_loom))]
     std::sync::atomic::compiler_fence(Ordering::SeqCst);
     #[cfg(locktable_loom)]
-    loom::sync::atomic::fence(Ordering::SeqCst);
+    BARRIER_WORD.fetch_add(0, Ordering::AcqRel);
+}
+
+#[cfg(locktable_loom)]
+loom::lazy_static! {
+    /// The word whose read-modify-writes stand in for the asymmetric fence
+    /// pair under loom ([`light_fence`]). Its value means nothing.
+    static ref BARRIER_WORD: AtomicU32 = AtomicU32::new(0);
 }
 
 /// The heavy half of an asymmetric fence: when it returns, every thread of
@@ -69,14 +86,14 @@ pub(crate) fn light_fence() {
 /// full memory barrier at some point since it was called (or was not
 /// running, and a context switch is one), so a plain store a reader made
 /// before that point is visible to the caller's later loads, and a reader's
-/// loads after that point see the caller's earlier stores. loom: a
-/// `fence(SeqCst)` (see [`light_fence`]).
+/// loads after that point see the caller's earlier stores. loom: an AcqRel
+/// read-modify-write of the word of [`light_fence`].
 #[inline]
 pub(crate) fn heavy_barrier() {
     #[cfg(not(locktable_loom))]
     membarrier::global_barrier();
     #[cfg(locktable_loom)]
-    loom::sync::atomic::fence(Ordering::SeqCst);
+    BARRIER_WORD.fetch_add(1, Ordering::AcqRel);
 }
 
 /// `membarrier(2)`: the kernel side of the asymmetric fence.
