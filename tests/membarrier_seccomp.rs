@@ -40,8 +40,10 @@ const NO_SECCOMP: i32 = 4;
 fn forbid_membarrier_but_query() -> bool {
     // Classic BPF opcodes (linux/filter.h) and seccomp return values
     // (linux/seccomp.h), stable kernel ABI.
-    const LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
-    const JEQ_K: u16 = 0x05 | 0x10 | 0x00;
+    // BPF_LD | BPF_W | BPF_ABS (the first two are 0).
+    const LD_W_ABS: u16 = 0x20;
+    // BPF_JMP | BPF_JEQ | BPF_K (BPF_K is 0).
+    const JEQ_K: u16 = 0x05 | 0x10;
     const RET_K: u16 = 0x06;
     const RET_ALLOW: u32 = 0x7fff_0000;
     const RET_ERRNO: u32 = 0x0005_0000;
