@@ -322,15 +322,23 @@ impl BiasedHold<'_> {
     /// scan that sees the 0), the light fence, then the load; the revoker
     /// issues the heavy barrier between its PARKED and its re-scan
     /// (`drain_readers`).
+    ///
+    /// The plain branch loads PARKED without [`sync::dekker_fence`]: that
+    /// fence is nothing in real builds, and under loom it would order the
+    /// store and the load by itself and hide a revoker that skipped the
+    /// barrier (the light fence is the model of what real builds have).
     #[inline(always)]
     pub(crate) fn release(self) {
         if self.plain {
             self.entry.store(0, Ordering::Release);
             sync::light_fence();
+            if self.state.load(Ordering::SeqCst) & PARKED != 0 {
+                wake_all(self.state, self.seq);
+            }
         } else {
             self.entry.store(0, Ordering::SeqCst);
+            wake_if_parked(self.state, self.seq);
         }
-        wake_if_parked(self.state, self.seq);
     }
 }
 

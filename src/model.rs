@@ -131,9 +131,10 @@ impl Model {
 
     /// The same model with asymmetric fences: biased readers publish and
     /// release with plain stores and the light fence, claimants issue the
-    /// heavy barrier before their row scans (under loom both are
-    /// `fence(SeqCst)`; DESIGN §10). Readers of one process must then use
-    /// distinct rows, as `reader_row` guarantees in real builds.
+    /// heavy barrier before their row scans (under loom both are AcqRel
+    /// RMWs of one word, `sync::light_fence`; DESIGN §10). Readers of one
+    /// process must then use distinct rows, as `reader_row` guarantees in
+    /// real builds.
     pub fn asymmetric(mut self) -> Model {
         self.region = self.region.with_fences(lockword::Fences {
             plain_reads: true,

@@ -20,10 +20,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use crate::layout::READER_ROWS;
 
 /// Leased rows of this process, one bit per lease (bit `b` is row
-/// `spread_row(b)`). Relaxed everywhere: a lease carries no data, and the
-/// rows' own entries are ordered by the lock protocol; what a lease must
-/// guarantee is only that no two live threads hold the same bit, which the
-/// RMWs on this one word give by themselves.
+/// `spread_row(b)`). No two live threads hold the same bit: the RMWs on
+/// this one word give that by themselves. But a lease also hands the row's
+/// entries from one owner to the next: the next owner's load-then-store of
+/// a free entry must see every entry the previous owner filled (a guard it
+/// sent to another thread may outlive it), or it could read a stale 0, fill
+/// that entry, and have the guard's release zero it under its live read.
+/// So the return is a Release RMW and the lease an Acquire one: the
+/// previous owner's row stores happen before the next owner's row loads
+/// (the RMWs between them on this word continue the release sequence).
 static LEASED: AtomicU32 = AtomicU32::new(0);
 
 const ALL_LEASED: u32 = if READER_ROWS >= 32 {
@@ -55,7 +60,8 @@ impl Drop for LeaseReturn {
         LEASE_ROW.with(|l| l.set(GONE));
         let bit = LEASE_BIT.with(|l| l.replace(GONE));
         if bit < 32 {
-            LEASED.fetch_and(!(1 << bit), Ordering::Relaxed);
+            // Release: see `LEASED`.
+            LEASED.fetch_and(!(1 << bit), Ordering::Release);
         }
     }
 }
@@ -80,10 +86,11 @@ fn lease_one() -> Option<u32> {
             return None;
         }
         let bit = (!leased).trailing_zeros();
+        // Acquire on success: see `LEASED` (the failure carries nothing).
         match LEASED.compare_exchange_weak(
             leased,
             leased | 1 << bit,
-            Ordering::Relaxed,
+            Ordering::Acquire,
             Ordering::Relaxed,
         ) {
             Ok(_) => break bit,

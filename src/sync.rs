@@ -52,16 +52,33 @@ pub(crate) fn dekker_fence() {
 /// the store (store buffering). The heavy half, [`heavy_barrier`], issued
 /// by a revoking writer between its claim and its scan, forces a full
 /// barrier into every running thread of every registered process, which
-/// closes that window. loom cannot model `membarrier`: under loom this is a
-/// `fence(SeqCst)`, so the models check the protocol with the barrier at
-/// the only point of the reader's program where it matters (between its
-/// publish and its re-load).
+/// closes that window.
+///
+/// loom cannot model `membarrier`. Under loom the pair is an AcqRel
+/// read-modify-write of one shared word ([`BARRIER_WORD`]) on each side:
+/// the reader's (here) and the claimant's ([`heavy_barrier`]) are ordered
+/// one way or the other, so either the reader's publish happens before the
+/// claimant's scan or the claim happens before the reader's re-load,
+/// which is exactly what the real barrier gives; and, unlike a pair of
+/// `fence(SeqCst)`, one half alone gives nothing, so a model whose
+/// claimant misses a barrier it needs fails (with two SeqCst fences, the
+/// claimant's `dekker_fence` already made the barrier redundant under loom,
+/// and a missing barrier went unseen). It over-approximates in one way:
+/// two readers' light fences also order each other, which real readers'
+/// compiler fences do not.
 #[inline(always)]
 pub(crate) fn light_fence() {
     #[cfg(not(locktable_loom))]
     std::sync::atomic::compiler_fence(Ordering::SeqCst);
     #[cfg(locktable_loom)]
-    loom::sync::atomic::fence(Ordering::SeqCst);
+    BARRIER_WORD.fetch_add(0, Ordering::AcqRel);
+}
+
+#[cfg(locktable_loom)]
+loom::lazy_static! {
+    /// The word whose read-modify-writes stand in for the asymmetric fence
+    /// pair under loom ([`light_fence`]). Its value means nothing.
+    static ref BARRIER_WORD: AtomicU32 = AtomicU32::new(0);
 }
 
 /// The heavy half of an asymmetric fence: when it returns, every thread of
@@ -69,14 +86,14 @@ pub(crate) fn light_fence() {
 /// full memory barrier at some point since it was called (or was not
 /// running, and a context switch is one), so a plain store a reader made
 /// before that point is visible to the caller's later loads, and a reader's
-/// loads after that point see the caller's earlier stores. loom: a
-/// `fence(SeqCst)` (see [`light_fence`]).
+/// loads after that point see the caller's earlier stores. loom: an AcqRel
+/// read-modify-write of the word of [`light_fence`].
 #[inline]
 pub(crate) fn heavy_barrier() {
     #[cfg(not(locktable_loom))]
     membarrier::global_barrier();
     #[cfg(locktable_loom)]
-    loom::sync::atomic::fence(Ordering::SeqCst);
+    BARRIER_WORD.fetch_add(1, Ordering::AcqRel);
 }
 
 /// `membarrier(2)`: the kernel side of the asymmetric fence.
@@ -112,9 +129,22 @@ pub(crate) mod membarrier {
     }
 
     /// True if this process can issue the heavy barrier of an asymmetric
-    /// fence: the expedited command, or at least the slow global one.
+    /// fence: it issues one, the expedited command or else the slow global
+    /// one, and remembers which worked. Issuing, not only asking
+    /// `MEMBARRIER_CMD_QUERY`: a seccomp filter may allow the query and
+    /// refuse the barrier (tests/membarrier_seccomp.rs), and then every
+    /// revocation would spin in [`global_barrier`]'s retry loop for good.
     pub(crate) fn can_issue() -> bool {
-        supported() & (CMD_GLOBAL_EXPEDITED | CMD_GLOBAL) != 0
+        let s = supported();
+        if s & CMD_GLOBAL_EXPEDITED != 0 && call(CMD_GLOBAL_EXPEDITED).is_some() {
+            return true;
+        }
+        if s & CMD_GLOBAL != 0 && call(CMD_GLOBAL).is_some() {
+            // Relaxed: see `CHOSEN`.
+            CHOSEN.store(2, Ordering::Relaxed);
+            return true;
+        }
+        false
     }
 
     /// True if asymmetric fences can be used here at all: the expedited
@@ -137,9 +167,11 @@ pub(crate) mod membarrier {
     /// milliseconds; only where the expedited one is missing).
     static CHOSEN: AtomicU8 = AtomicU8::new(0);
 
-    /// Issues the heavy barrier. Never fails: attach checked
-    /// [`can_issue`]; should the expedited command fail anyway, the slow
-    /// global one is used, and should both fail (a seccomp filter installed
+    /// Issues the heavy barrier. Never fails: attach issued one
+    /// ([`can_issue`]); should the chosen command fail anyway, the other is
+    /// tried, the expedited one first (a transient failure of the expedited
+    /// command, such as its ENOMEM, does not switch the process to the slow
+    /// one for good), and should both fail (a seccomp filter installed
     /// after attach), it retries after a pause rather than grant a lock
     /// it cannot prove exclusive.
     pub(crate) fn global_barrier() {
@@ -153,11 +185,7 @@ pub(crate) mod membarrier {
         }
         let mut pause = std::time::Duration::from_micros(100);
         loop {
-            if call(CMD_GLOBAL).is_some() {
-                CHOSEN.store(2, Ordering::Relaxed);
-                return;
-            }
-            if call(CMD_GLOBAL_EXPEDITED).is_some() {
+            if call(CMD_GLOBAL_EXPEDITED).is_some() || call(CMD_GLOBAL).is_some() {
                 return;
             }
             std::thread::sleep(pause);

@@ -404,7 +404,11 @@ fn create_in(file: &File, opts: &TableOptions) -> Result<Header> {
         geometry: opts.geometry_for_create()?,
         hash_key: random_key()?,
         created_ms: registry::now_ms(),
-        asymmetric_fences: opts.asymmetric_fences && sync::membarrier::expedited_available(),
+        // Only if the creator itself can issue the barrier (not only see
+        // it offered): else its own attach below would be refused.
+        asymmetric_fences: opts.asymmetric_fences
+            && sync::membarrier::expedited_available()
+            && sync::membarrier::can_issue(),
     };
     file.set_len(0)?;
     // The header goes in before the file grows, READY goes in last: a
