@@ -14,7 +14,9 @@
 //! inside beside a reader. Writers come every few tens of microseconds, so
 //! the ID keeps going back to the bias (the cooling window is nine times
 //! a revocation) and most reads are biased. `LOCKTABLE_FENCE_SOAK_SECS`
-//! makes it run longer.
+//! makes it run longer. A second test does the same for the release
+//! against a revoker asleep on the reader's entry (the barrier after
+//! PARKED). The retirement barrier is checked only by loom.
 #![cfg(not(locktable_loom))]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -126,4 +128,72 @@ fn plain_publishes_never_let_a_revoking_writer_in_beside_a_reader() {
     assert!(writes > 1_000, "only {writes} writes");
     assert!(biased > 10_000, "only {biased} biased reads of {reads}");
     eprintln!("{writes} writes, {reads} reads, {biased} biased");
+}
+
+/// The release side: a reader's plain release (store 0, then load PARKED)
+/// against a revoking writer that has gone to sleep on the reader's entry
+/// (set PARKED, barrier, re-scan, sleep). Without the barrier after PARKED,
+/// the release's store can wait in the store buffer while its PARKED load
+/// finds nothing, and the writer's re-scan still sees the entry: nobody
+/// wakes the writer, which then sleeps until its liveness poll (10 s here).
+/// Readers hold long enough for the writer to park (0.5 ms: a waiter spins
+/// for a few hundred microseconds first), and fill their store buffers
+/// just before they release. With the barrier after PARKED removed this
+/// failed 2 of 2 release runs (a write waited the whole 10 s poll); with
+/// it, no write waited more than a few milliseconds.
+#[test]
+fn a_plain_release_never_loses_a_sleeping_revokers_wakeup() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = TableOptions::default().poll_interval(Duration::from_secs(10));
+    let t = LockTable::open(dir.path().join("table"), &opts).unwrap();
+    assert!(t.asymmetric_fences());
+    let stop = AtomicBool::new(false);
+    let run = run_for();
+    let (mut writes, mut worst) = (0u64, Duration::ZERO);
+    let biased: u64 = thread::scope(|s| {
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut cold = vec![0u64; COLD_LINES * 8];
+                    let (mut at, mut biased) = (0usize, 0u64);
+                    while !stop.load(Ordering::Relaxed) {
+                        let g = t.read(ID).unwrap();
+                        biased += u64::from(g.is_biased());
+                        // Long enough for a revoking writer to go to sleep.
+                        let until = Instant::now() + Duration::from_micros(500);
+                        while Instant::now() < until {
+                            std::hint::spin_loop();
+                        }
+                        for _ in 0..COLD_STORES {
+                            // SAFETY: `at * 8` is inside `cold`, this thread's own.
+                            unsafe { std::ptr::write_volatile(cold.as_mut_ptr().add(at * 8), 1) };
+                            at = (at + 97) % COLD_LINES;
+                        }
+                        drop(g);
+                    }
+                    biased
+                })
+            })
+            .collect();
+        let start = Instant::now();
+        while start.elapsed() < run {
+            let asked = Instant::now();
+            drop(t.write(ID).unwrap());
+            worst = worst.max(asked.elapsed());
+            writes += 1;
+            thread::sleep(Duration::from_micros(200));
+        }
+        stop.store(true, Ordering::Relaxed);
+        readers.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    eprintln!("{writes} writes, {biased} biased reads, slowest write {worst:?}");
+    // Each biased read is one chance for a revoking writer to sleep on it.
+    assert!(writes > 1_000, "only {writes} writes");
+    assert!(biased > 300, "only {biased} biased reads");
+    // A lost wake-up costs the 10 s poll; a write normally waits for at
+    // most one reader's 0.5 ms hold (plus scheduling on a busy machine).
+    assert!(
+        worst < Duration::from_secs(2),
+        "a write waited {worst:?}: a lost wake-up"
+    );
 }
