@@ -91,6 +91,17 @@ pub(crate) struct Hint {
     pub(crate) tag: [u64; 2],
 }
 
+impl Entry {
+    #[inline(always)]
+    fn hint(&self) -> Hint {
+        Hint {
+            slot: self.slot,
+            gen: self.gen,
+            tag: self.tag,
+        }
+    }
+}
+
 thread_local! {
     static CACHE: RefCell<Option<Box<[Set]>>> = const { RefCell::new(None) };
 }
@@ -262,16 +273,9 @@ pub(crate) fn get_or_fill(
     with_sets(|sets| {
         let set = &mut sets[k.set];
         if let Some(w) = way_of(set, k.fp, k.table, id) {
-            let e = &set.ways[w];
-            return Some(Hint {
-                slot: e.slot,
-                gen: e.gen,
-                tag: e.tag,
-            });
+            return Some(set.ways[w].hint());
         }
-        let w = victim(set);
-        k.fill = Some(w as u8);
-        prefetch_entry(&set.ways[w]);
+        let w = choose_refill(set, k);
         let hint = miss()?;
         fill(set, w, k, id, hint);
         Some(hint)
@@ -316,14 +320,7 @@ pub(crate) fn probe(table: u64, id: &[u8]) -> Probe {
         return Probe::Uncached;
     };
     match way_of(s, fp, table, id) {
-        Some(w) => {
-            let e = &s.ways[w];
-            Probe::Hit(Hint {
-                slot: e.slot,
-                gen: e.gen,
-                tag: e.tag,
-            })
-        }
+        Some(w) => Probe::Hit(s.ways[w].hint()),
         None => Probe::Miss(missed(s, table, set, fp)),
     }
 }
@@ -333,14 +330,24 @@ pub(crate) fn probe(table: u64, id: &[u8]) -> Probe {
 #[cold]
 #[inline(never)]
 fn missed(s: &Set, table: u64, set: usize, fp: u64) -> Key {
-    let w = victim(s);
-    prefetch_entry(&s.ways[w]);
-    Key {
+    let mut k = Key {
         table,
         set,
         fp,
-        fill: Some(w as u8),
-    }
+        fill: None,
+    };
+    choose_refill(s, &mut k);
+    k
+}
+
+/// Chooses the way of `set` that the refill for `k` takes (recorded in
+/// `k`) and prefetches its lines.
+#[inline(always)]
+fn choose_refill(set: &Set, k: &mut Key) -> usize {
+    let w = victim(set);
+    k.fill = Some(w as u8);
+    prefetch_entry(&set.ways[w]);
+    w
 }
 
 /// Asks the CPU to bring the lines of entry `e` into L1 (a hint: no

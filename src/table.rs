@@ -468,6 +468,16 @@ fn fences_for(header: &Header) -> Result<Fences> {
     })
 }
 
+/// The lookup-cache hint for slot `slot` serving `ident`.
+#[inline(always)]
+fn hint_at(slot: usize, ident: Ident) -> lookup_cache::Hint {
+    lookup_cache::Hint {
+        slot: slot as u32,
+        gen: ident.gen,
+        tag: ident.tag,
+    }
+}
+
 /// A blocking acquisition never reports "busy"; should it ever, the caller
 /// gets a timeout rather than a panic.
 fn granted<G>(g: Option<G>) -> Result<G> {
@@ -705,11 +715,7 @@ impl LockTable {
             lookup_cache::get_or_fill(k, id, || {
                 let t = self.tag(id).ok()?;
                 tag = Some(t);
-                index::find(&inner.region, t).map(|(slot, ident)| lookup_cache::Hint {
-                    slot: slot as u32,
-                    gen: ident.gen,
-                    tag: ident.tag,
-                })
+                index::find(&inner.region, t).map(|(slot, ident)| hint_at(slot, ident))
             })
         });
         if let Some(hint) = hint {
@@ -754,11 +760,7 @@ impl LockTable {
             match attempt(slot, ident.gen, ident.tag[0], ident.tag[1]) {
                 Err(Fail::Stale) => continue,
                 other => {
-                    let hint = lookup_cache::Hint {
-                        slot,
-                        gen: ident.gen,
-                        tag: ident.tag,
-                    };
+                    let hint = hint_at(slot as usize, ident);
                     if let Some(k) = &key {
                         lookup_cache::put(k, id, hint);
                     }
@@ -844,7 +846,7 @@ impl LockTable {
     #[inline(always)]
     fn read_cached_biased(&self, id: &[u8]) -> Option<ReadGuard<'_>> {
         let inner = &*self.inner;
-        if !inner.reader_bias || inner.forked() || id.is_empty() {
+        if !inner.reader_bias || inner.forked() {
             return None;
         }
         let row = reader_row::reader_row()?;
@@ -878,11 +880,7 @@ impl LockTable {
         let inner = &*self.inner;
         let tag = self.tag(id).ok()?;
         let (slot, ident) = index::find(&inner.region, tag)?;
-        let hint = lookup_cache::Hint {
-            slot: slot as u32,
-            gen: ident.gen,
-            tag: ident.tag,
-        };
+        let hint = hint_at(slot, ident);
         lookup_cache::put(key, id, hint);
         Some(hint)
     }
