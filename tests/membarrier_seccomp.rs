@@ -85,6 +85,19 @@ fn forbid_membarrier_but_query() -> bool {
     }
 }
 
+/// Installs the filter, then opens (or creates) the table at `path`; exits
+/// with `NO_SECCOMP` if the filter cannot be installed, `REFUSED` if the
+/// open is refused as incompatible.
+fn open_under_filter(path: &str) -> LockTable {
+    if !forbid_membarrier_but_query() {
+        std::process::exit(NO_SECCOMP);
+    }
+    match LockTable::open(path, &TableOptions::default()) {
+        Err(Error::Incompatible { .. }) => std::process::exit(REFUSED),
+        other => other.unwrap(),
+    }
+}
+
 /// The child's entry point: attaches under the filter, biases the ID, then
 /// revokes the bias with a try and a timed write.
 #[test]
@@ -93,13 +106,7 @@ fn seccomp_child() {
     let Ok(path) = std::env::var(ROLE) else {
         return;
     };
-    if !forbid_membarrier_but_query() {
-        std::process::exit(NO_SECCOMP);
-    }
-    let t = match LockTable::open(&path, &TableOptions::default()) {
-        Err(Error::Incompatible { .. }) => std::process::exit(REFUSED),
-        other => other.unwrap(),
-    };
+    let t = open_under_filter(&path);
     drop(t.read(ID).unwrap());
     let g = t.read(ID).unwrap();
     assert!(g.is_biased(), "the second read was not biased");
@@ -118,13 +125,7 @@ fn seccomp_creator_child() {
     let Ok(path) = std::env::var(CREATE_ROLE) else {
         return;
     };
-    if !forbid_membarrier_but_query() {
-        std::process::exit(NO_SECCOMP);
-    }
-    let t = match LockTable::open(&path, &TableOptions::default()) {
-        Err(Error::Incompatible { .. }) => std::process::exit(REFUSED),
-        other => other.unwrap(),
-    };
+    let t = open_under_filter(&path);
     assert!(!t.asymmetric_fences());
     drop(t.read(ID).unwrap());
     drop(t.read(ID).unwrap());

@@ -9,8 +9,9 @@
 //! nothing unless it is set.
 #![cfg(not(locktable_loom))]
 
+mod support;
+
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,9 +25,6 @@ const ROLE: &str = "LOCKTABLE_BIAS_ROLE";
 const DIR: &str = "LOCKTABLE_BIAS_DIR";
 const ID: &str = "hot-session";
 const MAX_PROCESSES: u32 = 8;
-/// Reader rows of the whole table: 8 records x 32 rows x 16 entries x 4
-/// bytes, at the end of the file (a page multiple, so no padding follows).
-const ROWS_BYTES: u64 = MAX_PROCESSES as u64 * 32 * 16 * 4;
 const HANDSHAKE: Duration = Duration::from_secs(20);
 const RUN: Duration = Duration::from_millis(1500);
 
@@ -157,15 +155,9 @@ fn read_until(t: &LockTable, r: &Record, stop: &AtomicBool) -> u64 {
     n
 }
 
-/// The reader rows of the table file: (offset of the first entry, entries).
+/// The reader-row entries of the table file.
 fn row_entries(dir: &Path) -> Vec<u32> {
-    let f = File::open(dir.join("table")).unwrap();
-    let len = f.metadata().unwrap().len();
-    let mut b = vec![0u8; ROWS_BYTES as usize];
-    f.read_exact_at(&mut b, len - ROWS_BYTES).unwrap();
-    b.chunks(4)
-        .map(|w| u32::from_ne_bytes(w.try_into().unwrap()))
-        .collect()
+    support::rows::entries(&dir.join("table"), MAX_PROCESSES)
 }
 
 #[test]

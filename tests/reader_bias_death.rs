@@ -9,8 +9,8 @@
 //! does nothing unless it is set.
 #![cfg(not(locktable_loom))]
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+mod support;
+
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,7 +23,6 @@ const ROLE: &str = "LOCKTABLE_BIAS_DEATH_ROLE";
 const DIR: &str = "LOCKTABLE_BIAS_DEATH_DIR";
 const ID: &str = "hot";
 const MAX_PROCESSES: u32 = 2;
-const ROWS_BYTES: u64 = MAX_PROCESSES as u64 * 32 * 16 * 4;
 const HANDSHAKE: Duration = Duration::from_secs(20);
 /// Far longer than the waits below: only the death watcher can be in time.
 const LONG_POLL: Duration = Duration::from_secs(120);
@@ -36,13 +35,7 @@ fn opts() -> TableOptions {
 }
 
 fn biased_entries(dir: &Path) -> usize {
-    let f = File::open(dir.join("table")).unwrap();
-    let len = f.metadata().unwrap().len();
-    let mut b = vec![0u8; ROWS_BYTES as usize];
-    f.read_exact_at(&mut b, len - ROWS_BYTES).unwrap();
-    b.chunks(4)
-        .filter(|w| u32::from_ne_bytes((*w).try_into().unwrap()) != 0)
-        .count()
+    support::rows::biased_entries(&dir.join("table"), MAX_PROCESSES)
 }
 
 fn wait_file(dir: &Path, name: &str) {

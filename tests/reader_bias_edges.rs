@@ -8,8 +8,8 @@
 //! is left behind once every guard is gone.
 #![cfg(not(locktable_loom))]
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+mod support;
+
 use std::path::Path;
 use std::sync::Mutex;
 use std::thread;
@@ -19,9 +19,6 @@ use locktable::{Error, HoldMode, LockTable, TableOptions};
 
 const ID: &str = "hot";
 const MAX_PROCESSES: u32 = 4;
-/// The table's reader rows: 4 records x 32 rows x 16 entries x 4 bytes, at
-/// the end of the file (a page multiple, so no padding follows them).
-const ROWS_BYTES: u64 = MAX_PROCESSES as u64 * 32 * 16 * 4;
 const SHORT: Duration = Duration::from_millis(30);
 
 fn open(dir: &Path) -> LockTable {
@@ -33,13 +30,7 @@ fn open(dir: &Path) -> LockTable {
 
 /// Non-zero reader-row entries of the table file (biased read holds).
 fn biased_entries(dir: &Path) -> usize {
-    let f = File::open(dir.join("table")).unwrap();
-    let len = f.metadata().unwrap().len();
-    let mut b = vec![0u8; ROWS_BYTES as usize];
-    f.read_exact_at(&mut b, len - ROWS_BYTES).unwrap();
-    b.chunks(4)
-        .filter(|w| u32::from_ne_bytes((*w).try_into().unwrap()) != 0)
-        .count()
+    support::rows::biased_entries(&dir.join("table"), MAX_PROCESSES)
 }
 
 /// Read holds of `id`'s slot that the statistics show for this process.

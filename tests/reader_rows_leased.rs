@@ -6,8 +6,8 @@
 //! send other tests' threads to their lanes.
 #![cfg(not(locktable_loom))]
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+mod support;
+
 use std::path::Path;
 use std::sync::Barrier;
 use std::thread;
@@ -17,23 +17,12 @@ use locktable::{Error, HoldMode, LockTable, TableOptions};
 
 const ID: &str = "hot";
 const MAX_PROCESSES: u32 = 4;
-const ROWS: usize = 32;
-/// The table's reader rows: 4 records x 32 rows x 16 entries x 4 bytes, at
-/// the end of the file (a page multiple, so no padding follows them).
-const ROWS_BYTES: u64 = MAX_PROCESSES as u64 * ROWS as u64 * 16 * 4;
 
 /// Non-zero reader-row entries of the table file, per row.
 fn entries_per_row(dir: &Path) -> Vec<usize> {
-    let f = File::open(dir.join("table")).unwrap();
-    let len = f.metadata().unwrap().len();
-    let mut b = vec![0u8; ROWS_BYTES as usize];
-    f.read_exact_at(&mut b, len - ROWS_BYTES).unwrap();
-    b.chunks(64)
-        .map(|row| {
-            row.chunks(4)
-                .filter(|w| u32::from_ne_bytes((*w).try_into().unwrap()) != 0)
-                .count()
-        })
+    support::rows::entries(&dir.join("table"), MAX_PROCESSES)
+        .chunks(support::rows::ROW_ENTRIES)
+        .map(|row| row.iter().filter(|&&e| e != 0).count())
         .collect()
 }
 
@@ -86,7 +75,7 @@ fn more_reading_threads_than_rows_lease_one_row_each_and_the_rest_use_lanes() {
     // The test's own thread leased a row at its first read.
     assert_eq!(
         biased,
-        ROWS - 1,
+        support::rows::ROWS - 1,
         "every other row leased once, the rest on lanes"
     );
     assert!(

@@ -12,5 +12,6 @@ pub mod child;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod counters;
+pub mod rows;
 pub mod servers;
 pub mod spy_store;
