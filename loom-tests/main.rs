@@ -21,6 +21,8 @@ use loom::thread;
 mod versions;
 // The reader bias (per-thread reader rows): its own file.
 mod bravo;
+// The lookup cache's seqlock entries.
+mod lookup_cache;
 
 const SLOT: usize = 0;
 const SLOTS: u32 = 1;

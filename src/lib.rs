@@ -38,6 +38,12 @@ pub mod versions;
 #[cfg(not(locktable_loom))]
 mod versions;
 
+// The lookup cache's seqlock entries (public to the loom models).
+#[cfg(locktable_loom)]
+pub mod lookup_cache;
+#[cfg(not(locktable_loom))]
+mod lookup_cache;
+
 #[cfg(locktable_loom)]
 pub mod model;
 
@@ -47,8 +53,6 @@ pub mod cache;
 mod fork;
 #[cfg(not(locktable_loom))]
 mod guard;
-#[cfg(not(locktable_loom))]
-mod lookup_cache;
 #[cfg(not(locktable_loom))]
 mod reader_row;
 #[cfg(not(locktable_loom))]

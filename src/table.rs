@@ -25,7 +25,7 @@ use crate::layout::{
     Geometry, Header, HEADER_SIZE, INIT_LOCK_BYTE, INIT_READY, INIT_STATE_OFFSET, MAGIC,
 };
 use crate::lockword::{self, Fail, Fences, Granted, Host, Ident, SlotRef, Wait};
-use crate::lookup_cache;
+use crate::lookup_cache::{self, LookupCache, Probe as Cached};
 use crate::reader_row;
 use crate::recovery::SweepReport;
 use crate::region::{MappedRegion, Region};
@@ -192,8 +192,8 @@ pub(crate) struct Inner {
     reap_lock: Mutex<()>,
     fork_epoch: u64,
     path: Option<PathBuf>,
-    /// Identity of this attachment in the per-thread lookup cache.
-    uid: u64,
+    /// Recent ID -> slot lookups of this attachment, shared by its threads.
+    hints: LookupCache,
     /// This attachment, for the watcher thread (which must not keep it
     /// alive).
     self_ref: Weak<Inner>,
@@ -468,6 +468,13 @@ fn fences_for(header: &Header) -> Result<Fences> {
     })
 }
 
+/// A random seed for a lookup cache's index hash (std's per-process random
+/// keys, varied per call).
+fn random_seed() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0u64)
+}
+
 /// The lookup-cache hint for slot `slot` serving `ident`.
 #[inline(always)]
 fn hint_at(slot: usize, ident: Ident) -> lookup_cache::Hint {
@@ -601,7 +608,7 @@ impl LockTable {
                 reap_lock: Mutex::new(()),
                 fork_epoch,
                 path,
-                uid: lookup_cache::new_table_uid(),
+                hints: LookupCache::new(header.geometry.capacity as usize, random_seed()),
                 self_ref: self_ref.clone(),
                 watcher: OnceLock::new(),
             }),
@@ -678,9 +685,9 @@ impl LockTable {
     }
 
     /// Looks up (or assigns) the slot of `id` and runs `op` on it until it
-    /// does not report a stale slot. The per-thread lookup cache is tried
-    /// first; on a miss the lock-free table lookup runs inside the same
-    /// visit to the cache and refills it (one visit per acquisition). `op`
+    /// does not report a stale slot. The lookup cache is tried first; on a
+    /// miss the lock-free table lookup runs and refills the way the probe
+    /// chose (an ID that must be inserted fills it after the insertion). `op`
     /// re-checks the slot's identity (generation, then tag) after announcing
     /// or claiming, so a stale hint only costs a retry through the full
     /// lookup. The bucket locks of an insertion honour `wait` too.
@@ -707,17 +714,25 @@ impl LockTable {
                 r
             }
         };
-        let mut key = lookup_cache::key(inner.uid, id);
-        // The tag, once computed by the lock-free lookup of a cache miss,
-        // for the insertion path below.
+        // Where a refill of the lookup cache goes (an ID missed, or its
+        // hint was stale), and the tag once computed, for the insertion
+        // path below.
+        let mut key = None;
         let mut tag = None;
-        let hint = key.as_mut().and_then(|k| {
-            lookup_cache::get_or_fill(k, id, || {
-                let t = self.tag(id).ok()?;
+        let hint = match inner.hints.probe(id) {
+            Cached::Hit(hint) => Some(hint),
+            Cached::Miss(k) => {
+                key = Some(k);
+                let t = self.tag(id)?;
                 tag = Some(t);
-                index::find(&inner.region, t).map(|(slot, ident)| hint_at(slot, ident))
-            })
-        });
+                let found = index::find(&inner.region, t).map(|(slot, ident)| hint_at(slot, ident));
+                if let Some(hint) = found {
+                    inner.hints.put(&k, id, hint);
+                }
+                found
+            }
+            Cached::Uncached => None,
+        };
         if let Some(hint) = hint {
             // A cheap early look at the tag; `op` re-checks it after the
             // hold is announced, which is what makes the hint safe.
@@ -725,11 +740,8 @@ impl LockTable {
             #[cfg(test)]
             tests::hooks::after_lookup(inner, hint.slot, id);
             match same_id.then(|| attempt(hint.slot, hint.gen, hint.tag[0], hint.tag[1])) {
-                Some(Err(Fail::Stale)) | None => {
-                    if let Some(k) = &mut key {
-                        lookup_cache::evict(k, id)
-                    }
-                }
+                // Stale: the full path's result overwrites the entry.
+                Some(Err(Fail::Stale)) | None => key = inner.hints.key(id),
                 Some(other) => return Self::outcome(hint.slot, other),
             }
         }
@@ -760,9 +772,8 @@ impl LockTable {
             match attempt(slot, ident.gen, ident.tag[0], ident.tag[1]) {
                 Err(Fail::Stale) => continue,
                 other => {
-                    let hint = hint_at(slot as usize, ident);
                     if let Some(k) = &key {
-                        lookup_cache::put(k, id, hint);
+                        inner.hints.put(k, id, hint_at(slot as usize, ident));
                     }
                     return Self::outcome(slot, other);
                 }
@@ -850,10 +861,10 @@ impl LockTable {
             return None;
         }
         let row = reader_row::reader_row()?;
-        let hint = match lookup_cache::probe(inner.uid, id) {
-            lookup_cache::Probe::Hit(hint) => hint,
-            lookup_cache::Probe::Miss(key) => self.look_up_missed(&key, id)?,
-            lookup_cache::Probe::Uncached => return None,
+        let hint = match inner.hints.probe(id) {
+            Cached::Hit(hint) => hint,
+            Cached::Miss(key) => self.look_up_missed(&key, id)?,
+            Cached::Uncached => return None,
         };
         #[cfg(test)]
         tests::hooks::after_lookup(inner, hint.slot, id);
@@ -881,7 +892,7 @@ impl LockTable {
         let tag = self.tag(id).ok()?;
         let (slot, ident) = index::find(&inner.region, tag)?;
         let hint = hint_at(slot, ident);
-        lookup_cache::put(key, id, hint);
+        inner.hints.put(key, id, hint);
         Some(hint)
     }
 

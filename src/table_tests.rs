@@ -146,13 +146,13 @@ fn an_upgrader_stalled_across_a_generation_wrap_gets_in_beside_a_writer() {
     );
 }
 
-/// Same hole through the per-thread lookup cache: the hint's tag was
+/// Same hole through the lookup cache: the hint's tag was
 /// checked before the acquisition, but the slot can be reused (and its GEN
 /// wrap) between that check and the announcement.
 #[test]
 fn a_cached_hint_stalled_across_a_generation_wrap_writes_beside_a_reader() {
     let (_dir, t, other) = two_attachments();
-    drop(t.write("x").unwrap()); // the hint of x is now in this thread's cache
+    drop(t.write("x").unwrap()); // the hint of x is now in this process's cache
     let holds = stall_after_lookup(&other, read_x);
     let w = t.try_write("x").unwrap();
     assert!(!holds.lock().is_empty(), "the hook ran");

@@ -275,7 +275,7 @@ fn a_cached_lookup_survives_its_slot_being_reused() {
     let opts = TableOptions::default().capacity(16);
     let t = LockTable::open(&path, &opts).unwrap();
     let other = LockTable::open(&path, &opts).unwrap();
-    drop(t.write("a").unwrap()); // now in this thread's lookup cache
+    drop(t.write("a").unwrap()); // now in this process's lookup cache
     for i in 0..200 {
         // Each new ID needs a slot; idle ones (a's included) are reused.
         drop(t.write(format!("id{i}")).unwrap());

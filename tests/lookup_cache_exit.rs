@@ -1,7 +1,10 @@
-//! The per-thread lookup cache and thread exit: a lock taken by a
-//! thread-local destructor that runs after the cache's own destructor (a
-//! guard kept in a thread-local, a connection pool that locks on drop)
-//! goes without the cache instead of panicking.
+//! This crate's thread-locals and thread exit: a lock taken by a
+//! thread-local destructor that runs after the crate's own thread-local
+//! destructors (a guard kept in a thread-local, a connection pool that
+//! locks on drop) works instead of panicking. The lookup cache was per
+//! thread when this test was written (it is per attachment now); the
+//! reader-row lease (`src/reader_row.rs`) still is, and a read after it is
+//! returned goes through the process's lane.
 //!
 //! A panic in a thread-local destructor aborts the process, so a failure
 //! here takes this whole test binary down: it has this one test.
@@ -31,9 +34,9 @@ fn a_lock_taken_by_a_thread_local_destructor_after_the_cache_is_gone_works() {
     let table = LockTable::anonymous(&TableOptions::default().capacity(64)).unwrap();
     let mine = table.clone();
     std::thread::spawn(move || {
-        // This thread-local's destructor is registered first, the lookup
-        // cache's (at the first lock) second; they run in reverse order,
-        // so the cache is gone when this one locks.
+        // This thread-local's destructor is registered first, the crate's
+        // (the reader-row lease, at the first read) second; they run in
+        // reverse order, so the lease is gone when this one locks.
         LOCKS_ON_EXIT.with(|l| l.borrow_mut().0 = Some(mine.clone()));
         drop(mine.read("during").unwrap());
     })

@@ -144,7 +144,7 @@ fn repair_of_a_dead_retirer_frees_a_slot_that_a_live_reader_holds() {
 }
 
 // ---------------------------------------------------------------------
-// 2. 24-bit generation wraps; the per-thread lookup cache trusts (slot, GEN).
+// 2. 24-bit generation wraps; the lookup cache (per thread then) trusted (slot, GEN).
 // ---------------------------------------------------------------------
 
 /// Was a bug (wrong lock for an ID, src/table.rs `acquire` + src/lookup_cache.rs,
@@ -172,7 +172,7 @@ fn a_cached_lookup_locks_the_wrong_id_after_the_generation_wraps() {
     let other = LockTable::open(&path, &opts).unwrap();
     let raw = Raw::open(&path);
 
-    drop(t.write("x").unwrap()); // (slot, gen) of "x" now in this thread's cache
+    drop(t.write("x").unwrap()); // (slot, gen) of "x" now in the lookup cache
     let slot = (0..raw.capacity)
         .find(|&i| raw.state(i) & PHASE_MASK == PHASE_ACTIVE)
         .unwrap();
