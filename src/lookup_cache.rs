@@ -240,9 +240,14 @@ impl Entry<'_> {
     /// on the head's line.
     #[inline(always)]
     fn holds_words(&self, len: usize, words: &[u64; ID_WORDS]) -> bool {
+        // The head's words unconditionally (zero past the ID on both
+        // sides), the tail's only for a long ID: one branch, predicted.
         let mut diff = 0u64;
-        for (k, w) in words.iter().enumerate() {
-            if 8 * k < len {
+        for (stored, w) in self.head.id.iter().zip(words) {
+            diff |= stored.load(Ordering::Acquire) ^ w;
+        }
+        if len > 8 * HEAD_WORDS {
+            for (k, w) in words.iter().enumerate().skip(HEAD_WORDS) {
                 diff |= self.word(k).load(Ordering::Acquire) ^ w;
             }
         }
@@ -415,14 +420,15 @@ impl LookupCache {
     /// differ only in the middle. Not a PRF: a collision costs a miss.
     #[inline(always)]
     fn set_of(&self, len: usize, words: &[u64; ID_WORDS]) -> usize {
+        // Every pair, without a branch (the zero words of a short ID are
+        // hashed too): three independent multiplies cost less than the
+        // branches that would skip them.
         let mut h = len as u64;
         for (p, pair) in words.chunks_exact(2).enumerate() {
-            if 16 * p < len {
-                let a = pair[0] ^ self.seed[0].rotate_left(16 * p as u32);
-                let b = pair[1] ^ self.seed[1].rotate_left(16 * p as u32);
-                let m = (a as u128).wrapping_mul(b as u128);
-                h ^= (m as u64) ^ ((m >> 64) as u64);
-            }
+            let a = pair[0] ^ self.seed[0].rotate_left(16 * p as u32);
+            let b = pair[1] ^ self.seed[1].rotate_left(16 * p as u32);
+            let m = (a as u128).wrapping_mul(b as u128);
+            h ^= (m as u64) ^ ((m >> 64) as u64);
         }
         (h ^ (h >> 32)) as usize & self.mask
     }
