@@ -52,7 +52,7 @@
 //! so the heads that probes read first are consecutive lines. A fill takes
 //! an empty way, else the way filled fewest times (its sequence is lowest),
 //! which rotates a full set's ways. IDs longer than [`MAX_CACHED_ID`] are
-//! not cached. The arrays are written when the handle is opened (about
+//! not cached. The arrays are written when the handle first locks (about
 //! 1.3 MiB for a table of 4096 slots), so no probe takes a page fault.
 //!
 //! The index hash is cheap and seeded per attachment (not a PRF): IDs an

@@ -192,8 +192,9 @@ pub(crate) struct Inner {
     reap_lock: Mutex<()>,
     fork_epoch: u64,
     path: Option<PathBuf>,
-    /// Recent ID -> slot lookups of this attachment, shared by its threads.
-    hints: LookupCache,
+    /// Recent ID -> slot lookups of this attachment, shared by its threads;
+    /// made at the first lock (see [`Inner::hints`]).
+    hints: OnceLock<LookupCache>,
     /// This attachment, for the watcher thread (which must not keep it
     /// alive).
     self_ref: Weak<Inner>,
@@ -203,6 +204,17 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// The lookup cache, made at the first lock: about 1.3 MiB for 4096
+    /// slots, written when made, which a handle that never locks (a CLI
+    /// `stat`, a reaper, a test opening many handles) should not pay. After
+    /// that, one Acquire load and a predicted branch.
+    #[inline(always)]
+    fn hints(&self) -> &LookupCache {
+        self.hints.get_or_init(|| {
+            LookupCache::new(self.region.geometry().capacity as usize, random_seed())
+        })
+    }
+
     #[inline]
     pub(crate) fn forked(&self) -> bool {
         fork::epoch() != self.fork_epoch
@@ -608,7 +620,7 @@ impl LockTable {
                 reap_lock: Mutex::new(()),
                 fork_epoch,
                 path,
-                hints: LookupCache::new(header.geometry.capacity as usize, random_seed()),
+                hints: OnceLock::new(),
                 self_ref: self_ref.clone(),
                 watcher: OnceLock::new(),
             }),
@@ -719,7 +731,7 @@ impl LockTable {
         // path below.
         let mut key = None;
         let mut tag = None;
-        let hint = match inner.hints.probe(id) {
+        let hint = match inner.hints().probe(id) {
             Cached::Hit(hint) => Some(hint),
             Cached::Miss(k) => {
                 key = Some(k);
@@ -727,7 +739,7 @@ impl LockTable {
                 tag = Some(t);
                 let found = index::find(&inner.region, t).map(|(slot, ident)| hint_at(slot, ident));
                 if let Some(hint) = found {
-                    inner.hints.put(&k, id, hint);
+                    inner.hints().put(&k, id, hint);
                 }
                 found
             }
@@ -741,7 +753,7 @@ impl LockTable {
             tests::hooks::after_lookup(inner, hint.slot, id);
             match same_id.then(|| attempt(hint.slot, hint.gen, hint.tag[0], hint.tag[1])) {
                 // Stale: the full path's result overwrites the entry.
-                Some(Err(Fail::Stale)) | None => key = inner.hints.key(id),
+                Some(Err(Fail::Stale)) | None => key = inner.hints().key(id),
                 Some(other) => return Self::outcome(hint.slot, other),
             }
         }
@@ -773,7 +785,7 @@ impl LockTable {
                 Err(Fail::Stale) => continue,
                 other => {
                     if let Some(k) = &key {
-                        inner.hints.put(k, id, hint_at(slot as usize, ident));
+                        inner.hints().put(k, id, hint_at(slot as usize, ident));
                     }
                     return Self::outcome(slot, other);
                 }
@@ -861,7 +873,7 @@ impl LockTable {
             return None;
         }
         let row = reader_row::reader_row()?;
-        let hint = match inner.hints.probe(id) {
+        let hint = match inner.hints().probe(id) {
             Cached::Hit(hint) => hint,
             Cached::Miss(key) => self.look_up_missed(&key, id)?,
             Cached::Uncached => return None,
@@ -892,7 +904,7 @@ impl LockTable {
         let tag = self.tag(id).ok()?;
         let (slot, ident) = index::find(&inner.region, tag)?;
         let hint = hint_at(slot, ident);
-        inner.hints.put(key, id, hint);
+        inner.hints().put(key, id, hint);
         Some(hint)
     }
 
