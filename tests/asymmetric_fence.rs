@@ -67,7 +67,16 @@ fn reader(t: &LockTable, r: &Record, stop: &AtomicBool) -> (u64, u64) {
         }
         let w2 = r.0[1].load(Ordering::Relaxed);
         r.0[0].fetch_sub(1, Ordering::Relaxed);
-        assert!(w1 == 0 && w2 == 0, "a reader inside a write");
+        if w1 != 0 || w2 != 0 {
+            // Seen once in a window of heavy load (stop 19, not reproduced
+            // since): say what the table looked like, for whoever sees it.
+            panic!(
+                "a reader inside a write (this read biased: {}, flag {w1} then {w2}, \
+                 after {reads} reads): {:?}",
+                g.is_biased(),
+                t.stats().map(|s| (s.holders, s.waiters))
+            );
+        }
         biased += u64::from(g.is_biased());
         drop(g);
         reads += 1;
@@ -81,7 +90,13 @@ fn write_once(t: &LockTable, r: &Record) {
     for _ in 0..50 {
         std::hint::spin_loop();
     }
-    assert_eq!(r.0[0].load(Ordering::Relaxed), 0, "a writer beside readers");
+    let inside = r.0[0].load(Ordering::Relaxed);
+    if inside != 0 {
+        panic!(
+            "a writer beside {inside} readers: {:?}",
+            t.stats().map(|s| (s.holders, s.waiters))
+        );
+    }
     let n = r.0[2].load(Ordering::Relaxed);
     r.0[2].store(n + 1, Ordering::Relaxed);
     r.0[1].store(0, Ordering::Relaxed);
