@@ -208,7 +208,9 @@ impl TableMech {
 /// parent's file, so the file's fences apply to it too).
 fn table_options(kind: &str) -> TableOptions {
     match kind {
-        "locktable" => TableOptions::default(),
+        // Asymmetric fences asked for: off by default since stop 19 (see
+        // `TableOptions::asymmetric_fences`), measured as before.
+        "locktable" => TableOptions::default().asymmetric_fences(true),
         "locktable_locked" => TableOptions::default().asymmetric_fences(false),
         "locktable_nobias" => TableOptions::default().reader_bias(false),
         other => panic!("unknown table kind {other:?}"),

@@ -92,7 +92,7 @@ fn open_under_filter(path: &str) -> LockTable {
     if !forbid_membarrier_but_query() {
         std::process::exit(NO_SECCOMP);
     }
-    match LockTable::open(path, &TableOptions::default()) {
+    match LockTable::open(path, &TableOptions::default().asymmetric_fences(true)) {
         Err(Error::Incompatible { .. }) => std::process::exit(REFUSED),
         other => other.unwrap(),
     }
@@ -177,7 +177,7 @@ fn a_process_that_cannot_issue_the_barrier_creates_a_locked_table() {
 fn a_process_that_cannot_issue_the_barrier_is_refused_rather_than_hanging_in_a_write() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t");
-    let t = LockTable::open(&path, &TableOptions::default()).unwrap();
+    let t = LockTable::open(&path, &TableOptions::default().asymmetric_fences(true)).unwrap();
     assert!(
         t.asymmetric_fences(),
         "this machine offers no expedited membarrier: the test cannot run"

@@ -32,6 +32,7 @@ fn more_reading_threads_than_rows_lease_one_row_each_and_the_rest_use_lanes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let opts = TableOptions::default()
+        .asymmetric_fences(true)
         .capacity(64)
         .max_processes(MAX_PROCESSES);
     let t = LockTable::open(d.join("table"), &opts).unwrap();
