@@ -283,7 +283,16 @@ impl Entry<'_> {
         head.meta.store(pack(len, hint), Ordering::Release);
         head.tag[0].store(hint.tag[0], Ordering::Release);
         head.tag[1].store(hint.tag[1], Ordering::Release);
-        for (k, &w) in words.iter().enumerate() {
+        // The tail only for a long ID: a probe reads it only after the
+        // length matched a long one (`holds_words`), and then it was
+        // written by the fill that stored that length. So a short ID's fill
+        // leaves the tail's line alone (a first touch writes one line).
+        let used = if len > 8 * HEAD_WORDS {
+            ID_WORDS
+        } else {
+            HEAD_WORDS
+        };
+        for (k, &w) in words.iter().enumerate().take(used) {
             self.word(k).store(w, Ordering::Release);
         }
         head.seq.store(seq + 2, Ordering::Release);
