@@ -99,7 +99,7 @@ pub(crate) fn heavy_barrier() {
 /// `membarrier(2)`: the kernel side of the asymmetric fence.
 #[cfg(not(locktable_loom))]
 pub(crate) mod membarrier {
-    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 
     // The command values of <linux/membarrier.h> (stable kernel ABI).
     const CMD_QUERY: libc::c_long = 0;
@@ -155,10 +155,154 @@ pub(crate) mod membarrier {
     }
 
     /// Registers this process to receive expedited global barriers (it
-    /// stays registered until it exits or execs). Idempotent. True on
-    /// success: only then may its biased readers publish with plain stores.
+    /// stays registered until it exits or execs), then makes sure every
+    /// CPU knows it ([`refresh_runqueues`]). Idempotent. True on success:
+    /// only then may its biased readers publish with plain stores.
     pub(crate) fn register() -> bool {
-        expedited_available() && call(CMD_REGISTER_GLOBAL_EXPEDITED).is_some()
+        expedited_available()
+            && call(CMD_REGISTER_GLOBAL_EXPEDITED).is_some()
+            && refreshed_in_this_process()
+    }
+
+    /// The process (pid) whose run queues [`refresh_runqueues`] refreshed
+    /// after its registration; 0: none yet. A forked child has another
+    /// address space and refreshes for itself. Acquire/Release: a thread
+    /// that sees the pid sees a completed refresh.
+    static REFRESHED_FOR: AtomicI32 = AtomicI32::new(0);
+
+    fn refreshed_in_this_process() -> bool {
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() };
+        if REFRESHED_FOR.load(Ordering::Acquire) == pid {
+            return true;
+        }
+        let done = refresh_runqueues();
+        if done {
+            REFRESHED_FOR.store(pid, Ordering::Release);
+        }
+        done
+    }
+
+    /// Why registration alone is not enough (found in stop 20, DESIGN §10
+    /// "Asymmetric fences"): the expedited global barrier interrupts only
+    /// the CPUs whose run queue is marked as running a registered address
+    /// space, and the kernel (6.18 here) updates that mark when a CPU
+    /// switches to another address space. A CPU that last ran one of our
+    /// threads before we registered, and since ran only kernel threads
+    /// (which borrow the last address space), keeps the old, unregistered
+    /// mark, and when our thread comes back it is not switching address
+    /// spaces, so the mark stays: barriers skip that CPU while our reader
+    /// runs on it (measured: 0 interrupts in 20,000 barriers to a CPU where
+    /// a registered thread spun; `tests/membarrier_reach.rs`).
+    ///
+    /// The cure: after registering, make every CPU switch to another
+    /// address space once. A child with its own copy of the address space
+    /// (a raw `clone` without `CLONE_VM`: a fork that runs no `atfork`
+    /// handlers) moves itself onto each CPU in turn and exits; the next
+    /// time one of our threads runs on that CPU, the switch back updates
+    /// the mark. Only on architectures whose `clone` argument order is
+    /// known here; elsewhere (or if the child fails) false, and the caller
+    /// publishes with locked instructions (always correct).
+    fn refresh_runqueues() -> bool {
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+        {
+            // SAFETY: sysconf has no preconditions.
+            let conf = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+            let cpus = usize::try_from(conf)
+                .unwrap_or(0)
+                .clamp(1, libc::CPU_SETSIZE as usize);
+            // The child must never run one of the application's signal
+            // handlers (a handler could write to a pipe the parent reads):
+            // it is created with every signal blocked, and stays so.
+            let old_mask = block_all_signals();
+            // SAFETY: clone(SIGCHLD, no new stack, no tids, no TLS) is
+            // fork() without glibc's handlers: the child runs on a private
+            // copy of this thread's stack and memory. The child calls only
+            // raw system calls (no allocation, no lock, no unwinding), which
+            // is all a child of a multi-threaded process may do, and leaves
+            // with `_exit`, so it never returns into Rust code.
+            let pid = unsafe {
+                libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0)
+            };
+            if pid == 0 {
+                visit_cpus_and_exit(cpus);
+            }
+            restore_signals(&old_mask);
+            if pid < 0 {
+                return false;
+            }
+            wait_for_success(pid as libc::pid_t)
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        {
+            false
+        }
+    }
+
+    /// Blocks every signal for the calling thread; returns the old mask.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    fn block_all_signals() -> libc::sigset_t {
+        // SAFETY: both sets are valid, initialised by sigfillset / written
+        // by pthread_sigmask.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            old
+        }
+    }
+
+    /// Puts back the mask [`block_all_signals`] returned.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    fn restore_signals(old: &libc::sigset_t) {
+        // SAFETY: `old` came from pthread_sigmask.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
+    }
+
+    /// The child of [`refresh_runqueues`]: runs on CPU 0, 1, ... in turn
+    /// (a CPU it may not use is skipped: our threads cannot run there
+    /// either), then exits with status 0.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    fn visit_cpus_and_exit(cpus: usize) -> ! {
+        for cpu in 0..cpus {
+            // SAFETY: an all-zero cpu_set_t is the empty set, CPU_SET
+            // writes inside it (cpu < CPU_SETSIZE), and sched_setaffinity
+            // only reads it. The call returns once this thread runs on an
+            // allowed CPU, that is, on `cpu`.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                libc::syscall(
+                    libc::SYS_sched_setaffinity,
+                    0,
+                    std::mem::size_of::<libc::cpu_set_t>(),
+                    &set as *const libc::cpu_set_t,
+                );
+            }
+        }
+        // SAFETY: _exit ends the child at once (exit_group, no handlers),
+        // the only way out a child of a multi-threaded process may take.
+        unsafe { libc::_exit(0) }
+    }
+
+    /// True if child `pid` exited with status 0. False if it failed or was
+    /// reaped by someone else (a SIGCHLD handler of the application, or
+    /// SIGCHLD ignored): then nothing proves the CPUs were visited.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    fn wait_for_success(pid: libc::pid_t) -> bool {
+        let mut status = 0;
+        loop {
+            // SAFETY: `status` is a valid out-pointer for the call.
+            let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+            if rc == pid {
+                return libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+            }
+            if rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return false;
+        }
     }
 
     /// Which command [`global_barrier`] issues: 0 not chosen yet, 1 the

@@ -135,20 +135,25 @@ impl TableOptions {
     }
 
     /// Whether a table this call creates uses asymmetric fences (where the
-    /// kernel offers `membarrier`'s expedited global barrier). **Off by
-    /// default:** the hardware stress test of this variant
-    /// (`tests/asymmetric_fence.rs`) saw a writer granted beside a biased
-    /// reader in windows of host load (2 of 21 runs of 3 s, the locked
-    /// protocol 0 of 21 in the same windows; DESIGN §10), and the cause is
-    /// not found yet. Then a biased read publishes itself with a plain store
-    /// instead of a locked instruction, and a writer that revokes the bias
-    /// pays a `membarrier(2)` call (about a microsecond) instead: an
-    /// uncontended read of a hot ID costs about what pthread's rwlock
-    /// does. Chosen when the file is created and recorded in it; ignored
-    /// when attaching to an existing table. A process that attaches to such
-    /// a table but cannot register for the barrier reads with locked
-    /// instructions (the fenced protocol); one that cannot even issue it is
-    /// refused with [`Error::Incompatible`].
+    /// kernel offers `membarrier`'s expedited global barrier). Then a
+    /// biased read publishes itself with a plain store instead of a locked
+    /// instruction, and a writer that revokes the bias pays a
+    /// `membarrier(2)` call (about a microsecond) instead: an uncontended
+    /// read of a hot ID costs less than pthread's rwlock. Chosen when the
+    /// file is created and recorded in it; ignored when attaching to an
+    /// existing table.
+    ///
+    /// **Off by default.** The kernel's barrier skipped CPUs on which a
+    /// thread of the process ran before it registered (DESIGN §10,
+    /// "Status"), which let a writer in beside a biased reader under load.
+    /// A process attaching to such a table therefore forks once, a child
+    /// that visits every CPU and exits at once, so that every CPU learns of
+    /// the registration; the child runs no `atfork` handler and only makes
+    /// raw system calls, but an application that reaps every child itself
+    /// will see it. Where that child cannot run, or the process cannot
+    /// register, its readers use locked instructions (always correct); a
+    /// process that cannot even issue the barrier is refused with
+    /// [`Error::Incompatible`].
     ///
     /// ```
     /// use locktable::{LockTable, TableOptions};
