@@ -10,7 +10,7 @@
 //! ```text
 //! offset 0                      header (4096 bytes, one page)
 //!   0   magic "LOCKTBL\0"        8 bytes
-//!   8   format version (4)       u32
+//!   8   format version           u32: 4, or 5 with asymmetric fences
 //!  12   endianness marker        u32 0x01020304 as written by the creator
 //!  16   header size              u32
 //!  20   cache line               u32 (every region entry is padded to it)
@@ -57,8 +57,17 @@ pub(crate) const MAGIC: [u8; 8] = *b"LOCKTBL\0";
 /// 4: adds the flags word at 112 (the checksum moves to 120). With
 /// `FLAG_ASYMMETRIC_FENCES`, a build that revokes without `membarrier`
 /// would let a writer in beside a reader whose plain publish it did not
-/// see, so version-3 builds must refuse these files.
+/// see, so version-3 builds must refuse these files. Since stop 20 only
+/// files without that flag are written as version 4 (see
+/// [`ASYMMETRIC_FORMAT_VERSION`]).
 pub(crate) const FORMAT_VERSION: u32 = 4;
+/// 5: version 4 with `FLAG_ASYMMETRIC_FENCES`, written by builds whose
+/// processes refresh every CPU's membarrier mark before they publish
+/// plainly (DESIGN §10, "Status"). Builds before that published plainly on
+/// CPUs the barrier skipped, so they must refuse these files (they read
+/// only version 4), and this build refuses version-4 files with the flag
+/// (such a build may be attached to them).
+pub(crate) const ASYMMETRIC_FORMAT_VERSION: u32 = 5;
 /// Header flag: biased readers of registered processes publish with plain
 /// stores, and every revocation or retirement of a BIASED slot issues the
 /// heavy barrier first (DESIGN §10, "Asymmetric fences").
@@ -233,7 +242,12 @@ impl Header {
         let g = &self.geometry;
         let mut b = [0u8; 128];
         b[0..8].copy_from_slice(&MAGIC);
-        put_u32(&mut b, 8, FORMAT_VERSION);
+        let version = if self.asymmetric_fences {
+            ASYMMETRIC_FORMAT_VERSION
+        } else {
+            FORMAT_VERSION
+        };
+        put_u32(&mut b, 8, version);
         put_u32(&mut b, 12, ENDIAN_MARKER);
         put_u32(&mut b, 16, HEADER_SIZE as u32);
         put_u32(&mut b, 20, CACHE_LINE as u32);
@@ -282,9 +296,12 @@ impl Header {
             });
         }
         let version = get_u32(b, 8);
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != ASYMMETRIC_FORMAT_VERSION {
             return Err(Error::Incompatible {
-                reason: format!("format version {version}, this build reads {FORMAT_VERSION}"),
+                reason: format!(
+                    "format version {version}, this build reads {FORMAT_VERSION} and \
+                     {ASYMMETRIC_FORMAT_VERSION}"
+                ),
             });
         }
         let sum = get_u64(b, CHECKSUM_OFFSET);
@@ -333,11 +350,24 @@ impl Header {
                 reason: format!("unknown header flags {flags:#x}"),
             });
         }
+        let asymmetric = flags & FLAG_ASYMMETRIC_FENCES != 0;
+        if asymmetric != (version == ASYMMETRIC_FORMAT_VERSION) {
+            return Err(Error::Incompatible {
+                reason: if asymmetric {
+                    "the table uses asymmetric fences and was created by a build whose readers \
+                     could publish on CPUs that the barrier skipped (format 4, DESIGN §10); once \
+                     no process uses it, delete the file and let it be created again"
+                        .into()
+                } else {
+                    format!("format version {version} without the asymmetric-fence flag")
+                },
+            });
+        }
         Ok(Header {
             geometry,
             hash_key: [get_u64(b, 80), get_u64(b, 88)],
             created_ms: get_u64(b, 96),
-            asymmetric_fences: flags & FLAG_ASYMMETRIC_FENCES != 0,
+            asymmetric_fences: asymmetric,
         })
     }
 }
@@ -363,6 +393,44 @@ mod tests {
         let h = sample();
         let b = h.encode();
         assert_eq!(Header::decode(&b, h.geometry.file_size()).unwrap(), h);
+    }
+
+    /// A header as `h` encodes it, with the version field set to `version`
+    /// and the checksum made right again (what another build would write).
+    fn with_version(h: &Header, version: u32) -> [u8; 128] {
+        let mut b = h.encode();
+        put_u32(&mut b, 8, version);
+        let sum = fnv1a64(&b[..CHECKSUM_OFFSET]);
+        put_u64(&mut b, CHECKSUM_OFFSET, sum);
+        b
+    }
+
+    /// Asymmetric-fence files are version 5; a version-4 file with the flag
+    /// comes from a build whose plain readers the barrier could skip, and is
+    /// refused; version 4 without the flag is the locked format, unchanged.
+    #[test]
+    fn asymmetric_files_are_version_5_and_old_ones_are_refused() {
+        let asym = sample();
+        let len = asym.geometry.file_size();
+        assert_eq!(get_u32(&asym.encode(), 8), ASYMMETRIC_FORMAT_VERSION);
+        let locked = Header {
+            asymmetric_fences: false,
+            ..sample()
+        };
+        assert_eq!(get_u32(&locked.encode(), 8), FORMAT_VERSION);
+        assert_eq!(Header::decode(&locked.encode(), len).unwrap(), locked);
+        match Header::decode(&with_version(&asym, FORMAT_VERSION), len) {
+            Err(Error::Incompatible { reason }) => assert!(reason.contains("delete the file")),
+            other => panic!("an old asymmetric file was accepted: {other:?}"),
+        }
+        assert!(matches!(
+            Header::decode(&with_version(&locked, ASYMMETRIC_FORMAT_VERSION), len),
+            Err(Error::Incompatible { .. })
+        ));
+        assert!(matches!(
+            Header::decode(&with_version(&locked, 6), len),
+            Err(Error::Incompatible { .. })
+        ));
     }
 
     #[test]
