@@ -204,7 +204,11 @@ fn run_case(case: &str) -> Option<i32> {
         std::thread::sleep(Duration::from_millis(5));
     };
     let code = status.code();
-    assert_ne!(code, Some(NO_SECCOMP), "seccomp filters are not allowed here");
+    assert_ne!(
+        code,
+        Some(NO_SECCOMP),
+        "seccomp filters are not allowed here"
+    );
     if code == Some(LOCKED_AND_CORRECT) {
         assert!(dir.path().join("t.tried").exists());
         drop(t.try_write(ID).unwrap().expect("the child is gone"));
