@@ -33,6 +33,15 @@ const LOCKED_AND_CORRECT: i32 = 0;
 const CLAIMED_PLAIN_READS: i32 = 5;
 const MASK_CHANGED: i32 = 6;
 const NO_SECCOMP: i32 = 4;
+const SAW_OUR_CHILD: i32 = 7;
+const NO_PLAIN_READS: i32 = 8;
+
+/// SIGCHLDs this process received (the "sigchld_counted" case).
+static SIGCHLDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+extern "C" fn count_sigchld(_: libc::c_int) {
+    SIGCHLDS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
 
 /// Installs, for the calling thread, a filter under which system call `nr`
 /// fails with EPERM. False if the kernel or sandbox does not allow it.
@@ -133,6 +142,16 @@ fn refresh_edge_child() {
             unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
             true
         }
+        "sigchld_counted" => {
+            // SAFETY: the handler only does an atomic add (async-signal-safe).
+            unsafe {
+                libc::signal(
+                    libc::SIGCHLD,
+                    count_sigchld as extern "C" fn(libc::c_int) as libc::sighandler_t,
+                )
+            };
+            true
+        }
         other => panic!("unknown case {other}"),
     };
     if !installed {
@@ -143,7 +162,20 @@ fn refresh_edge_child() {
     if !same_mask(&before, &current_mask()) {
         std::process::exit(MASK_CHANGED);
     }
-    if t.asymmetric_fences() {
+    if case == "sigchld_counted" {
+        // An application that reaps whatever child it is told about (as
+        // init-like supervisors do) must not be told about, nor find, a
+        // child it never made; and the refresh must have worked.
+        let mut status = 0;
+        // SAFETY: `status` is a valid out-pointer.
+        let reaped = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if SIGCHLDS.load(std::sync::atomic::Ordering::SeqCst) != 0 || reaped > 0 {
+            std::process::exit(SAW_OUR_CHILD);
+        }
+        if !t.asymmetric_fences() {
+            std::process::exit(NO_PLAIN_READS);
+        }
+    } else if t.asymmetric_fences() {
         std::process::exit(CLAIMED_PLAIN_READS);
     }
     // Locks still exclude: a biased read keeps this process's writer out,
@@ -229,4 +261,9 @@ fn a_process_whose_refresh_cannot_move_between_cpus_reads_with_locked_instructio
 #[test]
 fn a_process_that_ignores_sigchld_reads_with_locked_instructions() {
     assert_eq!(run_case("sigchld_ignored"), Some(LOCKED_AND_CORRECT));
+}
+
+#[test]
+fn the_refresh_child_is_invisible_to_the_applications_sigchld_and_wait() {
+    assert_eq!(run_case("sigchld_counted"), Some(LOCKED_AND_CORRECT));
 }
