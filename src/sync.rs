@@ -210,15 +210,18 @@ pub(crate) mod membarrier {
             // handlers (a handler could write to a pipe the parent reads):
             // it is created with every signal blocked, and stays so.
             let old_mask = block_all_signals();
-            // SAFETY: clone(SIGCHLD, no new stack, no tids, no TLS) is
-            // fork() without glibc's handlers: the child runs on a private
-            // copy of this thread's stack and memory. The child calls only
+            // Exit signal 0, not SIGCHLD: the application gets no SIGCHLD
+            // for a child it never made, and its waitpid(-1) or wait()
+            // (without __WALL / __WCLONE) neither finds nor reaps it, nor
+            // does SIGCHLD set to SIG_IGN reap it at exit; only
+            // `wait_for_success`, which names the pid and passes __WALL.
+            // SAFETY: clone(exit signal 0, no new stack, no tids, no TLS)
+            // is fork() without glibc's handlers and without SIGCHLD: the
+            // child runs on a private copy of this thread's stack and memory. The child calls only
             // raw system calls (no allocation, no lock, no unwinding), which
             // is all a child of a multi-threaded process may do, and leaves
             // with `_exit`, so it never returns into Rust code.
-            let pid = unsafe {
-                libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0)
-            };
+            let pid = unsafe { libc::syscall(libc::SYS_clone, 0 as libc::c_long, 0, 0, 0, 0) };
             if pid == 0 {
                 visit_cpus_and_exit();
             }
@@ -323,15 +326,16 @@ pub(crate) mod membarrier {
         }
     }
 
-    /// True if child `pid` exited with status 0. False if it failed or was
-    /// reaped by someone else (a SIGCHLD handler of the application, or
-    /// SIGCHLD ignored): then nothing proves the CPUs were visited.
+    /// True if child `pid` exited with status 0. False if it failed, or if
+    /// the wait failed otherwise than EINTR (then nothing proves the CPUs
+    /// were visited). A child with exit signal 0 is a "clone" child: only a
+    /// wait with __WALL (or __WCLONE) that names it can reap it.
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     fn wait_for_success(pid: libc::pid_t) -> bool {
         let mut status = 0;
         loop {
             // SAFETY: `status` is a valid out-pointer for the call.
-            let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+            let rc = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
             if rc == pid {
                 return libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
             }
