@@ -206,26 +206,24 @@ pub(crate) mod membarrier {
     fn refresh_runqueues() -> bool {
         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         {
-            // SAFETY: sysconf has no preconditions.
-            let conf = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
-            let cpus = usize::try_from(conf)
-                .unwrap_or(0)
-                .clamp(1, libc::CPU_SETSIZE as usize);
             // The child must never run one of the application's signal
             // handlers (a handler could write to a pipe the parent reads):
             // it is created with every signal blocked, and stays so.
             let old_mask = block_all_signals();
-            // SAFETY: clone(SIGCHLD, no new stack, no tids, no TLS) is
-            // fork() without glibc's handlers: the child runs on a private
-            // copy of this thread's stack and memory. The child calls only
+            // Exit signal 0, not SIGCHLD: the application gets no SIGCHLD
+            // for a child it never made, and its waitpid(-1) or wait()
+            // (without __WALL / __WCLONE) neither finds nor reaps it, nor
+            // does SIGCHLD set to SIG_IGN reap it at exit; only
+            // `wait_for_success`, which names the pid and passes __WALL.
+            // SAFETY: clone(exit signal 0, no new stack, no tids, no TLS)
+            // is fork() without glibc's handlers and without SIGCHLD: the
+            // child runs on a private copy of this thread's stack and memory. The child calls only
             // raw system calls (no allocation, no lock, no unwinding), which
             // is all a child of a multi-threaded process may do, and leaves
             // with `_exit`, so it never returns into Rust code.
-            let pid = unsafe {
-                libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0)
-            };
+            let pid = unsafe { libc::syscall(libc::SYS_clone, 0 as libc::c_long, 0, 0, 0, 0) };
             if pid == 0 {
-                visit_cpus_and_exit(cpus);
+                visit_cpus_and_exit();
             }
             restore_signals(&old_mask);
             if pid < 0 {
@@ -260,41 +258,84 @@ pub(crate) mod membarrier {
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
     }
 
-    /// The child of [`refresh_runqueues`]: runs on CPU 0, 1, ... in turn
-    /// (a CPU it may not use is skipped: our threads cannot run there
-    /// either), then exits with status 0.
+    /// The child of [`refresh_runqueues`]: runs on each CPU it may use in
+    /// turn (those of its cpuset that are online: our threads cannot run
+    /// elsewhere), then exits with status 0. Any other outcome exits
+    /// non-zero, so that the parent keeps locked publishes: a
+    /// `sched_setaffinity` refused for another reason than EINVAL (a CPU
+    /// outside the cpuset, or gone offline), such as EPERM from a seccomp
+    /// filter or an LSM; a move that did not land on the CPU; a kernel with
+    /// more CPUs than a `cpu_set_t` holds (the mask calls fail with EINVAL);
+    /// or no CPU visited at all. Ignoring the calls' results, as this did
+    /// first, let a child that visited nothing report success.
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-    fn visit_cpus_and_exit(cpus: usize) -> ! {
-        for cpu in 0..cpus {
-            // SAFETY: an all-zero cpu_set_t is the empty set, CPU_SET
-            // writes inside it (cpu < CPU_SETSIZE), and sched_setaffinity
-            // only reads it. The call returns once this thread runs on an
-            // allowed CPU, that is, on `cpu`.
-            unsafe {
+    fn visit_cpus_and_exit() -> ! {
+        const SET: usize = std::mem::size_of::<libc::cpu_set_t>();
+        // Raw system calls and plain memory only: see `refresh_runqueues`.
+        // SAFETY: every cpu_set_t here is a valid, initialised local, and
+        // CPU_SET / CPU_ISSET index below CPU_SETSIZE; the affinity calls
+        // read or write exactly `SET` bytes of it; getcpu writes one
+        // c_uint through a valid pointer and ignores the null ones;
+        // __errno_location returns this thread's errno (the child's own
+        // copy of the memory); _exit ends the child at once (exit_group,
+        // no handlers), the only way out a child of a multi-threaded
+        // process may take.
+        unsafe {
+            let fail = |code| -> ! { libc::_exit(code) };
+            // Ask for every CPU: the kernel keeps those of our cpuset that
+            // are online, and reading the mask back names them.
+            let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+            std::ptr::write_bytes(&mut allowed as *mut libc::cpu_set_t, 0xff, 1);
+            if libc::syscall(libc::SYS_sched_setaffinity, 0, SET, &allowed as *const _) != 0 {
+                fail(1);
+            }
+            if libc::syscall(libc::SYS_sched_getaffinity, 0, SET, &mut allowed as *mut _) <= 0 {
+                fail(2);
+            }
+            let mut visited = 0usize;
+            for cpu in 0..libc::CPU_SETSIZE as usize {
+                if !libc::CPU_ISSET(cpu, &allowed) {
+                    continue;
+                }
                 let mut set: libc::cpu_set_t = std::mem::zeroed();
                 libc::CPU_SET(cpu, &mut set);
-                libc::syscall(
-                    libc::SYS_sched_setaffinity,
-                    0,
-                    std::mem::size_of::<libc::cpu_set_t>(),
-                    &set as *const libc::cpu_set_t,
+                // Returns once this thread runs on an allowed CPU, that is,
+                // on `cpu`.
+                if libc::syscall(libc::SYS_sched_setaffinity, 0, SET, &set as *const _) != 0 {
+                    if *libc::__errno_location() == libc::EINVAL {
+                        continue; // left the cpuset or went offline meanwhile
+                    }
+                    fail(3);
+                }
+                let mut on: libc::c_uint = u32::MAX;
+                let rc = libc::syscall(
+                    libc::SYS_getcpu,
+                    &mut on as *mut libc::c_uint,
+                    std::ptr::null_mut::<libc::c_uint>(),
+                    std::ptr::null_mut::<libc::c_void>(),
                 );
+                if rc != 0 || on as usize != cpu {
+                    fail(4);
+                }
+                visited += 1;
             }
+            if visited == 0 {
+                fail(5);
+            }
+            libc::_exit(0)
         }
-        // SAFETY: _exit ends the child at once (exit_group, no handlers),
-        // the only way out a child of a multi-threaded process may take.
-        unsafe { libc::_exit(0) }
     }
 
-    /// True if child `pid` exited with status 0. False if it failed or was
-    /// reaped by someone else (a SIGCHLD handler of the application, or
-    /// SIGCHLD ignored): then nothing proves the CPUs were visited.
+    /// True if child `pid` exited with status 0. False if it failed, or if
+    /// the wait failed otherwise than EINTR (then nothing proves the CPUs
+    /// were visited). A child with exit signal 0 is a "clone" child: only a
+    /// wait with __WALL (or __WCLONE) that names it can reap it.
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     fn wait_for_success(pid: libc::pid_t) -> bool {
         let mut status = 0;
         loop {
             // SAFETY: `status` is a valid out-pointer for the call.
-            let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+            let rc = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
             if rc == pid {
                 return libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
             }
