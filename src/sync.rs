@@ -99,7 +99,7 @@ pub(crate) fn heavy_barrier() {
 /// `membarrier(2)`: the kernel side of the asymmetric fence.
 #[cfg(not(locktable_loom))]
 pub(crate) mod membarrier {
-    use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+    use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
     // The command values of <linux/membarrier.h> (stable kernel ABI).
     const CMD_QUERY: libc::c_long = 0;
@@ -164,21 +164,30 @@ pub(crate) mod membarrier {
             && refreshed_in_this_process()
     }
 
-    /// The process (pid) whose run queues [`refresh_runqueues`] refreshed
-    /// after its registration; 0: none yet. A forked child has another
+    /// Which process [`refresh_runqueues`] last refreshed for, as
+    /// [`this_process`] names it; 0: none yet. A forked child has another
     /// address space and refreshes for itself. Acquire/Release: a thread
-    /// that sees the pid sees a completed refresh.
-    static REFRESHED_FOR: AtomicI32 = AtomicI32::new(0);
+    /// that sees the key sees a completed refresh.
+    static REFRESHED_FOR: AtomicU64 = AtomicU64::new(0);
 
-    fn refreshed_in_this_process() -> bool {
+    /// This process, as its fork epoch (bumped in every child that our
+    /// `atfork` handler sees, even a child with the same pid in a new PID
+    /// namespace) and its pid (for children made without the handlers).
+    /// Never 0: a pid is positive.
+    fn this_process() -> u64 {
         // SAFETY: getpid has no preconditions.
         let pid = unsafe { libc::getpid() };
-        if REFRESHED_FOR.load(Ordering::Acquire) == pid {
+        (crate::fork::epoch() << 32) | u64::from(pid as u32)
+    }
+
+    fn refreshed_in_this_process() -> bool {
+        let me = this_process();
+        if REFRESHED_FOR.load(Ordering::Acquire) == me {
             return true;
         }
         let done = refresh_runqueues();
         if done {
-            REFRESHED_FOR.store(pid, Ordering::Release);
+            REFRESHED_FOR.store(me, Ordering::Release);
         }
         done
     }
@@ -326,23 +335,56 @@ pub(crate) mod membarrier {
         }
     }
 
-    /// True if child `pid` exited with status 0. False if it failed, or if
-    /// the wait failed otherwise than EINTR (then nothing proves the CPUs
-    /// were visited). A child with exit signal 0 is a "clone" child: only a
-    /// wait with __WALL (or __WCLONE) that names it can reap it.
+    /// True if child `pid` exited with status 0 within [`REFRESH_LIMIT`].
+    /// False if it failed, if the wait failed otherwise than EINTR (then
+    /// nothing proves the CPUs were visited), or if the child is still
+    /// moving when the limit passes: a CPU held by a real-time busy loop
+    /// (with RT throttling off) would keep it from ever landing there, and
+    /// an attach must not hang for that; the child is then killed and
+    /// reaped, and the process reads with locked instructions. A child
+    /// with exit signal 0 is a "clone" child: only a wait with __WALL (or
+    /// __WCLONE) that names it can reap it.
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     fn wait_for_success(pid: libc::pid_t) -> bool {
+        let deadline = std::time::Instant::now() + REFRESH_LIMIT;
+        let mut pause = std::time::Duration::from_micros(20);
         let mut status = 0;
         loop {
             // SAFETY: `status` is a valid out-pointer for the call.
-            let rc = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+            let rc = unsafe { libc::waitpid(pid, &mut status, libc::__WALL | libc::WNOHANG) };
             if rc == pid {
                 return libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
             }
-            if rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
+            let interrupted =
+                rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR);
+            if rc < 0 && !interrupted {
+                return false;
             }
-            return false;
+            if std::time::Instant::now() >= deadline {
+                kill_and_reap(pid);
+                return false;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// How long an attach waits for the refresh's child.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    const REFRESH_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+    /// Ends our refresh child `pid` and reaps it (SIGKILL ends it even
+    /// while it waits to be moved to a CPU).
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    fn kill_and_reap(pid: libc::pid_t) {
+        let mut status = 0;
+        // SAFETY: `pid` is our own unreaped child (only we wait for it, with
+        // __WALL), so the pid cannot have been reused; `status` is valid.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            while libc::waitpid(pid, &mut status, libc::__WALL) < 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+            {}
         }
     }
 
