@@ -148,9 +148,11 @@ impl TableOptions {
     /// "Status"), which let a writer in beside a biased reader under load.
     /// A process attaching to such a table therefore forks once, a child
     /// that visits every CPU and exits at once, so that every CPU learns of
-    /// the registration; the child runs no `atfork` handler and only makes
-    /// raw system calls, but an application that reaps every child itself
-    /// will see it. Where that child cannot run, or the process cannot
+    /// the registration. The child runs no `atfork` handler, makes only raw
+    /// system calls, sends no SIGCHLD and is invisible to the
+    /// application's `wait`; the fork costs a large process a page-table
+    /// copy and a minor fault per page it writes next. Where that child
+    /// cannot run or does not finish within 2 s, or the process cannot
     /// register, its readers use locked instructions (always correct); a
     /// process that cannot even issue the barrier is refused with
     /// [`Error::Incompatible`].
