@@ -23,6 +23,8 @@ mod versions;
 mod bravo;
 // The lookup cache's seqlock entries.
 mod lookup_cache;
+// The gate between attaching and fork().
+mod fork_gate;
 
 const SLOT: usize = 0;
 const SLOTS: u32 = 1;

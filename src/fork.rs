@@ -21,7 +21,9 @@ use std::fs::File;
 use std::mem::ManuallyDrop;
 use std::ops::Deref;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
+
+use crate::fork_gate::ForkGate;
 
 /// Incremented in every child after `fork()`. Relaxed everywhere: the child
 /// handler runs while the child has one thread, before any code of the child
@@ -42,23 +44,19 @@ static FDS: [AtomicI32; MAX_REGISTERED] = [const { AtomicI32::new(-1) }; MAX_REG
 /// Attachments between "descriptor opened" and "descriptor registered and
 /// mapping marked MADV_DONTFORK": a fork in that window would let the child
 /// keep the open file description. The prepare handler waits for it to
-/// drain; `FORKING` holds new attachments back meanwhile.
-static ATTACHING: AtomicU32 = AtomicU32::new(0);
-static FORKING: AtomicBool = AtomicBool::new(false);
+/// drain and holds new attachments back meanwhile (`fork_gate`).
+static GATE: ForkGate = ForkGate::new();
 
 extern "C" fn on_fork_prepare() {
-    FORKING.store(true, Ordering::SeqCst);
-    while ATTACHING.load(Ordering::SeqCst) != 0 {
-        std::thread::yield_now();
-    }
+    GATE.prepare_fork();
 }
 
 extern "C" fn on_fork_parent() {
-    FORKING.store(false, Ordering::SeqCst);
+    GATE.fork_done_in_parent();
 }
 
 extern "C" fn on_fork_child() {
-    FORKING.store(false, Ordering::SeqCst);
+    GATE.fork_done_in_child();
     EPOCH.fetch_add(1, Ordering::Relaxed);
     crate::reader_row::after_fork_in_child();
     for slot in &FDS {
@@ -117,23 +115,14 @@ pub(crate) struct AttachWindow(());
 impl AttachWindow {
     pub(crate) fn enter() -> AttachWindow {
         install_handlers();
-        loop {
-            while FORKING.load(Ordering::SeqCst) {
-                std::thread::yield_now();
-            }
-            ATTACHING.fetch_add(1, Ordering::SeqCst);
-            // Dekker pair with the prepare handler (flag, then count).
-            if !FORKING.load(Ordering::SeqCst) {
-                return AttachWindow(());
-            }
-            ATTACHING.fetch_sub(1, Ordering::SeqCst);
-        }
+        GATE.enter();
+        AttachWindow(())
     }
 }
 
 impl Drop for AttachWindow {
     fn drop(&mut self) {
-        ATTACHING.fetch_sub(1, Ordering::SeqCst);
+        GATE.leave();
     }
 }
 

@@ -51,6 +51,10 @@ pub mod model;
 pub mod cache;
 #[cfg(not(locktable_loom))]
 mod fork;
+#[cfg(locktable_loom)]
+pub mod fork_gate;
+#[cfg(not(locktable_loom))]
+mod fork_gate;
 #[cfg(not(locktable_loom))]
 mod guard;
 #[cfg(not(locktable_loom))]
