@@ -215,6 +215,9 @@ pub(crate) mod membarrier {
     fn refresh_runqueues() -> bool {
         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         {
+            if under_seccomp_filter() {
+                return false;
+            }
             // The child must never run one of the application's signal
             // handlers (a handler could write to a pipe the parent reads):
             // it is created with every signal blocked, and stays so.
@@ -244,6 +247,24 @@ pub(crate) mod membarrier {
         {
             false
         }
+    }
+
+    /// True if this process runs under a seccomp filter, or if that cannot
+    /// be read. A filter may answer `clone` by killing the process
+    /// (systemd's `SystemCallFilter=` without an error number does), and
+    /// nothing short of calling it tells: a process that merely attaches to
+    /// a table must not die of it, so such a process skips the refresh and
+    /// reads with locked instructions (Docker's default profile is a
+    /// filter too: containers get the locked protocol).
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    fn under_seccomp_filter() -> bool {
+        let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+            return true;
+        };
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .map_or(true, |mode| mode.trim() != "0")
     }
 
     /// Blocks every signal for the calling thread; returns the old mask.

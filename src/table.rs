@@ -151,8 +151,10 @@ impl TableOptions {
     /// the registration. The child runs no `atfork` handler, makes only raw
     /// system calls, sends no SIGCHLD and is invisible to the
     /// application's `wait`; the fork costs a large process a page-table
-    /// copy and a minor fault per page it writes next. Where that child
-    /// cannot run or does not finish within 2 s, or the process cannot
+    /// copy and a minor fault per page it writes next. A process under a
+    /// seccomp filter (Docker's default profile included) does not fork,
+    /// since a filter may kill on `clone`. Where it does not, where that
+    /// child cannot run or does not finish within 2 s, or the process cannot
     /// register, its readers use locked instructions (always correct); a
     /// process that cannot even issue the barrier is refused with
     /// [`Error::Incompatible`].

@@ -9,6 +9,11 @@
 //!   LSM that denies `setsched` does: the refresh's child runs and exits, but
 //!   has visited no CPU, so nothing was refreshed;
 //!
+//! Since both cases install a seccomp filter, the process now skips the
+//! refresh before it forks (a filter may kill on `clone`), so both check
+//! that skip; the child's own check of its moves (an LSM that denies
+//! `setsched` without a filter) is not reached here.
+//!
 //! In each case the process must still attach, report that its readers do
 //! *not* publish plainly (`asymmetric_fences() == false`: the barrier may
 //! skip CPUs it runs on), keep its signal mask, and exclude a writer beside
