@@ -48,12 +48,12 @@ static FDS: [AtomicI32; MAX_REGISTERED] = [const { AtomicI32::new(-1) }; MAX_REG
 /// drain and holds new attachments back meanwhile (`fork_gate`).
 static GATE: ForkGate = ForkGate::new();
 
-/// How many attach windows the current thread is inside or entering (it
-/// is raised before the gate's announcement and lowered after the leave,
-/// so it is never below the thread's own announcements). A const
-/// thread-local without destructor: reading it is a plain TLS access, safe
-/// in a handler that runs inside a signal handler.
 thread_local! {
+    /// How many attach windows the current thread is inside or entering
+    /// (it is raised before the gate's announcement and lowered after the
+    /// leave, so it is never below the thread's own announcements). A
+    /// const thread-local without destructor: reading it is a plain TLS
+    /// access, safe in a handler that runs inside a signal handler.
     static DEPTH: Cell<u32> = const { Cell::new(0) };
 }
 
