@@ -169,3 +169,34 @@ fn two_forks_and_an_attachment() {
         f.join().unwrap();
     });
 }
+
+/// A window inside a window of the same thread (a table file dropped on an
+/// attach's error path, `ForkSafeFile::drop` entering its own window) and a
+/// fork: the inner window enters without waiting, because the fork waits
+/// for the outer one; an inner `enter` waiting for the fork would leave
+/// both threads waiting for each other (a loom deadlock). Window 0 is the
+/// outer work, window 1 the inner.
+#[test]
+fn a_nested_window_and_a_fork() {
+    model(|| {
+        let p = Arc::new(Process {
+            gate: ForkGate::new(),
+            window: [UnsafeCell::new(0), UnsafeCell::new(0)],
+        });
+        let a = {
+            let p = p.clone();
+            thread::spawn(move || {
+                p.gate.enter();
+                // SAFETY (model): the gate keeps a fork's snapshot out.
+                p.window[0].with_mut(|w| unsafe { *w = 1 });
+                p.gate.enter_nested();
+                inside(&p, 1);
+                // SAFETY (model): as above.
+                p.window[0].with_mut(|w| unsafe { *w = 2 });
+                p.gate.leave();
+            })
+        };
+        never_half_done(fork(&p));
+        a.join().unwrap();
+    });
+}

@@ -17,11 +17,12 @@
 //!
 //! May not touch: tables; it only sees descriptor numbers.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::mem::ManuallyDrop;
 use std::ops::Deref;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{compiler_fence, AtomicI32, AtomicU64, AtomicU8, Ordering};
 
 use crate::fork_gate::ForkGate;
 
@@ -47,7 +48,27 @@ static FDS: [AtomicI32; MAX_REGISTERED] = [const { AtomicI32::new(-1) }; MAX_REG
 /// drain and holds new attachments back meanwhile (`fork_gate`).
 static GATE: ForkGate = ForkGate::new();
 
+thread_local! {
+    /// How many attach windows the current thread is inside or entering
+    /// (it is raised before the gate's announcement and lowered after the
+    /// leave, so it is never below the thread's own announcements). A
+    /// const thread-local without destructor: reading it is a plain TLS
+    /// access, safe in a handler that runs inside a signal handler.
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
 extern "C" fn on_fork_prepare() {
+    if DEPTH.with(Cell::get) != 0 {
+        // A fork on a thread that is inside (or entering) an attach window:
+        // only from a signal handler that interrupted it. Waiting for the
+        // windows would wait for this thread's own, which cannot close until
+        // the handler returns (a hang, seen in tests/review4_fork_gate.rs).
+        // Hold new attachments back, but do not wait: the child may inherit
+        // the interrupted attachment's descriptor (or another thread's), as
+        // any fork did before the gate; the forker chose to fork there.
+        GATE.hold_attachments_back();
+        return;
+    }
     GATE.prepare_fork();
 }
 
@@ -115,7 +136,18 @@ pub(crate) struct AttachWindow(());
 impl AttachWindow {
     pub(crate) fn enter() -> AttachWindow {
         install_handlers();
-        GATE.enter();
+        let depth = DEPTH.with(Cell::get);
+        DEPTH.with(|d| d.set(depth + 1));
+        // Only this thread's signal handlers read DEPTH: a compiler fence
+        // keeps the raise before the announcement for them.
+        compiler_fence(Ordering::SeqCst);
+        if depth == 0 {
+            GATE.enter();
+        } else {
+            // A fork being prepared waits for this thread's outer window;
+            // waiting for the fork here would wait forever.
+            GATE.enter_nested();
+        }
         AttachWindow(())
     }
 }
@@ -123,6 +155,9 @@ impl AttachWindow {
 impl Drop for AttachWindow {
     fn drop(&mut self) {
         GATE.leave();
+        // The lowering stays after the leave (see `enter`).
+        compiler_fence(Ordering::SeqCst);
+        DEPTH.with(|d| d.set(d.get() - 1));
     }
 }
 
@@ -178,8 +213,16 @@ impl Drop for ForkSafeFile {
                 return;
             }
             // Unregister before closing, so that a fork in between cannot
-            // make a child close a reused number.
+            // make a child close a reused number; and no fork between the
+            // two (an attach window), or the child would keep the
+            // descriptor, unregistered, for its whole life (and with it an
+            // anonymous table's memory): 19 of 702 children did in
+            // tests/review4_fork_gate.rs.
+            let _window = AttachWindow::enter();
             FDS[i].store(-1, Ordering::Release);
+            // SAFETY: dropped exactly once, here; the file is not used after.
+            unsafe { ManuallyDrop::drop(&mut self.file) }
+            return;
         }
         // SAFETY: dropped exactly once, here; the file is not used after.
         unsafe { ManuallyDrop::drop(&mut self.file) }

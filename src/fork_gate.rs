@@ -75,17 +75,46 @@ impl ForkGate {
         if self.forking.load(Ordering::SeqCst) == 0 {
             return true;
         }
-        self.attaching.fetch_sub(1, Ordering::SeqCst);
+        self.take_back();
         false
+    }
+
+    /// Enters a window inside a window of the same thread (a table file
+    /// dropped on an attach's error path): no wait, because a fork being
+    /// prepared waits for the outer window, which this thread holds, so
+    /// waiting for that fork here would wait forever.
+    pub fn enter_nested(&self) {
+        self.attaching.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Leaves an attachment's window.
     pub fn leave(&self) {
-        self.attaching.fetch_sub(1, Ordering::SeqCst);
+        self.take_back();
+    }
+
+    /// Takes one announcement back, never below zero. In a parent the count
+    /// is never below the caller's own announcements, so this is a plain
+    /// decrement; in a child forked from a signal handler that interrupted
+    /// the thread inside (or entering) its window, the child handler reset
+    /// the count to zero and the resumed thread then takes back an
+    /// announcement that is gone: a wrapping decrement left u32::MAX there
+    /// and every later fork of that child waited forever. SeqCst, and an
+    /// RMW (the successful compare-exchange), for the reasons in the module
+    /// comment; the failure ordering only re-reads for the next attempt.
+    fn take_back(&self) {
+        let _ = self
+            .attaching
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_sub(1))
+            });
     }
 
     /// A fork's prepare handler: holds new attachments back, then waits
-    /// until every attachment inside its window has left.
+    /// until every attachment inside its window has left. Not for a fork
+    /// by a thread that is itself inside (or entering) a window, from a
+    /// signal handler: it would wait for itself forever; such a fork only
+    /// holds attachments back ([`hold_attachments_back`]
+    /// (Self::hold_attachments_back), see `crate::fork`).
     pub fn prepare_fork(&self) {
         self.hold_attachments_back();
         while !self.no_attachment_inside() {

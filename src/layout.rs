@@ -29,6 +29,7 @@
 //! 104   usize width, u64 align   u32, u32
 //! 112   flags                    u32: bit 0 = asymmetric fences (biased readers
 //!                                publish with plain stores, revokers issue membarrier)
+//! 116   reserved                 u32 0 (another value is refused)
 //! 120   checksum                 u64 FNV-1a of bytes 0..120
 //! 128   init state               u32 atomic, own cache line: READY when done
 //! 192   lanes in use             u32 atomic, own cache line: highest attached
@@ -345,6 +346,14 @@ impl Header {
             )));
         }
         let flags = get_u32(b, FLAGS_OFFSET);
+        // Bytes 116..120 are written as zero and mean nothing yet: a build
+        // that gives them a meaning must not be misread by this one (as the
+        // flags word is guarded by KNOWN_FLAGS).
+        if get_u32(b, FLAGS_OFFSET + 4) != 0 {
+            return Err(Error::Incompatible {
+                reason: "header bytes 116..120, reserved, are not zero".into(),
+            });
+        }
         if flags & !KNOWN_FLAGS != 0 {
             return Err(Error::Incompatible {
                 reason: format!("unknown header flags {flags:#x}"),
