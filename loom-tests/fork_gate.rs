@@ -77,6 +77,8 @@ fn fork_once(p: &Process) -> Option<[u32; 2]> {
 
 /// The child's copy of the windows.
 fn copy(p: &Process) -> [u32; 2] {
+    // SAFETY (model): a plain read of the cell; loom reports it if it
+    // overlaps an attachment's write, which is what the models check.
     [0, 1].map(|i| p.window[i].with(|w| unsafe { *w }))
 }
 

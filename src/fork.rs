@@ -62,7 +62,7 @@ extern "C" fn on_fork_prepare() {
         // A fork on a thread that is inside (or entering) an attach window:
         // only from a signal handler that interrupted it. Waiting for the
         // windows would wait for this thread's own, which cannot close until
-        // the handler returns (a hang, seen in tests/review4_fork_gate.rs).
+        // the handler returns (a hang, seen in tests/fork_gate_races.rs).
         // Hold new attachments back, but do not wait: the child may inherit
         // the interrupted attachment's descriptor (or another thread's), as
         // any fork did before the gate; the forker chose to fork there.
@@ -217,7 +217,7 @@ impl Drop for ForkSafeFile {
             // two (an attach window), or the child would keep the
             // descriptor, unregistered, for its whole life (and with it an
             // anonymous table's memory): 19 of 702 children did in
-            // tests/review4_fork_gate.rs.
+            // tests/fork_gate_races.rs.
             let _window = AttachWindow::enter();
             FDS[i].store(-1, Ordering::Release);
             // SAFETY: dropped exactly once, here; the file is not used after.
