@@ -80,6 +80,14 @@ impl std::fmt::Debug for Versions {
     }
 }
 
+/// Opens `path` for reading and writing and registers the descriptor for
+/// closing in forked children, inside an attach window (no fork between
+/// the two), and nothing else inside it.
+fn open_registered(path: &Path) -> std::io::Result<ForkSafeFile> {
+    let _window = AttachWindow::enter();
+    open_rw(path).map(ForkSafeFile::new)
+}
+
 impl Versions {
     /// Counters for a store that only this process uses.
     pub fn in_heap() -> Result<Versions> {
@@ -97,28 +105,25 @@ impl Versions {
     /// a valid counter file is [`Error::Corrupt`].
     pub fn open(dir: &Path) -> Result<Versions> {
         let path = dir.join(VERSIONS_FILE);
-        // No fork between opening the descriptor and registering it for closing in children.
-        let _window = AttachWindow::enter();
-        let file = match open_rw(&path) {
+        let file = match open_registered(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Outside any attach window: creating writes and links a
+                // file, and a fork must not wait for that.
                 create(dir, &path)?;
-                open_rw(&path)?
+                open_registered(&path)?
             }
             Err(e) => return Err(e.into()),
         };
         let (buckets, key) = read_header(&file)?;
-        let map = MmapRaw::map_raw(&file)?;
+        let map = MmapRaw::map_raw(&*file)?;
         if map.len() != file_len(buckets) || map.as_ptr() as usize % 8 != 0 {
             return Err(Error::Corrupt(
                 ".versions: mapping has the wrong size".into(),
             ));
         }
         Ok(Versions {
-            words: Words::Mapped {
-                map,
-                file: ForkSafeFile::new(file),
-            },
+            words: Words::Mapped { map, file },
             mask: buckets as usize - 1,
             key,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
