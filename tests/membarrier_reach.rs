@@ -15,7 +15,10 @@
 //! then attaches), starts a spinner on CPU 1 and counts the interrupts
 //! CPU 1 takes while CPU 0 issues barriers. x86-64 only (it reads the
 //! "CAL" row of /proc/interrupts); needs two CPUs. One test in this file:
-//! the trap needs a process that has not registered yet.
+//! the trap needs a process that has not registered yet. Any other process
+//! that runs on CPU 1 before the spinner does undoes the trap (the switch
+//! back sets the mark), so on a loaded machine the test may pass without
+//! the refresh; on a quiet one it failed 6 of 6 runs without it.
 #![cfg(all(not(locktable_loom), target_arch = "x86_64"))]
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
