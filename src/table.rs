@@ -652,9 +652,13 @@ impl LockTable {
     }
 
     /// Whether this handle's biased reads publish with plain stores (the
-    /// table uses asymmetric fences and this process registered for
-    /// `membarrier`; see [`TableOptions::asymmetric_fences`]). False: they
-    /// use locked instructions, as on a table created without them.
+    /// table uses asymmetric fences, this process registered for
+    /// `membarrier`, and its run-queue refresh ran; see
+    /// [`TableOptions::asymmetric_fences`]). False: they use locked
+    /// instructions, as on a table created without them; on a table with
+    /// asymmetric fences that means the process could not register, runs
+    /// under a seccomp filter (where it does not fork), or its refresh
+    /// child failed or took over 2 s.
     pub fn asymmetric_fences(&self) -> bool {
         self.inner.region.fences().plain_reads
     }
