@@ -206,24 +206,23 @@ impl Deref for ForkSafeFile {
 
 impl Drop for ForkSafeFile {
     fn drop(&mut self) {
-        if let Some(i) = self.slot {
-            if epoch() != self.epoch {
-                // A child: the fork handler closed this descriptor already,
-                // and the number may name another file now. Do not close.
-                return;
+        // Unregister before closing, so that a fork in between cannot make
+        // a child close a reused number; and no fork between the two (an
+        // attach window, held until the close below), or the child would
+        // keep the descriptor, unregistered, for its whole life (and with
+        // it an anonymous table's memory): 19 of 702 children did in
+        // tests/fork_gate_races.rs.
+        let _window = match self.slot {
+            // A child: the fork handler closed this descriptor already, and
+            // the number may name another file now. Do not close.
+            Some(_) if epoch() != self.epoch => return,
+            Some(i) => {
+                let window = AttachWindow::enter();
+                FDS[i].store(-1, Ordering::Release);
+                Some(window)
             }
-            // Unregister before closing, so that a fork in between cannot
-            // make a child close a reused number; and no fork between the
-            // two (an attach window), or the child would keep the
-            // descriptor, unregistered, for its whole life (and with it an
-            // anonymous table's memory): 19 of 702 children did in
-            // tests/fork_gate_races.rs.
-            let _window = AttachWindow::enter();
-            FDS[i].store(-1, Ordering::Release);
-            // SAFETY: dropped exactly once, here; the file is not used after.
-            unsafe { ManuallyDrop::drop(&mut self.file) }
-            return;
-        }
+            None => None,
+        };
         // SAFETY: dropped exactly once, here; the file is not used after.
         unsafe { ManuallyDrop::drop(&mut self.file) }
     }
