@@ -23,6 +23,23 @@ struct Process {
     window: [UnsafeCell<u32>; 2],
 }
 
+impl Process {
+    /// An open gate and two windows not begun.
+    fn new() -> Arc<Process> {
+        Arc::new(Process {
+            gate: ForkGate::new(),
+            window: [UnsafeCell::new(0), UnsafeCell::new(0)],
+        })
+    }
+}
+
+/// Attachment `i`'s window reaches step `step` (1 opened, 2 registered).
+fn window_step(p: &Process, i: usize, step: u32) {
+    // SAFETY: a plain write of the cell; the gate is what keeps a fork's
+    // copy from overlapping it, and loom reports it if it does.
+    p.window[i].with_mut(|w| unsafe { *w = step });
+}
+
 fn model(f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
     if b.preemption_bound.is_none() {
@@ -48,9 +65,8 @@ fn attach_once(p: &Process, i: usize) {
 
 /// The window's work (open, then register), then the leave.
 fn inside(p: &Process, i: usize) {
-    // SAFETY (model): the gate is what keeps a fork's snapshot out.
-    p.window[i].with_mut(|w| unsafe { *w = 1 });
-    p.window[i].with_mut(|w| unsafe { *w = 2 });
+    window_step(p, i, 1);
+    window_step(p, i, 2);
     p.gate.leave();
 }
 
@@ -77,7 +93,7 @@ fn fork_once(p: &Process) -> Option<[u32; 2]> {
 
 /// The child's copy of the windows.
 fn copy(p: &Process) -> [u32; 2] {
-    // SAFETY (model): a plain read of the cell; loom reports it if it
+    // SAFETY: a plain read of the cell; loom reports it if it
     // overlaps an attachment's write, which is what the models check.
     [0, 1].map(|i| p.window[i].with(|w| unsafe { *w }))
 }
@@ -93,10 +109,7 @@ fn never_half_done(child: impl Into<Option<[u32; 2]>>) {
 #[test]
 fn a_fork_never_copies_an_attachment_inside_its_window() {
     model(|| {
-        let p = Arc::new(Process {
-            gate: ForkGate::new(),
-            window: [UnsafeCell::new(0), UnsafeCell::new(0)],
-        });
+        let p = Process::new();
         let a = {
             let p = p.clone();
             thread::spawn(move || attach(&p, 0))
@@ -111,10 +124,7 @@ fn a_fork_never_copies_an_attachment_inside_its_window() {
 #[test]
 fn an_attachment_entering_twice_and_a_fork() {
     model(|| {
-        let p = Arc::new(Process {
-            gate: ForkGate::new(),
-            window: [UnsafeCell::new(0), UnsafeCell::new(0)],
-        });
+        let p = Process::new();
         let a = {
             let p = p.clone();
             thread::spawn(move || {
@@ -132,10 +142,7 @@ fn an_attachment_entering_twice_and_a_fork() {
 #[test]
 fn two_attachments_and_a_fork() {
     model(|| {
-        let p = Arc::new(Process {
-            gate: ForkGate::new(),
-            window: [UnsafeCell::new(0), UnsafeCell::new(0)],
-        });
+        let p = Process::new();
         let threads: Vec<_> = (0..2)
             .map(|i| {
                 let p = p.clone();
@@ -154,10 +161,7 @@ fn two_attachments_and_a_fork() {
 #[test]
 fn two_forks_and_an_attachment() {
     model(|| {
-        let p = Arc::new(Process {
-            gate: ForkGate::new(),
-            window: [UnsafeCell::new(0), UnsafeCell::new(0)],
-        });
+        let p = Process::new();
         let a = {
             let p = p.clone();
             thread::spawn(move || attach(&p, 0))
@@ -181,20 +185,15 @@ fn two_forks_and_an_attachment() {
 #[test]
 fn a_nested_window_and_a_fork() {
     model(|| {
-        let p = Arc::new(Process {
-            gate: ForkGate::new(),
-            window: [UnsafeCell::new(0), UnsafeCell::new(0)],
-        });
+        let p = Process::new();
         let a = {
             let p = p.clone();
             thread::spawn(move || {
                 p.gate.enter();
-                // SAFETY (model): the gate keeps a fork's snapshot out.
-                p.window[0].with_mut(|w| unsafe { *w = 1 });
+                window_step(&p, 0, 1);
                 p.gate.enter_nested();
                 inside(&p, 1);
-                // SAFETY (model): as above.
-                p.window[0].with_mut(|w| unsafe { *w = 2 });
+                window_step(&p, 0, 2);
                 p.gate.leave();
             })
         };
