@@ -21,31 +21,18 @@
 //! registered yet. A watchdog fails it after 60 s rather than hang.
 #![cfg(not(locktable_loom))]
 
+mod support;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use locktable::{LockTable, TableOptions};
+use support::cpus::{pin_to, set_run_queue_trap, spin_for, watchdog};
 
 const ID: &str = "hot-session";
 const COLD_STORES: usize = 200;
 const COLD_LINES: usize = 1 << 17;
-
-fn pin_to(cpu: usize) -> bool {
-    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-    }
-}
-
-fn spin_for(d: Duration) {
-    let until = Instant::now() + d;
-    while Instant::now() < until {
-        std::hint::spin_loop();
-    }
-}
 
 /// Readers inside, writer inside, overlaps seen.
 #[derive(Default)]
@@ -96,24 +83,6 @@ fn write_once(t: &LockTable, r: &Record) {
     drop(g);
 }
 
-/// Ends the test process with a message if the run is not over within
-/// `limit`: a lost wake-up must fail the test, not hang the test run.
-fn watchdog(limit: Duration) -> std::sync::Arc<AtomicBool> {
-    let done = std::sync::Arc::new(AtomicBool::new(false));
-    let seen = done.clone();
-    thread::spawn(move || {
-        let start = Instant::now();
-        while !seen.load(Ordering::Relaxed) {
-            if start.elapsed() > limit {
-                eprintln!("not done after {limit:?}: a read or a write hangs");
-                std::process::exit(101);
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    });
-    done
-}
-
 #[test]
 #[cfg_attr(
     debug_assertions,
@@ -121,16 +90,12 @@ fn watchdog(limit: Duration) -> std::sync::Arc<AtomicBool> {
               scripts/test runs it with --release"
 )]
 fn a_reader_on_a_cpu_that_ran_us_before_we_registered_is_still_fenced() {
-    if !pin_to(1) || !pin_to(0) {
+    // The trap: last run on CPU 1 by this thread, which leaves for CPU 0
+    // before anything registers.
+    if !set_run_queue_trap() {
         eprintln!("skipped: needs CPUs 0 and 1");
         return;
     }
-    // The trap: last run on CPU 1 by this thread, which leaves for CPU 0
-    // before anything registers.
-    assert!(pin_to(1));
-    spin_for(Duration::from_millis(50));
-    assert!(pin_to(0));
-    thread::sleep(Duration::from_millis(5));
 
     let dir = tempfile::tempdir().unwrap();
     let t = LockTable::open(
@@ -145,7 +110,7 @@ fn a_reader_on_a_cpu_that_ran_us_before_we_registered_is_still_fenced() {
     let r = Record::default();
     let stop = AtomicBool::new(false);
     let run = Duration::from_secs(4);
-    let done = watchdog(Duration::from_secs(60));
+    let done = watchdog("the trapped fence stress", Duration::from_secs(60));
     let mut writes = 0u64;
     let (reads, biased) = thread::scope(|s| {
         let reader = s.spawn(|| {

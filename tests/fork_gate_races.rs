@@ -12,6 +12,8 @@
 //!   with a valid checksum, opened through `LockTable::open`.
 #![cfg(not(locktable_loom))]
 
+mod support;
+
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -20,34 +22,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use locktable::{Error, LockTable, TableOptions};
-
-/// Ends the whole test process, with a message, if `done` is not set
-/// within `limit`: a deadlocked fork or attach must fail, not hang CI.
-fn watchdog(what: &'static str, limit: Duration) -> Arc<AtomicBool> {
-    let done = Arc::new(AtomicBool::new(false));
-    let d = done.clone();
-    std::thread::spawn(move || {
-        let start = Instant::now();
-        while !d.load(Ordering::Relaxed) {
-            if start.elapsed() > limit {
-                eprintln!("{what}: not done after {limit:?}, a fork or an attach hangs");
-                // SAFETY: ends the process at once; nothing else to uphold.
-                unsafe { libc::_exit(101) };
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    });
-    done
-}
-
-fn wait_exit_code(pid: libc::pid_t) -> i32 {
-    let mut st = 0;
-    // SAFETY: waiting for our own child, `st` is a valid out-pointer.
-    let rc = unsafe { libc::waitpid(pid, &mut st, 0) };
-    assert_eq!(rc, pid);
-    assert!(libc::WIFEXITED(st), "child did not exit normally: {st:#x}");
-    libc::WEXITSTATUS(st)
-}
+use support::child::wait_exit_code;
+use support::cpus::watchdog;
 
 /// In a forked child (async-signal-safe calls only): 1 if any descriptor
 /// below 1024 is the table file `(dev, ino)`, 2 if any is a memfd made by

@@ -21,22 +21,16 @@
 //! the refresh; on a quiet one it failed 6 of 6 runs without it.
 #![cfg(all(not(locktable_loom), target_arch = "x86_64"))]
 
+mod support;
+
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use locktable::{LockTable, TableOptions};
+use support::cpus::{pin_to, set_run_queue_trap};
 
 const BARRIERS: u64 = 20_000;
 const BATCH: u64 = 200;
-
-fn pin_to(cpu: usize) -> bool {
-    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-    }
-}
 
 /// Function-call interrupts taken so far by `cpu` (the "CAL" row).
 fn call_interrupts(cpu: usize) -> u64 {
@@ -82,26 +76,14 @@ fn global_expedited_barrier() {
     assert_eq!(rc, 0, "membarrier failed");
 }
 
-fn spin_on_cpu_1_for(d: Duration) {
-    let until = Instant::now() + d;
-    while Instant::now() < until {
-        std::hint::spin_loop();
-    }
-}
-
 #[test]
 fn every_cpu_running_an_attached_thread_takes_the_barrier() {
-    // SAFETY: sysconf has no preconditions.
-    if unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } < 2 || !pin_to(1) || !pin_to(0) {
+    // The trap: this process's address space, last run on CPU 1 by this
+    // thread, which then leaves for CPU 0 before anything registers.
+    if !set_run_queue_trap() {
         eprintln!("skipped: needs CPUs 0 and 1");
         return;
     }
-    // The trap: this process's address space, last run on CPU 1 by this
-    // thread, which then leaves for CPU 0 before anything registers.
-    assert!(pin_to(1));
-    spin_on_cpu_1_for(Duration::from_millis(50));
-    assert!(pin_to(0));
-    std::thread::sleep(Duration::from_millis(5));
 
     let dir = tempfile::tempdir().unwrap();
     let t = LockTable::open(

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use locktable::{LockTable, TableOptions};
 use support::child::{quiet_child_command, Kids};
+use support::seccomp::forbid_syscall;
 
 const TABLE: &str = "LOCKTABLE_REFRESH_EDGE_TABLE";
 const CASE: &str = "LOCKTABLE_REFRESH_EDGE_CASE";
@@ -50,59 +51,6 @@ static SIGCHLDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize
 
 extern "C" fn count_sigchld(_: libc::c_int) {
     SIGCHLDS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-}
-
-/// Installs, for the calling thread, a filter under which system call `nr`
-/// fails with EPERM. False if the kernel or sandbox does not allow it.
-fn forbid_syscall(nr: libc::c_long) -> bool {
-    // Classic BPF opcodes (linux/filter.h) and seccomp return values
-    // (linux/seccomp.h), stable kernel ABI.
-    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
-    const JEQ_K: u16 = 0x05 | 0x10; // BPF_JMP | BPF_JEQ | BPF_K
-    const RET_K: u16 = 0x06;
-    const RET_ALLOW: u32 = 0x7fff_0000;
-    const RET_ERRNO: u32 = 0x0005_0000;
-    let prog = [
-        // seccomp_data.nr is at offset 0.
-        libc::sock_filter {
-            code: LD_W_ABS,
-            jt: 0,
-            jf: 0,
-            k: 0,
-        },
-        libc::sock_filter {
-            code: JEQ_K,
-            jt: 0,
-            jf: 1,
-            k: nr as u32,
-        },
-        libc::sock_filter {
-            code: RET_K,
-            jt: 0,
-            jf: 0,
-            k: RET_ERRNO | libc::EPERM as u32,
-        },
-        libc::sock_filter {
-            code: RET_K,
-            jt: 0,
-            jf: 0,
-            k: RET_ALLOW,
-        },
-    ];
-    let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
-        filter: prog.as_ptr() as *mut libc::sock_filter,
-    };
-    // SAFETY: prctl reads `fprog` and the filter it points to, both alive
-    // across the call; NO_NEW_PRIVS takes no pointers.
-    unsafe {
-        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
-            && libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER,
-                &fprog as *const libc::sock_fprog,
-            ) == 0
-    }
 }
 
 /// The calling thread's signal mask.

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use locktable::{Error, LockTable, TableOptions};
 use support::child::{quiet_child_command, Kids};
+use support::seccomp::{self, jump, stmt, LD_W_ABS, RET_ALLOW, RET_ERRNO, RET_K};
 
 const ROLE: &str = "LOCKTABLE_SECCOMP_CHILD_TABLE";
 const CREATE_ROLE: &str = "LOCKTABLE_SECCOMP_CHILD_CREATES";
@@ -38,51 +39,16 @@ const NO_SECCOMP: i32 = 4;
 /// fails with EPERM for every command but `MEMBARRIER_CMD_QUERY` (0).
 /// False if the kernel or sandbox does not allow it.
 fn forbid_membarrier_but_query() -> bool {
-    // Classic BPF opcodes (linux/filter.h) and seccomp return values
-    // (linux/seccomp.h), stable kernel ABI.
-    // BPF_LD | BPF_W | BPF_ABS (the first two are 0).
-    const LD_W_ABS: u16 = 0x20;
-    // BPF_JMP | BPF_JEQ | BPF_K (BPF_K is 0).
-    const JEQ_K: u16 = 0x05 | 0x10;
-    const RET_K: u16 = 0x06;
-    const RET_ALLOW: u32 = 0x7fff_0000;
-    const RET_ERRNO: u32 = 0x0005_0000;
-    let stmt = |code, k| libc::sock_filter {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let jump = |k, jt, jf| libc::sock_filter {
-        code: JEQ_K,
-        jt,
-        jf,
-        k,
-    };
     // seccomp_data: nr at 0, args[0] at 16 (low half first on the
     // little-endian targets this runs on).
-    let prog = [
+    seccomp::install(&[
         stmt(LD_W_ABS, 0),
         jump(libc::SYS_membarrier as u32, 0, 3),
         stmt(LD_W_ABS, 16),
         jump(0, 1, 0),
         stmt(RET_K, RET_ERRNO | libc::EPERM as u32),
         stmt(RET_K, RET_ALLOW),
-    ];
-    let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
-        filter: prog.as_ptr() as *mut libc::sock_filter,
-    };
-    // SAFETY: prctl reads `fprog` and the filter it points to, both alive
-    // across the call; NO_NEW_PRIVS takes no pointers.
-    unsafe {
-        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
-            && libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER,
-                &fprog as *const libc::sock_fprog,
-            ) == 0
-    }
+    ])
 }
 
 /// Installs the filter, then opens (or creates) the table at `path`; exits

@@ -3,6 +3,8 @@
 //! what went wrong and how it was fixed.
 #![cfg(not(locktable_loom))]
 
+mod support;
+
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -11,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use locktable::{LockTable, TableOptions};
+use support::child::wait_exit_code;
 
 /// The descriptor number of the (only) open descriptor of `path`.
 fn fd_of(path: &Path) -> i32 {
@@ -24,15 +27,6 @@ fn fd_of(path: &Path) -> i32 {
         }
     }
     panic!("no descriptor open on {}", path.display());
-}
-
-fn wait_exit_code(pid: libc::pid_t) -> i32 {
-    let mut st = 0;
-    // SAFETY: waiting for our own child.
-    let rc = unsafe { libc::waitpid(pid, &mut st, 0) };
-    assert_eq!(rc, pid);
-    assert!(libc::WIFEXITED(st), "child did not exit normally: {st:#x}");
-    libc::WEXITSTATUS(st)
 }
 
 // ---------------------------------------------------------------------

@@ -73,3 +73,14 @@ pub fn role_and_dir(role_var: &str, dir_var: &str) -> Option<(String, PathBuf)> 
     let role = std::env::var(role_var).ok()?;
     Some((role, PathBuf::from(std::env::var(dir_var).unwrap())))
 }
+
+/// Waits for the `fork()`ed child `pid` (not a `Command`) and returns its exit status; a test
+/// failure if it did not exit normally.
+pub fn wait_exit_code(pid: libc::pid_t) -> i32 {
+    let mut st = 0;
+    // SAFETY: waiting for our own child; `st` is a valid out-pointer.
+    let rc = unsafe { libc::waitpid(pid, &mut st, 0) };
+    assert_eq!(rc, pid);
+    assert!(libc::WIFEXITED(st), "child did not exit normally: {st:#x}");
+    libc::WEXITSTATUS(st)
+}

@@ -12,6 +12,8 @@ pub mod child;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod counters;
+pub mod cpus;
 pub mod rows;
+pub mod seccomp;
 pub mod servers;
 pub mod spy_store;
