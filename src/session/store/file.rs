@@ -245,16 +245,32 @@ fn head_of(f: &File, file_len: u64) -> Result<Option<Vec<u8>>> {
     read_at(f, 0, len).map(Some)
 }
 
-/// Every live key's value in the bytes of a whole file stored by key (`head` = its start).
-fn values_of(file: &[u8], head: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
-    let h = record::decode_head(head, usize::MAX)?;
-    let offsets = record::value_offsets(&h, head.len() as u64);
-    let end = offsets.last().map_or(head.len() as u64, |(_, o, n)| o + n);
-    if end != file.len() as u64 {
+/// Where each live key's value lies in a file of `file_len` bytes that holds a head of
+/// `head_len` bytes followed by the values. The sizes come from the file itself, so they bound
+/// nothing until checked: unless they add up, without overflow, to exactly the file's length,
+/// the file is `SessionCorrupt` (and no read or allocation of a stated size happens).
+fn offsets_in_file(
+    h: &record::Head,
+    head_len: u64,
+    file_len: u64,
+) -> Result<Vec<(&str, u64, u64)>> {
+    let end = h
+        .keys
+        .values()
+        .filter_map(|k| k.size)
+        .try_fold(head_len, u64::checked_add);
+    if end != Some(file_len) {
         return Err(Error::SessionCorrupt(
             "file length disagrees with its head".into(),
         ));
     }
+    Ok(record::value_offsets(h, head_len))
+}
+
+/// Every live key's value in the bytes of a whole file stored by key (`head` = its start).
+fn values_of(file: &[u8], head: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
+    let h = record::decode_head(head, usize::MAX)?;
+    let offsets = offsets_in_file(&h, head.len() as u64, file.len() as u64)?;
     Ok(offsets
         .into_iter()
         .map(|(k, o, n)| (k.to_owned(), file[o as usize..(o + n) as usize].to_vec()))
@@ -662,7 +678,7 @@ impl Store for FileStore {
             return values_of_whole(&read_at(&f, 0, md.len())?, keys).map(Some);
         };
         let h = record::decode_head(&head, usize::MAX)?;
-        let offsets = record::value_offsets(&h, head.len() as u64);
+        let offsets = offsets_in_file(&h, head.len() as u64, md.len())?;
         let at = |key: &str| offsets.iter().find(|(k, _, _)| *k == key);
         keys.iter()
             .map(|k| at(k).map(|&(_, o, n)| read_at(&f, o, n)).transpose())
@@ -888,5 +904,56 @@ mod tests {
         assert!(store.load_head(&id, 1 << 20, 0).unwrap().is_some());
         corrupt(store.load_values(&id, 1, &["b"]).map(drop));
         assert!(store.load(&other, 1 << 20).unwrap().is_some());
+    }
+
+    /// A head whose value sizes are lies (planted by another program, with a correct CRC,
+    /// which is no MAC) is `SessionCorrupt` for every read: sizes that overflow the file's
+    /// offsets do not panic, and a size of a terabyte is not allocated.
+    #[test]
+    fn a_head_with_lying_value_sizes_is_a_typed_error_and_allocates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let id = SessionId::generate().unwrap();
+        let head_with = |sizes: &[(&str, u64)]| {
+            let keys = sizes
+                .iter()
+                .map(|&(k, n)| {
+                    let state = record::KeyState {
+                        changed: 1,
+                        size: Some(n),
+                    };
+                    (k.to_owned(), state)
+                })
+                .collect();
+            let head = record::Head {
+                version: 1,
+                created: 1,
+                expiry: Default::default(),
+                keys,
+                floor: 0,
+            };
+            record::encode_head(&head).unwrap()
+        };
+        let corrupt = |what: &str, r: Result<()>| {
+            assert!(matches!(r, Err(Error::SessionCorrupt(_))), "{what}: {r:?}")
+        };
+        let padding = vec![b'x'; 300 << 10];
+        fs::create_dir_all(store.shard(&id)).unwrap();
+        for sizes in [
+            &[("a", 1u64 << 40)][..],
+            &[("a", u64::MAX)],
+            &[("a", u64::MAX), ("b", 1)],
+            &[("a", 1), ("b", u64::MAX - 200), ("c", 400)],
+        ] {
+            let file = [&head_with(sizes)[..], &padding].concat();
+            fs::write(store.path_of(&id), &file).unwrap();
+            let keys: Vec<&str> = sizes.iter().map(|&(k, _)| k).collect();
+            corrupt("load", store.load(&id, usize::MAX).map(drop));
+            corrupt(
+                "load_head",
+                store.load_head(&id, usize::MAX, u64::MAX).map(drop),
+            );
+            corrupt("load_values", store.load_values(&id, 1, &keys).map(drop));
+        }
     }
 }
