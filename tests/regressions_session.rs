@@ -868,3 +868,76 @@ fn get_for_update_closes_write_skew() {
     r2.insert("withdrawn2", &100).unwrap();
     assert!(matches!(r2.commit(), Err(Error::Conflict { key }) if key == "balance"));
 }
+
+// A FIFO named like a session ID (planted by another program) hung every call that opened it:
+// `File::open` of a FIFO waits for a writer, so `load`, `delete` and, worse, `gc()` (holding
+// its scan cursor, so every later gc too) blocked forever on that one entry. Fix: FileStore
+// opens records non-blocking and refuses anything but a regular file as an I/O error (gc
+// counts it unreadable and moves on, as for Case 4).
+#[test]
+fn a_fifo_named_like_a_session_is_an_error_never_a_hang() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let mgr = Arc::new(file_mgr(
+        dir.path(),
+        SessionConfig {
+            clock: clock.clone(),
+            idle_timeout: Duration::from_secs(60),
+            ..SessionConfig::default()
+        },
+    ));
+    let ids: Vec<String> = (0..3).map(|k| new_session(&mgr, &[("k", k)])).collect();
+    let bad = SessionId::generate().unwrap();
+    let bad_name = format!("{}{}", &ids[0][..2], &bad.as_str()[2..]);
+    let path = dir
+        .path()
+        .join("sessions")
+        .join(&ids[0][..2])
+        .join(&bad_name);
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // Each call runs on a thread of its own, so that a hang fails the test instead of hanging it.
+    let within = |what: &str, f: Box<dyn FnOnce() -> String + Send>| -> String {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("{what} hung on a FIFO named like a session"))
+    };
+    let m = Arc::clone(&mgr);
+    let name = bad_name.clone();
+    let r = within("load", Box::new(move || format!("{:?}", m.load(&name))));
+    assert!(r.starts_with("Err(Io("), "load: {r}");
+    clock.advance(Duration::from_secs(61));
+    let m = Arc::clone(&mgr);
+    let r = within(
+        "gc",
+        Box::new(move || {
+            let mut total = GcReport::default();
+            for _ in 0..3 {
+                let r = m.gc().expect("gc does not fail because of one entry");
+                total.deleted += r.deleted;
+                total.unreadable += r.unreadable;
+            }
+            format!("{} {}", total.deleted, total.unreadable)
+        }),
+    );
+    assert!(
+        r.starts_with("3 "),
+        "every expired session was collected: {r}"
+    );
+    assert_ne!(r, "3 0", "the FIFO was counted unreadable");
+    let m = Arc::clone(&mgr);
+    let r = within(
+        "delete",
+        Box::new(move || format!("{:?}", m.delete(&bad_name))),
+    );
+    // Not a record: an I/O error, as for a directory named like an ID (Case 4).
+    assert!(r.starts_with("Err(Io("), "delete: {r}");
+    for id in &ids {
+        assert!(mgr.load(id).unwrap().is_none(), "the others were collected");
+    }
+}

@@ -193,12 +193,30 @@ fn not_found<T>(r: std::io::Result<T>) -> Result<Option<T>> {
     }
 }
 
+/// Opens a record file for reading without blocking on what is not one: `open(2)` of a FIFO
+/// waits for a writer, so a FIFO named like a session (planted by another program) would hang
+/// every call that opens it, gc included. `O_NONBLOCK` has no effect on a regular file; callers
+/// refuse anything else ([`regular`]).
+fn open_record(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
+/// `md` if it describes a regular file; anything else named like a session (a directory, a
+/// FIFO, a device) is an I/O error: not a record, and not this store's to delete as corrupt.
+fn regular(md: fs::Metadata) -> Result<fs::Metadata> {
+    if md.is_file() {
+        Ok(md)
+    } else {
+        Err(std::io::Error::other("not a regular file").into())
+    }
+}
+
 /// The metadata of an open record file: `fstat` plus its header (one small read).
 fn meta_of(f: &File) -> Result<SessionMeta> {
-    let md = f.metadata()?;
-    if !md.is_file() {
-        return Err(std::io::Error::other("not a regular file").into());
-    }
+    let md = regular(f.metadata()?)?;
     let mut head = [0u8; record::MAX_HEADER_LEN];
     let mut n = 0;
     let mut r = f;
@@ -285,12 +303,12 @@ impl FileStore {
         id: &SessionId,
         max_size: usize,
     ) -> Result<Option<(File, fs::Metadata)>> {
-        let Some(f) = not_found(File::open(self.path_of(id)))? else {
+        let Some(f) = not_found(open_record(&self.path_of(id)))? else {
             return Ok(None);
         };
         // Length and times come from the open file, so they match the bytes read even if the
         // file is replaced meanwhile.
-        let md = f.metadata()?;
+        let md = regular(f.metadata()?)?;
         let limit = self.max_file_size.min(max_size as u64);
         if md.len() > limit {
             return Err(Error::TooLarge {
@@ -459,7 +477,7 @@ impl FileStore {
     }
 
     fn meta_at(&self, path: &Path) -> Result<Option<SessionMeta>> {
-        match not_found(File::open(path))? {
+        match not_found(open_record(path))? {
             None => Ok(None),
             Some(f) => meta_of(&f).map(Some),
         }
@@ -747,7 +765,7 @@ impl Store for FileStore {
             Some(_) => {}
         }
         let _lock = self.lock(id)?;
-        let Some(f) = not_found(File::open(&path))? else {
+        let Some(f) = not_found(open_record(&path))? else {
             return Ok(Touch::Missing);
         };
         if let Some(refused) = touch_refusal(&meta_of(&f)?, at, coalesce, cutoffs) {
