@@ -838,3 +838,51 @@ fn redis_load_values_of_ten_thousand_keys() {
     assert_eq!(s.get::<usize>("k09999").unwrap(), Some(9999));
     assert_eq!(s.keys().count(), keys.len());
 }
+
+/// A key under the store's prefix that is not UTF-8 (written by another program sharing the
+/// server) made every `gc()` fail: the `SCAN` reply was read as strings, so one such key made
+/// the whole batch an error and the cursor never moved past it; expired sessions were never
+/// collected by gc again. Keys are now read as bytes: it is skipped like any key that names no
+/// session, and the sessions around it are collected.
+#[test]
+fn redis_a_key_that_is_not_utf8_does_not_stop_gc() {
+    let url = required_env("LOCKTABLE_REDIS_URL");
+    let prefix = unique_prefix("notutf8");
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut c = client.get_connection().unwrap();
+    let mut junk = prefix.as_bytes().to_vec();
+    junk.extend_from_slice(b"\xff\xfe");
+    let _: () = redis::cmd("SET").arg(&junk).arg("x").query(&mut c).unwrap();
+    let clock = std::sync::Arc::new(locktable::session::ManualClock::new(
+        locktable::session::Timestamp(1_700_000_000_000),
+    ));
+    let cfg = SessionConfig {
+        clock: clock.clone(),
+        idle_timeout: Duration::from_secs(60),
+        ..SessionConfig::default()
+    };
+    let table = LockTable::anonymous(&TableOptions::default()).unwrap();
+    let mgr = SessionManager::new(table, redis_store(&url, &prefix), cfg);
+    let ids: Vec<String> = (0..3)
+        .map(|k| {
+            let mut s = mgr.create().unwrap();
+            s.insert("k", &k).unwrap();
+            let id = s.id().to_string();
+            s.commit().unwrap();
+            id
+        })
+        .collect();
+    clock.advance(Duration::from_secs(61));
+    let mut deleted = 0;
+    for _ in 0..3 {
+        let r = mgr
+            .gc()
+            .expect("gc does not fail because of one foreign key");
+        deleted += r.deleted;
+    }
+    assert_eq!(deleted, 3, "every expired session was collected");
+    let _: () = redis::cmd("DEL").arg(&junk).query(&mut c).unwrap();
+    for id in &ids {
+        assert!(mgr.load(id).unwrap().is_none());
+    }
+}

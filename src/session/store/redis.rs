@@ -230,7 +230,9 @@ impl Scripts {
 #[derive(Default)]
 struct ScanState {
     cursor: u64,
-    pending: VecDeque<String>,
+    /// Keys as bytes: another program sharing the server may have written any key under the
+    /// prefix, and one that is not UTF-8 must not make the batch unreadable.
+    pending: VecDeque<Vec<u8>>,
 }
 
 /// A [`Store`] on a Redis server; see the module docs.
@@ -493,7 +495,7 @@ impl RedisStore {
 
     /// Up to `budget` keys under the prefix, continuing the server-side `SCAN`; `more` is false
     /// once a whole pass is done.
-    fn scan_keys(&self, budget: usize) -> Result<(Vec<String>, bool)> {
+    fn scan_keys(&self, budget: usize) -> Result<(Vec<Vec<u8>>, bool)> {
         let mut st = self.scan.lock();
         let pattern = format!("{}*", glob_escape(&self.prefix));
         let mut out = Vec::new();
@@ -508,7 +510,7 @@ impl RedisStore {
                 return Ok((out, true));
             }
             let cursor = st.cursor;
-            let (next, keys): (u64, Vec<String>) = self.with_conn("scan", |c| {
+            let (next, keys): (u64, Vec<Vec<u8>>) = self.with_conn("scan", |c| {
                 redis::cmd("SCAN")
                     .arg(cursor)
                     .arg("MATCH")
@@ -860,7 +862,8 @@ impl Store for RedisStore {
         };
         for key in keys {
             let Some(id) = key
-                .strip_prefix(&self.prefix)
+                .strip_prefix(self.prefix.as_bytes())
+                .and_then(|s| std::str::from_utf8(s).ok())
                 .and_then(|s| SessionId::parse(s).ok())
             else {
                 continue;
