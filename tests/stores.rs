@@ -886,3 +886,55 @@ fn redis_a_key_that_is_not_utf8_does_not_stop_gc() {
         assert!(mgr.load(id).unwrap().is_none());
     }
 }
+
+/// A memcached item larger than its session allows (a record item bigger than its metadata
+/// says, or a metadata item of kilobytes, written by another program) was reported as
+/// `Backend` ("unexpected item in the reply to gets") on every load: the manager's corruption
+/// policy never ran, so the session failed every request until it expired. It is now
+/// `SessionCorrupt`: the manager treats the session as absent and deletes it; others are
+/// untouched.
+#[test]
+fn memcached_an_item_larger_than_its_metadata_says_is_corrupt() {
+    let url = required_env("LOCKTABLE_MEMCACHED_URL");
+    let prefix = unique_prefix("bigitem");
+    let table = LockTable::anonymous(&TableOptions::default()).unwrap();
+    let mgr = SessionManager::new(
+        table,
+        memcached_store(&url, &prefix),
+        SessionConfig::default(),
+    );
+    let new = |k: i64| {
+        let mut s = mgr.create().unwrap();
+        s.insert("k", &k).unwrap();
+        let id = s.id().to_string();
+        s.commit().unwrap();
+        id
+    };
+    let (id, other) = (new(1), new(2));
+    let meta_key = format!("{prefix}m:{id}");
+    let anchor = memcached_raw(&url, &format!("get {meta_key}"));
+    let nonce = anchor.lines().nth(1).unwrap().split(' ').nth(5).unwrap();
+    let set = memcached_raw_store(&url, &format!("{prefix}d:{id}:{nonce}"), &"y".repeat(500));
+    assert_eq!(set, "STORED\r\n");
+    let store = memcached_store(&url, &prefix);
+    let sid = locktable::session::SessionId::parse(&id).unwrap();
+    let r = store.load(&sid, 1 << 20);
+    assert!(matches!(r, Err(Error::SessionCorrupt(_))), "{r:?}");
+    assert!(mgr.load(&id).unwrap().is_none());
+    assert_eq!(
+        memcached_raw(&url, &format!("get {meta_key}")),
+        "END\r\n",
+        "the corrupt session was invalidated"
+    );
+    // A metadata item far longer than any the store writes.
+    let set = memcached_raw_store(&url, &meta_key, &"1".repeat(5000));
+    assert_eq!(set, "STORED\r\n");
+    let r = store.meta(&sid);
+    assert!(matches!(r, Err(Error::SessionCorrupt(_))), "{r:?}");
+    assert!(mgr.load(&id).unwrap().is_none());
+    let s = mgr
+        .load(&other)
+        .unwrap()
+        .expect("the other session is intact");
+    assert_eq!(s.get::<i64>("k").unwrap(), Some(2));
+}

@@ -106,6 +106,11 @@ enum Failure {
     Refused(String),
     /// The server refused an item as too large.
     TooLarge,
+    /// The item found is larger than its caller allows (a record item bigger than its
+    /// metadata says, a metadata item longer than any this store writes): what the server
+    /// holds is not what this store wrote. The item's bytes are left unread, so the
+    /// connection is dropped like after any error.
+    Oversized,
 }
 
 type McResult<T> = std::result::Result<T, Failure>;
@@ -229,8 +234,11 @@ impl Conn {
             ) else {
                 return Err(Failure::Lost("unexpected reply to gets".into()));
             };
-            if k != key.as_bytes() || found.is_some() || len > max_len {
+            if k != key.as_bytes() || found.is_some() {
                 return Err(Failure::Lost("unexpected item in the reply to gets".into()));
+            }
+            if len > max_len {
+                return Err(Failure::Oversized);
             }
             let mut data = vec![0u8; len + 2];
             self.reader.read_exact(&mut data).map_err(lost)?;
@@ -372,6 +380,9 @@ fn exptime_after(ttl: Duration) -> i64 {
 fn backend(op: &str, f: Failure) -> Error {
     match f {
         Failure::TooLarge => Error::Backend(format!("memcached {op}: item too large")),
+        Failure::Oversized => Error::SessionCorrupt(format!(
+            "memcached {op}: an item larger than its session's metadata allows"
+        )),
         Failure::Unreached(w) | Failure::Lost(w) | Failure::Refused(w) => {
             Error::Backend(format!("memcached {op}: {w}"))
         }
