@@ -390,6 +390,38 @@ async fn tampered_unknown_and_malformed_cookies_get_a_fresh_session_never_a_500(
     assert!(srv.layer.stats().cookies_rejected >= hostile.len() as u64);
 }
 
+/// Browsers send cookies of other apps of the site in the same `Cookie` header, and a cookie set
+/// by script may hold UTF-8 (or any byte): such a neighbour must not hide the session cookie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_cookie_with_non_ascii_bytes_does_not_hide_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Setup::new(dir.path()).start().await;
+    let good = srv.new_session().await;
+    let mut conn = http::Conn::open(srv.addr).await.unwrap();
+    let g = good.as_bytes();
+    for raw in [
+        [b"pref=caf\xc3\xa9; ".as_slice(), g].concat(),
+        [g, b"; pref=\xff\xfe".as_slice()].concat(),
+        // Our own name with a value that is not even UTF-8: skipped like any bad value.
+        [b"lt_session=\xff\xfe; ".as_slice(), g].concat(),
+    ] {
+        let header = (
+            hyper::header::COOKIE,
+            hyper::header::HeaderValue::from_bytes(&raw).unwrap(),
+        );
+        let r = conn
+            .req_raw(Method::POST, "/incr/a", &[header])
+            .await
+            .unwrap();
+        let shown = String::from_utf8_lossy(&raw).into_owned();
+        assert_eq!(r.status, StatusCode::OK, "{shown}");
+        assert_ne!(r.body, "1", "the session was not seen: {shown}");
+        assert_eq!(r.cookie_pair().as_ref(), Some(&good), "{shown}");
+    }
+    assert_eq!(srv.get("/get/a", Some(&good)).await.body, "4");
+    assert_eq!(srv.layer.stats().created, 1, "no fresh session was made");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotated_keys_verify_old_cookies_and_sign_with_the_new_key() {
     let dir = tempfile::tempdir().unwrap();

@@ -286,8 +286,10 @@ impl CookieCodec {
     /// a fresh session.
     pub(crate) fn session_id(&self, cookie_headers: &[HeaderValue]) -> Option<(SessionId, bool)> {
         for header in cookie_headers {
-            let Ok(text) = header.to_str() else { continue };
-            for value in values_named(text, &self.name) {
+            // Not `to_str`: it refuses the whole header for one byte outside visible ASCII, and
+            // a neighbour cookie (another app's, or one set by script) may hold UTF-8 or any
+            // byte. Ours never do, so only the pairs that are not UTF-8 are skipped.
+            for value in values_named(header.as_bytes(), &self.name) {
                 if let Some(found) = self.open_value(value) {
                     return Some(found);
                 }
@@ -354,9 +356,11 @@ impl CookieCodec {
 
 /// The values of the cookies named `name` in one `Cookie` header, read as the `cookie` crate's
 /// `Cookie::split_parse` reads them: pairs split at `;`, name and value trimmed, no decoding.
-fn values_named<'a>(header: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    header.split(';').filter_map(move |pair| {
-        let (n, v) = pair.split_once('=')?;
+/// A pair that is not UTF-8 is skipped (`;` never occurs inside a multi-byte character, so the
+/// other pairs are read as if it were absent).
+fn values_named<'a>(header: &'a [u8], name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    header.split(|b| *b == b';').filter_map(move |pair| {
+        let (n, v) = std::str::from_utf8(pair).ok()?.split_once('=')?;
         (n.trim() == name).then(|| v.trim())
     })
 }
@@ -470,7 +474,7 @@ mod tests {
                 .filter(|c| c.name() == "lt_session")
                 .map(|c| c.value().to_string())
                 .collect();
-            let ours: Vec<_> = values_named(&text, "lt_session").collect();
+            let ours: Vec<_> = values_named(text.as_bytes(), "lt_session").collect();
             assert_eq!(ours, via_crate, "{text}");
         }
         let h = [HeaderValue::from_str("lt_sessionX=1; other=2").unwrap()];

@@ -70,6 +70,29 @@ impl Conn {
             b = b.header(hyper::header::COOKIE, c);
         }
         let req = b.body(Empty::new()).map_err(std::io::Error::other)?;
+        self.send_req(req).await
+    }
+
+    /// A request with these headers as they are (several of one name, bytes that are not
+    /// UTF-8), besides `Host`.
+    pub async fn req_raw(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(hyper::header::HeaderName, hyper::header::HeaderValue)],
+    ) -> std::io::Result<Resp> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, self.addr.to_string());
+        for (name, value) in headers {
+            b = b.header(name, value);
+        }
+        let req = b.body(Empty::new()).map_err(std::io::Error::other)?;
+        self.send_req(req).await
+    }
+
+    async fn send_req(&mut self, req: Request<Empty<Bytes>>) -> std::io::Result<Resp> {
         self.send.ready().await.map_err(std::io::Error::other)?;
         let resp = self
             .send
