@@ -140,6 +140,16 @@ async fn logout(s: LazySession) -> Result<&'static str, WebError> {
     Ok("bye")
 }
 
+/// Cycles the ID (as at login), writes, then fails.
+async fn login_then_fail(s: LazySession) -> Result<axum::response::Response, WebError> {
+    s.cycle_id().await?;
+    s.insert("user", &7u64).await?;
+    Ok(axum::response::IntoResponse::into_response((
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "boom",
+    )))
+}
+
 async fn untouched(_s: LazySession) -> &'static str {
     "hello"
 }
@@ -157,6 +167,7 @@ fn app(layer: SessionLayer) -> Router {
         .route("/login", post(login))
         .route("/logout", post(logout))
         .route("/untouched", get(untouched))
+        .route("/login-then-fail", post(login_then_fail))
         .route("/plain", get(|| async { "plain" }))
         .layer(layer)
 }
@@ -649,6 +660,30 @@ async fn a_failed_handler_stores_none_of_its_changes() {
         srv.writes(),
         writes,
         "no data write (and no touch within the interval)"
+    );
+}
+
+/// `cycle_id` moves the session at once; a handler that then writes and fails (5xx) drops its
+/// writes, but the client must still learn the new ID: its old one is dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_handler_after_cycle_id_still_hands_out_the_new_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Setup::new(dir.path()).start().await;
+    let cookie = srv.new_session().await;
+    let r = srv.post("/login-then-fail", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        srv.get("/get/a", Some(&cookie)).await.body,
+        "0",
+        "old ID is gone"
+    );
+    let cycled = r.cookie_pair().expect("the new ID's cookie");
+    assert_ne!(cycled, cookie);
+    assert_eq!(srv.get("/get/a", Some(&cycled)).await.body, "1");
+    assert_eq!(
+        srv.get("/get/user", Some(&cycled)).await.body,
+        "0",
+        "the failed handler's write is dropped"
     );
 }
 

@@ -78,7 +78,9 @@ impl LazySession {
         self.0.transact(f).await
     }
 
-    /// Moves the session to a fresh ID now (call it at login) and re-issues the cookie.
+    /// Moves the session to a fresh ID now (call it at login) and re-issues the cookie. The move
+    /// is stored at once, so the cookie is re-issued even if the handler then fails (5xx) and
+    /// its other changes are dropped.
     pub async fn cycle_id(&self) -> Result<(), WebError> {
         self.0.cycle_id().await
     }

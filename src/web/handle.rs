@@ -65,8 +65,9 @@ enum State {
 #[derive(Debug)]
 struct LoadedState {
     session: Session,
-    /// `cycle_id` ran: the client needs the new ID.
-    reissue: bool,
+    /// `cycle_id` ran: the client needs the new ID, even if the request's other changes are
+    /// dropped (the cycle is stored at once). With the session's end as of the cycle.
+    cycled: Option<Timestamp>,
     _reader: Option<ReaderToken>,
 }
 
@@ -346,7 +347,7 @@ impl SessionHandle {
                 });
                 *state = State::Loaded(Box::new(LoadedState {
                     session,
-                    reissue: false,
+                    cycled: None,
                     _reader: reader,
                 }));
             }
@@ -643,7 +644,7 @@ impl SessionHandle {
             .await;
         let (mut l, r) = r?;
         if r.is_ok() {
-            l.reissue = true;
+            l.cycled = Some(l.session.expires_at());
             bump(&self.shared().stats.cycled);
             self.0.writes.fetch_add(1, Ordering::Relaxed);
         }
@@ -705,8 +706,12 @@ impl SessionHandle {
             State::Absent(_) if failed => Ok(None),
             State::Loaded(l) if failed && l.session.is_dirty() => {
                 tracing::debug!("handler failed: the request's session changes are dropped");
+                // A `cycle_id` of this request is already stored and the old ID is dead: the
+                // client still needs the new one (lasting as of the cycle, not as the dropped
+                // changes would have it).
+                let cycled = l.cycled.map(|end| (l.session.id().clone(), end));
                 leave_off_worker(self.shared(), l.session);
-                Ok(None)
+                Ok(cycled.and_then(|(id, end)| self.cookie(&id, end)))
             }
             // The transaction's commit extended the session: refresh the cookie's lifetime.
             State::Transacted(id, expires) => Ok(self.cookie(&id, expires)),
@@ -763,7 +768,7 @@ impl SessionHandle {
         let expires = l.session.expires_at();
         let id = l.session.id().clone();
         let tag = sh.hasher.tag(&id);
-        let reissue = l.reissue;
+        let reissue = l.cycled.is_some();
         if l.session.is_dirty() {
             let span = tracing::debug_span!("session.commit", sid = %tag);
             let session = l.session;
