@@ -140,6 +140,12 @@ async fn logout(s: LazySession) -> Result<&'static str, WebError> {
     Ok("bye")
 }
 
+/// Writes under the session's upgradable lock, then panics.
+async fn exclusive_then_panic(s: ExclusiveSession) -> Result<&'static str, WebError> {
+    s.insert("x", &1000u64).await?;
+    panic!("handler panics while holding the session");
+}
+
 /// Cycles the ID (as at login), writes, then fails.
 async fn login_then_fail(s: LazySession) -> Result<axum::response::Response, WebError> {
     s.cycle_id().await?;
@@ -167,6 +173,7 @@ fn app(layer: SessionLayer) -> Router {
         .route("/login", post(login))
         .route("/logout", post(logout))
         .route("/untouched", get(untouched))
+        .route("/excl-panic", post(exclusive_then_panic))
         .route("/login-then-fail", post(login_then_fail))
         .route("/plain", get(|| async { "plain" }))
         .layer(layer)
@@ -685,6 +692,23 @@ async fn a_failed_handler_after_cycle_id_still_hands_out_the_new_id() {
         "0",
         "the failed handler's write is dropped"
     );
+}
+
+/// A handler that panics while it holds the session's upgradable lock: the connection dies,
+/// its write is dropped, and the next request of the session is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_releases_the_session_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Setup::new(dir.path()).start().await;
+    let cookie = srv.new_session().await;
+    assert!(once(srv.addr, Method::POST, "/excl-panic", Some(&cookie))
+        .await
+        .is_err());
+    let t = Instant::now();
+    let r = srv.post("/excl/0", Some(&cookie)).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "1"));
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(srv.get("/get/a", Some(&cookie)).await.body, "1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
