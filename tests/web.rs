@@ -466,6 +466,34 @@ async fn rotated_keys_verify_old_cookies_and_sign_with_the_new_key() {
     );
 }
 
+/// A cookie that only the old (verification) key accepts is re-signed by the first request that
+/// reads the session, whichever view reads it, so the old key can be retired soon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_key_cookie_is_re_signed_by_a_read_through_any_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = Setup::new(dir.path());
+    let cookie = old.start().await.new_session().await;
+    let new_key = Key::generate();
+    let mut rotated = Setup::new(dir.path());
+    rotated.cookies = Some(CookieConfig::new(new_key.clone()).verify_with(old.key.clone()));
+    let srv_rot = rotated.start().await;
+    let mut only_new = Setup::new(dir.path());
+    only_new.key = new_key;
+    let srv_new = only_new.start().await;
+    for path in ["/get/a", "/lazy-get/a"] {
+        let r = srv_rot.get(path, Some(&cookie)).await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "1"), "{path}");
+        let renewed = r
+            .cookie_pair()
+            .unwrap_or_else(|| panic!("{path}: not re-signed"));
+        assert_eq!(
+            srv_new.get("/get/a", Some(&renewed)).await.body,
+            "1",
+            "{path}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_and_host_prefixed_cookies() {
     let dir = tempfile::tempdir().unwrap();

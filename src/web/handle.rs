@@ -768,7 +768,9 @@ impl SessionHandle {
         let expires = l.session.expires_at();
         let id = l.session.id().clone();
         let tag = sh.hasher.tag(&id);
-        let reissue = l.cycled.is_some();
+        // A new ID, or a cookie that only an old key verified: the client needs a fresh cookie
+        // even when nothing is written (as a read-only snapshot's end does).
+        let reissue = l.cycled.is_some() || self.0.resign.load(Ordering::Relaxed);
         if l.session.is_dirty() {
             let span = tracing::debug_span!("session.commit", sid = %tag);
             let session = l.session;
