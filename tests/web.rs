@@ -676,6 +676,39 @@ async fn cycle_id_reissues_the_cookie_and_invalidate_clears_it() {
     assert_eq!(srv.get("/get/a", Some(&cycled)).await.body, "0");
 }
 
+/// A logout whose delete fails (here: the session's lock stays busy past the manager's
+/// timeout, so nothing was deleted) must not clear the cookie: the session lives on, and the
+/// client must keep the cookie to retry the logout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_that_failed_keeps_the_cookie_for_a_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut setup = Setup::new(dir.path());
+    setup.session.lock_timeout = Duration::from_millis(200);
+    let srv = setup.start().await;
+    let cookie = srv.new_session().await;
+    let (addr, c1) = (srv.addr, cookie.clone());
+    let holder = tokio::spawn(async move {
+        once(addr, Method::POST, "/excl/800", Some(&c1))
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = srv.post("/logout", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.set_cookie(), None, "the session was not deleted");
+    assert_eq!(holder.await.unwrap().body, "1");
+    assert_eq!(
+        srv.get("/get/a", Some(&cookie)).await.body,
+        "1",
+        "still alive"
+    );
+    // The retry logs out.
+    let r = srv.post("/logout", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.set_cookie().unwrap().contains("Max-Age=0"));
+    assert_eq!(srv.get("/get/a", Some(&cookie)).await.body, "0");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_handler_stores_none_of_its_changes() {
     let dir = tempfile::tempdir().unwrap();

@@ -85,7 +85,8 @@ impl LazySession {
         self.0.cycle_id().await
     }
 
-    /// Deletes the session now and clears the cookie at the end of the request.
+    /// Deletes the session now and clears the cookie at the end of the request. If the delete
+    /// fails (e.g. 503 after a lock wait), the cookie is kept so that the client can retry.
     pub async fn invalidate(&self) -> Result<(), WebError> {
         self.0.invalidate().await
     }

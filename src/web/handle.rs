@@ -677,10 +677,17 @@ impl SessionHandle {
             }
         };
         bump(&sh.stats.invalidated);
-        match job {
-            Some(job) => self.blocking(Some(sh.cfg.lock_timeout), job).await,
-            None => Ok(()),
+        let Some(job) = job else { return Ok(()) };
+        let r = self.blocking(Some(sh.cfg.lock_timeout), job).await;
+        if r.as_ref()
+            .is_err_and(|e| !matches!(e.error(), Error::SessionGone))
+        {
+            // The session may still be there (a lock wait timed out, the store failed): keep
+            // the client's cookie so that it can retry the logout, rather than leave a live
+            // session that no client can name any more.
+            *st = State::Finished;
         }
+        r
     }
 
     /// Ends the request: commits the changes as one delta, or creates the new session, or
