@@ -736,6 +736,84 @@ fn redis_garbage_metadata_is_corrupt_and_collected() {
     assert_eq!(exists, 0);
 }
 
+/// A key of another type at a session's name (another program's `SET`, `RPUSH`, ...): every
+/// read of it is `SessionCorrupt`, not a backend error, so the manager's corruption policy
+/// applies and gc deletes it; the other sessions stay.
+#[test]
+fn redis_a_key_of_another_type_is_corrupt_and_collected() {
+    let url = required_env("LOCKTABLE_REDIS_URL");
+    let prefix = unique_prefix("wrongtype");
+    let store = redis_store(&url, &prefix);
+    let id = locktable::session::SessionId::generate().unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut c = client.get_connection().unwrap();
+    let key = format!("{prefix}{}", id.as_str());
+    let plants: [(&str, &[&str]); 4] = [
+        ("SET", &["junk"]),
+        ("RPUSH", &["a", "b"]),
+        ("SADD", &["a"]),
+        ("ZADD", &["1", "a"]),
+    ];
+    let cut = SessionConfig::default().cutoffs(locktable::session::Timestamp(10));
+    for (cmd, args) in plants {
+        let _: () = redis::cmd("DEL").arg(&key).query(&mut c).unwrap();
+        let _: () = redis::cmd(cmd).arg(&key).arg(args).query(&mut c).unwrap();
+        let corrupt = |r: String| assert!(r.contains("SessionCorrupt"), "{cmd}: {r}");
+        corrupt(format!("{:?}", store.load(&id, 1 << 20)));
+        corrupt(format!("{:?}", store.load_head(&id, 1 << 20, 1 << 20)));
+        corrupt(format!("{:?}", store.load_values(&id, 1, &["k"])));
+        corrupt(format!("{:?}", store.meta(&id)));
+        corrupt(format!(
+            "{:?}",
+            store.touch(&id, locktable::session::Timestamp(5), Duration::ZERO, &cut)
+        ));
+        corrupt(format!("{:?}", store.remove_expired(&id, &cut)));
+        // A save finds another version there (it is not the session it expects) and leaves
+        // the key alone.
+        let rec = memcached_any_record();
+        let head = locktable::session::StoredHead {
+            meta: rec.meta,
+            head: b"h".to_vec(),
+            values: None,
+        };
+        for expected in [None, Some(1)] {
+            assert!(
+                matches!(store.save(&id, expected, &rec), Ok(false)),
+                "{cmd}"
+            );
+            let r = store.save_delta(&id, expected, &head, &[("k".into(), Some(b"1".to_vec()))]);
+            assert!(matches!(r, Ok(false)), "{cmd}: {r:?}");
+        }
+        let kind: String = redis::cmd("TYPE").arg(&key).query(&mut c).unwrap();
+        assert_ne!(kind, "hash", "{cmd}");
+    }
+    // The manager: a live session beside it stays; the planted key is absent to a request
+    // (and deleted under the default policy), and gc deletes one planted again.
+    let table = LockTable::anonymous(&TableOptions::default()).unwrap();
+    let mgr = SessionManager::new(table, store, SessionConfig::default());
+    let mut live = mgr.create().unwrap();
+    live.insert("n", &1).unwrap();
+    let live_id = live.id().as_str().to_owned();
+    live.commit().unwrap();
+    assert!(mgr.load(id.as_str()).unwrap().is_none());
+    let exists: i64 = redis::cmd("EXISTS").arg(&key).query(&mut c).unwrap();
+    assert_eq!(exists, 0, "invalidated by the corruption policy");
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("junk")
+        .query(&mut c)
+        .unwrap();
+    let r = mgr.gc().unwrap();
+    assert_eq!((r.corrupt, r.unreadable), (1, 0), "{r:?}");
+    let exists: i64 = redis::cmd("EXISTS").arg(&key).query(&mut c).unwrap();
+    assert_eq!(exists, 0, "collected by gc");
+    let s = mgr
+        .load(&live_id)
+        .unwrap()
+        .expect("the other session stays");
+    assert_eq!(s.get::<i32>("n").unwrap(), Some(1));
+}
+
 /// Garbage in a memcached metadata item: `SessionCorrupt`, never a panic; the manager treats
 /// the session as absent and deletes it.
 #[test]

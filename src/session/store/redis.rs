@@ -10,7 +10,9 @@
 //! ms), `la` (last accessed, ms), `e` (expiry rule: `d`, `i<ms>`, `a<ms>`), `n` (record size) and
 //! `d` (the record). Metadata is `HMGET` of the small fields, never the record; a session is one
 //! key, so expiry, eviction and deletion take metadata and record together: a session is
-//! present whole or not at all.
+//! present whole or not at all. A key of another type at a session's name (written by another
+//! program) is [`Error::SessionCorrupt`] to every read, so the manager's corruption policy and
+//! `gc` delete it like any unreadable record.
 //!
 //! A session stored **by key** ([`Store::save_delta`]) has, instead of `d`, the field `h` (its
 //! head: versions and sizes of the keys) and one field `k:<key>` per value; `n` is then the
@@ -56,7 +58,14 @@ const TTL_MAX_MS: u64 = 1_000_000_000_000_000;
 
 /// `load` and `load_head`: ARGV = max size, size up to which the values of a session stored by
 /// key come along. Replies `whole` + meta + record, or `head` + meta + head + (key, value)*.
+///
+/// Every script first asks the key's `TYPE`: a key of another type at a session's name (another
+/// program's `SET`) reads as corrupt, or as a version mismatch for the saves, where a command
+/// on it would fail with `WRONGTYPE`.
 const LOAD: &str = r"
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'none' then return false end
+if t ~= 'hash' then return {'corrupt'} end
 local m = redis.call('HMGET', KEYS[1], 'v', 'c', 'la', 'e', 'n')
 if not m[1] then return false end
 if not (m[2] and m[3] and m[4] and m[5] and tonumber(m[5])) then return {'corrupt'} end
@@ -81,6 +90,9 @@ return out
 /// ARGV = version, keys. Replies nil (another version or gone), `whole` + record, or `vals` +
 /// one value (nil when absent) per key.
 const LOAD_VALUES: &str = r"
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'none' then return false end
+if t ~= 'hash' then return {'corrupt'} end
 local v = redis.call('HGET', KEYS[1], 'v')
 if v ~= ARGV[1] then return false end
 local d = redis.call('HGET', KEYS[1], 'd')
@@ -103,6 +115,8 @@ return out
 /// ttl, mode ('full': drop a whole record `d` too), then (key, value) pairs, '' = removed.
 /// Replies 1 (written), 0 (the version did not match), 2 (saved whole: convert, mode 'full').
 const SAVE_DELTA: &str = r"
+local t = redis.call('TYPE', KEYS[1]).ok
+if t ~= 'none' and t ~= 'hash' then return 0 end
 local cur = redis.call('HGET', KEYS[1], 'v')
 if ARGV[1] == '' then
   if cur then return 0 end
@@ -133,6 +147,8 @@ return 1
 ";
 
 const SAVE: &str = r"
+local t = redis.call('TYPE', KEYS[1]).ok
+if t ~= 'none' and t ~= 'hash' then return 0 end
 local cur = redis.call('HGET', KEYS[1], 'v')
 if ARGV[1] == '' then
   if cur then return 0 end
@@ -173,6 +189,9 @@ end
 ";
 
 const TOUCH: &str = r"
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'none' then return 'missing' end
+if t ~= 'hash' then return 'corrupt' end
 local m = redis.call('HMGET', KEYS[1], 'v', 'c', 'la', 'e')
 if not m[1] then return 'missing' end
 local la = tonumber(m[3])
@@ -190,6 +209,9 @@ return 'written'
 ";
 
 const REMOVE_EXPIRED: &str = r"
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'none' then return 0 end
+if t ~= 'hash' then return -1 end
 local m = redis.call('HMGET', KEYS[1], 'v', 'c', 'la', 'e')
 if not m[1] then return 0 end
 local la = tonumber(m[3])
@@ -203,7 +225,16 @@ end
 return 0
 ";
 
+/// The small fields `v c la e n` (`HMGET`), or `corrupt` for a key of another type.
+const META: &str = r"
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'none' then return false end
+if t ~= 'hash' then return {'corrupt'} end
+return redis.call('HMGET', KEYS[1], 'v', 'c', 'la', 'e', 'n')
+";
+
 struct Scripts {
+    meta: Script,
     load: Script,
     load_values: Script,
     save: Script,
@@ -215,6 +246,7 @@ struct Scripts {
 impl Scripts {
     fn new() -> Scripts {
         Scripts {
+            meta: Script::new(META),
             load: Script::new(LOAD),
             load_values: Script::new(LOAD_VALUES),
             save: Script::new(SAVE),
@@ -475,12 +507,16 @@ impl RedisStore {
 
     fn meta_of(&self, id: &SessionId) -> Result<Option<SessionMeta>> {
         let key = self.key(id);
-        let f: Vec<Option<Vec<u8>>> = self.with_conn("meta", |c| {
-            redis::cmd("HMGET")
-                .arg(&key)
-                .arg(&["v", "c", "la", "e", "n"])
-                .query(c)
-        })?;
+        let f: Option<Vec<Option<Vec<u8>>>> =
+            self.with_conn("meta", |c| self.scripts.meta.key(&key).invoke(c))?;
+        let Some(f) = f else {
+            return Ok(None);
+        };
+        if f.len() != 5 {
+            return Err(Error::SessionCorrupt(
+                "redis session key is not a hash".into(),
+            ));
+        }
         if f.iter().all(Option::is_none) {
             return Ok(None);
         }
