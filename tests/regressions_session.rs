@@ -941,3 +941,35 @@ fn a_fifo_named_like_a_session_is_an_error_never_a_hang() {
         assert!(mgr.load(id).unwrap().is_none(), "the others were collected");
     }
 }
+
+// A session whose stored header is unreadable could not be deleted: `delete` first asks the
+// store to remove it if expired, that check reads the header, and its `SessionCorrupt`
+// propagated, so `delete` failed under either corruption policy (under `Error`, nothing in
+// the crate could ever remove the session; the same on Redis for a key of another type). Fix:
+// `delete` removes a session whose expiry check finds it corrupt.
+#[test]
+fn a_session_with_an_unreadable_header_is_deletable() {
+    use locktable::session::CorruptPolicy;
+    for policy in [CorruptPolicy::Invalidate, CorruptPolicy::Error] {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = file_mgr(
+            dir.path(),
+            SessionConfig {
+                on_corrupt: policy,
+                ..SessionConfig::default()
+            },
+        );
+        let id = new_session(&mgr, &[("a", 1)]);
+        let other = new_session(&mgr, &[("b", 2)]);
+        let path = dir.path().join("sessions").join(&id[..2]).join(&id);
+        std::fs::write(&path, b"garbage, not a session record").unwrap();
+        let r = mgr.delete(&id);
+        assert!(matches!(r, Ok(true)), "{policy:?}: {r:?}");
+        assert!(!path.exists(), "{policy:?}");
+        assert!(mgr.load(&id).unwrap().is_none());
+        assert!(
+            mgr.load(&other).unwrap().is_some(),
+            "the other session stays"
+        );
+    }
+}

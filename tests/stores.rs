@@ -807,6 +807,15 @@ fn redis_a_key_of_another_type_is_corrupt_and_collected() {
     assert_eq!((r.corrupt, r.unreadable), (1, 0), "{r:?}");
     let exists: i64 = redis::cmd("EXISTS").arg(&key).query(&mut c).unwrap();
     assert_eq!(exists, 0, "collected by gc");
+    // And deletable by the manager (under any policy: see regressions_session.rs).
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("junk")
+        .query(&mut c)
+        .unwrap();
+    assert!(mgr.delete(id.as_str()).unwrap());
+    let exists: i64 = redis::cmd("EXISTS").arg(&key).query(&mut c).unwrap();
+    assert_eq!(exists, 0, "deleted");
     let s = mgr
         .load(&live_id)
         .unwrap()
@@ -851,6 +860,11 @@ fn memcached_garbage_metadata_is_corrupt() {
         "END\r\n",
         "the corrupt session was invalidated"
     );
+    // And deletable by the manager.
+    let meta_key = format!("{prefix}m:{}", id.as_str());
+    assert_eq!(memcached_raw_store(&url, &meta_key, "1 2 3"), "STORED\r\n");
+    assert!(mgr.delete(id.as_str()).unwrap());
+    assert_eq!(memcached_raw(&url, &format!("get {meta_key}")), "END\r\n");
 }
 
 fn memcached_any_record() -> locktable::session::StoredSession {

@@ -727,7 +727,10 @@ impl SessionManager {
 
     /// Deletes a session at once; `Ok(false)` if it did not exist, is malformed, or is expired
     /// (an expired session is deleted too, but it was already gone for `load`, so `delete`
-    /// agrees: it did not exist).
+    /// agrees: it did not exist). A session whose stored record is unreadable
+    /// ([`Error::SessionCorrupt`], even in the metadata that says whether it expired) is deleted
+    /// whatever [`SessionConfig::on_corrupt`] says, and counts as present (`Ok(true)`), as one
+    /// that is corrupt only in its body always did.
     pub fn delete(&self, id: &str) -> Result<bool> {
         self.delete_timeout(id, self.inner.cfg.lock_timeout)
     }
@@ -742,9 +745,17 @@ impl SessionManager {
         let _w = locks::write(&inner.locks, &id, Deadline::after(timeout))?;
         let now = inner.cfg.clock.now();
         inner.changing(&id, || {
-            if inner.store.remove_expired(&id, &inner.cfg.cutoffs(now))? {
-                bump(&inner.counters.expired_removed);
-                return Ok(false);
+            match inner.store.remove_expired(&id, &inner.cfg.cutoffs(now)) {
+                Ok(true) => {
+                    bump(&inner.counters.expired_removed);
+                    return Ok(false);
+                }
+                Ok(false) => {}
+                // Whether it expired cannot be told; the caller wants it gone either way.
+                Err(Error::SessionCorrupt(m)) => {
+                    tracing::warn!(session = ?id, reason = %m, "corrupt session record deleted");
+                }
+                Err(e) => return Err(e),
             }
             inner.store.delete(&id)
         })
