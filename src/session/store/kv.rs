@@ -28,7 +28,9 @@
 //! check and write in one transaction too. A process killed mid-transaction leaves the last
 //! committed state (LMDB never overwrites live pages; its writer mutex is robust, so the next
 //! writer recovers it). The expiry scan walks `meta` from a cursor (the last ID examined), in key
-//! order, within one read snapshot per call.
+//! order, within one read snapshot per call, and `data` over the same keys (at most a batch of
+//! it), so that a record without metadata, which this store never writes, is found: it reads as
+//! [`Error::SessionCorrupt`] (as metadata without a record does) and gc deletes it.
 //!
 //! The directory also holds the hot-session cache's change counters (`.versions`, owned by
 //! `session/cache.rs`; [`Store::change_counters`] names the directory), so every process on it
@@ -45,7 +47,7 @@ use super::{
 use crate::session::id::SessionId;
 use crate::session::record;
 use crate::{Error, Result};
-use heed::types::Bytes;
+use heed::types::{Bytes, DecodeIgnore};
 use heed::{Database, Env, EnvOpenOptions, WithoutTls};
 use parking_lot::Mutex;
 use std::ops::Bound;
@@ -304,15 +306,28 @@ impl KvStore {
         txn: &heed::RoTxn<'_, WithoutTls>,
         id: &SessionId,
     ) -> Result<Option<SessionMeta>> {
-        match self
-            .shared
-            .meta
-            .get(txn, id.as_str().as_bytes())
-            .map_err(lmdb("read"))?
-        {
+        let key = id.as_str().as_bytes();
+        match self.shared.meta.get(txn, key).map_err(lmdb("read"))? {
+            // A record without metadata was not written by this store (saves and deletes write
+            // both in one transaction): unreadable, so that the corruption policy and gc
+            // delete it instead of leaving it invisible for ever.
+            None if self.record_in(txn, key)? => {
+                Err(Error::SessionCorrupt("kv record without metadata".into()))
+            }
             None => Ok(None),
             Some(b) => decode_meta(b).map(Some),
         }
+    }
+
+    /// Whether `data` holds an entry at `key`, without reading the record.
+    fn record_in(&self, txn: &heed::RoTxn<'_, WithoutTls>, key: &[u8]) -> Result<bool> {
+        Ok(self
+            .shared
+            .data
+            .remap_data_type::<DecodeIgnore>()
+            .get(txn, key)
+            .map_err(lmdb("read"))?
+            .is_some())
     }
 
     /// Runs `f` in one write transaction and commits it when `f` returns `Ok`.
@@ -691,8 +706,65 @@ impl Store for KvStore {
                 Err(_) => scan.corrupt.push(id),
             }
         }
-        // A full pass restarts from the first key; otherwise resume after the last one seen.
-        *cursor = if scan.more { last } else { None };
+        // Records without metadata (another program's) are not in `meta`: walk `data` over the
+        // same stretch of keys, at most `budget` entries of it (keys and small records only:
+        // LMDB hands out a large record without reading it), and offer each orphan to gc as
+        // corrupt. Where that walk stops short, the next call resumes there.
+        let end = match (&last, scan.more) {
+            (Some(l), true) => Bound::Included(&l[..]),
+            _ => Bound::Unbounded,
+        };
+        let mut walked_last: Option<Vec<u8>> = None;
+        let mut cut_short = false;
+        for (walked, entry) in self
+            .shared
+            .data
+            .remap_data_type::<DecodeIgnore>()
+            .range(&rtxn, &(start, end))
+            .map_err(lmdb("scan"))?
+            .enumerate()
+        {
+            let key = match entry {
+                Ok((key, ())) => key,
+                Err(e) => {
+                    tracing::warn!(error = %e, "session gc: kv entry unreadable, scan ends here");
+                    scan.unreadable += 1;
+                    break;
+                }
+            };
+            if walked == budget {
+                cut_short = true;
+                break;
+            }
+            walked_last = Some(key.to_vec());
+            if self
+                .shared
+                .meta
+                .get(&rtxn, key)
+                .map_err(lmdb("scan"))?
+                .is_some()
+            {
+                continue;
+            }
+            scan.examined += 1;
+            match std::str::from_utf8(key)
+                .ok()
+                .and_then(|k| SessionId::parse(k).ok())
+            {
+                Some(id) => scan.corrupt.push(id),
+                None => scan.unreadable += 1,
+            }
+        }
+        // A full pass restarts from the first key; otherwise resume after the last one seen
+        // (of `data` if its walk stopped short: the metadata after it is examined again).
+        *cursor = if cut_short {
+            scan.more = true;
+            walked_last
+        } else if scan.more {
+            last
+        } else {
+            None
+        };
         Ok(scan)
     }
 }
@@ -765,6 +837,71 @@ mod tests {
         assert!(!store.save(&id, None, &rec).unwrap());
         assert!(store.delete(&id).unwrap());
         assert!(store.meta(&id).unwrap().is_none());
+    }
+
+    /// A record (`data`) without metadata, planted by another program: `SessionCorrupt` for
+    /// readers, found by gc's scan (a batch at a time) and deleted by it; other sessions stay.
+    #[test]
+    fn a_record_without_metadata_is_corrupt_and_collected() {
+        use crate::session::{SessionConfig, SessionManager};
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(dir.path()).unwrap();
+        let mgr = SessionManager::new(
+            crate::LockTable::anonymous(&crate::TableOptions::default()).unwrap(),
+            KvStore::open(dir.path()).unwrap(),
+            SessionConfig {
+                gc_batch: 2,
+                ..SessionConfig::default()
+            },
+        );
+        let mut live = mgr.create().unwrap();
+        live.insert("n", &1).unwrap();
+        let live_id = live.id().as_str().to_owned();
+        live.commit().unwrap();
+        let orphans: Vec<SessionId> = (0..5).map(|_| SessionId::generate().unwrap()).collect();
+        let mut wtxn = store.shared.env.write_txn().unwrap();
+        for id in &orphans {
+            store
+                .shared
+                .data
+                .put(&mut wtxn, id.as_str().as_bytes(), b"junk")
+                .unwrap();
+        }
+        wtxn.commit().unwrap();
+        let id = &orphans[0];
+        assert!(matches!(store.meta(id), Err(Error::SessionCorrupt(_))));
+        assert!(matches!(
+            store.load(id, 1 << 20),
+            Err(Error::SessionCorrupt(_))
+        ));
+        let cut = SessionConfig::default().cutoffs(Timestamp(10));
+        let scan = store.scan_expired(&cut, 2).unwrap();
+        assert!(scan.corrupt.len() <= 2 && scan.more, "bounded: {scan:?}");
+        // gc, called while it says there is more, deletes every one of them.
+        let mut collected = 0;
+        for _ in 0..20 {
+            let r = mgr.gc().unwrap();
+            collected += r.corrupt;
+            if !r.more {
+                break;
+            }
+        }
+        assert_eq!(collected, orphans.len());
+        let rtxn = store.shared.env.read_txn().unwrap();
+        for id in &orphans {
+            let left = store
+                .shared
+                .data
+                .get(&rtxn, id.as_str().as_bytes())
+                .unwrap();
+            assert!(left.is_none());
+        }
+        drop(rtxn);
+        let s = mgr
+            .load(&live_id)
+            .unwrap()
+            .expect("the other session stays");
+        assert_eq!(s.get::<i32>("n").unwrap(), Some(1));
     }
 
     #[test]
