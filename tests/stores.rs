@@ -748,14 +748,16 @@ fn redis_a_key_of_another_type_is_corrupt_and_collected() {
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut c = client.get_connection().unwrap();
     let key = format!("{prefix}{}", id.as_str());
-    let plants: [(&str, &[&str]); 4] = [
-        ("SET", &["junk"]),
-        ("RPUSH", &["a", "b"]),
-        ("SADD", &["a"]),
-        ("ZADD", &["1", "a"]),
+    let plants: [(&str, &[&str], &str); 5] = [
+        // A hash, but with none of a session's fields.
+        ("HSET", &["foo", "bar"], "hash"),
+        ("SET", &["junk"], "string"),
+        ("RPUSH", &["a", "b"], "list"),
+        ("SADD", &["a"], "set"),
+        ("ZADD", &["1", "a"], "zset"),
     ];
     let cut = SessionConfig::default().cutoffs(locktable::session::Timestamp(10));
-    for (cmd, args) in plants {
+    for (cmd, args, planted) in plants {
         let _: () = redis::cmd("DEL").arg(&key).query(&mut c).unwrap();
         let _: () = redis::cmd(cmd).arg(&key).arg(args).query(&mut c).unwrap();
         let corrupt = |r: String| assert!(r.contains("SessionCorrupt"), "{cmd}: {r}");
@@ -785,7 +787,11 @@ fn redis_a_key_of_another_type_is_corrupt_and_collected() {
             assert!(matches!(r, Ok(false)), "{cmd}: {r:?}");
         }
         let kind: String = redis::cmd("TYPE").arg(&key).query(&mut c).unwrap();
-        assert_ne!(kind, "hash", "{cmd}");
+        assert_eq!(kind, planted, "{cmd}: left alone");
+        if cmd == "HSET" {
+            let n: i64 = redis::cmd("HLEN").arg(&key).query(&mut c).unwrap();
+            assert_eq!(n, 1, "{cmd}: left alone");
+        }
     }
     // The manager: a live session beside it stays; the planted key is absent to a request
     // (and deleted under the default policy), and gc deletes one planted again.

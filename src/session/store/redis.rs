@@ -11,8 +11,9 @@
 //! `d` (the record). Metadata is `HMGET` of the small fields, never the record; a session is one
 //! key, so expiry, eviction and deletion take metadata and record together: a session is
 //! present whole or not at all. A key of another type at a session's name (written by another
-//! program) is [`Error::SessionCorrupt`] to every read, so the manager's corruption policy and
-//! `gc` delete it like any unreadable record.
+//! program), or a hash without the version `v` (which every write sets), is
+//! [`Error::SessionCorrupt`] to every read, so the manager's corruption policy and `gc` delete it
+//! like any unreadable record.
 //!
 //! A session stored **by key** ([`Store::save_delta`]) has, instead of `d`, the field `h` (its
 //! head: versions and sizes of the keys) and one field `k:<key>` per value; `n` is then the
@@ -61,13 +62,14 @@ const TTL_MAX_MS: u64 = 1_000_000_000_000_000;
 ///
 /// Every script first asks the key's `TYPE`: a key of another type at a session's name (another
 /// program's `SET`) reads as corrupt, or as a version mismatch for the saves, where a command
-/// on it would fail with `WRONGTYPE`.
+/// on it would fail with `WRONGTYPE`. So does a hash without a version `v`, which no script
+/// writes (every write sets `v`).
 const LOAD: &str = r"
 local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'none' then return false end
 if t ~= 'hash' then return {'corrupt'} end
 local m = redis.call('HMGET', KEYS[1], 'v', 'c', 'la', 'e', 'n')
-if not m[1] then return false end
+if not m[1] then return {'corrupt'} end
 if not (m[2] and m[3] and m[4] and m[5] and tonumber(m[5])) then return {'corrupt'} end
 if tonumber(m[5]) > tonumber(ARGV[1]) then return {'big', m[1], m[2], m[3], m[4], m[5]} end
 local d = redis.call('HGET', KEYS[1], 'd')
@@ -94,6 +96,7 @@ local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'none' then return false end
 if t ~= 'hash' then return {'corrupt'} end
 local v = redis.call('HGET', KEYS[1], 'v')
+if not v then return {'corrupt'} end
 if v ~= ARGV[1] then return false end
 local d = redis.call('HGET', KEYS[1], 'd')
 if d then return {'whole', d} end
@@ -118,6 +121,7 @@ const SAVE_DELTA: &str = r"
 local t = redis.call('TYPE', KEYS[1]).ok
 if t ~= 'none' and t ~= 'hash' then return 0 end
 local cur = redis.call('HGET', KEYS[1], 'v')
+if t == 'hash' and not cur then return 0 end
 if ARGV[1] == '' then
   if cur then return 0 end
 elseif cur ~= ARGV[1] then
@@ -150,6 +154,7 @@ const SAVE: &str = r"
 local t = redis.call('TYPE', KEYS[1]).ok
 if t ~= 'none' and t ~= 'hash' then return 0 end
 local cur = redis.call('HGET', KEYS[1], 'v')
+if t == 'hash' and not cur then return 0 end
 if ARGV[1] == '' then
   if cur then return 0 end
 elseif cur ~= ARGV[1] then
@@ -193,7 +198,7 @@ local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'none' then return 'missing' end
 if t ~= 'hash' then return 'corrupt' end
 local m = redis.call('HMGET', KEYS[1], 'v', 'c', 'la', 'e')
-if not m[1] then return 'missing' end
+if not m[1] then return 'corrupt' end
 local la = tonumber(m[3])
 if not la then return 'corrupt' end
 if la >= tonumber(ARGV[2]) then return 'skipped' end
@@ -213,7 +218,7 @@ local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'none' then return 0 end
 if t ~= 'hash' then return -1 end
 local m = redis.call('HMGET', KEYS[1], 'v', 'c', 'la', 'e')
-if not m[1] then return 0 end
+if not m[1] then return -1 end
 local la = tonumber(m[3])
 if not la then return -1 end
 local ends = expires_at(m[2], m[4], la, tonumber(ARGV[2]), tonumber(ARGV[3]))
@@ -517,9 +522,7 @@ impl RedisStore {
                 "redis session key is not a hash".into(),
             ));
         }
-        if f.iter().all(Option::is_none) {
-            return Ok(None);
-        }
+        // The key exists (the script said so): a field missing, even every one, is damage.
         let f: Option<Vec<Vec<u8>>> = f.into_iter().collect();
         match f {
             Some(f) => parse_meta(&f).map(Some),
