@@ -440,6 +440,73 @@ async fn a_neighbour_cookie_with_non_ascii_bytes_does_not_hide_the_session() {
     assert_eq!(srv.layer.stats().created, 1, "no fresh session was made");
 }
 
+/// Two of our cookies that both verify: a stale one (here on a more specific `Path`, which
+/// browsers send first) naming a deleted session, beside the live one. The live session is
+/// used by every view; the stale cookie neither shadows it nor makes a fresh session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_cookie_sent_first_does_not_shadow_the_live_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Setup::new(dir.path()).start().await;
+    let stale = srv.new_session().await;
+    assert_eq!(
+        srv.post("/logout", Some(&stale)).await.status,
+        StatusCode::OK
+    );
+    let live = srv.new_session().await;
+    assert_ne!(stale, live);
+    let both = format!("{stale}; {live}");
+    // Also as two `Cookie` headers (HTTP/2 clients may split them).
+    let split = [
+        (
+            hyper::header::COOKIE,
+            hyper::header::HeaderValue::from_str(&stale).unwrap(),
+        ),
+        (
+            hyper::header::COOKIE,
+            hyper::header::HeaderValue::from_str(&live).unwrap(),
+        ),
+    ];
+    let mut conn = http::Conn::open(srv.addr).await.unwrap();
+    let r = conn.req_raw(Method::GET, "/get/a", &split).await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "1"), "split");
+    for (method, path, want) in [
+        (Method::GET, "/get/a", "1"),
+        (Method::GET, "/lazy-get/a", "1"),
+        (Method::POST, "/incr/a", "2"),
+        (Method::POST, "/set/a/5", "2"),
+        (Method::POST, "/excl-incr/a", "6"),
+        (Method::POST, "/read-then-write/a/8", "6"),
+    ] {
+        let r = once(srv.addr, method, path, Some(&both)).await.unwrap();
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (StatusCode::OK, want),
+            "{path}"
+        );
+        if let Some(c) = r.cookie_pair() {
+            assert_eq!(c, live, "{path}: the live session's cookie");
+        }
+    }
+    assert_eq!(srv.layer.stats().created, 2, "no fresh session was made");
+    assert_eq!(srv.get("/get/a", Some(&live)).await.body, "8");
+    // A logout ends the live session.
+    let r = srv.post("/logout", Some(&both)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(srv.get("/get/a", Some(&live)).await.body, "0", "logged out");
+    // Two live sessions: the first sent is used, and a logout ends both (the other one would
+    // otherwise take over on the next request).
+    let (first, second) = (srv.new_session().await, srv.new_session().await);
+    assert_eq!(srv.post("/incr/a", Some(&second)).await.body, "2");
+    let both = format!("{first}; {second}");
+    assert_eq!(srv.get("/get/a", Some(&both)).await.body, "1");
+    assert_eq!(
+        srv.post("/logout", Some(&both)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(srv.get("/get/a", Some(&first)).await.body, "0");
+    assert_eq!(srv.get("/get/a", Some(&second)).await.body, "0");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotated_keys_verify_old_cookies_and_sign_with_the_new_key() {
     let dir = tempfile::tempdir().unwrap();

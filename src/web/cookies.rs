@@ -280,22 +280,28 @@ impl CookieCodec {
         }
     }
 
-    /// The session ID in the request's cookie, if one of ours is there and verifies with one of
-    /// the keys and parses as an ID, with `true` when only a verification (old) key accepted it.
-    /// Anything else (absent, tampered, foreign key, malformed) is `None`: the request then gets
+    /// The session IDs that the request's cookies of our name carry and that verify with one
+    /// of the keys and parse as IDs, in the order sent, without repeats. Anything else
+    /// (absent, tampered, foreign key, malformed) is skipped; none at all and the request gets
     /// a fresh session.
-    pub(crate) fn session_id(&self, cookie_headers: &[HeaderValue]) -> Option<(SessionId, bool)> {
+    ///
+    /// Usually there is one. Several verify when the client holds stale cookies beside the
+    /// live one (e.g. one set on a more specific `Path`, which browsers send first): the
+    /// caller uses the first whose session exists, so a stale cookie cannot shadow the live
+    /// session.
+    pub(crate) fn session_ids(&self, cookie_headers: &[HeaderValue]) -> Presented {
+        let mut found = Presented::default();
         for header in cookie_headers {
             // Not `to_str`: it refuses the whole header for one byte outside visible ASCII, and
             // a neighbour cookie (another app's, or one set by script) may hold UTF-8 or any
             // byte. Ours never do, so only the pairs that are not UTF-8 are skipped.
             for value in values_named(header.as_bytes(), &self.name) {
-                if let Some(found) = self.open_value(value) {
-                    return Some(found);
+                if let Some(v) = self.open_value(value) {
+                    found.push(v);
                 }
             }
         }
-        None
+        found
     }
 
     /// One cookie value: from the memo, or verified and then remembered.
@@ -354,6 +360,58 @@ impl CookieCodec {
     }
 }
 
+/// The verified session IDs of one request (see [`CookieCodec::session_ids`]), each with `true`
+/// when only a verification (old) key accepted it.
+#[derive(Debug, Default)]
+pub(crate) struct Presented {
+    first: Option<(SessionId, bool)>,
+    /// The IDs after the first: empty, and so never allocated, for the usual single cookie.
+    more: Vec<(SessionId, bool)>,
+}
+
+impl Presented {
+    /// One ID already known to be the request's (verified earlier in the request).
+    pub(crate) fn one(id: SessionId) -> Presented {
+        Presented {
+            first: Some((id, false)),
+            more: Vec::new(),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    /// More than one ID.
+    pub(crate) fn several(&self) -> bool {
+        !self.more.is_empty()
+    }
+
+    pub(crate) fn ids(&self) -> impl Iterator<Item = &SessionId> {
+        self.first.iter().chain(&self.more).map(|(id, _)| id)
+    }
+
+    fn push(&mut self, (id, old_key): (SessionId, bool)) {
+        match &self.first {
+            None => self.first = Some((id, old_key)),
+            Some((first, _)) if *first == id => {}
+            Some(_) if self.more.iter().any(|(m, _)| *m == id) => {}
+            Some(_) => self.more.push((id, old_key)),
+        }
+    }
+}
+
+impl IntoIterator for Presented {
+    type Item = (SessionId, bool);
+    type IntoIter = std::iter::Chain<
+        std::option::IntoIter<(SessionId, bool)>,
+        std::vec::IntoIter<(SessionId, bool)>,
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.first.into_iter().chain(self.more)
+    }
+}
+
 /// The values of the cookies named `name` in one `Cookie` header, read as the `cookie` crate's
 /// `Cookie::split_parse` reads them: pairs split at `;`, name and value trimmed, no decoding.
 /// A pair that is not UTF-8 is skipped (`;` never occurs inside a multi-byte character, so the
@@ -385,6 +443,11 @@ mod tests {
         Timestamp(NOW.0 + s * 1000)
     }
 
+    /// The first verified ID, as a request with one cookie of ours uses it.
+    fn first(cfg: &CookieCodec, h: &[HeaderValue]) -> Option<(SessionId, bool)> {
+        cfg.session_ids(h).into_iter().next()
+    }
+
     fn header(v: &HeaderValue) -> Vec<HeaderValue> {
         let set = v.to_str().unwrap();
         let pair = set.split(';').next().unwrap();
@@ -400,23 +463,23 @@ mod tests {
         assert!(s.contains("HttpOnly") && s.contains("Secure") && s.contains("SameSite=Lax"));
         assert!(s.contains("Path=/") && s.contains("Max-Age=60"), "{s}");
         assert!(s.contains("Expires=Tue, 14 Nov 2023 22:14:20 GMT"), "{s}");
-        assert_eq!(cfg.session_id(&header(&v)), Some((id.clone(), false)));
+        assert_eq!(first(&cfg, &header(&v)), Some((id.clone(), false)));
         // Flip one character of the value.
         let mut t = s.split(';').next().unwrap().to_string();
         let last = t.pop().unwrap();
         t.push(if last == 'A' { 'B' } else { 'A' });
         let h = vec![HeaderValue::from_str(&t).unwrap()];
-        assert_eq!(cfg.session_id(&h), None);
+        assert_eq!(first(&cfg, &h), None);
         // Another key's cookie is refused, a rotated one accepted.
         let other = CookieCodec::new(CookieConfig::new(Key::generate()));
-        assert_eq!(other.session_id(&header(&v)), None);
+        assert_eq!(first(&other, &header(&v)), None);
         let rotated =
             CookieCodec::new(CookieConfig::new(Key::generate()).verify_with(cfg.cfg.key.clone()));
-        assert_eq!(rotated.session_id(&header(&v)), Some((id.clone(), true)));
+        assert_eq!(first(&rotated, &header(&v)), Some((id.clone(), true)));
         // Remembered, the answers stay the same (the old-key flag included).
-        assert_eq!(rotated.session_id(&header(&v)), Some((id.clone(), true)));
-        assert_eq!(cfg.session_id(&header(&v)), Some((id, false)));
-        assert_eq!(cfg.session_id(&h), None);
+        assert_eq!(first(&rotated, &header(&v)), Some((id.clone(), true)));
+        assert_eq!(first(&cfg, &header(&v)), Some((id, false)));
+        assert_eq!(first(&cfg, &h), None);
     }
 
     #[test]
@@ -428,28 +491,25 @@ mod tests {
         let forged = CookieCodec::new(CookieConfig::new(Key::generate()));
         for _ in 0..3 {
             let bad = header(&forged.issue(&id, NOW, in_secs(60)).unwrap());
-            assert_eq!(cfg.session_id(&bad), None);
+            assert_eq!(first(&cfg, &bad), None);
             let plain = format!("lt_session={}", id.as_str());
-            assert_eq!(
-                cfg.session_id(&[HeaderValue::from_str(&plain).unwrap()]),
-                None
-            );
+            assert_eq!(first(&cfg, &[HeaderValue::from_str(&plain).unwrap()]), None);
         }
         assert_eq!(cfg.remembered(), 0);
-        assert_eq!(cfg.session_id(&good), Some((id.clone(), false)));
+        assert_eq!(first(&cfg, &good), Some((id.clone(), false)));
         assert_eq!(cfg.remembered(), 1);
         // Many distinct valid cookies: the memo stays within its bound, every one verifies.
         for _ in 0..((MEMO_SHARDS * MEMO_SHARD_ENTRIES) + 100) {
             let other = SessionId::generate().unwrap();
             let h = header(&cfg.issue(&other, NOW, in_secs(60)).unwrap());
-            assert_eq!(cfg.session_id(&h), Some((other, false)));
+            assert_eq!(first(&cfg, &h), Some((other, false)));
         }
         assert!(
             cfg.remembered() <= (MEMO_SHARDS * MEMO_SHARD_ENTRIES),
             "{}",
             cfg.remembered()
         );
-        assert_eq!(cfg.session_id(&good), Some((id, false)));
+        assert_eq!(first(&cfg, &good), Some((id, false)));
     }
 
     #[test]
@@ -468,7 +528,7 @@ mod tests {
             format!("x_lt_session=1;{pair}"),
         ] {
             let h = [HeaderValue::from_str(&text).unwrap()];
-            assert_eq!(cfg.session_id(&h), Some((id.clone(), false)), "{text}");
+            assert_eq!(first(&cfg, &h), Some((id.clone(), false)), "{text}");
             let via_crate: Vec<_> = Cookie::split_parse(text.as_str())
                 .flatten()
                 .filter(|c| c.name() == "lt_session")
@@ -478,7 +538,7 @@ mod tests {
             assert_eq!(ours, via_crate, "{text}");
         }
         let h = [HeaderValue::from_str("lt_sessionX=1; other=2").unwrap()];
-        assert_eq!(cfg.session_id(&h), None);
+        assert_eq!(first(&cfg, &h), None);
     }
 
     #[test]
@@ -488,8 +548,8 @@ mod tests {
         let id = SessionId::generate().unwrap();
         let v = cfg.issue(&id, NOW, in_secs(60)).unwrap();
         assert!(!v.to_str().unwrap().contains(id.as_str()));
-        assert_eq!(cfg.session_id(&header(&v)), Some((id.clone(), false)));
-        assert_eq!(cfg.session_id(&header(&v)), Some((id, false)));
+        assert_eq!(first(&cfg, &header(&v)), Some((id.clone(), false)));
+        assert_eq!(first(&cfg, &header(&v)), Some((id, false)));
     }
 
     #[test]

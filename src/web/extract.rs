@@ -87,6 +87,8 @@ impl LazySession {
 
     /// Deletes the session now and clears the cookie at the end of the request. If the delete
     /// fails (e.g. 503 after a lock wait), the cookie is kept so that the client can retry.
+    /// A request that sent several valid cookies of ours (stale ones on other paths) ends the
+    /// sessions of all of them, so that none takes over on the next request.
     pub async fn invalidate(&self) -> Result<(), WebError> {
         self.0.invalidate().await
     }

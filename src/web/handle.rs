@@ -21,6 +21,7 @@
 //!   request joins only a flight that has not started reading, so it sees every commit that
 //!   finished before it arrived.
 
+use super::cookies::Presented;
 use super::telemetry::{bump, ReaderToken};
 use super::{Shared, WebError};
 use crate::session::SessionManager;
@@ -45,7 +46,7 @@ enum State {
     /// the access); nothing is loaded. With the session's end as that commit left it, for the
     /// cookie.
     Transacted(SessionId, Timestamp),
-    /// No session (no cookie, or one that failed verification or named no live session). The
+    /// No session (no cookie, or none that verified and named a live session). The
     /// draft becomes a new session at the end of the request if it holds any data.
     Absent(Draft),
     /// Loaded for this request.
@@ -137,6 +138,9 @@ pub(crate) struct RequestSession {
     writes: AtomicU64,
     /// The cookie verified only with an old key: re-sign it with the current one at the end.
     resign: AtomicBool,
+    /// Every verified ID of a request that sent several cookies of ours (rare; otherwise
+    /// empty): a logout ends them all.
+    also_presented: parking_lot::Mutex<Vec<SessionId>>,
     // Orderings: `writes` and `resign` are Relaxed. Both are written while the request holds
     // `state`'s mutex (or after awaiting the blocking task that did the write) and read in
     // `finish` after taking that mutex, which orders them.
@@ -202,6 +206,7 @@ impl SessionHandle {
             state: tokio::sync::Mutex::new(State::Pending),
             writes: AtomicU64::new(0),
             resign: AtomicBool::new(false),
+            also_presented: parking_lot::Mutex::new(Vec::new()),
         }))
     }
 
@@ -209,22 +214,29 @@ impl SessionHandle {
         &self.0.shared
     }
 
-    /// The ID the cookie names, if it verifies (CPU only). Counts a rejected cookie.
-    fn presented_id(&self) -> Option<SessionId> {
+    /// The IDs the request's cookies name and that verify (CPU only), in the order sent.
+    /// Counts a rejected cookie. The caller uses the first whose session exists (see
+    /// [`Self::chose`]): only a request with several cookies of ours can pay for more than one
+    /// lookup.
+    fn presented_ids(&self) -> Presented {
         let sh = self.shared();
         bump(&sh.stats.sessions_used);
         if self.0.cookies.is_empty() {
-            return None;
+            return Presented::default();
         }
-        match sh.cookies.session_id(&self.0.cookies) {
-            Some((id, old_key)) => {
-                self.0.resign.store(old_key, Ordering::Relaxed);
-                Some(id)
-            }
-            None => {
-                bump(&sh.stats.cookies_rejected);
-                None
-            }
+        let ids = sh.cookies.session_ids(&self.0.cookies);
+        if ids.is_empty() {
+            bump(&sh.stats.cookies_rejected);
+        } else if ids.several() {
+            *self.0.also_presented.lock() = ids.ids().cloned().collect();
+        }
+        ids
+    }
+
+    /// The request uses the presented ID whose cookie only an old key verified: re-sign it.
+    fn chose(&self, old_key: bool) {
+        if old_key {
+            self.0.resign.store(true, Ordering::Relaxed);
         }
     }
 
@@ -267,11 +279,11 @@ impl SessionHandle {
     /// Makes sure the session is resolved as `mode` needs: a snapshot, a loaded session
     /// (optimistic or exclusive), or known to be absent.
     async fn resolve(&self, state: &mut State, mode: Mode) -> Result<(), WebError> {
-        let (id, seen_version) = match state {
-            State::Pending => (self.presented_id(), None),
-            State::Transacted(id, _) => (Some(id.clone()), None),
+        let (ids, seen_version) = match state {
+            State::Pending => (self.presented_ids(), None),
+            State::Transacted(id, _) => (Presented::one(id.clone()), None),
             State::Snapshot { snap, .. } if mode != Mode::Snapshot => {
-                (Some(snap.id.clone()), Some(snap.version))
+                (Presented::one(snap.id.clone()), Some(snap.version))
             }
             State::Loaded(l) if mode == Mode::Exclusive && !l.session.is_exclusive() => {
                 return Err(self.err(Error::Io(std::io::Error::other(
@@ -281,52 +293,38 @@ impl SessionHandle {
             State::Finished => return Err(self.err(Error::SessionFinished)),
             _ => return Ok(()),
         };
-        let Some(id) = id else {
+        if ids.is_empty() {
             *state = State::Absent(Draft::default());
             return Ok(());
-        };
+        }
         let sh = self.shared();
         if mode == Mode::Snapshot {
-            *state = match self.snapshot(id).await? {
-                Some(snap) => {
+            for (id, old_key) in ids {
+                if let Some(snap) = self.snapshot(id).await? {
+                    self.chose(old_key);
                     let reader = sh.readers.as_ref().map(|g| {
                         g.enter(sh.hasher.hash(&snap.id), &sh.stats.max_concurrent_readers)
                     });
-                    State::Snapshot {
+                    *state = State::Snapshot {
                         snap,
                         _reader: reader,
-                    }
+                    };
+                    return Ok(());
                 }
-                None => {
-                    bump(&sh.stats.cookies_rejected);
-                    State::Absent(Draft::default())
-                }
-            };
+            }
+            bump(&sh.stats.cookies_rejected);
+            *state = State::Absent(Draft::default());
             return Ok(());
         }
         let exclusive = mode == Mode::Exclusive;
-        let cached = if exclusive {
-            None
-        } else {
-            self.try_cached(&id)?
-        };
-        let loaded = match cached {
-            Some(session) => Some(session),
-            None => {
-                let mgr = sh.mgr.clone();
-                let span =
-                    tracing::debug_span!("session.load", sid = %sh.hasher.tag(&id), exclusive);
-                self.blocking(Some(sh.cfg.lock_timeout), move || {
-                    let _e = span.entered();
-                    if exclusive {
-                        mgr.load_exclusive(id.as_str())
-                    } else {
-                        mgr.load(id.as_str())
-                    }
-                })
-                .await?
+        let mut loaded = None;
+        for (id, old_key) in ids {
+            loaded = self.load(id, exclusive).await?;
+            if loaded.is_some() {
+                self.chose(old_key);
+                break;
             }
-        };
+        }
         match loaded {
             Some(session) => {
                 bump(&sh.stats.loads);
@@ -357,6 +355,28 @@ impl SessionHandle {
             }
         }
         Ok(())
+    }
+
+    /// Session `id`, if it exists: from the manager's cache when it has it (optimistic loads
+    /// only), otherwise loaded on the blocking pool.
+    async fn load(&self, id: SessionId, exclusive: bool) -> Result<Option<Session>, WebError> {
+        if !exclusive {
+            if let Some(session) = self.try_cached(&id)? {
+                return Ok(Some(session));
+            }
+        }
+        let sh = self.shared();
+        let mgr = sh.mgr.clone();
+        let span = tracing::debug_span!("session.load", sid = %sh.hasher.tag(&id), exclusive);
+        self.blocking(Some(sh.cfg.lock_timeout), move || {
+            let _e = span.entered();
+            if exclusive {
+                mgr.load_exclusive(id.as_str())
+            } else {
+                mgr.load(id.as_str())
+            }
+        })
+        .await
     }
 
     /// Session `id` from the manager's cache of decoded sessions, inline: never blocks (no
@@ -535,9 +555,9 @@ impl SessionHandle {
         R: Send + 'static,
     {
         let mut st = self.0.state.lock().await;
-        let id = match &mut *st {
-            State::Pending => self.presented_id(),
-            State::Transacted(id, _) => Some(id.clone()),
+        let ids = match &mut *st {
+            State::Pending => self.presented_ids(),
+            State::Transacted(id, _) => Presented::one(id.clone()),
             // An exclusive session cannot conflict: change it in place, committed at the end.
             State::Loaded(l) if l.session.is_exclusive() => {
                 let mut txn = SessionTxn {
@@ -545,8 +565,8 @@ impl SessionHandle {
                 };
                 return f(&mut txn).map_err(|e| self.err(e));
             }
-            State::Loaded(l) => Some(l.session.id().clone()),
-            State::Snapshot { snap, .. } => Some(snap.id.clone()),
+            State::Loaded(l) => Presented::one(l.session.id().clone()),
+            State::Snapshot { snap, .. } => Presented::one(snap.id.clone()),
             State::Absent(d) => {
                 let mut txn = SessionTxn {
                     inner: TxnInner::Draft(d),
@@ -557,7 +577,9 @@ impl SessionHandle {
                 return Err(self.err(Error::SessionFinished));
             }
         };
-        if let Some(id) = id {
+        // The first presented session that exists takes the transaction.
+        let tried = !ids.is_empty();
+        for (id, old_key) in ids {
             let sh = self.shared();
             let mgr = sh.mgr.clone();
             let span = tracing::debug_span!("session.transact", sid = %sh.hasher.tag(&id));
@@ -591,6 +613,7 @@ impl SessionHandle {
                 .fetch_add(n.saturating_sub(1), Ordering::Relaxed);
             match result {
                 Ok(Some(r)) => {
+                    self.chose(old_key);
                     if n > 0 {
                         bump(&sh.stats.commits);
                         self.0.writes.fetch_add(1, Ordering::Relaxed);
@@ -600,10 +623,8 @@ impl SessionHandle {
                     }
                     return Ok(r);
                 }
-                Ok(None) => {
-                    // The cookie named no live session: fall through to a new one.
-                    bump(&sh.stats.cookies_rejected);
-                }
+                // That cookie named no live session: try the next one.
+                Ok(None) => {}
                 Err(e) => {
                     if matches!(e, Error::Conflict { .. }) {
                         bump(&sh.stats.conflicts);
@@ -611,6 +632,10 @@ impl SessionHandle {
                     return Err(self.err(e));
                 }
             }
+        }
+        if tried {
+            // No cookie named a live session: fall through to a new one.
+            bump(&self.shared().stats.cookies_rejected);
         }
         let mut draft = match std::mem::replace(&mut *st, State::Absent(Draft::default())) {
             State::Absent(d) => d,
@@ -656,28 +681,54 @@ impl SessionHandle {
         let mut st = self.0.state.lock().await;
         let sh = self.shared();
         let old = std::mem::replace(&mut *st, State::Invalidated);
+        // Every session the request's cookies name is ended, not only the one it used: a live
+        // one behind it would otherwise take over on the next request.
+        let mut others = std::mem::take(&mut *self.0.also_presented.lock());
         let mgr = sh.mgr.clone();
         let job: Option<Box<dyn FnOnce() -> crate::Result<()> + Send>> = match old {
-            State::Loaded(l) => Some(Box::new(move || l.session.invalidate())),
-            State::Transacted(id, _) => Some(Box::new(move || mgr.delete(id.as_str()).map(|_| ()))),
+            State::Loaded(l) => {
+                others.retain(|o| o != l.session.id());
+                Some(Box::new(move || l.session.invalidate()))
+            }
+            State::Transacted(id, _) => {
+                others.retain(|o| *o != id);
+                let mgr = mgr.clone();
+                Some(Box::new(move || mgr.delete(id.as_str()).map(|_| ())))
+            }
             State::Snapshot { snap, .. } => {
                 let id = snap.id.clone();
+                others.retain(|o| *o != id);
+                let mgr = mgr.clone();
                 Some(Box::new(move || mgr.delete(id.as_str()).map(|_| ())))
             }
             State::Pending => {
-                self.presented_id()
-                    .map(|id| -> Box<dyn FnOnce() -> crate::Result<()> + Send> {
-                        Box::new(move || mgr.delete(id.as_str()).map(|_| ()))
-                    })
+                others = self.presented_ids().into_iter().map(|(id, _)| id).collect();
+                self.0.also_presented.lock().clear();
+                None
             }
-            State::Absent(_) | State::Invalidated => None,
+            // No presented cookie named a live session.
+            State::Absent(_) | State::Invalidated => {
+                others.clear();
+                None
+            }
             State::Finished => {
                 *st = State::Finished;
                 return Err(self.err(Error::SessionFinished));
             }
         };
         bump(&sh.stats.invalidated);
-        let Some(job) = job else { return Ok(()) };
+        if job.is_none() && others.is_empty() {
+            return Ok(());
+        }
+        let job = move || {
+            let mut r = job.map_or(Ok(()), |j| j());
+            for id in others {
+                if let Err(e) = mgr.delete(id.as_str()) {
+                    r = r.and(Err(e));
+                }
+            }
+            r
+        };
         let r = self.blocking(Some(sh.cfg.lock_timeout), job).await;
         if r.as_ref()
             .is_err_and(|e| !matches!(e.error(), Error::SessionGone))

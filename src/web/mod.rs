@@ -37,6 +37,10 @@
 //! - The cookie is verified (HMAC, or AEAD for private cookies) the first time the layer sees
 //!   its value; the layer remembers a few thousand values that verified, so the next requests
 //!   of that browser cost a keyed hash instead. Values that fail are never remembered.
+//! - When a request sends several cookies of our name that verify (a stale one on a more
+//!   specific `Path`, which browsers send first, beside the live one), the first whose session
+//!   exists is used: a stale cookie never shadows the live session. Only such a request pays
+//!   for more than one lookup.
 //! - A writing request: one load and one commit of its delta at the end (see
 //!   [`LazySession`]); a conflict with a concurrent request on the same key is answered with
 //!   [`WebConfig::conflict_status`] (409), never a silent overwrite. Use
