@@ -507,6 +507,48 @@ async fn a_stale_cookie_sent_first_does_not_shadow_the_live_session() {
     assert_eq!(srv.get("/get/a", Some(&second)).await.body, "0");
 }
 
+/// Each cookie value of our name costs an HMAC (or AEAD) check: only the first 8 of a request
+/// are looked at, so a request with thousands of them does bounded work. A valid cookie after
+/// 8 others of our name is ignored (documented on `CookieConfig`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_first_8_session_cookie_values_are_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Setup::new(dir.path()).start().await;
+    let good = srv.new_session().await;
+    let bogus = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| format!("lt_session={}{i}", "A".repeat(60)))
+            .collect()
+    };
+    let mut seven = bogus(7);
+    seven.push(good.clone());
+    assert_eq!(srv.get("/get/a", Some(&seven.join("; "))).await.body, "1");
+    // Split over several `Cookie` headers, the count is the same.
+    let headers: Vec<_> = seven
+        .iter()
+        .map(|c| {
+            (
+                hyper::header::COOKIE,
+                hyper::header::HeaderValue::from_str(c).unwrap(),
+            )
+        })
+        .collect();
+    let mut conn = http::Conn::open(srv.addr).await.unwrap();
+    let r = conn.req_raw(Method::GET, "/get/a", &headers).await.unwrap();
+    assert_eq!(r.body, "1");
+    let mut eight = bogus(8);
+    eight.push(good.clone());
+    assert_eq!(srv.get("/get/a", Some(&eight.join("; "))).await.body, "0");
+    let mut many = bogus(5000);
+    many.push(good.clone());
+    let r = srv.get("/get/a", Some(&many.join("; "))).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "0"));
+    // Neighbour cookies of other names do not count.
+    let mut others: Vec<_> = (0..50).map(|i| format!("other{i}=x")).collect();
+    others.push(good.clone());
+    assert_eq!(srv.get("/get/a", Some(&others.join("; "))).await.body, "1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotated_keys_verify_old_cookies_and_sign_with_the_new_key() {
     let dir = tempfile::tempdir().unwrap();

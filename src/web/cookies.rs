@@ -26,6 +26,11 @@ pub enum Protection {
 /// Settings of the session cookie. Secure by default: signed, `HttpOnly`, `Secure`,
 /// `SameSite=Lax`, `Path=/`.
 ///
+/// A request may send several cookies of this name (stale ones on other paths or domains
+/// beside the live one): the first 8 are verified, in the order sent, and the first that names
+/// a live session is used. Values after the 8th are ignored, so that a request stuffed with
+/// cookies of this name costs at most 8 checks.
+///
 /// ```
 /// use locktable::web::{CookieConfig, Key};
 /// let old = Key::generate();
@@ -223,6 +228,10 @@ pub(crate) struct CookieCodec {
     memo: Vec<RwLock<HashMap<u64, Verified, BuildHasherDefault<PreHashed>>>>,
 }
 
+/// How many values of the session cookie's name one request may make the layer verify: the
+/// first ones sent, across all `Cookie` headers (see [`CookieConfig`]).
+pub(crate) const MAX_COOKIE_VALUES: usize = 8;
+
 /// A layer remembers at most `MEMO_SHARDS * MEMO_SHARD_ENTRIES` (4096) verified values, a
 /// few hundred KiB.
 const MEMO_SHARDS: usize = 16;
@@ -285,20 +294,26 @@ impl CookieCodec {
     /// (absent, tampered, foreign key, malformed) is skipped; none at all and the request gets
     /// a fresh session.
     ///
+    /// Only the first [`MAX_COOKIE_VALUES`] values of our name are looked at (each costs an
+    /// HMAC or AEAD check), so a request stuffed with thousands of them does bounded work; a
+    /// valid cookie after them is ignored.
+    ///
     /// Usually there is one. Several verify when the client holds stale cookies beside the
     /// live one (e.g. one set on a more specific `Path`, which browsers send first): the
     /// caller uses the first whose session exists, so a stale cookie cannot shadow the live
     /// session.
     pub(crate) fn session_ids(&self, cookie_headers: &[HeaderValue]) -> Presented {
         let mut found = Presented::default();
-        for header in cookie_headers {
-            // Not `to_str`: it refuses the whole header for one byte outside visible ASCII, and
-            // a neighbour cookie (another app's, or one set by script) may hold UTF-8 or any
-            // byte. Ours never do, so only the pairs that are not UTF-8 are skipped.
-            for value in values_named(header.as_bytes(), &self.name) {
-                if let Some(v) = self.open_value(value) {
-                    found.push(v);
-                }
+        // Not `to_str`: it refuses the whole header for one byte outside visible ASCII, and a
+        // neighbour cookie (another app's, or one set by script) may hold UTF-8 or any byte.
+        // Ours never do, so only the pairs that are not UTF-8 are skipped.
+        let values = cookie_headers
+            .iter()
+            .flat_map(|h| values_named(h.as_bytes(), &self.name))
+            .take(MAX_COOKIE_VALUES);
+        for value in values {
+            if let Some(v) = self.open_value(value) {
+                found.push(v);
             }
         }
         found

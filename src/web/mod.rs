@@ -40,7 +40,8 @@
 //! - When a request sends several cookies of our name that verify (a stale one on a more
 //!   specific `Path`, which browsers send first, beside the live one), the first whose session
 //!   exists is used: a stale cookie never shadows the live session. Only such a request pays
-//!   for more than one lookup.
+//!   for more than one lookup. At most the first 8 values of our name are verified; later ones
+//!   are ignored, so a request stuffed with them costs at most 8 checks.
 //! - A writing request: one load and one commit of its delta at the end (see
 //!   [`LazySession`]); a conflict with a concurrent request on the same key is answered with
 //!   [`WebConfig::conflict_status`] (409), never a silent overwrite. Use
