@@ -424,7 +424,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         track_readers: args.debug_stats,
         ..WebConfig::default()
     };
-    let layer = SessionLayer::with_config(mgr, cookies, web);
+    let layer = SessionLayer::with_config(mgr, cookies, web)?;
     let _gc = layer.spawn_gc(Duration::from_secs(60));
     let app = App {
         layer: layer.clone(),

@@ -58,8 +58,8 @@ pub enum Error {
     /// The file is damaged: truncated, torn, or not what its header says.
     #[error("corrupt lock table: {0}")]
     Corrupt(String),
-    /// The options are out of range.
-    #[error("invalid table options: {0}")]
+    /// The options (of a table, a store, or a web layer's cookie) are out of range or unusable.
+    #[error("invalid options: {0}")]
     InvalidOptions(String),
     /// The `LockTable` (or a `SessionManager` or guard built on it) was
     /// inherited across `fork()`; a child must open its own (it is another

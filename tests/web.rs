@@ -237,7 +237,7 @@ impl Setup {
             .cookies
             .clone()
             .unwrap_or_else(|| CookieConfig::new(self.key.clone()));
-        let layer = SessionLayer::with_config(mgr.clone(), cookies, self.web.clone());
+        let layer = SessionLayer::with_config(mgr.clone(), cookies, self.web.clone()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let router = app(layer.clone());
@@ -547,6 +547,40 @@ async fn only_the_first_8_session_cookie_values_are_verified() {
     let mut others: Vec<_> = (0..50).map(|i| format!("other{i}=x")).collect();
     others.push(good.clone());
     assert_eq!(srv.get("/get/a", Some(&others.join("; "))).await.body, "1");
+}
+
+/// A cookie name that cannot be sent back as given (not an RFC 6265 token) would leave every
+/// session without a cookie: each write a new session. The layer refuses it when built.
+#[test]
+fn a_cookie_name_that_cannot_work_is_refused_when_the_layer_is_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let mgr = SessionManager::open(dir.path()).unwrap();
+    for bad in [
+        "",
+        "bad name",
+        "a=b",
+        "a;b",
+        "caf\u{e9}",
+        "new\nline",
+        "x\"y",
+        "a,b",
+    ] {
+        for prefixed in [false, true] {
+            let cfg = CookieConfig::new(Key::generate())
+                .name(bad)
+                .host_prefix(prefixed);
+            match SessionLayer::new(mgr.clone(), cfg) {
+                Err(locktable::Error::InvalidOptions(msg)) => {
+                    assert!(msg.contains("cookie name"), "{bad:?}: {msg}")
+                }
+                other => panic!("{bad:?} accepted: {other:?}"),
+            }
+        }
+    }
+    for good in ["sid", "my_app-session.v2", "__Secure-x"] {
+        let cfg = CookieConfig::new(Key::generate()).name(good);
+        SessionLayer::with_config(mgr.clone(), cfg, WebConfig::default()).unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -45,7 +45,7 @@ async fn count(s: ReadOnlySession) -> Result<String, WebError> {
 }
 
 async fn serve(mgr: SessionManager) -> SocketAddr {
-    let layer = SessionLayer::new(mgr, CookieConfig::new(Key::generate()).secure(false));
+    let layer = SessionLayer::new(mgr, CookieConfig::new(Key::generate()).secure(false)).unwrap();
     let app = Router::new()
         .route("/fill/{n}", post(fill))
         .route("/set/{k}/{v}", post(set))

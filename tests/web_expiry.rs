@@ -88,7 +88,8 @@ async fn start() -> Server {
     let layer = SessionLayer::new(
         mgr.clone(),
         CookieConfig::new(Key::generate()).secure(false),
-    );
+    )
+    .unwrap();
     let app = Router::new()
         .route("/get", get(read))
         .route("/incr", post(incr))

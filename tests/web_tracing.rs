@@ -103,7 +103,7 @@ async fn spans_carry_a_keyed_hash_never_the_session_id() {
         ..SessionConfig::default()
     };
     let mgr = SessionManager::new_embedded(dir.path(), cfg).unwrap();
-    let layer = SessionLayer::new(mgr, CookieConfig::new(Key::generate()).secure(false));
+    let layer = SessionLayer::new(mgr, CookieConfig::new(Key::generate()).secure(false)).unwrap();
     let app = Router::new()
         .route("/read", get(read))
         .route("/incr", post(incr))

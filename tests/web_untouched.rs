@@ -43,7 +43,7 @@ async fn serve(table: &Path, store: &Path, key: &Key) -> (SocketAddr, LockTable)
     };
     let files = FileStore::open(store).unwrap().with_fsync(false);
     let mgr = SessionManager::new(locks.clone(), files, cfg);
-    let layer = SessionLayer::new(mgr, CookieConfig::new(key.clone()).secure(false));
+    let layer = SessionLayer::new(mgr, CookieConfig::new(key.clone()).secure(false)).unwrap();
     let app = Router::new()
         .route("/incr", post(incr))
         .route("/get", get(read))

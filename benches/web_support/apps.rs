@@ -91,7 +91,7 @@ impl Side {
                         .route("/api/get/{k}", get(lt_read))
                         .route("/api/incr/{k}", post(lt_incr)),
                 )
-                .layer(SessionLayer::new(mgr, cookies))
+                .layer(SessionLayer::new(mgr, cookies).unwrap())
             }
             Side::TowerSessionsMemory => {
                 let layer = tower_sessions::SessionManagerLayer::new(

@@ -83,7 +83,9 @@ impl CookieConfig {
         }
     }
 
-    /// Another cookie name (without the `__Host-` prefix).
+    /// Another cookie name (without the `__Host-` prefix): an RFC 6265 token (visible ASCII,
+    /// no spaces or separators such as `=`, `;`, `,`); [`SessionLayer::new`](super::SessionLayer::new)
+    /// refuses any other.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
         self
@@ -128,6 +130,28 @@ impl CookieConfig {
         } else {
             self.name.clone()
         }
+    }
+
+    /// Refuses settings with which no cookie could work: a name that is not an RFC 6265 token
+    /// (empty, or with a space, a control character, a separator such as `=` or `;`, or a byte
+    /// outside ASCII) would either make no `Set-Cookie` header at all or come back under
+    /// another name, so every write would make a new session. Checked when the layer is built.
+    pub(crate) fn check(&self) -> crate::Result<()> {
+        let name = self.cookie_name();
+        let token = |b: u8| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b);
+        if self.name.is_empty() || !name.bytes().all(token) {
+            return Err(crate::Error::InvalidOptions(format!(
+                "cookie name {name:?} is not a token (RFC 6265): use visible ASCII without \
+                 spaces or any of ()<>@,;:\\\"/[]?={{}}"
+            )));
+        }
+        let id = SessionId::generate()?;
+        if self.issue(&id, Timestamp(0), Timestamp(1000)).is_none() || self.clear().is_none() {
+            return Err(crate::Error::InvalidOptions(
+                "the session cookie cannot be written as a header".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn is_secure(&self) -> bool {

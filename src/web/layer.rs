@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-/// The session middleware: `Router::new().route(..).layer(SessionLayer::new(mgr, cookies))`.
+/// The session middleware: `Router::new().route(..).layer(SessionLayer::new(mgr, cookies)?)`.
 ///
 /// Cheap to clone; clones share their counters.
 #[derive(Debug, Clone)]
@@ -25,15 +25,24 @@ pub struct SessionLayer {
 
 impl SessionLayer {
     /// A layer over `mgr` with the cookie `cookies` and the default [`WebConfig`].
-    pub fn new(mgr: SessionManager, cookies: CookieConfig) -> SessionLayer {
+    ///
+    /// Fails with [`Error::InvalidOptions`](crate::Error::InvalidOptions) for cookie settings
+    /// that no cookie could work with (a name that is not an RFC 6265 token, see
+    /// [`CookieConfig::name`]): the layer would store sessions but could not hand them out.
+    pub fn new(mgr: SessionManager, cookies: CookieConfig) -> crate::Result<SessionLayer> {
         SessionLayer::with_config(mgr, cookies, WebConfig::default())
     }
 
-    /// A layer with explicit settings.
-    pub fn with_config(mgr: SessionManager, cookies: CookieConfig, cfg: WebConfig) -> SessionLayer {
-        SessionLayer {
+    /// A layer with explicit settings; fails as [`SessionLayer::new`] does.
+    pub fn with_config(
+        mgr: SessionManager,
+        cookies: CookieConfig,
+        cfg: WebConfig,
+    ) -> crate::Result<SessionLayer> {
+        cookies.check()?;
+        Ok(SessionLayer {
             shared: Arc::new(Shared::new(mgr, cookies, cfg)),
-        }
+        })
     }
 
     /// The session manager.

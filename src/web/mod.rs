@@ -23,7 +23,7 @@
 //! let mgr = SessionManager::open(dir.path())?;
 //! let app: Router = Router::new()
 //!     .route("/incr", post(incr))
-//!     .layer(SessionLayer::new(mgr, CookieConfig::new(Key::generate())));
+//!     .layer(SessionLayer::new(mgr, CookieConfig::new(Key::generate()))?);
 //! # Ok(()) }
 //! ```
 //!
@@ -179,7 +179,7 @@ impl WebError {
     fn missing_layer() -> WebError {
         WebError {
             error: Error::Io(std::io::Error::other(
-                "no SessionLayer: add `.layer(SessionLayer::new(..))` to the router",
+                "no SessionLayer: add `.layer(SessionLayer::new(..)?)` to the router",
             )),
             status: StatusCode::INTERNAL_SERVER_ERROR,
             retry_after: None,
