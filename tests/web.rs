@@ -14,8 +14,8 @@ use locktable::session::{
     Expiry, FileStore, ManualClock, SessionConfig, SessionManager, Timestamp,
 };
 use locktable::web::{
-    CookieConfig, ExclusiveSession, Key, LazySession, Protection, ReadOnlySession, SessionLayer,
-    WebConfig, WebError,
+    CookieConfig, ExclusiveSession, Key, LazySession, Protection, ReadOnlySession, SameSite,
+    SessionLayer, WebConfig, WebError,
 };
 use locktable::{LockTable, TableOptions};
 use std::collections::HashMap;
@@ -581,6 +581,17 @@ fn a_cookie_name_that_cannot_work_is_refused_when_the_layer_is_built() {
         let cfg = CookieConfig::new(Key::generate()).name(good);
         SessionLayer::with_config(mgr.clone(), cfg, WebConfig::default()).unwrap();
     }
+    // SameSite=None without Secure: browsers drop the cookie, so it is refused too; with
+    // Secure, or with the __Host- prefix (which forces Secure), it is fine.
+    let none = || CookieConfig::new(Key::generate()).same_site(SameSite::None);
+    match SessionLayer::new(mgr.clone(), none().secure(false)) {
+        Err(locktable::Error::InvalidOptions(msg)) => {
+            assert!(msg.contains("SameSite=None"), "{msg}")
+        }
+        other => panic!("SameSite=None without Secure accepted: {other:?}"),
+    }
+    SessionLayer::new(mgr.clone(), none()).unwrap();
+    SessionLayer::new(mgr.clone(), none().secure(false).host_prefix(true)).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,7 +110,9 @@ impl CookieConfig {
         self
     }
 
-    /// The `SameSite` attribute (default `Lax`).
+    /// The `SameSite` attribute (default `Lax`). `SameSite::None` needs `Secure` (browsers drop
+    /// such a cookie without it), so [`SessionLayer::new`](super::SessionLayer::new) refuses it
+    /// with `secure(false)` unless the `__Host-` prefix forces `Secure` on.
     pub fn same_site(mut self, s: SameSite) -> Self {
         self.same_site = s;
         self
@@ -144,6 +146,14 @@ impl CookieConfig {
                 "cookie name {name:?} is not a token (RFC 6265): use visible ASCII without \
                  spaces or any of ()<>@,;:\\\"/[]?={{}}"
             )));
+        }
+        if self.same_site == SameSite::None && !self.is_secure() {
+            // Browsers refuse `SameSite=None` without `Secure`: the cookie would never come
+            // back, and every write would make a new session.
+            return Err(crate::Error::InvalidOptions(
+                "SameSite=None needs the Secure attribute: browsers drop the cookie without it"
+                    .into(),
+            ));
         }
         let id = SessionId::generate()?;
         if self.issue(&id, Timestamp(0), Timestamp(1000)).is_none() || self.clear().is_none() {
