@@ -447,6 +447,140 @@ fn tables_changed_behind_the_stores_back_give_typed_errors_not_panics() {
     }
 }
 
+/// Runs `sql` on the store's tables, `{d}` and `{a}` standing for the record and access tables.
+fn plant(url: &str, opts: &PgStoreOptions, sql: &str) {
+    let d = format!("\"{}\".\"{}\"", opts.schema, opts.table);
+    let a = format!("\"{}\".\"{}_access\"", opts.schema, opts.table);
+    let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    c.batch_execute(&sql.replace("{d}", &d).replace("{a}", &a))
+        .unwrap();
+}
+
+#[test]
+fn a_size_column_that_disagrees_with_the_bytes_ships_nothing_and_is_corrupt() {
+    let url = pg_url();
+    let opts = fresh_options();
+    let s = store(&url, opts.clone());
+    let other = sid();
+    assert!(s
+        .save(&other, None, &stored(1, T0, T0, vec![1; 10]))
+        .unwrap());
+    // Another program writes 2 MB of bytes but a size that passes any limit, or none at all.
+    for size in ["10", "-1", "0", "2147483647"] {
+        let i = sid();
+        assert!(s.save(&i, None, &stored(1, T0, T0, vec![1; 10])).unwrap());
+        plant(
+            &url,
+            &opts,
+            &format!(
+                "UPDATE {{d}} SET size = {size}, bytes = decode(repeat('ab', 2000000), 'hex') \
+                 WHERE id = '{}'",
+                i.as_str()
+            ),
+        );
+        let r = s.load(&i, 1000);
+        assert!(
+            matches!(r, Err(Error::SessionCorrupt(_))),
+            "size {size}: {:?}",
+            r.map(|o| o.map(|st| (st.meta, st.bytes.len())))
+        );
+        let r = s.meta(&i);
+        assert!(
+            matches!(r, Err(Error::SessionCorrupt(_))),
+            "size {size}: {r:?}"
+        );
+        assert!(s.delete(&i).unwrap());
+    }
+    assert_eq!(s.load(&other, MAX).unwrap().unwrap().bytes, vec![1; 10]);
+}
+
+#[test]
+fn planted_rows_are_corrupt_collected_by_gc_and_always_deletable() {
+    let url = pg_url();
+    let opts = fresh_options();
+    let mgr = pg_manager(&url, opts.clone());
+    plant(
+        &url,
+        &opts,
+        "ALTER TABLE {d} ALTER COLUMN bytes DROP NOT NULL, ALTER COLUMN created DROP NOT NULL, \
+         ALTER COLUMN expiry_ms DROP NOT NULL, ALTER COLUMN version DROP NOT NULL; \
+         ALTER TABLE {a} ALTER COLUMN last_accessed DROP NOT NULL",
+    );
+    // Each damage, as another program could leave it (`$` is the session's ID).
+    let damages = [
+        "UPDATE {d} SET size = size - 1 WHERE id = '$'",
+        "UPDATE {d} SET size = size + 1000000 WHERE id = '$'",
+        "UPDATE {d} SET size = -5 WHERE id = '$'",
+        "UPDATE {d} SET version = -1 WHERE id = '$'",
+        "UPDATE {d} SET version = NULL WHERE id = '$'",
+        "UPDATE {d} SET expiry_kind = 9 WHERE id = '$'",
+        "UPDATE {d} SET bytes = NULL WHERE id = '$'",
+        "UPDATE {d} SET created = NULL WHERE id = '$'",
+        "UPDATE {d} SET expiry_ms = NULL WHERE id = '$'",
+        "UPDATE {a} SET last_accessed = NULL WHERE id = '$'",
+        "DELETE FROM {a} WHERE id = '$'",
+    ];
+    let session = |k: usize| {
+        let mut s = mgr.create().unwrap();
+        s.insert("k", &k).unwrap();
+        let id = s.id().to_string();
+        s.commit().unwrap();
+        id
+    };
+    let rows = |id: &str| -> i64 {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let d = format!("\"{}\".\"{}\"", opts.schema, opts.table);
+        c.query_one(&format!("SELECT count(*) FROM {d} WHERE id = $1"), &[&id])
+            .unwrap()
+            .get(0)
+    };
+    let healthy = session(usize::MAX);
+    // A row that no session ID names: not ours, left alone.
+    plant(
+        &url,
+        &opts,
+        "INSERT INTO {d} VALUES ('not a session', 1, 0, 0, 0, 1, '\\x00'); \
+         INSERT INTO {a} VALUES ('not a session', 0)",
+    );
+    // gc collects every one of them as corrupt (they are not expired).
+    let planted: Vec<String> = damages
+        .iter()
+        .enumerate()
+        .map(|(k, sql)| {
+            let id = session(k);
+            plant(&url, &opts, &sql.replace('$', &id));
+            id
+        })
+        .collect();
+    let mut corrupt = 0;
+    loop {
+        let r = mgr.gc().unwrap();
+        corrupt += r.corrupt;
+        if !r.more {
+            break;
+        }
+    }
+    for (id, sql) in planted.iter().zip(damages) {
+        assert_eq!(rows(id), 0, "gc left {sql}");
+    }
+    assert_eq!(corrupt, damages.len());
+    // A load invalidates them (the default policy); `delete` removes them and says so.
+    for (k, sql) in damages.iter().enumerate() {
+        let id = session(k);
+        plant(&url, &opts, &sql.replace('$', &id));
+        let r = mgr.load(&id).map(|s| s.is_some());
+        assert!(matches!(r, Ok(false)), "{sql}: {r:?}");
+        assert_eq!(rows(&id), 0, "load left {sql}");
+        let id = session(k);
+        plant(&url, &opts, &sql.replace('$', &id));
+        assert!(mgr.delete(&id).unwrap(), "{sql}");
+        assert_eq!(rows(&id), 0, "delete left {sql}");
+    }
+    assert_eq!(rows("not a session"), 1);
+    let s = mgr.load(&healthy).unwrap().unwrap();
+    assert_eq!(s.get::<usize>("k").unwrap(), Some(usize::MAX));
+}
+
 // ---- advisory locks ----
 
 #[test]

@@ -150,6 +150,19 @@ fn expired_sql(d: &str, a: &str, now: u8, idle: u8, life: u8) -> String {
     )
 }
 
+/// SQL for "the metadata of record row `d` and access row `a` (of a `LEFT JOIN`) is readable":
+/// what [`meta_from`] checks, so that `scan_expired` lists as corrupt exactly the rows whose
+/// `meta` is [`Error::SessionCorrupt`]. Rows planted or altered by another program (NULLs, a
+/// missing access row, an unknown expiry kind, a negative version, a `size` that is not the
+/// length of `bytes`) are not.
+fn sound_sql(d: &str, a: &str) -> String {
+    format!(
+        "coalesce({d}.version >= 0 AND {d}.created IS NOT NULL \
+         AND {a}.last_accessed IS NOT NULL AND {d}.expiry_kind IN ({DEFAULT}, {IDLE}, {AT}) \
+         AND {d}.expiry_ms IS NOT NULL AND {d}.size = octet_length({d}.bytes), false)"
+    )
+}
+
 /// `expiry_kind` values.
 const DEFAULT: i16 = 0;
 const IDLE: i16 = 1;
@@ -160,11 +173,18 @@ impl Sql {
         let d = format!("\"{schema}\".\"{table}\"");
         let a = format!("\"{schema}\".\"{table}_access\"");
         let schema_table = format!("\"{schema}\".\"locktable_schema\"");
-        let cols = "d.version, d.created, a.last_accessed, d.expiry_kind, d.expiry_ms, d.size";
+        // The metadata and the real length of the bytes (read from the value's header: the
+        // bytes themselves are neither read nor sent). A record row without its access row is
+        // found too (`LEFT JOIN`), as corrupt.
+        let cols = "d.version, d.created, a.last_accessed, d.expiry_kind, d.expiry_ms, d.size, \
+                    octet_length(d.bytes)";
         Sql {
             load: format!(
-                "SELECT {cols}, CASE WHEN d.size <= $2 THEN d.bytes END \
-                 FROM {d} d JOIN {a} a ON a.id = d.id WHERE d.id = $1"
+                // The bytes only when their real length is within the limit and agrees with
+                // `size` (a `size` written by someone else is no bound on the transfer).
+                "SELECT {cols}, CASE WHEN octet_length(d.bytes) <= $2 \
+                 AND d.size = octet_length(d.bytes) THEN d.bytes END \
+                 FROM {d} d LEFT JOIN {a} a ON a.id = d.id WHERE d.id = $1"
             ),
             // Insert-if-absent; the access row follows only when the record was inserted.
             create: format!(
@@ -186,7 +206,9 @@ impl Sql {
                  WHERE {a}.id = d.id AND {a}.last_accessed < $9) \
                  SELECT count(*) FROM d"
             ),
-            meta: format!("SELECT {cols} FROM {d} d JOIN {a} a ON a.id = d.id WHERE d.id = $1"),
+            meta: format!(
+                "SELECT {cols} FROM {d} d LEFT JOIN {a} a ON a.id = d.id WHERE d.id = $1"
+            ),
             // The narrow table only.
             last_accessed: format!("SELECT last_accessed FROM {a} WHERE id = $1"),
             // Written only if older than the coalescing bound ($3) and not expired, both checked
@@ -221,10 +243,12 @@ impl Sql {
                 exp = expired_sql("d", "a", 2, 3, 4),
             ),
             // Metadata only, from a cursor, in ID order: bounded and, over successive calls,
-            // complete.
+            // complete. Unreadable metadata (see `sound_sql`) is reported, not judged expired.
             scan_expired: format!(
-                "SELECT d.id, {exp} FROM {d} d JOIN {a} a ON a.id = d.id \
+                "SELECT d.id, {sound}, coalesce({exp}, false) \
+                 FROM {d} d LEFT JOIN {a} a ON a.id = d.id \
                  WHERE d.id > $1 ORDER BY d.id LIMIT $5",
+                sound = sound_sql("d", "a"),
                 exp = expired_sql("d", "a", 2, 3, 4),
             ),
             // Bounded batch: lock up to $4 candidates (skipping rows a save holds), then delete
@@ -292,11 +316,26 @@ fn col<'a, T: postgres::types::FromSql<'a>>(row: &'a postgres::Row, i: usize) ->
     })
 }
 
-/// Reads the metadata columns (version, created, last accessed, expiry kind and value, size).
+/// Column `i` of a record's row, which our statements never leave NULL: a NULL (written by
+/// someone else, or a record row without its access row) makes the record unreadable.
+fn val<'a, T: postgres::types::FromSql<'a>>(row: &'a postgres::Row, i: usize) -> Result<T> {
+    col::<Option<T>>(row, i)?
+        .ok_or_else(|| Error::SessionCorrupt(format!("column {i} of the record's row is NULL")))
+}
+
+/// Reads the metadata columns (version, created, last accessed, expiry kind and value, size,
+/// real length of the bytes); what it refuses is what [`sound_sql`] refuses.
 fn meta_from(row: &postgres::Row) -> Result<SessionMeta> {
-    let version: i64 = col(row, 0)?;
-    let kind: i16 = col(row, 3)?;
-    let value: i64 = col(row, 4)?;
+    let version: i64 = val(row, 0)?;
+    let kind: i16 = val(row, 3)?;
+    let value: i64 = val(row, 4)?;
+    let size: i32 = val(row, 5)?;
+    let len: i32 = val(row, 6)?;
+    if size != len {
+        return Err(Error::SessionCorrupt(
+            "the stored size disagrees with the record's length".into(),
+        ));
+    }
     let expiry = match kind {
         DEFAULT => Expiry::Default,
         IDLE => Expiry::Idle(Duration::from_millis(u64::try_from(value).unwrap_or(0))),
@@ -310,10 +349,11 @@ fn meta_from(row: &postgres::Row) -> Result<SessionMeta> {
     Ok(SessionMeta {
         version: u64::try_from(version)
             .map_err(|_| Error::SessionCorrupt("negative record version".into()))?,
-        created: ts(col(row, 1)?),
-        last_accessed: ts(col(row, 2)?),
+        created: ts(val(row, 1)?),
+        last_accessed: ts(val(row, 2)?),
         expiry,
-        size: u64::try_from(col::<i32>(row, 5)?).unwrap_or(0),
+        // Not negative: it equals a length.
+        size: u64::try_from(size).unwrap_or(0),
     })
 }
 
@@ -507,7 +547,7 @@ impl Store for PgStore {
         };
         let meta = meta_from(row)?;
         // Larger than the limit: the server sent the size, not the bytes.
-        let Some(bytes) = col::<Option<Vec<u8>>>(row, 6)? else {
+        let Some(bytes) = col::<Option<Vec<u8>>>(row, 7)? else {
             return Err(Error::TooLarge {
                 size: usize::try_from(meta.size).unwrap_or(usize::MAX),
                 limit: limit_bytes,
@@ -658,7 +698,8 @@ impl Store for PgStore {
         for row in &rows {
             let id: &str = col(row, 0)?;
             match SessionId::parse(id) {
-                Ok(sid) if col::<bool>(row, 1)? => scan.expired.push(sid),
+                Ok(sid) if !col::<bool>(row, 1)? => scan.corrupt.push(sid),
+                Ok(sid) if col::<bool>(row, 2)? => scan.expired.push(sid),
                 Ok(_) => {}
                 // A row no session ID names was written by something else: not ours to delete.
                 Err(_) => scan.unreadable += 1,
