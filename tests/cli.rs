@@ -239,6 +239,47 @@ fn usage_errors_exit_2() {
     assert!(assert_one_line_error(&o, "empty id").contains("invalid lock ID"));
 }
 
+/// `std::env::args()` panics on an argument that is not UTF-8; the CLI takes IDs and paths as
+/// bytes (`OsString`), so such arguments must reach them instead of a panic.
+#[test]
+fn non_utf8_arguments_are_bytes_not_a_panic() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let (dir, path) = fresh_table();
+    let id = OsStr::from_bytes(b"cart-\xff\xfe");
+    let o = bin()
+        .arg("lock")
+        .arg(&path)
+        .arg(id)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "lock: {}", stderr(&o));
+    // A table path that is not UTF-8 is created and then stat'ed.
+    let odd = dir.path().join(OsStr::from_bytes(b"t\xff"));
+    let o = bin()
+        .arg("lock")
+        .arg(&odd)
+        .args(["id", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "lock odd path: {}", stderr(&o));
+    let o = bin().arg("stat").arg(&odd).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "stat odd path: {}", stderr(&o));
+    // Where clap wants a string, a non-UTF-8 value is a usage error, not a panic.
+    let o = bin()
+        .args(["lock", s(&path), "id", "--timeout"])
+        .arg(OsStr::from_bytes(b"1\xffs"))
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "timeout: {}", stderr(&o));
+    assert!(!stderr(&o).contains("internal error"), "{}", stderr(&o));
+    let o = bin().arg(OsStr::from_bytes(b"\xff")).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "subcommand: {}", stderr(&o));
+    assert!(!stderr(&o).contains("internal error"), "{}", stderr(&o));
+}
+
 #[test]
 fn bad_table_files_give_one_line_typed_errors() {
     let dir = tempfile::tempdir().unwrap();

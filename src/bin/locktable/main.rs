@@ -68,7 +68,14 @@ fn main() {
     use std::io::Write as _;
 
     install_panic_hook();
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `std::env::args()` panics on an argument that is not UTF-8; IDs and
+    // paths are bytes. Workers (this binary, re-executed) get UTF-8 only, so
+    // any other argument list skips the worker check and goes to clap.
+    let args: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(std::ffi::OsString::into_string)
+        .collect::<Result<_, _>>()
+        .unwrap_or_default();
     if let Some(worker_args) = demo::worker_args(&args) {
         std::process::exit(demo::worker_main(worker_args));
     }
