@@ -495,6 +495,9 @@ impl Cache {
             }
         };
         let json = serde_json::to_value(&value).map_err(Error::from)?;
+        // Every later caller reads the value back as `T`: one that does not (a NaN or an
+        // infinity becomes JSON `null`) would fail them all until it expires. Refuse it here.
+        from_value::<T>(json.clone())?;
         self.store_value(namespace, key, json, ttl)?;
         drop(claim);
         Ok(value)
@@ -616,7 +619,8 @@ impl Region {
     /// `create` runs while this worker holds the key's creation claim: it must not call
     /// `get_or_create` on the same key (it would wait for itself until the timeout). Its error
     /// is returned as it is; the cache's own errors ([`Error::Timeout`] when the wait runs out,
-    /// store errors, [`Error::TooLarge`] for a created value over the limit) are converted with
+    /// store errors, [`Error::TooLarge`] for a created value over the limit, [`Error::Serialize`]
+    /// for one that does not read back as `T`, such as a NaN) are converted with
     /// `E: From<Error>`. A created value is returned only once it is stored.
     pub fn get_or_create<T, E, F>(
         &self,

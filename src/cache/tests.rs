@@ -161,6 +161,27 @@ fn a_value_of_another_type_is_a_typed_error() {
     assert!(matches!(r.get::<u64>("k"), Err(Error::Serialize(_))));
 }
 
+/// JSON has no NaN: `serde_json` turns it into `null`, which no longer reads back as an `f64`.
+/// Such a value used to be stored and returned once; every later call then failed with
+/// `Error::Serialize` for the whole time-to-live, without creating again.
+#[test]
+fn a_created_value_that_does_not_read_back_is_an_error_and_is_not_stored() {
+    let f = fixture(CacheConfig::default());
+    let r = f.cache.region("r");
+    let e = r
+        .get_or_create::<f64, Error, _>("k", secs(60), || Ok(f64::NAN))
+        .unwrap_err();
+    assert!(matches!(e, Error::Serialize(_)), "{e:?}");
+    assert!(matches!(f.cache.lookup("r", "k").unwrap(), Found::Absent));
+    let name = f.cache.claim_name("r", "k");
+    assert!(f.table.try_claim(&name).unwrap().is_some(), "released");
+    let v: f64 = r
+        .get_or_create("k", secs(60), || Ok::<_, Error>(1.5))
+        .unwrap();
+    assert_eq!(v, 1.5);
+    assert_eq!(r.get::<f64>("k").unwrap(), Some(1.5));
+}
+
 #[test]
 fn get_or_create_creates_once_then_hits() {
     let f = fixture(CacheConfig::default());
