@@ -2,7 +2,7 @@
 //! created once per expiry, while the no-lock baseline shows the dogpile.
 #![cfg(not(locktable_loom))]
 
-use support::cli::locktable;
+use support::cli::{locktable, locktable_to_closed_pipe};
 
 mod support;
 
@@ -70,4 +70,26 @@ fn cache_demo_rejects_bad_arguments_with_one_line() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("cache-demo worker"), "{err}");
+}
+
+/// `println!` panicked when stdout was gone (`locktable cache-demo | head -0`): exit 101 and
+/// "internal error". It is a one-line failure.
+#[test]
+fn cache_demo_to_a_closed_stdout_is_a_one_line_failure_not_a_panic() {
+    let o = locktable_to_closed_pipe(&[
+        "cache-demo",
+        "--workers",
+        "1",
+        "--keys",
+        "1",
+        "--secs",
+        "0.2",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("locktable: ") && err.contains("stdout"),
+        "{err}"
+    );
 }

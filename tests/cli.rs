@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use locktable::{LockTable, TableOptions};
-use support::cli::{bin, locktable, report_line};
+use support::cli::{bin, locktable, locktable_to_closed_pipe, report_line};
 
 mod support;
 
@@ -470,6 +470,39 @@ fn demo_in_worker_processes_loses_nothing() {
     // requests write on locktable; every one does on the baseline.
     assert!(writes[0] <= 250.0, "{out}");
     assert_eq!(writes[1], 1000.0, "{out}");
+}
+
+/// `println!` panics when stdout is gone; every subcommand's report goes through the
+/// one-line failure instead (`locktable ... | head -0`).
+#[test]
+fn a_closed_stdout_is_a_one_line_failure_not_a_panic() {
+    let (_dir, path) = fresh_table();
+    for args in [
+        vec!["stat", s(&path)],
+        vec!["stat", "--json", s(&path)],
+        vec!["reap", s(&path)],
+        vec![
+            "demo",
+            "--secs",
+            "0.1",
+            "--store",
+            "memory",
+            "--workers",
+            "1",
+            "--readers",
+            "0",
+        ],
+    ] {
+        let o = locktable_to_closed_pipe(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("locktable: ") && last.contains("stdout"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("internal error"), "{args:?}: {err}");
+    }
 }
 
 /// A worker started with bad arguments fails with one line, not a panic.

@@ -30,3 +30,25 @@ pub fn first_number(report: &str, name: &str) -> f64 {
         .and_then(|x| x.parse().ok())
         .unwrap_or_else(|| panic!("{name}: {line:?}"))
 }
+
+/// Runs `locktable ARGS...` with its stdout a pipe whose reader is already gone (as in
+/// `locktable ... | head -0`); returns its output, stderr only. A child that another test
+/// thread forks at the wrong moment keeps a copy of the reader until it execs; then the write
+/// succeeds and the run exits 0, so such runs are repeated (a few times at most).
+pub fn locktable_to_closed_pipe(args: &[&str]) -> Output {
+    use std::process::Stdio;
+    for _ in 0..10 {
+        let mut child = bin()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run locktable");
+        drop(child.stdout.take());
+        let o = child.wait_with_output().expect("wait for locktable");
+        if !o.status.success() {
+            return o;
+        }
+    }
+    panic!("locktable {args:?} wrote to a closed pipe and succeeded, 10 times");
+}

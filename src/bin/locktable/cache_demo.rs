@@ -22,6 +22,7 @@
 //! public API.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
@@ -32,7 +33,7 @@ use locktable::cache::{Cache, CacheConfig};
 use locktable::Error;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{CliResult, Failure, EXIT_ERROR, EXIT_USAGE};
+use crate::common::{print, CliResult, Failure, EXIT_ERROR, EXIT_USAGE};
 
 /// The hidden subcommand of a worker process.
 pub(crate) const WORKER_SUBCOMMAND: &str = "__cache-demo-worker";
@@ -139,8 +140,7 @@ pub(crate) fn run(args: &CacheDemoArgs) -> CliResult<()> {
         let sub = dir.0.join(if locked { "locktable" } else { "nolock" });
         reports.push(run_system(&exe, args, locked, &sub).map_err(|e| fail(&e))?);
     }
-    print_report(args, &reports[0], &reports[1]);
-    Ok(())
+    print(&render_report(args, &reports[0], &reports[1]))
 }
 
 fn run_system(
@@ -203,15 +203,19 @@ fn run_system(
     Ok(total)
 }
 
-fn print_report(args: &CacheDemoArgs, l: &SystemReport, b: &SystemReport) {
-    println!(
+fn render_report(args: &CacheDemoArgs, l: &SystemReport, b: &SystemReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "cache-demo: {} worker processes, {} keys, every value expires each {} ms, a creation \
          takes {} ms, stale grace {} ms, {} s per system",
         args.workers, args.keys, args.period_ms, args.create_ms, args.grace_ms, args.secs
     );
-    println!();
-    println!("{:<36}{:>12}{:>12}", "", "locktable", "no-lock");
-    let row = |name: &str, x: String, y: String| println!("{name:<36}{x:>12}{y:>12}");
+    out.push('\n');
+    let _ = writeln!(out, "{:<36}{:>12}{:>12}", "", "locktable", "no-lock");
+    let mut row = |name: &str, x: String, y: String| {
+        let _ = writeln!(out, "{name:<36}{x:>12}{y:>12}");
+    };
     row(
         "creations per key per expiry",
         format!("{:.2}", l.mean_per_expiry()),
@@ -239,11 +243,13 @@ fn print_report(args: &CacheDemoArgs, l: &SystemReport, b: &SystemReport) {
         b.stale_served.to_string(),
     );
     row("waits", l.waits.to_string(), b.waits.to_string());
-    println!();
-    println!(
+    out.push('\n');
+    let _ = writeln!(
+        out,
         "one creation per key per expiry with the creation lock: {}",
         if l.max_per_expiry() == 1 { "yes" } else { "NO" }
     );
+    out
 }
 
 /// A directory removed on drop.

@@ -29,7 +29,7 @@ mod worker;
 use std::io::Write as _;
 use std::time::Duration;
 
-use crate::common::{CliResult, Failure, EXIT_ERROR, EXIT_USAGE};
+use crate::common::{print, CliResult, Failure, EXIT_ERROR, EXIT_USAGE};
 use driver::{run_demo, DemoConfig, WorkerMode};
 use store::StoreSpec;
 
@@ -94,8 +94,7 @@ pub(crate) fn run(args: &DemoArgs) -> CliResult<()> {
         ..DemoConfig::default()
     };
     let report = run_demo(&cfg).map_err(|e| fail(&e))?;
-    println!("{report}");
-    Ok(())
+    print(&format!("{report}\n"))
 }
 
 /// The worker arguments when this process is a demo worker (started by
