@@ -60,11 +60,17 @@ fn cache_demo_creates_once_per_expiry_where_the_baseline_dogpiles() {
 
 #[test]
 fn cache_demo_rejects_bad_arguments_with_one_line() {
-    let o = locktable(&["cache-demo", "--period-ms", "100", "--create-ms", "100"]);
-    assert_eq!(o.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.starts_with("locktable: "), "{err}");
+    for args in [
+        ["--period-ms", "100", "--create-ms", "100"],
+        // Regression: the workers overflowed computing the end of such a period and panicked.
+        ["--period-ms", "18446744073709551615", "--secs", "0.2"],
+    ] {
+        let o = locktable(&[&["cache-demo"][..], &args[..]].concat());
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("locktable: "), "{args:?}: {err}");
+    }
     let o = locktable(&["__cache-demo-worker", "nonsense"]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);

@@ -38,6 +38,9 @@ use crate::common::{print, CliResult, Failure, EXIT_ERROR, EXIT_USAGE};
 /// The hidden subcommand of a worker process.
 pub(crate) const WORKER_SUBCOMMAND: &str = "__cache-demo-worker";
 
+/// The longest `--period-ms`: an hour.
+const MAX_PERIOD_MS: u64 = 3_600_000;
+
 #[derive(clap::Args)]
 pub(crate) struct CacheDemoArgs {
     /// Worker processes.
@@ -127,7 +130,15 @@ pub(crate) fn run(args: &CacheDemoArgs) -> CliResult<()> {
             "--workers and --keys must be in 1..=64",
         ));
     }
-    if args.period_ms == 0 || args.create_ms >= args.period_ms {
+    // The workers compute period ends in unix milliseconds: a period of up to an hour keeps
+    // that far from overflow (a bigger one made every worker panic).
+    if !(1..=MAX_PERIOD_MS).contains(&args.period_ms) {
+        return Err(Failure::new(
+            EXIT_USAGE,
+            format!("--period-ms must be in 1..={MAX_PERIOD_MS}"),
+        ));
+    }
+    if args.create_ms >= args.period_ms {
         return Err(Failure::new(
             EXIT_USAGE,
             "--create-ms must be shorter than --period-ms",
