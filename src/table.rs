@@ -57,6 +57,7 @@ pub struct TableOptions {
     reap_on_attach: bool,
     reader_bias: bool,
     asymmetric_fences: bool,
+    create: bool,
 }
 
 impl Default for TableOptions {
@@ -69,6 +70,7 @@ impl Default for TableOptions {
             reap_on_attach: true,
             reader_bias: true,
             asymmetric_fences: false,
+            create: true,
         }
     }
 }
@@ -103,6 +105,29 @@ impl TableOptions {
     /// sleeps), whatever the interval.
     pub fn poll_interval(mut self, d: Duration) -> Self {
         self.poll_interval = d.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Whether [`LockTable::open`] may create the table (default true): make
+    /// the file if it is missing, and initialise it if it is empty or its
+    /// creator died before finishing. With `false` the open only attaches to
+    /// a complete table and never writes the file's header: a missing file is
+    /// [`Error::Io`] (not found), an empty file or an unfinished creation is
+    /// [`Error::Corrupt`]. Inspection tools (`locktable stat`, `reap`) use it,
+    /// so that looking at a table never creates or rewrites one.
+    ///
+    /// ```
+    /// use locktable::{Error, LockTable, TableOptions};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("locks");
+    /// let existing = TableOptions::default().create(false);
+    /// assert!(matches!(LockTable::open(&path, &existing), Err(Error::Io(_))));
+    /// assert!(!path.exists());
+    /// drop(LockTable::open(&path, &TableOptions::default()).unwrap());
+    /// drop(LockTable::open(&path, &existing).unwrap());
+    /// ```
+    pub fn create(mut self, yes: bool) -> Self {
+        self.create = yes;
         self
     }
 
@@ -537,7 +562,7 @@ impl LockTable {
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
-                .create(true)
+                .create(opts.create)
                 .truncate(false)
                 .mode(opts.mode)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
@@ -592,6 +617,13 @@ impl LockTable {
         let init = InitLock::take(&file)?;
         let len = file.metadata()?.len();
         let header = if len == 0 || is_abandoned_creation(&file, len)? {
+            if !opts.create {
+                return Err(Error::Corrupt(if len == 0 {
+                    "empty file: no table was ever created here".into()
+                } else {
+                    "the table's creation never finished (its creator died)".into()
+                }));
+            }
             create_in(&file, opts)?
         } else {
             read_header(&file, len)?

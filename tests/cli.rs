@@ -323,8 +323,12 @@ fn bad_table_files_give_one_line_typed_errors() {
     let symlink = d.join("symlink");
     std::os::unix::fs::symlink(&good, &symlink).unwrap();
     let missing = d.join("missing");
+    // What a creator that died early leaves: the magic, then zeros (no READY).
+    let abandoned = d.join("abandoned");
+    let abandoned_bytes = [&b"LOCKTBL\0"[..], &[0u8; 92]].concat();
+    fs::write(&abandoned, &abandoned_bytes).unwrap();
 
-    let cases: [(&Path, &str); 8] = [
+    let cases: [(&Path, &str); 9] = [
         (&empty, "empty"),
         (&random, "incompatible"),
         (&truncated, "corrupt"),
@@ -333,6 +337,7 @@ fn bad_table_files_give_one_line_typed_errors() {
         (&directory, "directory"),
         (&symlink, "symbolic link"),
         (&missing, "no such"),
+        (&abandoned, "creation never finished"),
     ];
     for (path, expect) in cases {
         for cmd in ["stat", "reap"] {
@@ -341,9 +346,10 @@ fn bad_table_files_give_one_line_typed_errors() {
             assert!(err.contains(expect), "{cmd} {path:?}: {err:?}");
             assert!(o.stdout.is_empty());
         }
-        // `lock` creates missing or empty table files; every other bad file
-        // is refused before the command runs.
-        if path == empty || path == missing {
+        // `lock` creates missing or empty table files (and completes an
+        // abandoned creation); every other bad file is refused before the
+        // command runs.
+        if path == empty || path == missing || path == abandoned {
             continue;
         }
         let o = locktable(&["lock", s(path), "id", "--", "echo", "ran"]);
@@ -351,8 +357,10 @@ fn bad_table_files_give_one_line_typed_errors() {
         assert!(err.contains(expect), "lock {path:?}: {err:?}");
         assert!(o.stdout.is_empty(), "lock {path:?}: the command ran");
     }
-    // None of them was changed into a table.
+    // None of them was changed into a table (`stat` and `reap` never create
+    // or initialise one).
     assert_eq!(fs::metadata(&empty).unwrap().len(), 0);
+    assert_eq!(fs::read(&abandoned).unwrap(), abandoned_bytes);
     assert!(!missing.exists());
     assert!(fs::symlink_metadata(&symlink).unwrap().is_symlink());
 }

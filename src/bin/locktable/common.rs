@@ -68,8 +68,9 @@ pub(crate) fn open_existing(path: &Path) -> CliResult<LockTable> {
         Ok(_) => {}
     }
     // Inspect before repairing: stat shows dead holders, reap reports
-    // what it releases.
-    let opts = TableOptions::default().reap_on_attach(false);
+    // what it releases. Never create or initialise: a file whose creation
+    // never finished is reported, not completed.
+    let opts = TableOptions::default().reap_on_attach(false).create(false);
     LockTable::open(path, &opts).map_err(|e| Failure::table(path, e))
 }
 
