@@ -135,9 +135,11 @@ async fn acquire<A: Acquire>(table: LockTable, id: Vec<u8>, timeout: Duration) -
     let span = tracing::debug_span!("lock_wait", timeout_ms = timeout.as_millis() as u64);
     let cancelled = Arc::new(AtomicBool::new(false));
     let cancel = CancelOnDrop(Arc::clone(&cancelled));
-    let deadline = Instant::now() + timeout;
+    // A timeout past `Instant`'s range (`Duration::MAX`) means no deadline, as for the
+    // blocking `*_timeout` calls; `Instant + Duration` would panic.
+    let deadline = Instant::now().checked_add(timeout);
     let waiter = tokio::task::spawn_blocking(move || loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.map_or(WAIT_SLICE, |d| d.saturating_duration_since(Instant::now()));
         if left.is_zero() || cancelled.load(Ordering::Relaxed) {
             return Err(Error::Timeout);
         }
@@ -214,6 +216,31 @@ mod tests {
                 "abandoned waiter kept the lock"
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(t.try_write("x").unwrap().is_some());
+    }
+
+    /// A timeout past `Instant`'s range (`Duration::MAX`, "no deadline") on a busy ID panicked
+    /// in the waiter (`Instant + Duration` overflow) and the future gave `Error::Io`; now it
+    /// waits without a deadline, as the blocking `*_timeout` calls do.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_timeout_past_the_clocks_range_waits_without_a_deadline() {
+        let t = LockTable::anonymous(&TableOptions::default()).unwrap();
+        let w = t.write("x").unwrap();
+        let (t1, t2) = (t.clone(), t.clone());
+        let r = tokio::spawn(async move { t1.read_async("x", Duration::MAX).await.map(drop) });
+        let w2 = tokio::spawn(async move { t2.write_async("x", Duration::MAX).await.map(drop) });
+        tokio::time::sleep(WAIT_SLICE * 3).await;
+        assert!(
+            !r.is_finished() && !w2.is_finished(),
+            "a waiter gave up early"
+        );
+        drop(w);
+        for h in [r, w2] {
+            let got = tokio::time::timeout(Duration::from_secs(5), h).await;
+            got.expect("the waiter hung")
+                .expect("the waiter panicked")
+                .unwrap();
         }
         assert!(t.try_write("x").unwrap().is_some());
     }
