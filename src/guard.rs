@@ -273,8 +273,11 @@ impl<'a> UpgradableReadGuard<'a> {
     }
 
     /// Waits for the readers to leave, then holds the ID exclusively. Cannot
-    /// deadlock: there is at most one upgradable holder per ID, and readers
-    /// arriving after the upgrade began wait for it.
+    /// deadlock with other holders: there is at most one upgradable holder
+    /// per ID, and readers arriving after the upgrade began wait for it. It
+    /// does wait for every read of the ID, so a thread that still holds a
+    /// read of the same ID waits for itself forever (use one hold per
+    /// request, or [`upgrade_timeout`](Self::upgrade_timeout)).
     pub fn upgrade(self) -> WriteGuard<'a> {
         let mut g = self;
         loop {
