@@ -274,3 +274,49 @@ fn a_damaged_counter_file_turns_the_cache_off_not_the_sessions() {
     assert_eq!(read_n(&mgr, &id), Some(3));
     assert_eq!(mgr.stats().cache_hits, 0);
 }
+
+// A manager with the cache off (`cache_bytes: 0`) on the same directory as one with it on: its
+// writes did not move the shared change counters (it never opened `.versions`), so the other
+// manager kept answering loads from its copy: a session deleted by the cache-off manager came
+// back, and its commits were invisible. Now every manager on a store that names its counters
+// brackets its writes, cache on or off.
+#[test]
+fn a_manager_with_the_cache_off_still_invalidates_other_managers_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let on = open("file", dir.path());
+    let off = SessionManager::new_embedded(
+        dir.path(),
+        SessionConfig {
+            cache_bytes: 0,
+            ..config()
+        },
+    )
+    .unwrap();
+    let id = new_session(&on, 1);
+    assert_eq!(read_n(&on, &id), Some(1));
+    assert_eq!(read_n(&on, &id), Some(1));
+    assert!(on.stats().cache_hits >= 1, "{:?}", on.stats());
+    // A commit through the cache-off manager is seen by the very next load.
+    off.transact(&id, |s| s.insert("n", &2u64))
+        .unwrap()
+        .unwrap();
+    assert_eq!(read_n(&on, &id), Some(2));
+    assert_eq!(read_n(&on, &id), Some(2));
+    // A delete through it: nothing deleted comes back.
+    assert!(off.delete(&id).unwrap());
+    assert!(
+        on.load(&id).unwrap().is_none(),
+        "a deleted session came back"
+    );
+    // And a cycled ID's old copy.
+    let id = new_session(&on, 3);
+    assert_eq!(read_n(&on, &id), Some(3));
+    assert_eq!(read_n(&on, &id), Some(3));
+    let mut s = off.load(&id).unwrap().unwrap();
+    s.cycle_id().unwrap();
+    s.commit().unwrap();
+    assert!(
+        on.load(&id).unwrap().is_none(),
+        "a cycled-away ID came back"
+    );
+}

@@ -161,7 +161,9 @@ pub struct SessionConfig {
     /// Validated across processes by change counters where the store says
     /// ([`Store::change_counters`]): `<dir>/.versions` of a [`FileStore`] or a `KvStore`, memory
     /// for a [`MemoryStore`]; for a store that names no place (one shared by hosts) the cache
-    /// stays off. See [`ManagerStats::cache_hits`].
+    /// stays off. With `0`, the manager still moves those counters when it writes, so the
+    /// caches of other managers on the same store never serve a copy its writes replaced.
+    /// See [`ManagerStats::cache_hits`].
     pub cache_bytes: usize,
     /// Sessions larger than this many bytes are stored and loaded **by key** on a store that
     /// keeps values per key ([`Capabilities::per_key`]): a load reads the session's head only,
@@ -290,6 +292,10 @@ struct Inner {
     counters: Counters,
     /// Decoded sessions of this process, validated by shared change counters (`None`: off).
     cache: Option<cache::SessionCache>,
+    /// With the cache off, the store's shared change counters all the same (where it names a
+    /// place shared with other managers), so that this manager's writes still drop the copies
+    /// that managers with the cache on hold.
+    write_counters: Option<cache::Versions>,
     /// The fork epoch this manager was made in: a forked child's copy refuses to act.
     fork_epoch: u64,
     /// The store keeps values per key ([`Capabilities::per_key`]): loads may read heads only,
@@ -377,7 +383,25 @@ impl SessionManager {
     /// way when the store's [`Capabilities::atomic_cas`] holds).
     pub fn new(table: LockTable, store: impl Store + 'static, cfg: SessionConfig) -> Self {
         let cache = cache::for_store(&store, cfg.cache_bytes);
-        Self::with_locks(locks::Locks::Table(table), Box::new(store), cache, cfg)
+        // A manager with its cache off must still move the counters that other managers of
+        // the same store validate their copies with.
+        let write_counters = match (&cache, store.change_counters()) {
+            (None, ChangeCounters::Directory(dir)) => match cache::Versions::open(&dir) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    tracing::warn!(error = %e, "session change counters unusable");
+                    None
+                }
+            },
+            _ => None,
+        };
+        Self::with_locks(
+            locks::Locks::Table(table),
+            Box::new(store),
+            cache,
+            write_counters,
+            cfg,
+        )
     }
 
     /// Sessions and locks on one PostgreSQL database, shared by every host that uses the same
@@ -425,13 +449,14 @@ impl SessionManager {
     pub fn with_pg(store: PgStore, locks: PgLocks, cfg: SessionConfig) -> SessionManager {
         // No session cache: its change counters live beside a file store's files, and several
         // hosts share no memory.
-        Self::with_locks(locks::Locks::Pg(locks), Box::new(store), None, cfg)
+        Self::with_locks(locks::Locks::Pg(locks), Box::new(store), None, None, cfg)
     }
 
     fn with_locks(
         locks: locks::Locks,
         store: Box<dyn Store>,
         cache: Option<cache::SessionCache>,
+        write_counters: Option<cache::Versions>,
         cfg: SessionConfig,
     ) -> Self {
         SessionManager {
@@ -442,6 +467,7 @@ impl SessionManager {
                 cfg,
                 counters: Counters::default(),
                 cache,
+                write_counters,
                 fork_epoch: crate::fork::epoch(),
             }),
         }
@@ -861,8 +887,12 @@ impl Inner {
     /// Runs a store write that changes what a load of `id` returns, inside its bucket's write
     /// section of the cache's change counters (so every process's copy of `id` is dropped).
     fn changing<R>(&self, id: &SessionId, f: impl FnOnce() -> Result<R>) -> Result<R> {
-        match &self.cache {
-            Some(c) => Ok(c.versions().write(id, self.cfg.lock_timeout, f)?.0),
+        let versions = match &self.cache {
+            Some(c) => Some(c.versions()),
+            None => self.write_counters.as_ref(),
+        };
+        match versions {
+            Some(v) => Ok(v.write(id, self.cfg.lock_timeout, f)?.0),
             None => f(),
         }
     }
