@@ -973,3 +973,30 @@ fn a_session_with_an_unreadable_header_is_deletable() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// `lock_timeout: Duration::MAX` ("wait as long as it takes") panicked on the first commit:
+// `FileStore`'s ID lock and the change counters' bucket lock computed `Instant::now() +
+// timeout`, which overflows (the session locks' `Deadline::after` already saturated). Now both
+// saturate the same way.
+#[test]
+fn a_lock_timeout_of_duration_max_waits_instead_of_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SessionConfig {
+        lock_timeout: std::time::Duration::MAX,
+        fsync: false,
+        ..SessionConfig::default()
+    };
+    let mgr = SessionManager::new_embedded(dir.path(), cfg).unwrap();
+    let id = new_session(&mgr, &[("n", 1)]);
+    let n = mgr
+        .transact(&id, |s| {
+            let n = s.get::<i64>("n")?.unwrap_or(0) + 1;
+            s.insert("n", &n)?;
+            Ok(n)
+        })
+        .unwrap();
+    assert_eq!(n, Some(2));
+    assert!(mgr.delete(&id).unwrap());
+    assert!(mgr.load(&id).unwrap().is_none());
+}

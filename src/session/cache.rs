@@ -197,7 +197,7 @@ impl Versions {
     }
 
     fn lock(&self, bucket: usize, timeout: Duration) -> Result<BucketLock<'_>> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::session::locks::instant_after(timeout);
         let stripe = lock_until(&self.stripes[bucket % STRIPES], deadline)?;
         let file = match &self.words {
             Words::Heap(_) => None,

@@ -18,14 +18,18 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Deadline(Instant);
 
+/// `now + timeout`, saturating at a century from now (`Duration::MAX` means "no bound", and
+/// `Instant + Duration` panics on overflow).
+pub(super) fn instant_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
+}
+
 impl Deadline {
     /// `timeout` from now (saturating far in the future).
     pub(super) fn after(timeout: Duration) -> Deadline {
-        let now = Instant::now();
-        Deadline(
-            now.checked_add(timeout)
-                .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400)),
-        )
+        Deadline(instant_after(timeout))
     }
 
     /// Time left; zero once passed (a zero wait still takes a free lock).

@@ -143,7 +143,7 @@ impl LockFile {
         if fork::epoch() != self.file.epoch() {
             return Err(Error::ForkedChild);
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::session::locks::instant_after(timeout);
         let byte = lock_byte(id);
         let stripe = self.stripes[(byte as usize) % STRIPES]
             .try_lock_until(deadline)
