@@ -134,7 +134,9 @@ pub struct SessionConfig {
     pub max_lifetime: Duration,
     /// A request's access is not stored when the stored time is newer than `now - touch_interval`.
     /// `None` (default): `idle_timeout / 60`. Expiry may therefore happen up to this much early.
-    /// A session with its own [`Expiry::Idle`] uses at most a sixtieth of its own timeout.
+    /// At most half of `idle_timeout` is used (a longer interval would never store the access of
+    /// a session in use, which would then expire however busy it is). A session with its own
+    /// [`Expiry::Idle`] uses at most a sixtieth of its own timeout.
     pub touch_interval: Option<Duration>,
     /// Largest encoded record: bigger commits fail with [`Error::TooLarge`], and the store is
     /// given the same limit for reading. Default 1 MiB.
@@ -197,7 +199,9 @@ impl Default for SessionConfig {
 impl SessionConfig {
     /// The touch interval in force for sessions with [`Expiry::Default`].
     pub fn effective_touch_interval(&self) -> Duration {
-        self.touch_interval.unwrap_or(self.idle_timeout / 60)
+        self.touch_interval
+            .unwrap_or(self.idle_timeout / 60)
+            .min(self.idle_timeout / 2)
     }
 
     /// The touch interval of a session with expiry rule `e`.

@@ -263,6 +263,32 @@ fn thousand_concurrent_reads_cause_one_touch_per_interval() {
     }
 }
 
+/// A touch interval at or past the idle timeout would never store the access of a session in
+/// use (the stored time is never older than the interval before the session expires), so a
+/// busy session would expire: the interval in force is at most half the idle timeout.
+#[test]
+fn a_touch_interval_past_the_idle_timeout_does_not_expire_a_busy_session() {
+    let (mgr, clock) = setup(|c| {
+        c.idle_timeout = Duration::from_secs(60);
+        c.max_lifetime = Duration::from_secs(3600);
+        c.touch_interval = Some(Duration::from_secs(120));
+    });
+    assert_eq!(
+        mgr.config().effective_touch_interval(),
+        Duration::from_secs(30)
+    );
+    let id = new_session(&mgr, &[("a", 1)]);
+    for step in 0..30 {
+        clock.advance(Duration::from_secs(20));
+        let s = mgr.load(&id).unwrap();
+        assert!(
+            s.is_some(),
+            "a session used every 20 s expired at step {step}"
+        );
+        s.unwrap().commit().unwrap();
+    }
+}
+
 #[test]
 fn last_accessed_never_moves_backwards() {
     let (mgr, clock) = setup(|c| c.touch_interval = Some(Duration::ZERO));
