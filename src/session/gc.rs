@@ -143,7 +143,10 @@ impl SessionManager {
     ///
     /// A forked child does not inherit the thread; dropping its copy of the handle does nothing.
     ///
-    /// Fails only if the thread cannot be started.
+    /// Fails if the thread cannot be started, and with [`Error::ForkedSessionManager`] in a
+    /// forked child that inherited this manager (as every call does there): a thread started
+    /// there would stop at its first round, and the child would collect nothing while its
+    /// caller believes gc runs. Open the manager again in the child.
     ///
     /// ```
     /// use locktable::session::SessionManager;
@@ -158,6 +161,7 @@ impl SessionManager {
     /// # Ok::<(), locktable::Error>(())
     /// ```
     pub fn spawn_gc(&self, interval: Duration) -> Result<GcHandle> {
+        self.inner.check_fork()?;
         let interval = interval.max(MIN_INTERVAL);
         let shared = Arc::new(Shared::default());
         let mgr = self.clone();
