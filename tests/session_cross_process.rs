@@ -133,7 +133,7 @@ fn child_role() {
     ) else {
         return;
     };
-    let _done = watchdog("review_session_procs child", CHILD_LIMIT);
+    let _done = watchdog("session_cross_process child", CHILD_LIMIT);
     match role.as_str() {
         // A process whose clock is an hour ahead: every session idle for 10 min is expired for
         // its gc.
