@@ -1,4 +1,4 @@
-//! Multi-process reviews of the lock core: deaths in the middle of an upgrade, a full table or a
+//! Multi-process checks of the lock core: deaths in the middle of an upgrade, a full table or a
 //! full registry whose holder is killed, cancelled async waits beside waiting writers, and
 //! holders that exit normally without releasing.
 //!
