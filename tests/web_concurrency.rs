@@ -586,6 +586,57 @@ async fn a_logout_after_a_read_ends_every_presented_session() {
     .await
 }
 
+/// A logout cut by a timeout inside the layer while its delete waits for the session's lock:
+/// the delete may still fail, so the cookie must be kept (as for a logout that failed), not
+/// cleared while the session lives on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_cut_while_its_delete_waits_keeps_the_cookie() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = session_cfg();
+        cfg.lock_timeout = Duration::from_millis(500);
+        let cut_at = Cut::Inside(Duration::from_millis(300), StatusCode::GATEWAY_TIMEOUT);
+        let key = Key::generate();
+        let srv = start(
+            dir.path(),
+            &key,
+            cfg.clone(),
+            WebConfig::default(),
+            cut_at,
+            None,
+        )
+        .await;
+        // Another server on the directory, without the cut.
+        let other = start(dir.path(), &key, cfg, WebConfig::default(), Cut::None, None).await;
+        let cookie = srv.new_session().await;
+        let (addr, c) = (other.addr, cookie.clone());
+        // Holds the upgradable lock past the manager's 500 ms bound.
+        let holder = tokio::spawn(async move {
+            once(addr, Method::POST, "/slow-excl/1200", Some(&c))
+                .await
+                .unwrap()
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let r = srv.req(Method::POST, "/logout/lazy", Some(&cookie)).await;
+        assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+        // Let the abandoned delete fail on the manager's bound.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(holder.await.unwrap().body, "1");
+        assert_eq!(
+            srv.value("a", &cookie).await,
+            1,
+            "the delete failed: still alive"
+        );
+        assert!(
+            r.set_cookie().is_none_or(|c| !c.contains("Max-Age=0")),
+            "the cookie of a live session was cleared: {:?}",
+            r.set_cookie()
+        );
+        assert_no_holders(dir.path()).await;
+    })
+    .await
+}
+
 // ---------------------------------------------------------------- 5. transact under contention
 
 /// `transact` over HTTP against optimistic and exclusive writers of the same key: each

@@ -680,7 +680,10 @@ impl SessionHandle {
     pub(crate) async fn invalidate(&self) -> Result<(), WebError> {
         let mut st = self.0.state.lock().await;
         let sh = self.shared();
-        let old = std::mem::replace(&mut *st, State::Invalidated);
+        // `Finished` until the delete is done: a request cut while it waits (a timeout layer
+        // inside this one dropped the handler) must keep the client's cookie, as a failed
+        // delete does, since the delete may still fail.
+        let old = std::mem::replace(&mut *st, State::Finished);
         // Every session the request's cookies name is ended, not only the one it used: a live
         // one behind it would otherwise take over on the next request.
         let mut others = std::mem::take(&mut *self.0.also_presented.lock());
@@ -711,13 +714,11 @@ impl SessionHandle {
                 others.clear();
                 None
             }
-            State::Finished => {
-                *st = State::Finished;
-                return Err(self.err(Error::SessionFinished));
-            }
+            State::Finished => return Err(self.err(Error::SessionFinished)),
         };
         bump(&sh.stats.invalidated);
         if job.is_none() && others.is_empty() {
+            *st = State::Invalidated;
             return Ok(());
         }
         let job = move || {
@@ -730,13 +731,13 @@ impl SessionHandle {
             r
         };
         let r = self.blocking(Some(sh.cfg.lock_timeout), job).await;
+        // On any other error the session may still be there (a lock wait timed out, the store
+        // failed): the state stays `Finished`, which keeps the client's cookie so that it can
+        // retry the logout, rather than leave a live session that no client can name any more.
         if r.as_ref()
-            .is_err_and(|e| !matches!(e.error(), Error::SessionGone))
+            .map_or_else(|e| matches!(e.error(), Error::SessionGone), |_| true)
         {
-            // The session may still be there (a lock wait timed out, the store failed): keep
-            // the client's cookie so that it can retry the logout, rather than leave a live
-            // session that no client can name any more.
-            *st = State::Finished;
+            *st = State::Invalidated;
         }
         r
     }
