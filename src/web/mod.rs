@@ -47,6 +47,10 @@
 //!   [`WebConfig::conflict_status`] (409), never a silent overwrite. Use
 //!   [`LazySession::transact`] for read-modify-writes that retry instead.
 //! - A handler that answers with a server error (5xx) stores none of its session changes.
+//!   The layer sees only the response, so a request timeout must be placed **outside** the
+//!   session layer (added after it with `.layer`), or answer with a 5xx: a timeout inside it that
+//!   answers 408 would have the changes the cut handler made so far committed as if it had
+//!   finished.
 //! - A response that used the session gets `Vary: Cookie`; one that sets the cookie also gets
 //!   `Cache-Control: no-store` unless the handler set a `Cache-Control` itself.
 //! - The cookie lives as long as the session: its `Max-Age` and `Expires` are the session's end
