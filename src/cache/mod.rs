@@ -374,18 +374,42 @@ impl Cache {
     fn generation_or_create(&self, namespace: &str, now: Timestamp) -> Result<Generation> {
         let id = self.inner.key.derive(Kind::Generation, namespace, "");
         for _ in 0..4 {
+            // The version is read before the generation, and the write below expects it: it
+            // replaces only the absent or unusable entry found here, never a generation that
+            // another writer created since (and may already have stored values under).
+            let seen = self.seen_version(&id)?;
             if let Some(g) = self.generation(namespace)? {
                 return Ok(g);
             }
             let g = Generation(random_u64()?);
             let max = self.inner.cfg.max_entry_size;
-            if self.cas_write(&id, |v| entry::encode_generation(namespace, g, v, now, max))? {
+            let new = entry::encode_generation(
+                namespace,
+                g,
+                seen.unwrap_or(0).saturating_add(1),
+                now,
+                max,
+            )?;
+            if self.inner.store.save(&id, seen, &new)? {
                 return Ok(g);
             }
         }
         Err(Error::Conflict {
             key: format!("generation of cache namespace {namespace:?}"),
         })
+    }
+
+    /// The stored version of `id`, for a compare-and-swap over it; a record whose metadata is
+    /// corrupt is deleted (`None`).
+    fn seen_version(&self, id: &SessionId) -> Result<Option<u64>> {
+        match self.inner.store.meta(id) {
+            Ok(m) => Ok(m.map(|m| m.version)),
+            Err(Error::SessionCorrupt(_)) => {
+                self.inner.store.delete(id)?;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// One compare-and-swap write of `id` over whatever version is stored (a corrupt record is
@@ -395,14 +419,7 @@ impl Cache {
         id: &SessionId,
         make: impl Fn(u64) -> Result<crate::session::StoredSession>,
     ) -> Result<bool> {
-        let expected = match self.inner.store.meta(id) {
-            Ok(m) => m.map(|m| m.version),
-            Err(Error::SessionCorrupt(_)) => {
-                self.inner.store.delete(id)?;
-                None
-            }
-            Err(e) => return Err(e),
-        };
+        let expected = self.seen_version(id)?;
         let new = make(expected.unwrap_or(0).saturating_add(1))?;
         self.inner.store.save(id, expected, &new)
     }

@@ -417,3 +417,99 @@ fn when_the_creator_fails_one_waiter_takes_over_and_the_others_read_its_value() 
     );
     assert_eq!(f.cache.stats().create_failures, 1);
 }
+
+/// A memory store that runs a hook once, right after the first `load` that finds nothing.
+struct HookAfterMiss {
+    inner: Arc<MemoryStore>,
+    #[allow(clippy::type_complexity)]
+    hook: parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl fmt::Debug for HookAfterMiss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HookAfterMiss").finish_non_exhaustive()
+    }
+}
+
+impl Store for HookAfterMiss {
+    fn capabilities(&self) -> crate::session::Capabilities {
+        self.inner.capabilities()
+    }
+    fn load(&self, id: &SessionId, max: usize) -> Result<Option<StoredSession>> {
+        let r = self.inner.load(id, max)?;
+        if r.is_none() {
+            if let Some(hook) = self.hook.lock().take() {
+                hook();
+            }
+        }
+        Ok(r)
+    }
+    fn save(&self, id: &SessionId, e: Option<u64>, n: &StoredSession) -> Result<bool> {
+        self.inner.save(id, e, n)
+    }
+    fn meta(&self, id: &SessionId) -> Result<Option<crate::session::SessionMeta>> {
+        self.inner.meta(id)
+    }
+    fn touch(
+        &self,
+        id: &SessionId,
+        at: Timestamp,
+        coalesce: Duration,
+        c: &Cutoffs,
+    ) -> Result<crate::session::Touch> {
+        self.inner.touch(id, at, coalesce, c)
+    }
+    fn delete(&self, id: &SessionId) -> Result<bool> {
+        self.inner.delete(id)
+    }
+    fn remove_expired(&self, id: &SessionId, c: &Cutoffs) -> Result<bool> {
+        self.inner.remove_expired(id, c)
+    }
+    fn scan_expired(&self, c: &Cutoffs, budget: usize) -> Result<crate::session::ExpiredScan> {
+        self.inner.scan_expired(c, budget)
+    }
+}
+
+/// Regression: the first writer of a namespace found no generation, then wrote one by a
+/// compare-and-swap against whatever version `meta` showed *then*. A writer that created the
+/// generation in between (and stored its value under it) had its generation replaced: its
+/// value was silently invalidated, and the waiters of its key created it again.
+#[test]
+fn racing_first_writers_of_a_namespace_agree_on_one_generation() {
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000_000)));
+    let table = Arc::new(LockTable::anonymous(&TableOptions::default()).unwrap());
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = || CacheConfig {
+        clock: clock.clone(),
+        ..CacheConfig::default()
+    };
+    let other = Cache::new(
+        table.clone(),
+        mem.clone(),
+        IdKey::from_bytes([3; ID_KEY_LEN]),
+        cfg(),
+    );
+    let hooked = Arc::new(HookAfterMiss {
+        inner: mem.clone(),
+        hook: parking_lot::Mutex::new(None),
+    });
+    let cache = Cache::new(
+        table,
+        hooked.clone(),
+        IdKey::from_bytes([3; ID_KEY_LEN]),
+        cfg(),
+    );
+    // `cache` finds the namespace without a generation; before it writes one, `other` creates
+    // the generation and stores "a" under it.
+    *hooked.hook.lock() = Some(Box::new(move || {
+        other.region("r").set("a", &1u32, secs(60)).unwrap();
+    }));
+    cache.region("r").set("b", &2u32, secs(60)).unwrap();
+    assert!(hooked.hook.lock().is_none(), "the hook ran");
+    assert_eq!(cache.region("r").get::<u32>("b").unwrap(), Some(2));
+    assert_eq!(
+        cache.region("r").get::<u32>("a").unwrap(),
+        Some(1),
+        "the other writer's value survives"
+    );
+}
