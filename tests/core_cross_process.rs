@@ -343,11 +343,14 @@ fn an_upgrader_killed_holding_the_write_lock_is_reported_to_the_upgradable_waite
 }
 
 /// As the first test, with a writer D (a fourth process) that waits from before the upgrade, so
-/// WRITER_WAITING is up when A is killed mid-upgrade (A is marked as a waiter in its lane, so
-/// its sweep clears the mark and D sets it again). Writer preference then orders the rest: D
-/// gets in first once C leaves, then C2 and B; nobody hangs and nobody is told of a death.
+/// WRITER_WAITING is up when A is killed mid-upgrade. A, waiting in its upgrade, is marked as a
+/// waiter in its lane, so its sweep clears WRITER_WAITING, and D sets it again only when it
+/// wakes: the waiters then race, and B (upgradable) or C2 (a reader) may get in before D claims
+/// (DESIGN §3, "No FIFO among writers"; seen in about one run in five). Whatever the
+/// order, everyone gets in within the bound and nobody is told of a death (A never held the
+/// write lock).
 #[test]
-fn an_upgrader_killed_mid_upgrade_with_a_waiting_writer_hands_over_in_order() {
+fn an_upgrader_killed_mid_upgrade_with_a_waiting_writer_lets_every_waiter_in() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let t = open_with(d, &opts());
@@ -369,24 +372,21 @@ fn an_upgrader_killed_mid_upgrade_with_a_waiting_writer_hands_over_in_order() {
     let c2 = kids.0[4].id();
     wait_until("C2 waits", || waiting(&t, c2));
 
-    kill(&mut kids.0[1]);
-    // D claims (pending: C still reads), so B and C2 keep waiting behind it.
-    wait_until("D claims the write", || {
-        holds(&t, w, HoldMode::WritePending)
-    });
-    thread::sleep(Duration::from_millis(50));
-    for f in ["w_got", "b_got", "c2_got"] {
-        assert!(!d.join(f).exists(), "{f} before C left");
+    // Every later holder leaves as soon as it has its grant, so no order among them can block
+    // another: the test checks that all get in, not in which order. C leaves only after the
+    // kill (before it, A's upgrade would complete and A would die holding the write lock).
+    for m in ["w_release", "b_release"] {
+        signal(d, m);
     }
+    let killed = Instant::now();
+    kill(&mut kids.0[1]);
     signal(d, "c_release");
     assert_eq!(result(d, "w_got"), "ok false", "D's write");
-    wait_ok(&mut kids.0[0], "C");
-    signal(d, "w_release");
     assert_eq!(result(d, "c2_got"), "ok false", "C2's read");
     assert_eq!(result(d, "b_got"), "ok false", "B's upgradable hold");
-    signal(d, "b_release");
-    assert_eq!(result(d, "b_upgraded"), "ok false");
-    for (i, who) in [(2, "D"), (3, "B"), (4, "C2")] {
+    assert_eq!(result(d, "b_upgraded"), "ok false", "B's upgrade");
+    assert!(killed.elapsed() < BOUND, "{:?}", killed.elapsed());
+    for (i, who) in [(0, "C"), (2, "D"), (3, "B"), (4, "C2")] {
         wait_ok(&mut kids.0[i], who);
     }
     t.reap().unwrap();
