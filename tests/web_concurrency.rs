@@ -252,9 +252,37 @@ async fn start(
     }
 }
 
+/// `start` with a fresh key, the default web configuration and no graceful shutdown.
+async fn start_simple(dir: &std::path::Path, cfg: SessionConfig, cut_at: Cut) -> Server {
+    start(
+        dir,
+        &Key::generate(),
+        cfg,
+        WebConfig::default(),
+        cut_at,
+        None,
+    )
+    .await
+}
+
 impl Server {
     async fn req(&self, method: Method, path: &str, cookie: Option<&str>) -> Resp {
         once(self.addr, method, path, cookie).await.unwrap()
+    }
+    /// Sends a request from a task of its own; the task answers the response and how long it
+    /// took.
+    fn spawn_req(
+        &self,
+        method: Method,
+        path: String,
+        cookie: &str,
+    ) -> tokio::task::JoinHandle<(Resp, Duration)> {
+        let (addr, c) = (self.addr, cookie.to_owned());
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let r = once(addr, method, &path, Some(&c)).await.unwrap();
+            (r, t.elapsed())
+        })
     }
     async fn new_session(&self) -> String {
         let r = self.req(Method::POST, "/new", None).await;
@@ -316,24 +344,18 @@ async fn mixed_views_of_one_session_lose_no_acknowledged_write() {
             } else {
                 ["k0", "k1"][i % 2]
             };
-            let (addr, c) = (srv.addr, cookie.clone());
-            tasks.push(tokio::spawn(async move {
-                let method = if route == "ro" {
-                    Method::GET
-                } else {
-                    Method::POST
-                };
-                let t = Instant::now();
-                let r = once(addr, method, &format!("/{route}/{key}"), Some(&c))
-                    .await
-                    .unwrap();
-                (route, key, r, t.elapsed())
-            }));
+            let method = if route == "ro" {
+                Method::GET
+            } else {
+                Method::POST
+            };
+            let task = srv.spawn_req(method, format!("/{route}/{key}"), &cookie);
+            tasks.push((route, key, task));
         }
         let mut acked: HashMap<&str, u64> = HashMap::new();
         let mut statuses: HashMap<(&str, u16), u64> = HashMap::new();
-        for t in tasks {
-            let (route, key, r, took) = t.await.unwrap();
+        for (route, key, t) in tasks {
+            let (r, took) = t.await.unwrap();
             *statuses.entry((route, r.status.as_u16())).or_default() += 1;
             // A load waits at most 400 ms, a commit at most 1.5 s (the manager's bound).
             assert!(took < Duration::from_secs(4), "{route}: {took:?}");
@@ -366,22 +388,32 @@ async fn mixed_views_of_one_session_lose_no_acknowledged_write() {
 /// stored, and a held upgradable lock is released at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_outside_the_layer_stores_nothing_and_releases_the_lock() {
+    let cut_at = Cut::Outside(Duration::from_millis(200), StatusCode::REQUEST_TIMEOUT);
+    hanging_handlers_cut_store_nothing_and_release_the_lock(cut_at).await
+}
+
+/// A timeout inside the session layer that answers 5xx: the layer ends the request, stores
+/// none of the cut handler's changes, and releases its lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_inside_the_layer_answering_5xx_stores_nothing_and_releases_the_lock() {
+    let cut_at = Cut::Inside(Duration::from_millis(200), StatusCode::GATEWAY_TIMEOUT);
+    hanging_handlers_cut_store_nothing_and_release_the_lock(cut_at).await
+}
+
+/// Both hanging handlers (one optimistic after a write, one holding the upgradable lock) are
+/// cut by `cut_at`, which answers its status; after each, a request that takes the upgradable
+/// lock gets it at once and the cut handler's write is not stored.
+async fn hanging_handlers_cut_store_nothing_and_release_the_lock(cut_at: Cut) {
+    let (Cut::Outside(_, status) | Cut::Inside(_, status)) = cut_at else {
+        panic!("a cut is needed")
+    };
     bounded(async {
         let dir = tempfile::tempdir().unwrap();
-        let cut_at = Cut::Outside(Duration::from_millis(200), StatusCode::REQUEST_TIMEOUT);
-        let srv = start(
-            dir.path(),
-            &Key::generate(),
-            session_cfg(),
-            WebConfig::default(),
-            cut_at,
-            None,
-        )
-        .await;
+        let srv = start_simple(dir.path(), session_cfg(), cut_at).await;
         let cookie = srv.new_session().await;
         for path in ["/hang", "/hang-excl"] {
             let r = srv.req(Method::POST, path, Some(&cookie)).await;
-            assert_eq!(r.status, StatusCode::REQUEST_TIMEOUT, "{path}");
+            assert_eq!(r.status, status, "{path}");
             let t = Instant::now();
             let r = srv.req(Method::POST, "/slow-excl/0", Some(&cookie)).await;
             assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.body);
@@ -402,42 +434,6 @@ async fn a_timeout_outside_the_layer_stores_nothing_and_releases_the_lock() {
     .await
 }
 
-/// A timeout inside the session layer that answers 5xx: the layer ends the request, stores
-/// none of the cut handler's changes, and releases its lock.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_timeout_inside_the_layer_answering_5xx_stores_nothing_and_releases_the_lock() {
-    bounded(async {
-        let dir = tempfile::tempdir().unwrap();
-        let cut_at = Cut::Inside(Duration::from_millis(200), StatusCode::GATEWAY_TIMEOUT);
-        let srv = start(
-            dir.path(),
-            &Key::generate(),
-            session_cfg(),
-            WebConfig::default(),
-            cut_at,
-            None,
-        )
-        .await;
-        let cookie = srv.new_session().await;
-        for path in ["/hang", "/hang-excl"] {
-            let r = srv.req(Method::POST, path, Some(&cookie)).await;
-            assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{path}");
-            let t = Instant::now();
-            let r = srv.req(Method::POST, "/slow-excl/0", Some(&cookie)).await;
-            assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.body);
-            assert!(
-                t.elapsed() < Duration::from_secs(1),
-                "{path}: {:?}",
-                t.elapsed()
-            );
-            assert_eq!(srv.value("h1", &cookie).await, 0, "{path}");
-        }
-        assert_eq!(srv.value("x", &cookie).await, 2);
-        assert_no_holders(dir.path()).await;
-    })
-    .await
-}
-
 /// A timeout around the layer that fires while the end-of-request commit runs: the commit
 /// (already handed to the blocking pool) lands exactly once, and the lock is released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,15 +441,7 @@ async fn a_timeout_during_the_commit_applies_it_once_and_releases_the_lock() {
     bounded(async {
         let dir = tempfile::tempdir().unwrap();
         let cut_at = Cut::Outside(Duration::from_millis(300), StatusCode::REQUEST_TIMEOUT);
-        let srv = start(
-            dir.path(),
-            &Key::generate(),
-            session_cfg(),
-            WebConfig::default(),
-            cut_at,
-            None,
-        )
-        .await;
+        let srv = start_simple(dir.path(), session_cfg(), cut_at).await;
         let cookie = srv.new_session().await;
         srv.slow.save_ms.store(600, Ordering::SeqCst);
         let saves = srv.slow.saves.load(Ordering::SeqCst);
@@ -504,19 +492,13 @@ async fn graceful_shutdown_lets_in_flight_sessions_commit_and_leaves_no_lock() {
             "/txn-incr/z",
             "/excl-incr/z",
         ] {
-            let (addr, c) = (srv.addr, cookie.clone());
-            tasks.push(tokio::spawn(async move {
-                (
-                    path,
-                    once(addr, Method::POST, path, Some(&c)).await.unwrap(),
-                )
-            }));
+            tasks.push((path, srv.spawn_req(Method::POST, path.to_owned(), &cookie)));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         tx.send(()).unwrap();
         let mut acked: HashMap<char, u64> = HashMap::new();
-        for t in tasks {
-            let (path, r) = t.await.unwrap();
+        for (path, t) in tasks {
+            let (r, _) = t.await.unwrap();
             let key = match path {
                 p if p.starts_with("/slow-excl") => 'x',
                 p if p.starts_with("/slow-lazy") => 'y',
@@ -557,15 +539,7 @@ async fn graceful_shutdown_lets_in_flight_sessions_commit_and_leaves_no_lock() {
 async fn a_logout_after_a_read_ends_every_presented_session() {
     bounded(async {
         let dir = tempfile::tempdir().unwrap();
-        let srv = start(
-            dir.path(),
-            &Key::generate(),
-            session_cfg(),
-            WebConfig::default(),
-            Cut::None,
-            None,
-        )
-        .await;
+        let srv = start_simple(dir.path(), session_cfg(), Cut::None).await;
         for view in ["lazy", "ro", "excl", "txn"] {
             let (first, second) = (srv.new_session().await, srv.new_session().await);
             assert_ne!(first, second);
@@ -609,19 +583,14 @@ async fn a_logout_cut_while_its_delete_waits_keeps_the_cookie() {
         // Another server on the directory, without the cut.
         let other = start(dir.path(), &key, cfg, WebConfig::default(), Cut::None, None).await;
         let cookie = srv.new_session().await;
-        let (addr, c) = (other.addr, cookie.clone());
         // Holds the upgradable lock past the manager's 500 ms bound.
-        let holder = tokio::spawn(async move {
-            once(addr, Method::POST, "/slow-excl/1200", Some(&c))
-                .await
-                .unwrap()
-        });
+        let holder = other.spawn_req(Method::POST, "/slow-excl/1200".into(), &cookie);
         tokio::time::sleep(Duration::from_millis(100)).await;
         let r = srv.req(Method::POST, "/logout/lazy", Some(&cookie)).await;
         assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
         // Let the abandoned delete fail on the manager's bound.
         tokio::time::sleep(Duration::from_millis(700)).await;
-        assert_eq!(holder.await.unwrap().body, "1");
+        assert_eq!(holder.await.unwrap().0.body, "1");
         assert_eq!(
             srv.value("a", &cookie).await,
             1,
@@ -648,33 +617,18 @@ async fn transact_under_contention_retries_within_the_bound_and_loses_nothing() 
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = session_cfg();
         cfg.transact_retries = 2;
-        let srv = start(
-            dir.path(),
-            &Key::generate(),
-            cfg,
-            WebConfig::default(),
-            Cut::None,
-            None,
-        )
-        .await;
+        let srv = start_simple(dir.path(), cfg, Cut::None).await;
         let cookie = srv.new_session().await;
         let mut tasks = Vec::new();
         for i in 0..60usize {
             let route = if i % 5 == 0 { "excl-incr" } else { "txn-incr" };
-            let (addr, c) = (srv.addr, cookie.clone());
-            tasks.push(tokio::spawn(async move {
-                (
-                    route,
-                    once(addr, Method::POST, &format!("/{route}/n"), Some(&c))
-                        .await
-                        .unwrap(),
-                )
-            }));
+            let task = srv.spawn_req(Method::POST, format!("/{route}/n"), &cookie);
+            tasks.push((route, task));
         }
         let mut values = Vec::new();
         let mut max_runs = 0;
-        for t in tasks {
-            let (route, r) = t.await.unwrap();
+        for (route, t) in tasks {
+            let (r, _) = t.await.unwrap();
             assert_eq!(r.status, StatusCode::OK, "{route}: {}", r.body);
             let mut it = r.body.split(' ');
             values.push(it.next().unwrap().parse::<u64>().unwrap());
