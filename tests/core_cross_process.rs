@@ -124,6 +124,63 @@ fn assert_clean(st: &TableStats) {
     assert_eq!(st.processes.len(), 1, "records left: {st:?}");
 }
 
+/// Reaps, then checks that nothing is left (`assert_clean`).
+fn reap_and_assert_clean(t: &LockTable) {
+    t.reap().unwrap();
+    assert_clean(&t.stats().unwrap());
+}
+
+/// The start of most tests: a directory and this process's table in it (`opts`).
+fn setup() -> (tempfile::TempDir, LockTable) {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open_with(dir.path(), &opts());
+    (dir, t)
+}
+
+/// A test's children (`Kids`, which it derefs to), spawned in its directory `d` (default
+/// geometry) and watched through its table `t`.
+struct Procs<'a> {
+    d: &'a Path,
+    t: &'a LockTable,
+    kids: Kids,
+}
+
+impl<'a> Procs<'a> {
+    fn new(d: &'a Path, t: &'a LockTable) -> Self {
+        Procs {
+            d,
+            t,
+            kids: Kids::default(),
+        }
+    }
+
+    /// Spawns a child in `role` and waits for the marker it sets once it holds.
+    fn holder(&mut self, role: &str, marker: &str) {
+        self.kids.0.push(spawn(self.d, role, ""));
+        wait_marker(self.d, marker);
+    }
+
+    /// Spawns a child in `role` and waits (bounded, as `what`) until it waits in the table.
+    fn waiter(&mut self, role: &str, what: &str) {
+        self.kids.0.push(spawn(self.d, role, ""));
+        let pid = self.kids.0.last().unwrap().id();
+        wait_until(what, || waiting(self.t, pid));
+    }
+}
+
+impl std::ops::Deref for Procs<'_> {
+    type Target = Kids;
+    fn deref(&self) -> &Kids {
+        &self.kids
+    }
+}
+
+impl std::ops::DerefMut for Procs<'_> {
+    fn deref_mut(&mut self) -> &mut Kids {
+        &mut self.kids
+    }
+}
+
 // ---------------------------------------------------------------------
 // Child side
 // ---------------------------------------------------------------------
@@ -259,14 +316,11 @@ fn child() {
 /// death leaves no mark). `kill.rs` kills upgraders only with no other party waiting.
 #[test]
 fn an_upgrader_killed_while_draining_lets_the_upgradable_waiter_and_readers_in() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, t) = setup();
     let d = dir.path();
-    let t = open_with(d, &opts());
-    let mut kids = Kids::default();
-    kids.0.push(spawn(d, "reader:c", ""));
-    wait_marker(d, "c_holding");
-    kids.0.push(spawn(d, "upgrader", ""));
-    wait_marker(d, "a_upgradable");
+    let mut kids = Procs::new(d, &t);
+    kids.holder("reader:c", "c_holding");
+    kids.holder("upgrader", "a_upgradable");
     signal(d, "a_go");
     let a = kids.0[1].id();
     wait_until("A waits in its upgrade", || waiting(&t, a));
@@ -275,12 +329,8 @@ fn an_upgrader_killed_while_draining_lets_the_upgradable_waiter_and_readers_in()
         "{:?}",
         t.stats().unwrap()
     );
-    kids.0.push(spawn(d, "upwaiter", ""));
-    let b = kids.0[2].id();
-    wait_until("B waits for the upgradable hold", || waiting(&t, b));
-    kids.0.push(spawn(d, "late_reader:c2", ""));
-    let c2 = kids.0[3].id();
-    wait_until("C2 waits behind the pending writer", || waiting(&t, c2));
+    kids.waiter("upwaiter", "B waits for the upgradable hold");
+    kids.waiter("late_reader:c2", "C2 waits behind the pending writer");
     assert!(!d.join("a_upgraded").exists());
     assert!(!d.join("b_got").exists() && !d.join("c2_got").exists());
 
@@ -301,28 +351,21 @@ fn an_upgrader_killed_while_draining_lets_the_upgradable_waiter_and_readers_in()
     wait_ok(&mut kids.0[0], "C");
     wait_ok(&mut kids.0[2], "B");
     assert!(!t.write(VICTIM).unwrap().previous_owner_died());
-    t.reap().unwrap();
-    assert_clean(&t.stats().unwrap());
+    reap_and_assert_clean(&t);
 }
 
 /// As above, but A's upgrade completed (it holds the write lock) when it is killed: B and C2 get
 /// in and are told (`previous_owner_died`), B's upgrade is told, and the writer after B is not.
 #[test]
 fn an_upgrader_killed_holding_the_write_lock_is_reported_to_the_upgradable_waiter_and_readers() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, t) = setup();
     let d = dir.path();
-    let t = open_with(d, &opts());
-    let mut kids = Kids::default();
-    kids.0.push(spawn(d, "upgrader", ""));
-    wait_marker(d, "a_upgradable");
+    let mut kids = Procs::new(d, &t);
+    kids.holder("upgrader", "a_upgradable");
     signal(d, "a_go");
     wait_marker(d, "a_upgraded");
-    kids.0.push(spawn(d, "upwaiter", ""));
-    let b = kids.0[1].id();
-    wait_until("B waits for the upgradable hold", || waiting(&t, b));
-    kids.0.push(spawn(d, "late_reader:c2", ""));
-    let c2 = kids.0[2].id();
-    wait_until("C2 waits behind the writer", || waiting(&t, c2));
+    kids.waiter("upwaiter", "B waits for the upgradable hold");
+    kids.waiter("late_reader:c2", "C2 waits behind the writer");
 
     let killed = Instant::now();
     kill(&mut kids.0[0]);
@@ -338,8 +381,7 @@ fn an_upgrader_killed_holding_the_write_lock_is_reported_to_the_upgradable_waite
     );
     wait_ok(&mut kids.0[1], "B");
     assert!(!t.write(VICTIM).unwrap().previous_owner_died());
-    t.reap().unwrap();
-    assert_clean(&t.stats().unwrap());
+    reap_and_assert_clean(&t);
 }
 
 /// As the first test, with a writer D (a fourth process) that waits from before the upgrade, so
@@ -351,26 +393,17 @@ fn an_upgrader_killed_holding_the_write_lock_is_reported_to_the_upgradable_waite
 /// write lock).
 #[test]
 fn an_upgrader_killed_mid_upgrade_with_a_waiting_writer_lets_every_waiter_in() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, t) = setup();
     let d = dir.path();
-    let t = open_with(d, &opts());
-    let mut kids = Kids::default();
-    kids.0.push(spawn(d, "reader:c", ""));
-    wait_marker(d, "c_holding");
-    kids.0.push(spawn(d, "upgrader", ""));
-    wait_marker(d, "a_upgradable");
-    kids.0.push(spawn(d, "writer", ""));
-    let w = kids.0[2].id();
-    wait_until("D waits behind the upgradable hold", || waiting(&t, w));
+    let mut kids = Procs::new(d, &t);
+    kids.holder("reader:c", "c_holding");
+    kids.holder("upgrader", "a_upgradable");
+    kids.waiter("writer", "D waits behind the upgradable hold");
     signal(d, "a_go");
     let a = kids.0[1].id();
     wait_until("A waits in its upgrade", || waiting(&t, a));
-    kids.0.push(spawn(d, "upwaiter", ""));
-    let b = kids.0[3].id();
-    wait_until("B waits", || waiting(&t, b));
-    kids.0.push(spawn(d, "late_reader:c2", ""));
-    let c2 = kids.0[4].id();
-    wait_until("C2 waits", || waiting(&t, c2));
+    kids.waiter("upwaiter", "B waits");
+    kids.waiter("late_reader:c2", "C2 waits");
 
     // Every later holder leaves as soon as it has its grant, so no order among them can block
     // another: the test checks that all get in, not in which order. C leaves only after the
@@ -389,8 +422,7 @@ fn an_upgrader_killed_mid_upgrade_with_a_waiting_writer_lets_every_waiter_in() {
     for (i, who) in [(0, "C"), (2, "D"), (3, "B"), (4, "C2")] {
         wait_ok(&mut kids.0[i], who);
     }
-    t.reap().unwrap();
-    assert_clean(&t.stats().unwrap());
+    reap_and_assert_clean(&t);
 }
 
 // ---------------------------------------------------------------------
@@ -498,11 +530,10 @@ fn a_killed_process_frees_its_record_for_a_new_one_without_reap_on_attach() {
 /// or a forgotten one and a forgotten handle): a writer waiting in this process gets in within
 /// the bound, told of a dead writer exactly when the child held the write lock.
 fn exit_holding(mode: &str, write_lock: bool) {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, t) = setup();
     let d = dir.path();
-    let t = open_with(d, &opts());
-    let mut kids = Kids(vec![spawn(d, &format!("exit_holding:{mode}"), "")]);
-    wait_marker(d, "holding");
+    let mut kids = Procs::new(d, &t);
+    kids.holder(&format!("exit_holding:{mode}"), "holding");
     let waiter = {
         let t = t.clone();
         thread::spawn(move || {
@@ -522,8 +553,7 @@ fn exit_holding(mode: &str, write_lock: bool) {
     assert_eq!(g.previous_owner_died(), write_lock, "{mode}");
     drop(g);
     assert!(!t.write(VICTIM).unwrap().previous_owner_died(), "{mode}");
-    t.reap().unwrap();
-    assert_clean(&t.stats().unwrap());
+    reap_and_assert_clean(&t);
 }
 
 #[test]
@@ -553,17 +583,12 @@ fn a_holder_that_exits_normally_without_releasing_is_released_like_a_death() {
 #[test]
 fn cancelled_async_waits_leave_no_claim_for_a_waiting_writer_or_later_holders() {
     use locktable::asynclock::AsyncLockTable;
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, t) = setup();
     let d = dir.path();
-    let t = open_with(d, &opts());
-    let mut kids = Kids::default();
-    kids.0.push(spawn(d, "upholder", ""));
-    wait_marker(d, "u_holding");
-    kids.0.push(spawn(d, "reader:r", ""));
-    wait_marker(d, "r_holding");
-    kids.0.push(spawn(d, "writer", ""));
-    let w = kids.0[2].id();
-    wait_until("W waits", || waiting(&t, w));
+    let mut kids = Procs::new(d, &t);
+    kids.holder("upholder", "u_holding");
+    kids.holder("reader:r", "r_holding");
+    kids.waiter("writer", "W waits");
     // The fairness mark is up: a new upgradable try is refused although only an upgradable
     // holder and a reader hold.
     assert!(t.try_upgradable_read(VICTIM).unwrap().is_none());
@@ -620,6 +645,5 @@ fn cancelled_async_waits_leave_no_claim_for_a_waiting_writer_or_later_holders() 
         t.try_write(VICTIM).unwrap().is_some(),
         "a write claim leaked"
     );
-    t.reap().unwrap();
-    assert_clean(&t.stats().unwrap());
+    reap_and_assert_clean(&t);
 }
