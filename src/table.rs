@@ -382,6 +382,23 @@ pub struct LockTable {
     pub(crate) inner: Arc<Inner>,
 }
 
+impl Drop for LockTable {
+    /// The last handle's drop detaches on the dropping thread, even while
+    /// the death watcher is in a round (which holds a strong reference for
+    /// its duration): it waits for the round to end and stops the watcher,
+    /// so the attachment is released before `drop` returns and a process
+    /// may exit right after. Not in a forked child: its copy of the watcher
+    /// has no thread, and the round's lock may have been copied held.
+    fn drop(&mut self) {
+        if self.inner.forked() {
+            return;
+        }
+        if let Some(Some(w)) = self.inner.watcher.get() {
+            w.stop_if_last(|| Arc::strong_count(&self.inner) == 1);
+        }
+    }
+}
+
 impl std::fmt::Debug for LockTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LockTable")

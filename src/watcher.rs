@@ -74,6 +74,11 @@ struct Shared {
     eventfd: OwnedFd,
     requests: Mutex<Requests>,
     stop: AtomicBool,
+    /// Held by the thread for each round in which it holds a strong
+    /// reference to the attachment, and by [`Watcher::stop_if_last`]: so a
+    /// handle's drop can tell that the thread holds no reference, and stop it
+    /// before it takes one.
+    round: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -103,6 +108,7 @@ impl Watcher {
             eventfd,
             requests: Mutex::new(Requests::default()),
             stop: AtomicBool::new(false),
+            round: Mutex::new(()),
         });
         let thread_shared = shared.clone();
         std::thread::Builder::new()
@@ -138,6 +144,22 @@ impl Watcher {
     pub(crate) fn stop(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.notify();
+    }
+
+    /// Stops the thread if `last()` holds while the thread is between rounds
+    /// (waiting for the end of a round in progress). Called by the drop of a
+    /// handle with `last` = "this is the only strong reference": the thread
+    /// then never takes another, so the attachment detaches on the dropping
+    /// thread, before it returns. Without this, a handle dropped during a
+    /// round left the last reference to the thread, and a process that
+    /// exited right after the drop (as `locktable lock` does) was gone
+    /// before the thread detached: its record, and a reap the thread was
+    /// doing, stayed behind for a later reaper.
+    pub(crate) fn stop_if_last(&self, last: impl FnOnce() -> bool) {
+        let _round = self.shared.round.lock();
+        if last() {
+            self.stop();
+        }
     }
 }
 
@@ -256,6 +278,9 @@ fn run<R: Reaper>(epoll: Epoll, shared: Arc<Shared>, reaper: Weak<R>) {
             .map(|d| d.at.saturating_duration_since(now))
             .min();
         let n = epoll.wait(&mut events, timeout);
+        // The round holds a strong reference only under `round`, and
+        // checks `stop` under it first (see `Watcher::stop_if_last`).
+        let round = shared.round.lock();
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
@@ -282,8 +307,12 @@ fn run<R: Reaper>(epoll: Epoll, shared: Arc<Shared>, reaper: Weak<R>) {
             }
         }
         w.probe_due(&*reaper, &shared);
-        // `reaper` drops here: if it was the last reference, the attachment
-        // detaches on this thread, and the next upgrade fails.
+        // If it was the last reference (the handles were dropped during the
+        // round by owners that did not wait for it, such as guards that own
+        // their table), the attachment detaches here, and the next upgrade
+        // fails.
+        drop(reaper);
+        drop(round);
     }
 }
 
