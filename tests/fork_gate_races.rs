@@ -248,8 +248,53 @@ use std::os::unix::thread::JoinHandleExt;
 /// inside its attach window: the prepare handler then waits for that
 /// thread's window, which cannot close until the handler returns. The
 /// child process gets 30 s for 3 s of work.
+///
+/// glibc's `fork` is not async-signal-safe: when the signal lands while the
+/// thread holds one of glibc's own locks (malloc's arena lock, taken again
+/// by glibc's fork preparation), the handler deadlocks in glibc, whatever
+/// our handler does. That hang sleeps in a futex (state S), while a thread
+/// waiting in our prepare handler spins and yields (state R). So a run that
+/// hangs with every thread asleep in a futex is glibc's and is run again
+/// (at most three runs); any other hang, or a failed child, fails the test.
+/// (A hang was seen once, in a full `cargo test` beside a CPU hog, before
+/// this retry existed; its thread states were not kept, so glibc's lock is
+/// the likely cause, not a proven one. A hang in our handler still fails.)
 #[test]
 fn a_fork_from_a_signal_handler_during_an_attach_does_not_hang() {
+    for run in 1..=3 {
+        match attach_under_forking_signals_once() {
+            Ok(line) => {
+                eprintln!("{line}");
+                return;
+            }
+            Err(states) if states_all_in_futex(&states) && run < 3 => {
+                eprintln!("run {run} hung inside glibc (every thread in a futex): {states}");
+            }
+            Err(states) => {
+                panic!("a fork from a signal handler during attaches hung for 30 s: {states}")
+            }
+        }
+    }
+}
+
+/// x86-64 and aarch64 number `futex` 202 and 98; /proc/<pid>/task/*/syscall
+/// starts with the number of the call a sleeping thread is in.
+fn states_all_in_futex(states: &str) -> bool {
+    let futex = if cfg!(target_arch = "aarch64") {
+        "98"
+    } else {
+        "202"
+    };
+    let threads: Vec<&str> = states.split("] ").filter(|t| !t.is_empty()).collect();
+    !threads.is_empty()
+        && threads
+            .iter()
+            .all(|t| t.contains("state S") && t.contains(&format!("syscall {futex} ")))
+}
+
+/// One child run: `Ok(its summary line)`, or `Err(its threads' states)` if it
+/// was still running after 30 s (then it is killed). A failed child panics.
+fn attach_under_forking_signals_once() -> Result<String, String> {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -279,8 +324,7 @@ fn a_fork_from_a_signal_handler_during_an_attach_does_not_hang() {
                 .lines()
                 .find(|l| l.starts_with("attaches"))
                 .unwrap_or("");
-            eprintln!("{line}");
-            return;
+            return Ok(line.to_owned());
         }
         if start.elapsed() > Duration::from_secs(30) {
             // What its threads are doing: a thread spinning in the prepare
@@ -303,7 +347,7 @@ fn a_fork_from_a_signal_handler_during_an_attach_does_not_hang() {
             }
             let _ = child.kill();
             let _ = child.wait();
-            panic!("a fork from a signal handler during attaches hung for 30 s: {states}");
+            return Err(states);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
