@@ -374,9 +374,13 @@ impl Cache {
     fn generation_or_create(&self, namespace: &str, now: Timestamp) -> Result<Generation> {
         let id = self.inner.key.derive(Kind::Generation, namespace, "");
         for _ in 0..4 {
-            // The version is read before the generation, and the write below expects it: it
-            // replaces only the absent or unusable entry found here, never a generation that
-            // another writer created since (and may already have stored values under).
+            if let Some(g) = self.generation(namespace)? {
+                return Ok(g);
+            }
+            // None usable: read the version, then look again, and the write below expects that
+            // version. So it replaces only the absent or unusable entry found after the version
+            // was read, never a generation that another writer created since (and may already
+            // have stored values under). The common case, a generation there, costs one read.
             let seen = self.seen_version(&id)?;
             if let Some(g) = self.generation(namespace)? {
                 return Ok(g);
