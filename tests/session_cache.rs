@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use support::child::child_command;
+use support::sessions::{new_session, read_n};
 
 mod support;
 
@@ -33,21 +34,6 @@ fn open(store: &str, dir: &Path) -> SessionManager {
         "kv" => SessionManager::new_kv(dir, config()).unwrap(),
         other => panic!("unknown store {other}"),
     }
-}
-
-fn new_session(mgr: &SessionManager, n: u64) -> String {
-    let mut s = mgr.create().unwrap();
-    s.insert("n", &n).unwrap();
-    let id = s.id().to_string();
-    s.commit().unwrap();
-    id
-}
-
-fn read_n(mgr: &SessionManager, id: &str) -> Option<u64> {
-    let s = mgr.load(id).unwrap()?;
-    let n = s.get::<u64>("n").unwrap();
-    s.commit().unwrap();
-    n
 }
 
 fn run_child(role: &str, store: &str, dir: &Path, id: &str) {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::child::{child_command, wait_exit_code, Kids};
 use support::cpus::watchdog;
+use support::sessions::{new_session, read_n};
 
 mod support;
 
@@ -63,21 +64,6 @@ fn open_cfg(store: &str, dir: &Path, cfg: SessionConfig) -> SessionManager {
 
 fn open(store: &str, dir: &Path) -> SessionManager {
     open_with(store, dir, Duration::ZERO, u64::MAX)
-}
-
-fn new_session(mgr: &SessionManager, n: u64) -> String {
-    let mut s = mgr.create().unwrap();
-    s.insert("n", &n).unwrap();
-    let id = s.id().to_string();
-    s.commit().unwrap();
-    id
-}
-
-fn read_n(mgr: &SessionManager, id: &str) -> Option<u64> {
-    let s = mgr.load(id).unwrap()?;
-    let n = s.get::<u64>("n").unwrap();
-    s.commit().unwrap();
-    n
 }
 
 /// Reads `id` until this process's cache answers it (a hit), so that the next load would be

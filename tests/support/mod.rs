@@ -16,4 +16,5 @@ pub mod cpus;
 pub mod rows;
 pub mod seccomp;
 pub mod servers;
+pub mod sessions;
 pub mod spy_store;
